@@ -1,0 +1,30 @@
+//! Security: flags bursts of reset or refused connections to or from the target, the first
+//! sign of a scan or a flood; the firewall actuator comes later.
+
+use std::time::{Duration, Instant};
+
+use super::{AgentContext, AgentError};
+use crate::bus::Event;
+
+/// Resets plus failed connects in one interval that count as a burst.
+const BURST: u64 = 50;
+const COOLDOWN: Duration = Duration::from_secs(300);
+
+pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
+    let mut last: Option<Instant> = None;
+    loop {
+        if let Event::TcpSummary(summary) = ctx.next().await? {
+            let bad = summary.resets + summary.connect_failures;
+            if bad >= BURST && last.is_none_or(|at| at.elapsed() > COOLDOWN) {
+                last = Some(Instant::now());
+                ctx.publish(Event::Security {
+                    kind: "connection_burst".to_owned(),
+                    detail: format!(
+                        "{} resets and {} failed connects in one interval",
+                        summary.resets, summary.connect_failures
+                    ),
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,1101 @@
+//! The configuration: a TOML file, overridden by the environment variables the seeds name,
+//! then validated as a whole.
+//!
+//! Owns: the schema (`Config` and its sections, each with its defaults), the one place the
+//! process environment is read ([`Env::from_process`]), and validation that reports every
+//! problem with its key path. Must not: perform I/O beyond reading the file, or be read by
+//! components through a global: each component gets its own section.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Every problem found in a config, each with the key path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Key path in the file (`target.pid`, `platforms[1].hosts`) or `env NAME` for the
+    /// environment.
+    pub path: String,
+    pub message: String,
+}
+
+impl Problem {
+    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{count} problem(s) in config {path}", count = problems.len())]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+/// A secret value (URL with a password, API key). Never printed: `Debug` and `Display` show
+/// `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The process environment, captured once at startup. Nothing else reads `std::env`.
+#[derive(Debug, Clone, Default)]
+pub struct Env(BTreeMap<String, String>);
+
+impl Env {
+    pub fn from_process() -> Self {
+        Self(std::env::vars().collect())
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub target: TargetConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub probes: ProbesConfig,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    #[serde(default)]
+    pub agents: AgentsConfig,
+    #[serde(default)]
+    pub repair: RepairConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub redis: RedisConfig,
+    #[serde(default)]
+    pub notifications: NotificationsConfig,
+    #[serde(default)]
+    pub diagnostic: DiagnosticConfig,
+    #[serde(default)]
+    pub platforms: Vec<PlatformConfig>,
+    #[serde(default)]
+    pub checks: Vec<CheckConfig>,
+}
+
+/// Which process is the target. Exactly one selector must be set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub pid: Option<u32>,
+    pub pidfile: Option<PathBuf>,
+    /// A substring of the process's command line (arguments joined by spaces).
+    pub command: Option<String>,
+    /// A cgroup directory (v1 or v2) whose processes are the target.
+    pub cgroup: Option<PathBuf>,
+    pub systemd_unit: Option<String>,
+    /// Container name or id, resolved through the Docker Engine API.
+    pub container: Option<String>,
+    /// The bus of `systemd_unit`: `system`, `user`, or a D-Bus address (`unix:path=...`).
+    #[serde(default = "defaults::systemd_bus")]
+    pub systemd_bus: String,
+    /// The Docker Engine API socket of `container`.
+    #[serde(default = "defaults::docker_socket")]
+    pub docker_socket: PathBuf,
+    /// How often the target is resolved again (to follow restarts) while it is down, and
+    /// checked while it is up.
+    #[serde(default = "defaults::target_poll_interval_ms")]
+    pub poll_interval_ms: u64,
+}
+
+/// A validated target selector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetSelector {
+    Pid(u32),
+    PidFile(PathBuf),
+    Command(String),
+    Cgroup(PathBuf),
+    SystemdUnit { unit: String, bus: String },
+    Container { name: String, socket: PathBuf },
+}
+
+impl fmt::Display for TargetSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pid(pid) => write!(f, "pid {pid}"),
+            Self::PidFile(path) => write!(f, "pidfile {}", path.display()),
+            Self::Command(command) => write!(f, "command {command:?}"),
+            Self::Cgroup(path) => write!(f, "cgroup {}", path.display()),
+            Self::SystemdUnit { unit, .. } => write!(f, "systemd unit {unit}"),
+            Self::Container { name, .. } => write!(f, "container {name}"),
+        }
+    }
+}
+
+impl TargetConfig {
+    /// The selector, when exactly one is set (validation reports the other cases).
+    pub fn selector(&self) -> Option<TargetSelector> {
+        let mut selectors = Vec::new();
+        if let Some(pid) = self.pid {
+            selectors.push(TargetSelector::Pid(pid));
+        }
+        if let Some(path) = &self.pidfile {
+            selectors.push(TargetSelector::PidFile(path.clone()));
+        }
+        if let Some(command) = &self.command {
+            selectors.push(TargetSelector::Command(command.clone()));
+        }
+        if let Some(path) = &self.cgroup {
+            selectors.push(TargetSelector::Cgroup(path.clone()));
+        }
+        if let Some(unit) = &self.systemd_unit {
+            selectors.push(TargetSelector::SystemdUnit {
+                unit: unit.clone(),
+                bus: self.systemd_bus.clone(),
+            });
+        }
+        if let Some(name) = &self.container {
+            selectors.push(TargetSelector::Container {
+                name: name.clone(),
+                socket: self.docker_socket.clone(),
+            });
+        }
+        match selectors.len() {
+            1 => selectors.pop(),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API, `/metrics` and (later) the dashboard. Loopback by default.
+    pub listen: String,
+    /// File holding the bearer token for the protected endpoints.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9797".to_owned(),
+            token_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Directory of the state database and metric snapshots.
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("/var/lib/selfheal"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbesConfig {
+    /// Load the eBPF probes. When false, or when they cannot load, procfs polling is used.
+    pub ebpf: bool,
+    /// Size of the kernel → daemon ring buffer; a power of two, at least one page.
+    pub ring_buffer_bytes: u32,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        Self {
+            ebpf: true,
+            ring_buffer_bytes: 256 * 1024,
+        }
+    }
+}
+
+/// Thresholds and cadence of the monitor agent (and of the OS samplers that feed it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// `MONITOR_INTERVAL_MS`: how often OS metrics are sampled and rules evaluated.
+    pub interval_ms: u64,
+    /// `API_RESPONSE_THRESHOLD_MS`: API p95 above this is slow.
+    pub api_response_threshold_ms: u64,
+    /// `DB_QUERY_THRESHOLD_MS`: query p95 above this is slow.
+    pub db_query_threshold_ms: u64,
+    /// `MEMORY_THRESHOLD_PERCENT`: target memory above this share of its limit (or of host
+    /// memory when it has none).
+    pub memory_threshold_percent: f64,
+    /// `CPU_THRESHOLD_PERCENT`: target CPU above this (100 = one core).
+    pub cpu_threshold_percent: f64,
+    /// Samples in a row over a threshold before an alert fires (and under it before it clears).
+    pub consecutive_samples: u32,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 5000,
+            api_response_threshold_ms: 500,
+            db_query_threshold_ms: 100,
+            memory_threshold_percent: 85.0,
+            cpu_threshold_percent: 80.0,
+            consecutive_samples: 3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentToggle {
+    pub enabled: bool,
+}
+
+impl Default for AgentToggle {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// `[agents.<name>] enabled = bool`, overridden by `AGENT_<NAME>_ENABLED`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentsConfig {
+    pub monitor: AgentToggle,
+    pub security: AgentToggle,
+    pub diagnostic: AgentToggle,
+    pub repair: AgentToggle,
+    pub learning: AgentToggle,
+    pub predictive: AgentToggle,
+    pub performance: AgentToggle,
+}
+
+impl AgentsConfig {
+    pub fn toggle_mut(&mut self, name: &str) -> Option<&mut AgentToggle> {
+        Some(match name {
+            "monitor" => &mut self.monitor,
+            "security" => &mut self.security,
+            "diagnostic" => &mut self.diagnostic,
+            "repair" => &mut self.repair,
+            "learning" => &mut self.learning,
+            "predictive" => &mut self.predictive,
+            "performance" => &mut self.performance,
+            _ => return None,
+        })
+    }
+
+    pub fn enabled(&self, name: &str) -> bool {
+        let mut copy = self.clone();
+        copy.toggle_mut(name).is_some_and(|t| t.enabled)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RepairConfig {
+    /// `ENABLE_SELF_HEALING`: let the repair agent act. Off by default: it proposes only.
+    pub self_healing: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `DATABASE_URL`: the target's PostgreSQL, for checks and session repairs.
+    pub url: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `REDIS_URL`.
+    pub url: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsConfig {
+    /// `SLACK_WEBHOOK_URL`.
+    pub slack_webhook_url: Option<Secret>,
+    /// `PAGERDUTY_API_KEY`: the Events API v2 routing key.
+    pub pagerduty_routing_key: Option<Secret>,
+    /// `ALERT_EMAIL_TO` (comma-separated in the environment).
+    pub email_to: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiagnosticConfig {
+    /// `ANTHROPIC_API_KEY`: enables the optional LLM summary of a diagnosis.
+    pub anthropic_api_key: Option<Secret>,
+}
+
+/// A product platform served by the target, told apart by Host header or path prefix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformConfig {
+    pub name: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub path_prefixes: Vec<String>,
+    pub health_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Http,
+    Tcp,
+    Postgres,
+    Redis,
+}
+
+/// An active integration check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    pub name: String,
+    pub kind: CheckKind,
+    /// For `http`, `postgres` and `redis`.
+    pub url: Option<Secret>,
+    /// `host:port`, for `tcp`.
+    pub address: Option<String>,
+    #[serde(default = "defaults::check_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "defaults::check_timeout_ms")]
+    pub timeout_ms: u64,
+    pub platform: Option<String>,
+    #[serde(default = "defaults::enabled")]
+    pub enabled: bool,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+
+    pub(super) fn systemd_bus() -> String {
+        "system".to_owned()
+    }
+    pub(super) fn docker_socket() -> PathBuf {
+        PathBuf::from("/var/run/docker.sock")
+    }
+    pub(super) const fn target_poll_interval_ms() -> u64 {
+        500
+    }
+    pub(super) const fn check_interval_ms() -> u64 {
+        30_000
+    }
+    pub(super) const fn check_timeout_ms() -> u64 {
+        5_000
+    }
+    pub(super) const fn enabled() -> bool {
+        true
+    }
+}
+
+/// The agents, by config name. Order is the order of the status listings.
+pub const AGENT_NAMES: [&str; 7] = [
+    "monitor",
+    "security",
+    "diagnostic",
+    "repair",
+    "learning",
+    "predictive",
+    "performance",
+];
+
+/// Reads and validates a config file, applying the environment.
+pub fn load(path: &Path, env: &Env) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, env).map_err(|problems| ConfigError::Invalid {
+        path: path.to_owned(),
+        problems,
+    })
+}
+
+/// Parses TOML text, applies the environment and validates; returns every problem found.
+pub fn parse(text: &str, env: &Env) -> Result<Config, Vec<Problem>> {
+    let mut table: toml::Table = match text.parse() {
+        Ok(table) => table,
+        Err(err) => return Err(vec![syntax_problem(text, &err)]),
+    };
+    let mut problems = Vec::new();
+    let mut removed = HashSet::new();
+    // Serde stops at the first error. To list them all, drop each offending key and try
+    // again; the loop ends when the rest parses or an error cannot be pinned to a key.
+    let config = loop {
+        match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())) {
+            Ok(config) => break Some(config),
+            Err(err) => {
+                let path = err.path().to_string();
+                let message = clean_message(&err.inner().to_string());
+                if let Some(field) = missing_field(&message) {
+                    let full = join_path(&path, field);
+                    // The key was dropped because it was bad: that problem is listed already.
+                    if !removed.contains(&full) {
+                        problems.push(Problem::new(full, "required key is missing"));
+                    }
+                    break None;
+                }
+                let key_path = if message.starts_with("unknown field") {
+                    join_path(&path, unknown_field(&message).unwrap_or_default())
+                } else {
+                    path
+                };
+                problems.push(Problem::new(key_path.clone(), message));
+                if key_path == "." || !remove_path(&mut table, &key_path) || problems.len() > 100 {
+                    break None;
+                }
+                removed.insert(key_path);
+            }
+        }
+    };
+    let Some(mut config) = config else {
+        return Err(problems);
+    };
+    problems.extend(config.apply_env(env));
+    problems.extend(config.validate());
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+fn syntax_problem(text: &str, err: &toml::de::Error) -> Problem {
+    let location = err.span().map_or_else(String::new, |span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, str::len) + 1;
+        format!(" (line {line}, column {column})")
+    });
+    Problem::new("(syntax)", format!("{}{location}", err.message().trim()))
+}
+
+fn clean_message(message: &str) -> String {
+    message.lines().next().unwrap_or(message).trim().to_owned()
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+fn join_path(parent: &str, key: &str) -> String {
+    if parent.is_empty() || parent == "." {
+        key.to_owned()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+/// Removes `a.b[2].c` from a TOML table; false when the path does not lead anywhere.
+fn remove_path(table: &mut toml::Table, path: &str) -> bool {
+    let segments: Vec<&str> = path.split('.').collect();
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut current = table;
+    for segment in parents {
+        let (key, index) = split_index(segment);
+        let Some(value) = current.get_mut(key) else {
+            return false;
+        };
+        let value = match (index, value) {
+            (Some(i), toml::Value::Array(items)) => match items.get_mut(i) {
+                Some(item) => item,
+                None => return false,
+            },
+            (None, value) => value,
+            (Some(_), _) => return false,
+        };
+        match value {
+            toml::Value::Table(inner) => current = inner,
+            _ => return false,
+        }
+    }
+    let (key, index) = split_index(last);
+    match index {
+        None => current.remove(key).is_some(),
+        Some(i) => match current.get_mut(key) {
+            Some(toml::Value::Array(items)) if i < items.len() => {
+                // Replacing keeps the other indexes (and so their paths) stable.
+                items[i] = toml::Value::Table(toml::Table::new());
+                true
+            }
+            _ => false,
+        },
+    }
+}
+
+fn split_index(segment: &str) -> (&str, Option<usize>) {
+    match segment.split_once('[') {
+        Some((key, rest)) => (key, rest.trim_end_matches(']').parse().ok()),
+        None => (segment, None),
+    }
+}
+
+impl Config {
+    /// Applies the seed environment variables over the file's values.
+    fn apply_env(&mut self, env: &Env) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut number = |name: &str, slot: &mut u64| {
+            if let Some(raw) = env.get(name) {
+                match raw.trim().parse() {
+                    Ok(value) => *slot = value,
+                    Err(_) => problems.push(Problem::new(
+                        format!("env {name}"),
+                        format!("expected a whole number, got {raw:?}"),
+                    )),
+                }
+            }
+        };
+        number("MONITOR_INTERVAL_MS", &mut self.monitor.interval_ms);
+        number(
+            "API_RESPONSE_THRESHOLD_MS",
+            &mut self.monitor.api_response_threshold_ms,
+        );
+        number(
+            "DB_QUERY_THRESHOLD_MS",
+            &mut self.monitor.db_query_threshold_ms,
+        );
+        let mut percent = |name: &str, slot: &mut f64| {
+            if let Some(raw) = env.get(name) {
+                match raw.trim().parse() {
+                    Ok(value) => *slot = value,
+                    Err(_) => problems.push(Problem::new(
+                        format!("env {name}"),
+                        format!("expected a number, got {raw:?}"),
+                    )),
+                }
+            }
+        };
+        percent(
+            "MEMORY_THRESHOLD_PERCENT",
+            &mut self.monitor.memory_threshold_percent,
+        );
+        percent(
+            "CPU_THRESHOLD_PERCENT",
+            &mut self.monitor.cpu_threshold_percent,
+        );
+        let mut flag = |name: &str, slot: &mut bool| {
+            if let Some(raw) = env.get(name) {
+                match parse_bool(raw) {
+                    Some(value) => *slot = value,
+                    None => problems.push(Problem::new(
+                        format!("env {name}"),
+                        format!("expected true or false, got {raw:?}"),
+                    )),
+                }
+            }
+        };
+        flag("ENABLE_SELF_HEALING", &mut self.repair.self_healing);
+        for agent in AGENT_NAMES {
+            let name = format!("AGENT_{}_ENABLED", agent.to_ascii_uppercase());
+            if let Some(toggle) = self.agents.toggle_mut(agent) {
+                flag(&name, &mut toggle.enabled);
+            }
+        }
+        let secret = |name: &str, slot: &mut Option<Secret>| {
+            if let Some(raw) = env.get(name) {
+                *slot = Some(Secret::new(raw));
+            }
+        };
+        secret("DATABASE_URL", &mut self.database.url);
+        secret("REDIS_URL", &mut self.redis.url);
+        secret(
+            "SLACK_WEBHOOK_URL",
+            &mut self.notifications.slack_webhook_url,
+        );
+        secret(
+            "PAGERDUTY_API_KEY",
+            &mut self.notifications.pagerduty_routing_key,
+        );
+        secret("ANTHROPIC_API_KEY", &mut self.diagnostic.anthropic_api_key);
+        if let Some(raw) = env.get("ALERT_EMAIL_TO") {
+            self.notifications.email_to = raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+        }
+        problems
+    }
+
+    /// Checks values that parse but make no sense; returns every problem.
+    fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, path: &str, message: &str| {
+            if !ok {
+                problems.push(Problem::new(path, message));
+            }
+        };
+
+        let target = &self.target;
+        let set = [
+            target.pid.is_some(),
+            target.pidfile.is_some(),
+            target.command.is_some(),
+            target.cgroup.is_some(),
+            target.systemd_unit.is_some(),
+            target.container.is_some(),
+        ]
+        .iter()
+        .filter(|set| **set)
+        .count();
+        check(
+            set == 1,
+            "target",
+            &format!(
+                "exactly one of pid, pidfile, command, cgroup, systemd_unit, container must be \
+                 set ({set} are)"
+            ),
+        );
+        check(
+            target.pid != Some(0),
+            "target.pid",
+            "must be a positive process id",
+        );
+        check(
+            target
+                .command
+                .as_deref()
+                .is_none_or(|c| !c.trim().is_empty()),
+            "target.command",
+            "must not be empty",
+        );
+        check(
+            target
+                .cgroup
+                .as_deref()
+                .is_none_or(|p| p.starts_with("/sys/fs/cgroup")),
+            "target.cgroup",
+            "must be a directory under /sys/fs/cgroup",
+        );
+        check(
+            target
+                .systemd_unit
+                .as_deref()
+                .is_none_or(|u| u.contains('.') && !u.contains('/')),
+            "target.systemd_unit",
+            "must be a unit name such as backend.service",
+        );
+        check(
+            target
+                .container
+                .as_deref()
+                .is_none_or(|c| !c.trim().is_empty() && !c.contains('/')),
+            "target.container",
+            "must be a container name or id",
+        );
+        check(
+            matches!(target.systemd_bus.as_str(), "system" | "user")
+                || target.systemd_bus.starts_with("unix:"),
+            "target.systemd_bus",
+            "must be \"system\", \"user\" or a D-Bus address such as unix:path=/run/bus",
+        );
+        check(
+            (50..=60_000).contains(&target.poll_interval_ms),
+            "target.poll_interval_ms",
+            "must be between 50 and 60000",
+        );
+
+        check(
+            self.admin.listen.parse::<SocketAddr>().is_ok(),
+            "admin.listen",
+            "must be an address such as 127.0.0.1:9797",
+        );
+        check(
+            self.admin
+                .token_file
+                .as_deref()
+                .is_none_or(Path::is_absolute),
+            "admin.token_file",
+            "must be an absolute path",
+        );
+        check(
+            self.state.dir.is_absolute(),
+            "state.dir",
+            "must be an absolute path",
+        );
+
+        let ring = self.probes.ring_buffer_bytes;
+        check(
+            ring.is_power_of_two() && (4096..=(256 << 20)).contains(&ring),
+            "probes.ring_buffer_bytes",
+            "must be a power of two between 4096 and 268435456",
+        );
+
+        let monitor = &self.monitor;
+        check(
+            (100..=3_600_000).contains(&monitor.interval_ms),
+            "monitor.interval_ms",
+            "must be between 100 and 3600000",
+        );
+        check(
+            monitor.api_response_threshold_ms > 0,
+            "monitor.api_response_threshold_ms",
+            "must be positive",
+        );
+        check(
+            monitor.db_query_threshold_ms > 0,
+            "monitor.db_query_threshold_ms",
+            "must be positive",
+        );
+        check(
+            monitor.memory_threshold_percent > 0.0 && monitor.memory_threshold_percent <= 100.0,
+            "monitor.memory_threshold_percent",
+            "must be in (0, 100]",
+        );
+        check(
+            monitor.cpu_threshold_percent > 0.0 && monitor.cpu_threshold_percent <= 100_000.0,
+            "monitor.cpu_threshold_percent",
+            "must be positive (100 means one full core)",
+        );
+        check(
+            (1..=1000).contains(&monitor.consecutive_samples),
+            "monitor.consecutive_samples",
+            "must be between 1 and 1000",
+        );
+
+        let mut names = HashSet::new();
+        for (i, platform) in self.platforms.iter().enumerate() {
+            let at = |key: &str| format!("platforms[{i}].{key}");
+            check(
+                !platform.name.trim().is_empty(),
+                &at("name"),
+                "must not be empty",
+            );
+            check(
+                names.insert(platform.name.as_str()),
+                &at("name"),
+                "duplicate platform name",
+            );
+            check(
+                !platform.hosts.is_empty() || !platform.path_prefixes.is_empty(),
+                &at("hosts"),
+                "a platform needs hosts or path_prefixes to match requests",
+            );
+            check(
+                platform.path_prefixes.iter().all(|p| p.starts_with('/')),
+                &at("path_prefixes"),
+                "each prefix must start with /",
+            );
+            if let Some(url) = &platform.health_url {
+                check(
+                    is_http_url(url),
+                    &at("health_url"),
+                    "must be an http:// or https:// URL",
+                );
+            }
+        }
+
+        let mut check_names = HashSet::new();
+        for (i, c) in self.checks.iter().enumerate() {
+            let at = |key: &str| format!("checks[{i}].{key}");
+            check(!c.name.trim().is_empty(), &at("name"), "must not be empty");
+            check(
+                check_names.insert(c.name.as_str()),
+                &at("name"),
+                "duplicate check name",
+            );
+            match c.kind {
+                CheckKind::Http => check(
+                    c.url.as_ref().is_some_and(|u| is_http_url(u.expose())),
+                    &at("url"),
+                    "an http check needs an http:// or https:// url",
+                ),
+                CheckKind::Postgres => check(
+                    c.url.as_ref().is_some_and(|u| {
+                        u.expose().starts_with("postgres://")
+                            || u.expose().starts_with("postgresql://")
+                    }),
+                    &at("url"),
+                    "a postgres check needs a postgres:// url",
+                ),
+                CheckKind::Redis => check(
+                    c.url
+                        .as_ref()
+                        .is_some_and(|u| u.expose().starts_with("redis://")),
+                    &at("url"),
+                    "a redis check needs a redis:// url",
+                ),
+                CheckKind::Tcp => check(
+                    c.address.as_deref().is_some_and(|a| {
+                        a.rsplit_once(':')
+                            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                    }),
+                    &at("address"),
+                    "a tcp check needs an address such as 127.0.0.1:5432",
+                ),
+            }
+            check(
+                (1000..=86_400_000).contains(&c.interval_ms),
+                &at("interval_ms"),
+                "must be between 1000 and 86400000",
+            );
+            check(
+                c.timeout_ms > 0 && c.timeout_ms < c.interval_ms,
+                &at("timeout_ms"),
+                "must be positive and shorter than interval_ms",
+            );
+            if let Some(platform) = &c.platform {
+                check(
+                    self.platforms.iter().any(|p| &p.name == platform),
+                    &at("platform"),
+                    "names no platform of [[platforms]]",
+                );
+            }
+        }
+        problems
+    }
+
+    /// The admin address; valid after validation.
+    pub fn admin_listen(&self) -> SocketAddr {
+        self.admin
+            .listen
+            .parse()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9797)))
+    }
+}
+
+fn parse_bool(raw: &str) -> Option<bool> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn is_http_url(url: &str) -> bool {
+    url.parse::<http::Uri>()
+        .is_ok_and(|uri| matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        parse(text, &Env::default())
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn minimal_config_gets_the_seed_defaults() {
+        let config = parse("[target]\npid = 42\n", &Env::default()).expect("valid");
+        assert_eq!(config.target.selector(), Some(TargetSelector::Pid(42)));
+        assert_eq!(config.admin.listen, "127.0.0.1:9797");
+        assert_eq!(config.monitor.interval_ms, 5000);
+        assert_eq!(config.monitor.api_response_threshold_ms, 500);
+        assert_eq!(config.monitor.db_query_threshold_ms, 100);
+        assert!((config.monitor.memory_threshold_percent - 85.0).abs() < f64::EPSILON);
+        assert!((config.monitor.cpu_threshold_percent - 80.0).abs() < f64::EPSILON);
+        assert!(AGENT_NAMES.iter().all(|a| config.agents.enabled(a)));
+        assert!(!config.repair.self_healing);
+    }
+
+    #[test]
+    fn every_unknown_key_is_listed_with_its_path() {
+        let found = problems(
+            "[target]\npidd = 1\ncommand = \"x\"\n[admin]\nlisten = \"127.0.0.1:1\"\nport = 3\n\
+             [monitor]\ninterval_ms = \"fast\"\n[[platforms]]\nname = \"a\"\nhosts = [\"a\"]\nhealth = 1\n",
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("target.pidd: unknown field")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("admin.port: unknown field")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("monitor.interval_ms: invalid type")),
+            "{found:?}"
+        );
+        assert!(
+            found
+                .iter()
+                .any(|p| p.starts_with("platforms[0].health: unknown field")),
+            "{found:?}"
+        );
+        assert_eq!(found.len(), 4, "{found:?}");
+    }
+
+    #[test]
+    fn semantic_problems_are_all_listed() {
+        let found = problems(
+            "[target]\npid = 1\ncommand = \"x\"\n[admin]\nlisten = \"nowhere\"\n\
+             [monitor]\nmemory_threshold_percent = 150.0\n[probes]\nring_buffer_bytes = 1000\n\
+             [[checks]]\nname = \"c\"\nkind = \"http\"\nurl = \"ftp://x\"\nplatform = \"nope\"\n",
+        );
+        for expected in [
+            "target: exactly one of",
+            "admin.listen:",
+            "monitor.memory_threshold_percent:",
+            "probes.ring_buffer_bytes:",
+            "checks[0].url:",
+            "checks[0].platform:",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "missing {expected}: {found:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bad_required_key_is_reported_once() {
+        let found = problems("[target]\npid = \"abc\"\n");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("target.pid: invalid type"),
+            "{found:?}"
+        );
+        assert!(found[1].starts_with("target: exactly one"), "{found:?}");
+        let found = problems("[admin]\n");
+        assert_eq!(found, vec!["target: required key is missing".to_owned()]);
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let found = problems("[target]\npid = = 3\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("line 2"), "{found:?}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let env = Env::from_pairs([
+            ("MONITOR_INTERVAL_MS", "1000"),
+            ("CPU_THRESHOLD_PERCENT", "95.5"),
+            ("AGENT_SECURITY_ENABLED", "false"),
+            ("ENABLE_SELF_HEALING", "true"),
+            ("DATABASE_URL", "postgres://u:secret@localhost/db"),
+            ("ALERT_EMAIL_TO", "a@x.io, b@x.io"),
+        ]);
+        let config =
+            parse("[target]\npid = 7\n[monitor]\ninterval_ms = 3000\n", &env).expect("valid");
+        assert_eq!(config.monitor.interval_ms, 1000);
+        assert!((config.monitor.cpu_threshold_percent - 95.5).abs() < f64::EPSILON);
+        assert!(!config.agents.enabled("security"));
+        assert!(config.agents.enabled("monitor"));
+        assert!(config.repair.self_healing);
+        assert_eq!(config.notifications.email_to, ["a@x.io", "b@x.io"]);
+        assert!(
+            !format!("{config:?}").contains("secret"),
+            "secrets must not be printed"
+        );
+    }
+
+    #[test]
+    fn bad_environment_values_are_problems() {
+        let env = Env::from_pairs([
+            ("MONITOR_INTERVAL_MS", "soon"),
+            ("AGENT_REPAIR_ENABLED", "maybe"),
+        ]);
+        let found = parse("[target]\npid = 7\n", &env).expect_err("invalid");
+        let paths: Vec<_> = found.iter().map(|p| p.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["env MONITOR_INTERVAL_MS", "env AGENT_REPAIR_ENABLED"]
+        );
+    }
+
+    #[test]
+    fn every_selector_kind_parses() {
+        for (text, expected) in [
+            ("pidfile = \"/run/x.pid\"", "pidfile /run/x.pid"),
+            (
+                "command = \"demo-backend --listen\"",
+                "command \"demo-backend --listen\"",
+            ),
+            (
+                "cgroup = \"/sys/fs/cgroup/memory/app\"",
+                "cgroup /sys/fs/cgroup/memory/app",
+            ),
+            (
+                "systemd_unit = \"backend.service\"",
+                "systemd unit backend.service",
+            ),
+            ("container = \"backend\"", "container backend"),
+        ] {
+            let config = parse(&format!("[target]\n{text}\n"), &Env::default()).expect(text);
+            assert_eq!(
+                config.target.selector().expect("one selector").to_string(),
+                expected
+            );
+        }
+    }
+}

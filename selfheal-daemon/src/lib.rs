@@ -1,0 +1,14 @@
+//! selfheal: a self-healing sidecar daemon for one backend service and its PostgreSQL.
+//!
+//! `main.rs` is thin: it parses the command line, loads the config and calls [`app::run`].
+//! See ARCHITECTURE.md for the map of these modules and their invariants.
+
+pub mod agents;
+pub mod api;
+pub mod app;
+pub mod bus;
+pub mod cli;
+pub mod config;
+pub mod probes;
+pub mod target;
+pub mod telemetry;

@@ -1,0 +1,521 @@
+//! The eBPF probes: load the embedded object, attach what the kernel accepts, keep the
+//! kernel-side filter maps in step with the target, and drain the ring buffer.
+//!
+//! Every program attaches on its own: one that fails is logged with the reason and reported
+//! as `selfheal_ebpf_probe_attached{probe} 0`, and the daemon carries on (the target tracker's
+//! pidfd and the procfs sampler cover process exits and resources without eBPF). Nothing here
+//! blocks the kernel side: a full ring buffer drops events in the kernel and counts them.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{RawTracePoint, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use selfheal_ebpf::{kind, names, offsets, stats, tcp_state, ProcessExit, TcpEvent, ROLE_CLIENT};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    bus::{Bus, Event, ExitStatus, TcpSummary},
+    target::{monotonic_ns, KernelExit},
+    telemetry::{HowLabel, Metrics, ProbeLabel, ReasonLabel},
+};
+
+/// The object built by `build.rs`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/selfheal"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error("the eBPF object is empty (built with AYA_BUILD_SKIP?)")]
+    EmptyObject,
+    #[error("cannot load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("the eBPF object has no map {name}")]
+    MissingMap { name: &'static str },
+    #[error("cannot use map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("no eBPF probe could be attached")]
+    NothingAttached,
+    #[error("cannot poll the ring buffer")]
+    Poll(#[source] std::io::Error),
+}
+
+/// Where tracefs is, mounting it when it is not (tracepoints need it; raw tracepoints do not).
+pub fn tracefs() -> Option<PathBuf> {
+    for dir in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        if Path::new(dir).join("events").is_dir() {
+            return Some(PathBuf::from(dir));
+        }
+    }
+    let dir = Path::new("/sys/kernel/tracing");
+    match nix::mount::mount(
+        Some("tracefs"),
+        dir,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    ) {
+        Ok(()) => {
+            tracing::info!(path = %dir.display(), "mounted tracefs");
+            Some(dir.to_owned())
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "tracefs is not mounted and cannot be mounted");
+            None
+        }
+    }
+}
+
+/// Field offsets from a tracefs `format` file.
+pub fn parse_format(text: &str) -> BTreeMap<String, usize> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let field = line.strip_prefix("field:")?;
+            let (decl, rest) = field.split_once(';')?;
+            let name = decl
+                .split_whitespace()
+                .last()?
+                .split('[')
+                .next()?
+                .to_owned();
+            let offset = rest
+                .trim()
+                .strip_prefix("offset:")?
+                .split(';')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name, offset))
+        })
+        .collect()
+}
+
+/// Checks that a tracepoint's layout is the one the program was written for.
+fn check_layout(
+    tracefs: &Path,
+    category: &str,
+    name: &str,
+    expected: &[(&str, usize)],
+) -> Result<(), String> {
+    let path = tracefs
+        .join("events")
+        .join(category)
+        .join(name)
+        .join("format");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let actual = parse_format(&text);
+    for (field, offset) in expected {
+        match actual.get(*field) {
+            Some(found) if found == offset => {}
+            Some(found) => {
+                return Err(format!(
+                    "{category}:{name} field {field} is at offset {found}, expected {offset}"
+                ))
+            }
+            None => return Err(format!("{category}:{name} has no field {field}")),
+        }
+    }
+    Ok(())
+}
+
+/// Offset of `exit_code` in the running kernel's `struct task_struct`, from its BTF.
+fn task_exit_code_offset() -> Result<u32, String> {
+    let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux")
+        .map_err(|e| format!("cannot read kernel BTF: {e}"))?;
+    let types = btf
+        .resolve_types_by_name("task_struct")
+        .map_err(|e| format!("no task_struct in BTF: {e}"))?;
+    for ty in types {
+        if let btf_rs::Type::Struct(task) = ty {
+            for member in &task.members {
+                if btf
+                    .resolve_name(member)
+                    .is_ok_and(|name| name == "exit_code")
+                {
+                    return Ok(member.bit_offset() / 8);
+                }
+            }
+        }
+    }
+    Err("task_struct has no exit_code member".to_owned())
+}
+
+/// The loaded object with the maps userspace uses.
+pub struct Loaded {
+    /// Keeps the programs attached; dropping it detaches them.
+    ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    filters: Filters,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// The kernel-side filter maps that say which processes and ports are the target's.
+struct Filters {
+    targets: BpfHashMap<MapData, u32, u32>,
+    listen_ports: BpfHashMap<MapData, u16, u32>,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
+    ebpf.take_map(name).ok_or(EbpfError::MissingMap { name })
+}
+
+/// Loads the object and attaches each probe that the kernel accepts.
+pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::EmptyObject);
+    }
+    let exit_code_offset = task_exit_code_offset().unwrap_or_else(|reason| {
+        tracing::warn!(%reason, "exit codes will be reported as unknown");
+        0
+    });
+    let tracefs = tracefs();
+    let has_group_dead = tracefs.as_deref().is_some_and(|dir| {
+        check_layout(dir, "sched", "sched_process_exit", &[("group_dead", 32)]).is_ok()
+    });
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::GLOBAL_TASK_EXIT_CODE_OFFSET, &exit_code_offset, true)
+        .override_global(
+            names::GLOBAL_EXIT_HAS_GROUP_DEAD,
+            &u32::from(has_group_dead),
+            true,
+        )
+        .map_max_entries(names::EVENTS, ring_buffer_bytes)
+        .load(OBJECT)
+        .map_err(EbpfError::Load)?;
+
+    let mut attached = 0;
+    let mut report = |probe: &'static str, result: Result<(), String>| {
+        let ok = result.is_ok();
+        match result {
+            Ok(()) => {
+                tracing::info!(probe, "eBPF probe attached");
+                attached += 1;
+            }
+            Err(reason) => {
+                tracing::warn!(probe, %reason, "eBPF probe not attached; falling back to procfs")
+            }
+        }
+        metrics
+            .ebpf_probe_attached
+            .get_or_create(&ProbeLabel { probe })
+            .set(i64::from(ok));
+    };
+
+    report(
+        "process_exit",
+        attach_raw(&mut ebpf, names::PROG_PROCESS_EXIT, "sched_process_exit"),
+    );
+    let tcp = tracefs
+        .as_deref()
+        .ok_or_else(|| "tracefs is not available".to_owned())
+        .and_then(|dir| {
+            check_layout(
+                dir,
+                "sock",
+                "inet_sock_set_state",
+                offsets::INET_SOCK_SET_STATE,
+            )?;
+            attach_tp(
+                &mut ebpf,
+                names::PROG_TCP_STATE,
+                "sock",
+                "inet_sock_set_state",
+            )
+        });
+    report("tcp_state", tcp);
+    let reset = tracefs
+        .as_deref()
+        .ok_or_else(|| "tracefs is not available".to_owned())
+        .and_then(|dir| {
+            check_layout(dir, "tcp", "tcp_receive_reset", offsets::TCP_RECEIVE_RESET)?;
+            attach_tp(&mut ebpf, names::PROG_TCP_RESET, "tcp", "tcp_receive_reset")
+        });
+    report("tcp_reset", reset);
+    if attached == 0 {
+        return Err(EbpfError::NothingAttached);
+    }
+
+    let map_err = |name| move |source| EbpfError::Map { name, source };
+    let ring =
+        RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?;
+    let targets = BpfHashMap::try_from(take_map(&mut ebpf, names::TARGET_TGIDS)?)
+        .map_err(map_err(names::TARGET_TGIDS))?;
+    let listen_ports = BpfHashMap::try_from(take_map(&mut ebpf, names::LISTEN_PORTS)?)
+        .map_err(map_err(names::LISTEN_PORTS))?;
+    let stats =
+        PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
+    Ok(Loaded {
+        ebpf,
+        ring,
+        filters: Filters {
+            targets,
+            listen_ports,
+        },
+        stats,
+    })
+}
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("no program {program} in the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load().map_err(|e| format!("load: {e}"))?;
+    program
+        .attach(tracepoint)
+        .map_err(|e| format!("attach: {e}"))?;
+    Ok(())
+}
+
+fn attach_tp(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), String> {
+    let program: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("no program {program} in the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    program.load().map_err(|e| format!("load: {e}"))?;
+    program
+        .attach(category, name)
+        .map_err(|e| format!("attach: {e}"))?;
+    Ok(())
+}
+
+/// A decoded ring-buffer record.
+#[derive(Debug, Clone, Copy)]
+pub enum Record {
+    Exit(ProcessExit),
+    Tcp(TcpEvent),
+}
+
+/// Decodes one record; `None` for a truncated or unknown one.
+pub fn decode(bytes: &[u8]) -> Option<Record> {
+    let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+    match kind {
+        kind::PROCESS_EXIT if bytes.len() >= size_of::<ProcessExit>() => {
+            // SAFETY: the length was checked, `read_unaligned` has no alignment requirement and
+            // `ProcessExit` is plain old data, valid for any bit pattern.
+            Some(Record::Exit(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
+        }
+        kind::TCP_CONNECT..=kind::TCP_RESET if bytes.len() >= size_of::<TcpEvent>() => {
+            // SAFETY: as above, for `TcpEvent`.
+            Some(Record::Tcp(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr().cast())
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// Listening TCP ports of a process, from its sockets in procfs.
+fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(process) = procfs::process::Process::new(pid as i32) else {
+        return Vec::new();
+    };
+    let Ok(fds) = process.fd() else {
+        return Vec::new();
+    };
+    let inodes: HashSet<u64> = fds
+        .flatten()
+        .filter_map(|fd| match fd.target {
+            procfs::process::FDTarget::Socket(inode) => Some(inode),
+            _ => None,
+        })
+        .collect();
+    let tables = [process.tcp(), process.tcp6()];
+    tables
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            entry.state == procfs::net::TcpState::Listen && inodes.contains(&entry.inode)
+        })
+        .map(|entry| entry.local_address.port())
+        .collect()
+}
+
+/// Running totals between two interval reports.
+#[derive(Default)]
+struct Window {
+    summary: TcpSummary,
+    events_seen: u64,
+    drops_seen: u64,
+}
+
+impl Filters {
+    fn sync(&mut self, members: &[u32]) {
+        let wanted: HashSet<u32> = members.iter().copied().collect();
+        let stale: Vec<u32> = self
+            .targets
+            .keys()
+            .flatten()
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for tgid in stale {
+            let _ = self.targets.remove(&tgid);
+        }
+        for tgid in &wanted {
+            if let Err(err) = self.targets.insert(tgid, 1, 0) {
+                tracing::warn!(tgid, error = %err, "cannot add a target process to the eBPF filter");
+            }
+        }
+        // Listening ports: the kernel side learns new ones from listen(2); ports opened before
+        // the daemon started are seeded from procfs.
+        let stale: Vec<u16> = self.listen_ports.keys().flatten().collect();
+        for port in stale {
+            let _ = self.listen_ports.remove(&port);
+        }
+        for tgid in &wanted {
+            for port in listening_ports(*tgid) {
+                let _ = self.listen_ports.insert(port, tgid, 0);
+            }
+        }
+    }
+}
+
+/// Sum over CPUs of one `STATS` slot.
+fn stat(stats: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
+    stats.get(&index, 0).map_or(0, |values| values.iter().sum())
+}
+
+/// Drains the ring buffer and keeps the filter maps current, until cancelled.
+pub async fn run(
+    loaded: Loaded,
+    mut members: watch::Receiver<Vec<u32>>,
+    exits: mpsc::Sender<KernelExit>,
+    report_interval: Duration,
+    bus: Bus,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> Result<(), EbpfError> {
+    // `ebpf` is held to the end of this function: dropping it detaches the programs.
+    let Loaded {
+        ebpf: _attached,
+        ring,
+        mut filters,
+        stats: counters,
+    } = loaded;
+    let initial = members.borrow_and_update().clone();
+    filters.sync(&initial);
+    // SAFETY: the ring buffer owns its map fd for as long as it lives, and it lives inside
+    // this `AsyncFd` until the end of this function.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|err| EbpfError::Poll(err.into()))?;
+    let mut window = Window::default();
+    let mut ticker = tokio::time::interval(report_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            changed = members.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                let current = members.borrow_and_update().clone();
+                filters.sync(&current);
+            }
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(EbpfError::Poll)?;
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    let observed = monotonic_ns();
+                    match decode(&item) {
+                        Some(Record::Exit(exit)) => {
+                            let kernel_exit = KernelExit {
+                                tgid: exit.tgid,
+                                status: ExitStatus::from_wait_status(exit.exit_code),
+                                exited_monotonic_ns: exit.ts_ns,
+                                observed_monotonic_ns: observed,
+                            };
+                            if exits.try_send(kernel_exit).is_err() {
+                                metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "exit_queue_full" }).inc();
+                            }
+                        }
+                        Some(Record::Tcp(event)) => record_tcp(&event, &metrics, &mut window.summary),
+                        None => {
+                            metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
+                        }
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = ticker.tick() => {
+                let events = stat(&counters, stats::EVENTS);
+                let drops = stat(&counters, stats::DROPS_RINGBUF_FULL);
+                metrics.ebpf_ringbuf_events.inc_by(events.saturating_sub(window.events_seen));
+                metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "ringbuf_full" }).inc_by(drops.saturating_sub(window.drops_seen));
+                window.events_seen = events;
+                window.drops_seen = drops;
+                let summary = std::mem::take(&mut window.summary);
+                if summary != TcpSummary::default() {
+                    bus.publish(Event::TcpSummary(summary));
+                }
+            }
+        }
+    }
+}
+
+fn record_tcp(event: &TcpEvent, metrics: &Metrics, summary: &mut TcpSummary) {
+    let ms = event.duration_ns as f64 / 1e6;
+    match event.kind {
+        kind::TCP_CONNECT => {
+            metrics
+                .tcp_connect_duration_seconds
+                .observe(event.duration_ns as f64 / 1e9);
+            summary.connects += 1;
+            summary.max_connect_ms = summary.max_connect_ms.max(ms);
+        }
+        kind::TCP_CONNECT_FAILED => {
+            metrics.tcp_connect_failures.inc();
+            summary.connect_failures += 1;
+        }
+        kind::TCP_ACCEPT => {
+            metrics.tcp_accepts.inc();
+            summary.accepts += 1;
+        }
+        kind::TCP_CLOSE => {
+            // A normal close passes through FIN_WAIT or CLOSE_WAIT; straight from ESTABLISHED
+            // (or SYN_RECV) to CLOSE is an abort: a reset was sent or received.
+            let how = if matches!(
+                event.old_state,
+                tcp_state::ESTABLISHED | tcp_state::SYN_RECV
+            ) {
+                "abort"
+            } else {
+                "normal"
+            };
+            let role = if event.role == ROLE_CLIENT {
+                "client"
+            } else {
+                "server"
+            };
+            metrics
+                .tcp_closes
+                .get_or_create(&HowLabel { how, role })
+                .inc();
+            summary.closes += 1;
+        }
+        kind::TCP_RESET => {
+            metrics.tcp_resets_received.inc();
+            summary.resets += 1;
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,8 @@
+//! Probes: what the daemon observes. eBPF programs in the kernel (process exits, TCP state of
+//! the target's sockets) and OS readers (procfs, cgroupfs, host), all publishing on the bus.
+//!
+//! Must not: block on the kernel side, or grow without bound on the user side.
+
+pub mod cgroup;
+pub mod ebpf;
+pub mod os;

@@ -1,0 +1,370 @@
+//! The daemon's own metrics, declared in one place, exported on `/metrics`.
+//!
+//! Owns: every metric name (`selfheal_<component>_<name>_<unit>[_total]`) and the registry.
+//! Must not: take unbounded labels (no pid, path or query text) or be updated per event in a
+//! hot loop where a batch update would do. Counters are registered without `_total`:
+//! prometheus-client appends it.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabel {
+    pub probe: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabel {
+    pub agent: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HowLabel {
+    /// `normal` or `abort` (a reset ended it).
+    pub how: &'static str,
+    /// `client` (the target connected) or `server` (it accepted).
+    pub role: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// All metrics. Cheap to clone: every field is a handle to shared state.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub target_up: Gauge,
+    pub target_restarts: Counter,
+    pub target_process_exits: Family<ReasonLabel, Counter>,
+    pub target_cpu_percent: FloatGauge,
+    pub target_memory_rss_bytes: Gauge,
+    pub target_threads: Gauge,
+    pub target_open_fds: Gauge,
+    pub target_cgroup_memory_usage_bytes: Gauge,
+    pub target_cgroup_memory_limit_bytes: Gauge,
+    pub target_cgroup_cpu_throttled_periods: Counter,
+    pub host_cpu_percent: FloatGauge,
+    pub host_memory_total_bytes: Gauge,
+    pub host_memory_used_bytes: Gauge,
+    pub host_disk_total_bytes: Gauge,
+    pub host_disk_available_bytes: Gauge,
+    pub tcp_connect_duration_seconds: Histogram,
+    pub tcp_connect_failures: Counter,
+    pub tcp_accepts: Counter,
+    pub tcp_closes: Family<HowLabel, Counter>,
+    pub tcp_resets_received: Counter,
+    pub ebpf_probe_attached: Family<ProbeLabel, Gauge>,
+    pub ebpf_ringbuf_events: Counter,
+    pub ebpf_ringbuf_drops: Family<ReasonLabel, Counter>,
+    pub bus_events: Family<KindLabel, Counter>,
+    pub bus_lagged: Counter,
+    pub agent_up: Family<AgentLabel, Gauge>,
+    pub agent_restarts: Family<AgentLabel, Counter>,
+    pub daemon_cpu_seconds: Counter<f64, AtomicU64>,
+    pub daemon_memory_rss_bytes: Gauge,
+    daemon_cpu_seen: Arc<AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let target_up = Gauge::default();
+        registry.register(
+            "selfheal_target_up",
+            "1 while the target process is running",
+            target_up.clone(),
+        );
+        let target_restarts = Counter::default();
+        registry.register(
+            "selfheal_target_restarts",
+            "Times a new target process was found after the previous one ended",
+            target_restarts.clone(),
+        );
+        let target_process_exits = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "selfheal_target_process_exits",
+            "Exits of the target's main process, by reason (exited, unknown or the signal name)",
+            target_process_exits.clone(),
+        );
+        let target_cpu_percent = FloatGauge::default();
+        registry.register(
+            "selfheal_target_cpu_percent",
+            "Target CPU use (100 = one core)",
+            target_cpu_percent.clone(),
+        );
+        let target_memory_rss_bytes = Gauge::default();
+        registry.register(
+            "selfheal_target_memory_rss_bytes",
+            "Target resident set size",
+            target_memory_rss_bytes.clone(),
+        );
+        let target_threads = Gauge::default();
+        registry.register(
+            "selfheal_target_threads",
+            "Target thread count",
+            target_threads.clone(),
+        );
+        let target_open_fds = Gauge::default();
+        registry.register(
+            "selfheal_target_open_fds",
+            "Target open file descriptors",
+            target_open_fds.clone(),
+        );
+        let target_cgroup_memory_usage_bytes = Gauge::default();
+        registry.register(
+            "selfheal_target_cgroup_memory_usage_bytes",
+            "Memory charged to the target's cgroup",
+            target_cgroup_memory_usage_bytes.clone(),
+        );
+        let target_cgroup_memory_limit_bytes = Gauge::default();
+        registry.register(
+            "selfheal_target_cgroup_memory_limit_bytes",
+            "Memory limit of the target's cgroup (0 when unlimited)",
+            target_cgroup_memory_limit_bytes.clone(),
+        );
+        let target_cgroup_cpu_throttled_periods = Counter::default();
+        registry.register(
+            "selfheal_target_cgroup_cpu_throttled_periods",
+            "CFS periods in which the target's cgroup was throttled",
+            target_cgroup_cpu_throttled_periods.clone(),
+        );
+        let host_cpu_percent = FloatGauge::default();
+        registry.register(
+            "selfheal_host_cpu_percent",
+            "Host CPU use over all cores (0-100)",
+            host_cpu_percent.clone(),
+        );
+        let host_memory_total_bytes = Gauge::default();
+        registry.register(
+            "selfheal_host_memory_total_bytes",
+            "Host memory",
+            host_memory_total_bytes.clone(),
+        );
+        let host_memory_used_bytes = Gauge::default();
+        registry.register(
+            "selfheal_host_memory_used_bytes",
+            "Host memory in use",
+            host_memory_used_bytes.clone(),
+        );
+        let host_disk_total_bytes = Gauge::default();
+        registry.register(
+            "selfheal_host_disk_total_bytes",
+            "Size of the filesystem holding the state directory",
+            host_disk_total_bytes.clone(),
+        );
+        let host_disk_available_bytes = Gauge::default();
+        registry.register(
+            "selfheal_host_disk_available_bytes",
+            "Free space on the filesystem holding the state directory",
+            host_disk_available_bytes.clone(),
+        );
+        // 50 µs .. ~3.3 s
+        let tcp_connect_duration_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 17));
+        registry.register(
+            "selfheal_tcp_connect_duration_seconds",
+            "Outbound TCP connect latency of the target (SYN_SENT to ESTABLISHED), from eBPF",
+            tcp_connect_duration_seconds.clone(),
+        );
+        let tcp_connect_failures = Counter::default();
+        registry.register(
+            "selfheal_tcp_connect_failures",
+            "Outbound TCP connects of the target that failed (SYN_SENT to CLOSE)",
+            tcp_connect_failures.clone(),
+        );
+        let tcp_accepts = Counter::default();
+        registry.register(
+            "selfheal_tcp_accepts",
+            "Inbound TCP connections to the target",
+            tcp_accepts.clone(),
+        );
+        let tcp_closes = Family::<HowLabel, Counter>::default();
+        registry.register(
+            "selfheal_tcp_closes",
+            "Closed TCP connections of the target, by role and how (abort: ended by a reset)",
+            tcp_closes.clone(),
+        );
+        let tcp_resets_received = Counter::default();
+        registry.register(
+            "selfheal_tcp_resets_received",
+            "Resets received on TCP connections of the target",
+            tcp_resets_received.clone(),
+        );
+        let ebpf_probe_attached = Family::<ProbeLabel, Gauge>::default();
+        registry.register(
+            "selfheal_ebpf_probe_attached",
+            "1 when the eBPF probe is attached, 0 when it fell back to procfs",
+            ebpf_probe_attached.clone(),
+        );
+        let ebpf_ringbuf_events = Counter::default();
+        registry.register(
+            "selfheal_ebpf_ringbuf_events",
+            "Events written by the eBPF programs to the ring buffer",
+            ebpf_ringbuf_events.clone(),
+        );
+        let ebpf_ringbuf_drops = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "selfheal_ebpf_ringbuf_drops",
+            "Events the eBPF programs or the reader dropped, by reason",
+            ebpf_ringbuf_drops.clone(),
+        );
+        let bus_events = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "selfheal_bus_events",
+            "Events published on the bus, by kind",
+            bus_events.clone(),
+        );
+        let bus_lagged = Counter::default();
+        registry.register(
+            "selfheal_bus_lagged_events",
+            "Events a slow bus subscriber missed",
+            bus_lagged.clone(),
+        );
+        let agent_up = Family::<AgentLabel, Gauge>::default();
+        registry.register(
+            "selfheal_agent_up",
+            "1 while the agent's task runs",
+            agent_up.clone(),
+        );
+        let agent_restarts = Family::<AgentLabel, Counter>::default();
+        registry.register(
+            "selfheal_agent_restarts",
+            "Times the agent's task was restarted after a crash or on request",
+            agent_restarts.clone(),
+        );
+        let daemon_cpu_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "selfheal_daemon_cpu_seconds",
+            "CPU time used by the daemon itself (user + system)",
+            daemon_cpu_seconds.clone(),
+        );
+        let daemon_memory_rss_bytes = Gauge::default();
+        registry.register(
+            "selfheal_daemon_memory_rss_bytes",
+            "Resident set size of the daemon itself",
+            daemon_memory_rss_bytes.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            target_up,
+            target_restarts,
+            target_process_exits,
+            target_cpu_percent,
+            target_memory_rss_bytes,
+            target_threads,
+            target_open_fds,
+            target_cgroup_memory_usage_bytes,
+            target_cgroup_memory_limit_bytes,
+            target_cgroup_cpu_throttled_periods,
+            host_cpu_percent,
+            host_memory_total_bytes,
+            host_memory_used_bytes,
+            host_disk_total_bytes,
+            host_disk_available_bytes,
+            tcp_connect_duration_seconds,
+            tcp_connect_failures,
+            tcp_accepts,
+            tcp_closes,
+            tcp_resets_received,
+            ebpf_probe_attached,
+            ebpf_ringbuf_events,
+            ebpf_ringbuf_drops,
+            bus_events,
+            bus_lagged,
+            agent_up,
+            agent_restarts,
+            daemon_cpu_seconds,
+            daemon_memory_rss_bytes,
+            daemon_cpu_seen: Arc::new(AtomicU64::new(0f64.to_bits())),
+        }
+    }
+
+    /// Reads the daemon's own CPU time and RSS; called before each scrape.
+    pub fn refresh_self(&self) {
+        let Ok(me) = procfs::process::Process::myself() else {
+            return;
+        };
+        let Ok(stat) = me.stat() else { return };
+        let ticks = procfs::ticks_per_second() as f64;
+        let cpu = (stat.utime + stat.stime) as f64 / ticks;
+        let seen = f64::from_bits(self.daemon_cpu_seen.swap(cpu.to_bits(), Ordering::Relaxed));
+        if cpu > seen {
+            self.daemon_cpu_seconds.inc_by(cpu - seen);
+        }
+        let rss = stat.rss * procfs::page_size();
+        self.daemon_memory_rss_bytes
+            .set(i64::try_from(rss).unwrap_or(i64::MAX));
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        self.refresh_self();
+        let mut text = String::with_capacity(16 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Saturating conversion for gauges fed from kernel `u64`s.
+pub fn gauge_value(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        let metrics = Metrics::new();
+        metrics
+            .target_process_exits
+            .get_or_create(&ReasonLabel { reason: "SIGKILL" })
+            .inc();
+        metrics.tcp_connect_duration_seconds.observe(0.001);
+        let text = metrics.encode();
+        assert!(
+            text.contains("selfheal_target_process_exits_total{reason=\"SIGKILL\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("selfheal_tcp_connect_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.contains("selfheal_daemon_memory_rss_bytes "), "{text}");
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            assert!(line.starts_with("selfheal_"), "{line}");
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Types shared between the kernel-side programs (`src/main.rs`, built for the BPF target) and
+//! the daemon. Everything here is `#[repr(C)]`, `Copy`, with explicit-width fields and explicit
+//! padding, so both sides agree on the layout byte for byte; a size assertion sits next to each.
+//!
+//! This crate must stay `no_std` and free of logic: it is the ABI, nothing more.
+#![no_std]
+
+/// Names of the maps and programs in the object, used by the loader.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
+    pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+    pub const STATS: &str = "STATS";
+    pub const PROG_PROCESS_EXIT: &str = "sched_process_exit";
+    pub const PROG_TCP_STATE: &str = "inet_sock_set_state";
+    pub const PROG_TCP_RESET: &str = "tcp_receive_reset";
+    /// Offset of `exit_code` in `struct task_struct`, found in the kernel's BTF at load time.
+    pub const GLOBAL_TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
+    /// 1 when `sched_process_exit` carries `group_dead` (Linux 6.16+), else 0.
+    pub const GLOBAL_EXIT_HAS_GROUP_DEAD: &str = "EXIT_HAS_GROUP_DEAD";
+}
+
+/// Field offsets of the tracepoints the programs read, as this build expects them. The loader
+/// checks them against tracefs' `format` files and refuses to attach a program whose layout
+/// differs, rather than read garbage.
+pub mod offsets {
+    pub const INET_SOCK_SET_STATE: &[(&str, usize)] = &[
+        ("skaddr", 8),
+        ("oldstate", 16),
+        ("newstate", 20),
+        ("sport", 24),
+        ("dport", 26),
+        ("family", 28),
+        ("protocol", 30),
+        ("saddr", 32),
+        ("daddr", 36),
+        ("saddr_v6", 40),
+        ("daddr_v6", 56),
+    ];
+    pub const TCP_RECEIVE_RESET: &[(&str, usize)] = &[
+        ("skaddr", 8),
+        ("sport", 16),
+        ("dport", 18),
+        ("family", 20),
+        ("saddr", 22),
+        ("daddr", 26),
+        ("saddr_v6", 30),
+        ("daddr_v6", 46),
+    ];
+}
+
+/// Indices into the per-CPU `STATS` array.
+pub mod stats {
+    /// Events written to the ring buffer.
+    pub const EVENTS: u32 = 0;
+    /// Events lost because the ring buffer was full.
+    pub const DROPS_RINGBUF_FULL: u32 = 1;
+    /// Sockets not tracked because the socket table was full (LRU evicted the oldest instead).
+    pub const SOCKETS_TRACKED: u32 = 2;
+    pub const LEN: u32 = 3;
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const SYN_SENT: u32 = 2;
+    pub const SYN_RECV: u32 = 3;
+    pub const CLOSE: u32 = 7;
+    pub const LISTEN: u32 = 10;
+}
+
+/// Discriminant at the start of every ring-buffer record.
+pub mod kind {
+    pub const PROCESS_EXIT: u32 = 1;
+    /// An outbound connect completed (SYN_SENT → ESTABLISHED); `duration_ns` is the latency.
+    pub const TCP_CONNECT: u32 = 2;
+    /// An outbound connect failed (SYN_SENT → CLOSE); `duration_ns` is the time it took.
+    pub const TCP_CONNECT_FAILED: u32 = 3;
+    /// An inbound connection to a listening port of the target was established.
+    pub const TCP_ACCEPT: u32 = 4;
+    /// A tracked connection closed; `duration_ns` is its lifetime, `old_state` tells how.
+    pub const TCP_CLOSE: u32 = 5;
+    /// A tracked connection received a reset.
+    pub const TCP_RESET: u32 = 6;
+}
+
+/// A process of the target exited (the whole thread group when the kernel says so).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessExit {
+    pub kind: u32,
+    pub tgid: u32,
+    /// Thread id of the task whose exit was seen (the last one of the group).
+    pub pid: u32,
+    /// `task_struct.exit_code`: a wait(2) status (`signal | core << 7` or `code << 8`);
+    /// `u32::MAX` when the offset was unknown.
+    pub exit_code: u32,
+    pub ts_ns: u64,
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ProcessExit>() == 40);
+
+/// A TCP event on a socket of the target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TcpEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ts_ns: u64,
+    pub duration_ns: u64,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    /// 1 when the target is the client (it called connect), 2 when it accepted.
+    pub role: u16,
+    pub old_state: u32,
+    pub new_state: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<TcpEvent>() == 72);
+
+pub const ROLE_CLIENT: u16 = 1;
+pub const ROLE_SERVER: u16 = 2;
+
+/// What the kernel side remembers about a tracked socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockInfo {
+    pub start_ns: u64,
+    pub tgid: u32,
+    pub role: u32,
+}
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
+    // and has no implicit padding (the size assertions above pin the layout).
+    unsafe impl aya::Pod for super::ProcessExit {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TcpEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockInfo {}
+}
