@@ -116,9 +116,9 @@ struct ExitView {
     code: Option<i32>,
     source: Source,
     at_unix_ms: u64,
-    /// CLOCK_MONOTONIC nanoseconds when the kernel recorded the exit (eBPF only).
+    /// `CLOCK_MONOTONIC` nanoseconds when the kernel recorded the exit (eBPF only).
     exited_monotonic_ns: Option<u64>,
-    /// CLOCK_MONOTONIC nanoseconds when the daemon received it.
+    /// `CLOCK_MONOTONIC` nanoseconds when the daemon received it.
     observed_monotonic_ns: u64,
 }
 

@@ -141,9 +141,9 @@ pub enum Event {
         pid: u32,
         status: ExitStatus,
         source: Source,
-        /// When the kernel recorded the exit (CLOCK_MONOTONIC, ns), when known.
+        /// When the kernel recorded the exit (`CLOCK_MONOTONIC`, ns), when known.
         exited_monotonic_ns: Option<u64>,
-        /// When the daemon learned of it (CLOCK_MONOTONIC, ns).
+        /// When the daemon learned of it (`CLOCK_MONOTONIC`, ns).
         observed_monotonic_ns: u64,
         at: SystemTime,
     },

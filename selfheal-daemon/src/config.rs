@@ -355,7 +355,7 @@ pub struct RepairConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// `DATABASE_URL`: the target's PostgreSQL, for checks and session repairs.
+    /// `DATABASE_URL`: the target's `PostgreSQL`, for checks and session repairs.
     pub url: Option<Secret>,
 }
 
@@ -494,11 +494,8 @@ pub fn parse(text: &str, env: &Env) -> Result<Config, Vec<Problem>> {
                     }
                     break None;
                 }
-                let key_path = if message.starts_with("unknown field") {
-                    join_path(&path, unknown_field(&message).unwrap_or_default())
-                } else {
-                    path
-                };
+                // For an unknown key the path already ends with the key itself.
+                let key_path = path;
                 problems.push(Problem::new(key_path.clone(), message));
                 if key_path == "." || !remove_path(&mut table, &key_path) || problems.len() > 100 {
                     break None;
@@ -535,10 +532,6 @@ fn clean_message(message: &str) -> String {
 
 fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
-}
-
-fn unknown_field(message: &str) -> Option<&str> {
-    message.strip_prefix("unknown field `")?.split('`').next()
 }
 
 fn join_path(parent: &str, key: &str) -> String {

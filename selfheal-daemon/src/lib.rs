@@ -1,4 +1,4 @@
-//! selfheal: a self-healing sidecar daemon for one backend service and its PostgreSQL.
+//! selfheal: a self-healing sidecar daemon for one backend service and its `PostgreSQL`.
 //!
 //! `main.rs` is thin: it parses the command line, loads the config and calls [`app::run`].
 //! See ARCHITECTURE.md for the map of these modules and their invariants.

@@ -323,7 +323,7 @@ impl Metrics {
             .set(i64::try_from(rss).unwrap_or(i64::MAX));
     }
 
-    /// The OpenMetrics text of every metric.
+    /// The `OpenMetrics` text of every metric.
     pub fn encode(&self) -> String {
         self.refresh_self();
         let mut text = String::with_capacity(16 * 1024);

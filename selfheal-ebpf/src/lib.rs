@@ -72,9 +72,9 @@ pub mod tcp_state {
 /// Discriminant at the start of every ring-buffer record.
 pub mod kind {
     pub const PROCESS_EXIT: u32 = 1;
-    /// An outbound connect completed (SYN_SENT → ESTABLISHED); `duration_ns` is the latency.
+    /// An outbound connect completed (`SYN_SENT` → ESTABLISHED); `duration_ns` is the latency.
     pub const TCP_CONNECT: u32 = 2;
-    /// An outbound connect failed (SYN_SENT → CLOSE); `duration_ns` is the time it took.
+    /// An outbound connect failed (`SYN_SENT` → CLOSE); `duration_ns` is the time it took.
     pub const TCP_CONNECT_FAILED: u32 = 3;
     /// An inbound connection to a listening port of the target was established.
     pub const TCP_ACCEPT: u32 = 4;

@@ -158,9 +158,9 @@ pub struct Shared {
 }
 
 const BACKOFF_START: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const BACKOFF_MAX: Duration = Duration::from_mins(1);
 /// An agent that ran this long before crashing starts again from the shortest backoff.
-const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
+const BACKOFF_RESET_AFTER: Duration = Duration::from_mins(1);
 
 /// The handles of all agents, created before they start so the API can show them.
 pub fn handles(config: &Config) -> Vec<AgentHandle> {
@@ -244,7 +244,7 @@ async fn supervise<F, Fut>(
             outcome = &mut task => match outcome {
                 Ok(Ok(())) => "the agent stopped on its own".to_owned(),
                 Ok(Err(err)) => err.to_string(),
-                Err(join) if join.is_panic() => panic_message(join.into_panic()),
+                Err(join) if join.is_panic() => panic_message(&*join.into_panic()),
                 Err(join) => join.to_string(),
             },
         };
@@ -275,7 +275,7 @@ async fn supervise<F, Fut>(
     }
 }
 
-fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

@@ -8,7 +8,7 @@ use crate::bus::Event;
 
 /// A connect slower than this is worth a suggestion.
 const SLOW_CONNECT_MS: f64 = 100.0;
-const COOLDOWN: Duration = Duration::from_secs(600);
+const COOLDOWN: Duration = Duration::from_mins(10);
 
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let mut last: Option<Instant> = None;

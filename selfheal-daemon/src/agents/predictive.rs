@@ -13,8 +13,8 @@ use super::{AgentContext, AgentError};
 use crate::bus::Event;
 
 const WINDOW: usize = 30;
-const HORIZON: Duration = Duration::from_secs(3600);
-const COOLDOWN: Duration = Duration::from_secs(300);
+const HORIZON: Duration = Duration::from_hours(1);
+const COOLDOWN: Duration = Duration::from_mins(5);
 
 /// Seconds until `points` (t seconds, value) reach `limit`, when they are rising.
 pub(super) fn eta_seconds(points: &VecDeque<(f64, f64)>, limit: f64) -> Option<f64> {
@@ -93,7 +93,8 @@ mod tests {
             .map(|i| (f64::from(i), 100.0 + 10.0 * f64::from(i)))
             .collect();
         let eta = eta_seconds(&points, 290.0).expect("rising");
-        assert!((eta - 100.0).abs() < 1e-6, "{eta}");
+        // 190 now, rising 10 a second: 290 in 10 s.
+        assert!((eta - 10.0).abs() < 1e-6, "{eta}");
         let flat: VecDeque<_> = (0..10).map(|i| (f64::from(i), 100.0)).collect();
         assert_eq!(eta_seconds(&flat, 290.0), None);
     }

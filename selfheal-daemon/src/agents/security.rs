@@ -8,7 +8,7 @@ use crate::bus::Event;
 
 /// Resets plus failed connects in one interval that count as a burst.
 const BURST: u64 = 50;
-const COOLDOWN: Duration = Duration::from_secs(300);
+const COOLDOWN: Duration = Duration::from_mins(5);
 
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let mut last: Option<Instant> = None;

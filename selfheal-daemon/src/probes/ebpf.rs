@@ -207,7 +207,7 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
                 attached += 1;
             }
             Err(reason) => {
-                tracing::warn!(probe, %reason, "eBPF probe not attached; falling back to procfs")
+                tracing::warn!(probe, %reason, "eBPF probe not attached; falling back to procfs");
             }
         }
         metrics

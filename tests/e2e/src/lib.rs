@@ -1,1 +1,404 @@
+//! The harness of the end-to-end tests, shared with `cargo xtask demo`: a throwaway
+//! PostgreSQL cluster, the demo backend, the `selfheal` daemon, and helpers to wait for
+//! conditions with a deadline. Every process is owned by a guard that stops it on drop, so a
+//! failing test leaves nothing running.
+//!
+//! These tests need root (eBPF, tracefs); [`require_root`] says so loudly when run without.
 
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use nix::{
+    sys::signal::{killpg, Signal},
+    unistd::{Pid, Uid, User},
+};
+
+/// Fails the test with a clear message when not run as root.
+pub fn require_root() {
+    assert!(
+        Uid::effective().is_root(),
+        "this end-to-end test needs root (eBPF programs, tracefs): run it through `cargo xtask test` as root"
+    );
+}
+
+/// The workspace's `target/` directory (`CARGO_TARGET_DIR` when set).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"),
+        PathBuf::from,
+    )
+}
+
+/// A binary of the workspace: `$<NAME>_BIN` when set (the xtask sets it), else `target/debug`.
+pub fn bin(name: &str) -> PathBuf {
+    let var = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
+    std::env::var_os(&var).map_or_else(|| target_dir().join("debug").join(name), PathBuf::from)
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Polls `check` every 10 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock the daemon reports exit times on.
+pub fn monotonic_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+}
+
+/// A child process in its own process group, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Spawns `command` in a new process group, so a terminal's Ctrl-C reaches only the
+    /// harness, which then stops its children in order.
+    pub fn spawn(name: &str, mut command: Command) -> Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        command.process_group(0);
+        let child = command
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({command:?})"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal to the process (not its group).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        nix::sys::signal::kill(Pid::from_raw(self.pid() as i32), signal)?;
+        Ok(())
+    }
+
+    /// Waits for the process to end, up to `timeout`; its exit status.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let name = self.name.clone();
+        wait_for(&format!("{name} to exit"), timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Stops the process group: SIGTERM, up to 5 s, then SIGKILL.
+    pub fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let group = Pid::from_raw(self.pid() as i32);
+        let _ = killpg(group, Signal::SIGTERM);
+        if self.wait_timeout(Duration::from_secs(5)).is_err() {
+            let _ = killpg(group, Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The newest PostgreSQL server binaries on the machine.
+pub fn postgres_bin_dir() -> Result<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (no /usr/lib/postgresql); run `cargo xtask setup`")?
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop()
+        .map(|(_, dir)| dir)
+        .ok_or_else(|| anyhow!("no PostgreSQL server binaries under /usr/lib/postgresql"))
+}
+
+/// A throwaway PostgreSQL cluster, run as the unprivileged `postgres` user on a free port,
+/// stopped and deleted on drop.
+pub struct PgCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    user: User,
+}
+
+impl PgCluster {
+    pub fn start() -> Result<Self> {
+        let bin = postgres_bin_dir()?;
+        let user = User::from_name("postgres")?
+            .ok_or_else(|| anyhow!("no `postgres` user; run `cargo xtask setup`"))?;
+        let dir = tempfile::Builder::new().prefix("selfheal-pg-").tempdir()?;
+        nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        let port = free_port()?;
+        let cluster = Self {
+            port,
+            dir,
+            bin,
+            user,
+        };
+        cluster.run_as_postgres(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        let options = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            cluster.dir.path().display()
+        );
+        let log = cluster.dir.path().join("postgres.log");
+        cluster.run_as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                &cluster.data(),
+                "-o",
+                &options,
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "start",
+            ],
+        )?;
+        Ok(cluster)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run_as_postgres(&self, program: &str, args: &[&str]) -> Result<()> {
+        let output = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(program))
+            .args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {program} as {}", self.user.name))?;
+        if !output.status.success() {
+            bail!(
+                "{program} failed ({}): {}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// A connection URL for the `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Runs SQL through psql and returns its unaligned output.
+    pub fn psql(&self, sql: &str) -> Result<String> {
+        let output = Command::new(self.bin.join("psql"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-At",
+                "-c",
+                sql,
+            ])
+            .output()?;
+        if !output.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.run_as_postgres(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+}
+
+/// The demo backend, started against a database and waited for until it listens.
+pub struct DemoBackend {
+    pub proc: Proc,
+    pub address: SocketAddr,
+}
+
+impl DemoBackend {
+    pub fn start(database_url: &str, port: u16) -> Result<Self> {
+        let mut command = Command::new(bin("demo-backend"));
+        command
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--database-url",
+                database_url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut proc = Proc::spawn("demo-backend", command)?;
+        let stdout = proc
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("listening on") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .context("the demo backend did not say it is listening within 30 s")?;
+        Ok(Self {
+            proc,
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+        })
+    }
+
+    /// The command-line pattern that selects this backend and no other.
+    pub fn selector(&self) -> String {
+        format!("demo-backend --listen {}", self.address)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+}
+
+/// An HTTP client that returns 4xx/5xx responses instead of errors.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// A running `selfheal run`, with its config in a temporary directory.
+pub struct Daemon {
+    pub proc: Proc,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with `config` (which must not set `[admin]` or `[state]`: the harness
+    /// picks a free port and a scratch state dir) and waits for its health endpoint.
+    pub fn start(config: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("selfheal-daemon-")
+            .tempdir()?;
+        let port = free_port()?;
+        let full = format!(
+            "{config}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[state]\ndir = \"{}\"\n",
+            dir.path().join("state").display()
+        );
+        let path = dir.path().join("selfheal.toml");
+        std::fs::write(&path, full)?;
+        let mut command = Command::new(bin("selfheal"));
+        command
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdin(Stdio::null());
+        let daemon = Self {
+            proc: Proc::spawn("selfheal", command)?,
+            admin: SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+        };
+        wait_for(
+            "the daemon's health endpoint",
+            Duration::from_secs(30),
+            || daemon.health().ok(),
+        )?;
+        Ok(daemon)
+    }
+
+    /// `data` of `GET /api/v1/system/health`.
+    pub fn health(&self) -> Result<serde_json::Value> {
+        let mut response = http()
+            .get(format!("http://{}/api/v1/system/health", self.admin))
+            .call()?;
+        let body: serde_json::Value = response.body_mut().read_json()?;
+        if body["success"] != true {
+            bail!("health answered {body}");
+        }
+        Ok(body["data"].clone())
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        Ok(http()
+            .get(format!("http://{}/metrics", self.admin))
+            .call()?
+            .body_mut()
+            .read_to_string()?)
+    }
+
+    /// The value of one sample line of `/metrics` (`name{labels}` exactly as exposed).
+    pub fn metric(&self, series: &str) -> Result<Option<f64>> {
+        Ok(sample(&self.metrics()?, series))
+    }
+}
+
+/// Finds `series` (name with labels, as written in the exposition) in `/metrics` text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
