@@ -48,6 +48,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/__fault/{name}", post(fault_switch))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), fault_gate))
+        .layer(middleware::from_fn(run_to_completion))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -123,6 +124,25 @@ async fn log_request(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     tracing::debug!(%method, %path, status = response.status().as_u16(), elapsed_ms = started.elapsed().as_millis(), "request");
     response
+}
+
+/// Runs each request in its own task, so a client that hangs up does not cancel it midway.
+///
+/// Without this, a handler dropped while its query waits (on a `lock`, say) would hand its
+/// pooled connection back with that query still queued on it, and the next request to get
+/// that connection would wait behind a query nobody wants. Like most servers, finish instead.
+async fn run_to_completion(request: Request, next: Next) -> Response {
+    match tokio::spawn(next.run(request)).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "request handler panicked");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Json(json!({ "error": "internal error", "detail": "handler panicked" })),
+            )
+                .into_response()
+        }
+    }
 }
 
 /// Applies `hang` (everything but `/__fault*`) and `errors` (only `/api/…`).

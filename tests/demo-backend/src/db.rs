@@ -250,6 +250,10 @@ pub(crate) async fn setup(client: &mut Client) -> anyhow::Result<()> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SETUP_LOCK_KEY])
         .await
         .context("taking the setup advisory lock")?;
+    // Quiet the "relation … already exists, skipping" notices of a second start.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .context("setting client_min_messages")?;
     tx.batch_execute(SCHEMA)
         .await
         .context("creating the schema")?;

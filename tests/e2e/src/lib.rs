@@ -76,6 +76,8 @@ pub fn monotonic_ns() -> u64 {
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Where its stderr goes; printed when the owning test fails.
+    log: Option<PathBuf>,
 }
 
 impl Proc {
@@ -90,7 +92,26 @@ impl Proc {
         Ok(Self {
             name: name.to_owned(),
             child,
+            log: None,
         })
+    }
+
+    /// Like [`Proc::spawn`], with stderr written to `log` (printed if the test fails).
+    pub fn spawn_logged(name: &str, mut command: Command, log: &Path) -> Result<Self> {
+        command.stderr(std::fs::File::create(log)?);
+        let mut proc = Self::spawn(name, command)?;
+        proc.log = Some(log.to_owned());
+        Ok(proc)
+    }
+
+    /// The exit status, if the process has ended.
+    pub fn try_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// The log file, when stderr goes to one.
+    pub fn log(&self) -> Option<&Path> {
+        self.log.as_deref()
     }
 
     pub fn pid(&self) -> u32 {
@@ -128,6 +149,18 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         self.stop();
+        if std::thread::panicking() {
+            if let Some(text) = self
+                .log
+                .as_ref()
+                .and_then(|log| std::fs::read_to_string(log).ok())
+            {
+                eprintln!(
+                    "----- log of {} -----\n{text}----- end of log of {} -----",
+                    self.name, self.name
+                );
+            }
+        }
     }
 }
 
@@ -269,10 +302,12 @@ impl Drop for PgCluster {
 pub struct DemoBackend {
     pub proc: Proc,
     pub address: SocketAddr,
+    _logs: tempfile::TempDir,
 }
 
 impl DemoBackend {
     pub fn start(database_url: &str, port: u16) -> Result<Self> {
+        let logs = tempfile::Builder::new().prefix("demo-backend-").tempdir()?;
         let mut command = Command::new(bin("demo-backend"));
         command
             .args([
@@ -282,9 +317,9 @@ impl DemoBackend {
                 database_url,
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut proc = Proc::spawn("demo-backend", command)?;
+            .stdout(Stdio::piped());
+        let log = logs.path().join("demo-backend.log");
+        let mut proc = Proc::spawn_logged("demo-backend", command, &log)?;
         let stdout = proc
             .child
             .stdout
@@ -303,6 +338,7 @@ impl DemoBackend {
         Ok(Self {
             proc,
             address: SocketAddr::from(([127, 0, 0, 1], port)),
+            _logs: logs,
         })
     }
 
@@ -346,21 +382,42 @@ impl Daemon {
         );
         let path = dir.path().join("selfheal.toml");
         std::fs::write(&path, full)?;
+        Self::start_with_file(&path, SocketAddr::from(([127, 0, 0, 1], port)), dir)
+    }
+
+    /// Starts the daemon on a complete config file whose admin address is `admin`; its log
+    /// goes to `dir`.
+    pub fn start_with_file(
+        config: &Path,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+    ) -> Result<Self> {
         let mut command = Command::new(bin("selfheal"));
         command
             .args(["run", "--config"])
-            .arg(&path)
+            .arg(config)
             .stdin(Stdio::null());
-        let daemon = Self {
-            proc: Proc::spawn("selfheal", command)?,
-            admin: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
-        };
-        wait_for(
+        let proc = Proc::spawn_logged("selfheal", command, &dir.path().join("selfheal.log"))?;
+        let mut daemon = Self { proc, admin, dir };
+        let outcome = wait_for(
             "the daemon's health endpoint",
             Duration::from_secs(30),
-            || daemon.health().ok(),
+            || {
+                // A daemon that exited (a bad config, a busy port) will never answer.
+                match daemon.health() {
+                    Ok(_) => Some(Ok(())),
+                    Err(_) => daemon.proc.child.try_wait().ok().flatten().map(Err),
+                }
+            },
         )?;
+        if let Err(status) = outcome {
+            let log = daemon
+                .proc
+                .log()
+                .and_then(|l| std::fs::read_to_string(l).ok())
+                .unwrap_or_default();
+            bail!("selfheal exited ({status}) before answering:\n{log}");
+        }
         Ok(daemon)
     }
 

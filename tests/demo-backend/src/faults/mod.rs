@@ -324,7 +324,7 @@ impl Faults {
     /// Opens a session that takes `LOCK TABLE … IN ACCESS EXCLUSIVE MODE` in an open
     /// transaction and keeps it for `hold_for` or until clear. Returns once the lock is held.
     async fn start_lock(&self, table: Table, hold_for: Duration) -> Result<i32, ApplyError> {
-        let db = |e: tokio_postgres::Error| ApplyError::Database(e.to_string());
+        let db = |e: tokio_postgres::Error| ApplyError::Database(crate::db::error_chain(&e));
         let clear = self.clear_generation.subscribe();
         let session = workers::open_session(&self.pg_config, "demo-backend/fault:lock")
             .await
@@ -347,7 +347,7 @@ impl Faults {
     /// Opens a session that runs `BEGIN; SELECT …` and then sits idle in that transaction
     /// until clear.
     async fn start_idle_tx(&self) -> Result<i32, ApplyError> {
-        let db = |e: tokio_postgres::Error| ApplyError::Database(e.to_string());
+        let db = |e: tokio_postgres::Error| ApplyError::Database(crate::db::error_chain(&e));
         let clear = self.clear_generation.subscribe();
         let session = workers::open_session(&self.pg_config, "demo-backend/fault:idle_tx")
             .await

@@ -1,0 +1,116 @@
+//! `cargo xtask bench crash-latency`: how long after a SIGKILL the daemon knows, with the eBPF
+//! probe and with the pidfd fallback (`probes.ebpf = false`), measured side by side in one run.
+//!
+//! The target is a `sleep` renamed through argv[0], so nothing else matches its selector. The
+//! clock is CLOCK_MONOTONIC on both sides: taken here just before `kill(2)`, and by the daemon
+//! when the event reaches it (`last_exit.observed_monotonic_ns`).
+
+use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+use nix::sys::signal::Signal;
+use selfheal_e2e::{monotonic_ns, wait_for, Daemon, Proc};
+
+#[derive(Subcommand)]
+pub(crate) enum Bench {
+    /// Kill → event latency of a target crash.
+    CrashLatency {
+        /// Kills per mode.
+        #[arg(long, default_value_t = 50)]
+        runs: usize,
+    },
+}
+
+pub(crate) fn run(bench: &Bench) -> Result<()> {
+    match bench {
+        Bench::CrashLatency { runs } => crash_latency(*runs),
+    }
+}
+
+struct Stats {
+    p50: f64,
+    p95: f64,
+    max: f64,
+    mean: f64,
+}
+
+fn stats(mut values: Vec<f64>) -> Stats {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    Stats {
+        p50: at(0.5),
+        p95: at(0.95),
+        max: *values.last().unwrap_or(&0.0),
+        mean: values.iter().sum::<f64>() / values.len().max(1) as f64,
+    }
+}
+
+/// Kills `runs` targets under one daemon; the kill → event latencies in ms, and the kernel →
+/// daemon part of each where the kernel timestamped it.
+fn measure(ebpf: bool, runs: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
+    let marker = format!("selfheal-bench-target-{}-{ebpf}", std::process::id());
+    let daemon = Daemon::start(&format!(
+        "[target]\ncommand = \"{marker}\"\npoll_interval_ms = 50\n\n[probes]\nebpf = {ebpf}\n\n[monitor]\ninterval_ms = 1000\n"
+    ))?;
+    let source = daemon.health()?["probes"]["ebpf"]
+        .as_str()
+        .unwrap_or("?")
+        .to_owned();
+    let mut latencies = Vec::with_capacity(runs);
+    let mut kernel_to_daemon = Vec::with_capacity(runs);
+    for run in 0..runs {
+        let mut command = Command::new("sleep");
+        command.arg0(&marker).arg("3600");
+        let target = Proc::spawn("target", command)?;
+        let pid = target.pid();
+        wait_for(
+            "the daemon to find the target",
+            Duration::from_secs(10),
+            || (daemon.health().ok()?["target"]["pid"] == pid).then_some(()),
+        )?;
+        let killed = monotonic_ns();
+        target.signal(Signal::SIGKILL)?;
+        let exit = wait_for("the exit event", Duration::from_secs(10), || {
+            let exit = daemon.health().ok()?["target"]["last_exit"].clone();
+            (exit["pid"] == pid).then_some(exit)
+        })
+        .with_context(|| format!("run {run}"))?;
+        let observed = exit["observed_monotonic_ns"].as_u64().unwrap_or(killed);
+        latencies.push(observed.saturating_sub(killed) as f64 / 1e6);
+        if let Some(exited) = exit["exited_monotonic_ns"].as_u64() {
+            kernel_to_daemon.push(observed.saturating_sub(exited) as f64 / 1e6);
+        }
+        drop(target);
+    }
+    Ok((latencies, kernel_to_daemon, source))
+}
+
+fn crash_latency(runs: usize) -> Result<()> {
+    anyhow::ensure!(runs > 0, "--runs must be at least 1");
+    println!("crash detection latency: SIGKILL of the target → exit event in the daemon, {runs} kills per mode");
+    println!(
+        "| mode | detected by | p50 ms | p95 ms | max ms | mean ms | kernel → daemon p50 ms |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for ebpf in [true, false] {
+        let (latencies, kernel, source) = measure(ebpf, runs)?;
+        let s = stats(latencies);
+        let k = if kernel.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{:.3}", stats(kernel).p50)
+        };
+        let mode = if ebpf {
+            "eBPF (sched_process_exit)"
+        } else {
+            "fallback (pidfd, probes.ebpf = false)"
+        };
+        println!(
+            "| {mode} | ebpf: {source} | {:.3} | {:.3} | {:.3} | {:.3} | {k} |",
+            s.p50, s.p95, s.max, s.mean
+        );
+    }
+    println!("For scale: Kubernetes' default liveness probe period is 10 s × 3 failures; Monit's cycle is 30 s.");
+    Ok(())
+}

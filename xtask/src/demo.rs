@@ -1,0 +1,181 @@
+//! `cargo xtask demo`: a throwaway PostgreSQL, the demo backend on it, and the daemon watching
+//! the backend with `config/demo.toml`, plus light traffic on all five platforms. The demo
+//! restarts the backend when it dies, as systemd would, so the daemon can be seen following
+//! it. Ctrl-C stops everything, in order, and leaves nothing running.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use selfheal_e2e::{http, Daemon, DemoBackend, PgCluster};
+
+/// The ports `config/demo.toml` names.
+const BACKEND_PORT: u16 = 8080;
+const ADMIN: &str = "127.0.0.1:9797";
+
+const HOSTS: [&str; 5] = [
+    "api.leadsite.ai",
+    "api.leadsite.io",
+    "api.clientcontact.io",
+    "api.videosite.io",
+    "api.tackle.io",
+];
+const PATHS: [&str; 9] = [
+    "/api/v1/campaigns",
+    "/api/v1/campaigns/1",
+    "/api/v1/leads",
+    "/api/v1/leads/1",
+    "/api/v1/websites",
+    "/api/v1/videos",
+    "/api/v1/conversations",
+    "/api/v1/tackle/deals",
+    "/health",
+];
+
+fn port_free(address: &str) -> bool {
+    std::net::TcpListener::bind(address).is_ok()
+}
+
+/// Light, steady traffic: a request every 200 ms, cycling through platforms and routes.
+fn traffic(backend: SocketAddr, stop: &AtomicBool) {
+    let agent = http();
+    let mut i = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        let host = HOSTS[i % HOSTS.len()];
+        let path = PATHS[(i / HOSTS.len()) % PATHS.len()];
+        let _ = agent
+            .get(format!("http://{backend}{path}"))
+            .header("Host", host)
+            .call();
+        if i % 25 == 0 {
+            let _ = agent
+                .post(format!("http://{backend}/api/v1/auth/login"))
+                .header("Host", host)
+                .send_json(serde_json::json!({"email": "demo@example.com", "password": "wrong"}));
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn status_line(daemon: &Daemon) -> String {
+    match daemon.health() {
+        Ok(h) => {
+            let target = &h["target"];
+            let exit = &target["last_exit"];
+            let last = if exit.is_null() {
+                String::new()
+            } else {
+                format!(
+                    ", last exit: pid {} {}",
+                    exit["pid"],
+                    exit["reason"].as_str().unwrap_or("?")
+                )
+            };
+            format!(
+                "daemon: {} — target {} pid {} restarts {}{last}",
+                h["status"].as_str().unwrap_or("?"),
+                target["state"].as_str().unwrap_or("?"),
+                target["pid"],
+                target["restarts"],
+            )
+        }
+        Err(err) => format!("daemon: not answering ({err})"),
+    }
+}
+
+pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the demo loads eBPF programs and needs root: run `sudo cargo xtask demo`");
+    }
+    for (address, what) in [
+        (format!("127.0.0.1:{BACKEND_PORT}"), "the demo backend"),
+        (ADMIN.to_owned(), "the admin API"),
+    ] {
+        if !port_free(&address) {
+            bail!("{address} is in use, and config/demo.toml puts {what} there: is another demo running?");
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || stop.store(true, Ordering::SeqCst))
+            .context("cannot catch Ctrl-C")?;
+    }
+
+    println!("demo: starting a throwaway PostgreSQL");
+    let pg = PgCluster::start()?;
+    println!("demo: starting the demo backend on 127.0.0.1:{BACKEND_PORT}");
+    let mut backend = DemoBackend::start(&pg.url(), BACKEND_PORT)?;
+    println!("demo: starting selfheal with config/demo.toml");
+    let scratch = tempfile::Builder::new()
+        .prefix("selfheal-demo-")
+        .tempdir()?;
+    let log = scratch.path().join("selfheal.log");
+    let admin: SocketAddr = ADMIN.parse()?;
+    let daemon = Daemon::start_with_file(&crate::root().join("config/demo.toml"), admin, scratch)?;
+
+    let traffic_thread = {
+        let stop = stop.clone();
+        let address = backend.address;
+        std::thread::spawn(move || traffic(address, &stop))
+    };
+
+    println!();
+    println!("selfheal is watching the demo backend:");
+    println!("  admin API (health):  http://{ADMIN}/api/v1/system/health");
+    println!("  Prometheus metrics:  http://{ADMIN}/metrics");
+    println!("  demo backend:        http://127.0.0.1:{BACKEND_PORT}  (e.g. curl -H 'Host: api.tackle.io' http://127.0.0.1:{BACKEND_PORT}/api/v1/tackle/deals)");
+    println!("  break it:            curl -X POST 'http://127.0.0.1:{BACKEND_PORT}/__fault/crash?mode=abort'  (the demo restarts it)");
+    println!("  PostgreSQL:          {}", pg.url());
+    println!("  daemon log:          {}", log.display());
+    match duration {
+        Some(d) => println!("Stopping by itself in {} s.", d.as_secs()),
+        None => println!("Press Ctrl-C to stop everything."),
+    }
+    println!();
+
+    let started = Instant::now();
+    let mut last_status = Instant::now();
+    let mut outcome = Ok(());
+    while !stop.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(status) = backend.proc.try_status() {
+            println!("demo: the backend exited ({status}); restarting it, as its supervisor would");
+            std::thread::sleep(Duration::from_secs(1));
+            match DemoBackend::start(&pg.url(), BACKEND_PORT) {
+                Ok(fresh) => backend = fresh,
+                Err(err) => {
+                    outcome = Err(err.context("cannot restart the demo backend"));
+                    break;
+                }
+            }
+        }
+        if last_status.elapsed() >= Duration::from_secs(5) {
+            last_status = Instant::now();
+            println!("{}", status_line(&daemon));
+        }
+    }
+    if outcome.is_ok() {
+        let status = daemon.health().context("the daemon stopped answering")?;
+        if status["target"]["state"] != "running" {
+            outcome = Err(anyhow::anyhow!(
+                "the daemon does not see the backend running: {status}"
+            ));
+        }
+    }
+    println!("demo: stopping");
+    stop.store(true, Ordering::SeqCst);
+    let _ = traffic_thread.join();
+    drop(daemon);
+    drop(backend);
+    drop(pg);
+    println!("demo: stopped; nothing left running");
+    outcome
+}

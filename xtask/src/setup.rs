@@ -1,0 +1,157 @@
+//! `cargo xtask setup`: everything the build and the tests need, installed only when missing.
+//!
+//! Quiet when all is in place (one line). Each missing piece is named; installing needs root.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Debian packages, with what needs them.
+const PACKAGES: &[(&str, &str)] = &[
+    ("llvm-22-dev", "bpf-linker (must match rustc's LLVM 22)"),
+    ("libpolly-22-dev", "bpf-linker"),
+    ("clang-22", "bpf-linker"),
+    ("zlib1g-dev", "bpf-linker"),
+    ("libzstd-dev", "bpf-linker"),
+    ("libxml2-dev", "bpf-linker"),
+    (
+        "postgresql",
+        "the throwaway PostgreSQL of the demo and the end-to-end tests",
+    ),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+fn package_installed(name: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn exec(what: &str, command: &mut Command) -> Result<()> {
+    println!("setup: {what}");
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("setup: {what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs what is missing; true when anything was done.
+fn install_missing() -> Result<bool> {
+    let mut did = false;
+
+    let missing: Vec<_> = PACKAGES
+        .iter()
+        .filter(|(name, _)| !package_installed(name))
+        .collect();
+    if !missing.is_empty() {
+        let names: Vec<&str> = missing.iter().map(|(name, _)| *name).collect();
+        for (name, why) in &missing {
+            println!("setup: missing package {name} (for {why})");
+        }
+        if !is_root() {
+            bail!(
+                "setup: installing {} needs root: run `sudo cargo xtask setup`",
+                names.join(", ")
+            );
+        }
+        exec(
+            "apt-get update",
+            Command::new("apt-get").args(["update", "-qq"]),
+        )?;
+        exec(
+            &format!("apt-get install {}", names.join(" ")),
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&names)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        did = true;
+    }
+
+    let rust_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("rustup is missing: install Rust with rustup")?;
+    if !rust_src.status.success() {
+        exec(
+            "install the nightly toolchain with rust-src (the eBPF programs need it)",
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]),
+        )?;
+        did = true;
+    } else if !String::from_utf8_lossy(&rust_src.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        exec(
+            "add rust-src to nightly",
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        )?;
+        did = true;
+    }
+
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let linker_ok =
+        linker.is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        exec(
+            &format!(
+                "build bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute, once)"
+            ),
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("PATH", path),
+        )?;
+        did = true;
+    }
+
+    if !Path::new("/sys/kernel/tracing/events").is_dir()
+        && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        if is_root() {
+            exec(
+                "mount tracefs",
+                Command::new("mount").args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"]),
+            )?;
+            did = true;
+        } else {
+            println!("setup: tracefs is not mounted; the daemon mounts it when run as root");
+        }
+    }
+    Ok(did)
+}
+
+pub(crate) fn run() -> Result<()> {
+    if !install_missing()? {
+        println!("setup: everything is in place");
+    }
+    Ok(())
+}
