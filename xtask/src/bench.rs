@@ -2,7 +2,7 @@
 //! probe and with the pidfd fallback (`probes.ebpf = false`), measured side by side in one run.
 //!
 //! The target is a `sleep` renamed through argv[0], so nothing else matches its selector. The
-//! clock is CLOCK_MONOTONIC on both sides: taken here just before `kill(2)`, and by the daemon
+//! clock is `CLOCK_MONOTONIC` on both sides: taken here just before `kill(2)`, and by the daemon
 //! when the event reaches it (`last_exit.observed_monotonic_ns`).
 
 use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};

@@ -53,7 +53,7 @@ fn traffic(backend: SocketAddr, stop: &AtomicBool) {
             .get(format!("http://{backend}{path}"))
             .header("Host", host)
             .call();
-        if i % 25 == 0 {
+        if i.is_multiple_of(25) {
             let _ = agent
                 .post(format!("http://{backend}/api/v1/auth/login"))
                 .header("Host", host)

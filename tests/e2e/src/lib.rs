@@ -64,7 +64,7 @@ pub fn wait_for<T>(
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock the daemon reports exit times on.
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock the daemon reports exit times on.
 pub fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always readable");

@@ -1,4 +1,4 @@
-//! (b) The backend's connections to PostgreSQL appear as TCP connect-latency samples.
+//! (b) The backend's connections to `PostgreSQL` appear as TCP connect-latency samples.
 
 use std::time::Duration;
 
