@@ -14,6 +14,8 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+
+pub mod systemd;
 use nix::{
     sys::signal::{killpg, Signal},
     unistd::{Pid, Uid, User},
