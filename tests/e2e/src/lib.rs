@@ -15,6 +15,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+pub mod docker;
 pub mod systemd;
 use nix::{
     sys::signal::{killpg, Signal},
@@ -460,4 +461,62 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
             .parse()
             .ok()
     })
+}
+
+/// The directories of cgroup `group` (a name directly under each hierarchy's root).
+fn cgroup_dirs(group: &str) -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .map(|dirs| {
+            dirs.flatten()
+                .map(|d| d.path().join(group))
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pids_below(dir: &Path) -> Vec<i32> {
+    let mut pids = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            pids.extend(pids_below(&entry.path()));
+        }
+    }
+    pids
+}
+
+/// SIGKILLs every process in cgroup `group` and below, in every hierarchy, until none is left.
+pub fn kill_cgroup(group: &str) {
+    for _ in 0..100 {
+        let pids: Vec<i32> = cgroup_dirs(group)
+            .iter()
+            .flat_map(|d| pids_below(d))
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
+            remove_tree(&entry.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Removes cgroup `group` and its children from every hierarchy (they must be empty).
+pub fn remove_cgroup(group: &str) {
+    for dir in cgroup_dirs(group) {
+        remove_tree(&dir);
+    }
 }

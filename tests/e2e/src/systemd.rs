@@ -4,11 +4,7 @@
 //! directory only (`SYSTEMD_UNIT_PATH`), never the machine's, and serves a D-Bus session bus
 //! at `$XDG_RUNTIME_DIR/bus`. Dropping it kills everything in its cgroups and removes them.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -166,17 +162,6 @@ impl SystemdUser {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("MainPID answer {out:?}"))
     }
-
-    fn cgroup_dirs(&self) -> Vec<PathBuf> {
-        std::fs::read_dir("/sys/fs/cgroup")
-            .map(|dirs| {
-                dirs.flatten()
-                    .map(|d| d.path().join(&self.group))
-                    .filter(|p| p.is_dir())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
 }
 
 /// systemd's object-path escaping of a unit name (`backend.service` → `backend_2eservice`).
@@ -192,54 +177,14 @@ fn escape(unit: &str) -> String {
         .collect()
 }
 
-fn pids_below(dir: &Path) -> Vec<i32> {
-    let mut pids = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
-    }
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-            pids.extend(pids_below(&entry.path()));
-        }
-    }
-    pids
-}
-
-fn remove_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten().filter(|e| e.path().is_dir()) {
-            remove_tree(&entry.path());
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
-}
-
 impl Drop for SystemdUser {
     fn drop(&mut self) {
         // Services outlive their manager, so everything in the test's cgroups is killed.
-        for _ in 0..50 {
-            let pids: Vec<i32> = self
-                .cgroup_dirs()
-                .iter()
-                .flat_map(|d| pids_below(d))
-                .collect();
-            if pids.is_empty() {
-                break;
-            }
-            for pid in pids {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        crate::kill_cgroup(&self.group);
         if let Some(mut manager) = self.manager.take() {
             manager.stop();
         }
-        for dir in self.cgroup_dirs() {
-            remove_tree(&dir);
-        }
+        crate::remove_cgroup(&self.group);
     }
 }
 
