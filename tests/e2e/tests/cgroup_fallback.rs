@@ -1,0 +1,170 @@
+//! The target selected by a real cgroup, watched without eBPF (`probes.ebpf = false`): the
+//! cgroup's memory limit, usage and CPU throttling reach `/metrics`, the monitor raises and
+//! clears a memory alert, and a kill is still seen, through the pidfd.
+
+use std::{path::PathBuf, time::Duration};
+
+use nix::sys::signal::Signal;
+use selfheal_e2e::{
+    free_port, http, kill_cgroup, remove_cgroup, require_root, sample, wait_for, Daemon,
+    DemoBackend, PgCluster,
+};
+
+const LIMIT: u64 = 256 << 20;
+
+/// A v1 `memory` + `cpu` cgroup pair (this machine's layout), removed on drop.
+struct TestCgroup {
+    name: String,
+}
+
+impl TestCgroup {
+    fn create(pid: u32) -> Self {
+        let name = format!("selfheal-test-cg-{}", std::process::id());
+        let this = Self { name };
+        let memory = this.dir("memory");
+        let cpu = this.dir("cpu");
+        assert!(
+            memory
+                .parent()
+                .is_some_and(|p| p.join("memory.limit_in_bytes").exists()),
+            "this test needs the cgroup v1 memory controller at /sys/fs/cgroup/memory"
+        );
+        std::fs::create_dir_all(&memory).expect("memory cgroup");
+        std::fs::create_dir_all(&cpu).expect("cpu cgroup");
+        std::fs::write(memory.join("memory.limit_in_bytes"), LIMIT.to_string())
+            .expect("memory limit");
+        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000").expect("cfs period");
+        std::fs::write(cpu.join("cpu.cfs_quota_us"), "20000").expect("20 % CPU quota");
+        for dir in [&memory, &cpu] {
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("move the backend in");
+        }
+        this
+    }
+
+    fn dir(&self, controller: &str) -> PathBuf {
+        PathBuf::from("/sys/fs/cgroup")
+            .join(controller)
+            .join(&self.name)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        kill_cgroup(&self.name);
+        remove_cgroup(&self.name);
+    }
+}
+
+#[test]
+fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let backend = DemoBackend::start(&pg.url(), free_port().expect("port")).expect("demo backend");
+    let cgroup = TestCgroup::create(backend.proc.pid());
+    let daemon = Daemon::start(&format!(
+        "[target]\ncgroup = \"{}\"\npoll_interval_ms = 100\n\n[probes]\nebpf = false\n\n\
+         [monitor]\ninterval_ms = 300\nmemory_threshold_percent = 30.0\nconsecutive_samples = 2\n",
+        cgroup.dir("memory").display()
+    ))
+    .expect("daemon");
+    let pid = backend.proc.pid();
+    let health = wait_for(
+        "the daemon to resolve the cgroup",
+        Duration::from_secs(10),
+        || {
+            let health = daemon.health().ok()?;
+            (health["target"]["pid"] == pid).then_some(health)
+        },
+    )
+    .expect("cgroup resolved");
+    assert!(
+        health["probes"]["ebpf"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("disabled")),
+        "{health}"
+    );
+
+    // Usage starts near 0: v1 does not move a process's existing charges with it.
+    wait_for(
+        "the cgroup's memory limit in /metrics",
+        Duration::from_secs(10),
+        || {
+            let text = daemon.metrics().ok()?;
+            (sample(&text, "selfheal_target_cgroup_memory_limit_bytes") == Some(LIMIT as f64))
+                .then_some(())
+        },
+    )
+    .expect("memory limit exported");
+
+    let agent = http();
+    let fault = |path: &str| {
+        let answer = agent
+            .post(backend.url(path))
+            .send_empty()
+            .expect("fault switch");
+        assert!(answer.status().is_success(), "{path}: {}", answer.status());
+    };
+    fault("/__fault/spin?threads=1");
+    let throttled = wait_for(
+        "CPU throttling of the cgroup",
+        Duration::from_secs(10),
+        || {
+            daemon
+                .metric("selfheal_target_cgroup_cpu_throttled_periods_total")
+                .ok()?
+                .filter(|v| *v > 0.0)
+        },
+    )
+    .expect("throttling exported");
+    println!("throttled periods seen: {throttled}");
+    fault("/__fault/clear");
+
+    // 30 % of 256 MiB is ~77 MiB: a 40 MB/s leak crosses it in about two seconds.
+    fault("/__fault/leak?mb_per_sec=40");
+    wait_for("the memory alert", Duration::from_secs(20), || {
+        let alerts = daemon.health().ok()?["alerts"].clone();
+        alerts
+            .as_array()?
+            .iter()
+            .any(|a| a["rule"] == "target.memory_high" && a["severity"] == "warning")
+            .then_some(())
+    })
+    .expect("memory alert fired");
+    assert_eq!(daemon.health().expect("health")["status"], "degraded");
+    let usage = daemon
+        .metric("selfheal_target_cgroup_memory_usage_bytes")
+        .expect("metrics")
+        .unwrap_or(0.0);
+    assert!(
+        usage > 0.3 * LIMIT as f64,
+        "the leak is charged to the cgroup: {usage}"
+    );
+    fault("/__fault/clear");
+    wait_for("the memory alert to clear", Duration::from_secs(20), || {
+        let health = daemon.health().ok()?;
+        (health["alerts"].as_array()?.is_empty() && health["status"] == "healthy").then_some(())
+    })
+    .expect("memory alert cleared");
+
+    backend.proc.signal(Signal::SIGKILL).expect("kill");
+    let exit = wait_for(
+        "the exit, through the pidfd",
+        Duration::from_secs(10),
+        || {
+            let exit = daemon.health().ok()?["target"]["last_exit"].clone();
+            (exit["pid"] == pid).then_some(exit)
+        },
+    )
+    .expect("exit reported");
+    assert_eq!(exit["source"], "procfs", "{exit}");
+    assert_eq!(
+        exit["reason"], "unknown",
+        "without eBPF the status is not known: {exit}"
+    );
+    assert_eq!(
+        daemon
+            .metric("selfheal_target_process_exits_total{reason=\"unknown\"}")
+            .expect("metrics"),
+        Some(1.0)
+    );
+}
