@@ -519,3 +519,140 @@ fn record_tcp(event: &TcpEvent, metrics: &Metrics, summary: &mut TcpSummary) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT: &str = "name: inet_sock_set_state\nID: 2287\nformat:\n\
+        \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
+        \tfield:const void * skaddr;\toffset:8;\tsize:8;\tsigned:0;\n\
+        \tfield:int oldstate;\toffset:16;\tsize:4;\tsigned:1;\n\
+        \tfield:__u8 saddr[4];\toffset:32;\tsize:4;\tsigned:0;\n\nprint fmt: \"...\"\n";
+
+    #[test]
+    fn tracefs_formats_parse() {
+        let fields = parse_format(FORMAT);
+        assert_eq!(fields.get("skaddr"), Some(&8));
+        assert_eq!(fields.get("oldstate"), Some(&16));
+        assert_eq!(fields.get("saddr"), Some(&32));
+        assert_eq!(fields.get("common_type"), Some(&0));
+    }
+
+    #[test]
+    fn a_changed_layout_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let event = dir.path().join("events/sock/inet_sock_set_state");
+        std::fs::create_dir_all(&event).expect("mkdir");
+        std::fs::write(event.join("format"), FORMAT).expect("write");
+        assert!(check_layout(
+            dir.path(),
+            "sock",
+            "inet_sock_set_state",
+            &[("skaddr", 8), ("oldstate", 16)]
+        )
+        .is_ok());
+        let moved = check_layout(
+            dir.path(),
+            "sock",
+            "inet_sock_set_state",
+            &[("oldstate", 20)],
+        )
+        .expect_err("moved");
+        assert!(
+            moved.contains("oldstate is at offset 16, expected 20"),
+            "{moved}"
+        );
+        let missing = check_layout(
+            dir.path(),
+            "sock",
+            "inet_sock_set_state",
+            &[("newstate", 20)],
+        )
+        .expect_err("missing");
+        assert!(missing.contains("no field newstate"), "{missing}");
+        assert!(
+            check_layout(dir.path(), "tcp", "tcp_receive_reset", &[]).is_err(),
+            "no format file"
+        );
+    }
+
+    #[test]
+    fn records_decode_and_garbage_is_refused() {
+        let exit = ProcessExit {
+            kind: kind::PROCESS_EXIT,
+            tgid: 42,
+            pid: 43,
+            exit_code: 9,
+            ts_ns: 7,
+            comm: *b"demo-backend\0\0\0\0",
+        };
+        // SAFETY: `ProcessExit` is plain old data; viewing it as bytes is what the kernel does.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const exit).cast::<u8>(), size_of::<ProcessExit>())
+        };
+        match decode(bytes) {
+            Some(Record::Exit(decoded)) => {
+                assert_eq!((decoded.tgid, decoded.exit_code, decoded.ts_ns), (42, 9, 7))
+            }
+            other => panic!("decoded {other:?}"),
+        }
+        assert!(decode(&bytes[..20]).is_none(), "truncated");
+        assert!(decode(&[0xff; 80]).is_none(), "unknown kind");
+        assert!(decode(&[]).is_none(), "empty");
+    }
+
+    #[test]
+    fn tcp_events_update_metrics_and_the_summary() {
+        let metrics = Metrics::new();
+        let mut summary = TcpSummary::default();
+        let event = |kind, old_state, duration_ns| TcpEvent {
+            kind,
+            tgid: 1,
+            ts_ns: 0,
+            duration_ns,
+            family: 2,
+            sport: 1,
+            dport: 5432,
+            role: ROLE_CLIENT,
+            old_state,
+            new_state: tcp_state::CLOSE,
+            saddr: [0; 16],
+            daddr: [0; 16],
+        };
+        record_tcp(
+            &event(kind::TCP_CONNECT, tcp_state::SYN_SENT, 2_000_000),
+            &metrics,
+            &mut summary,
+        );
+        record_tcp(
+            &event(kind::TCP_CONNECT_FAILED, tcp_state::SYN_SENT, 1),
+            &metrics,
+            &mut summary,
+        );
+        record_tcp(
+            &event(kind::TCP_CLOSE, tcp_state::ESTABLISHED, 1),
+            &metrics,
+            &mut summary,
+        );
+        record_tcp(&event(kind::TCP_CLOSE, 5, 1), &metrics, &mut summary);
+        assert_eq!(
+            (summary.connects, summary.connect_failures, summary.closes),
+            (1, 1, 2)
+        );
+        assert!((summary.max_connect_ms - 2.0).abs() < 1e-9);
+        let text = metrics.encode();
+        assert!(
+            text.contains("selfheal_tcp_closes_total{how=\"abort\",role=\"client\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("selfheal_tcp_closes_total{how=\"normal\",role=\"client\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("selfheal_tcp_connect_failures_total 1"),
+            "{text}"
+        );
+    }
+}
