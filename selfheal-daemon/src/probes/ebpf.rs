@@ -593,7 +593,7 @@ mod tests {
         };
         match decode(bytes) {
             Some(Record::Exit(decoded)) => {
-                assert_eq!((decoded.tgid, decoded.exit_code, decoded.ts_ns), (42, 9, 7))
+                assert_eq!((decoded.tgid, decoded.exit_code, decoded.ts_ns), (42, 9, 7));
             }
             other => panic!("decoded {other:?}"),
         }
