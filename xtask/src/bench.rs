@@ -5,12 +5,12 @@
 //! clock is `CLOCK_MONOTONIC` on both sides: taken here just before `kill(2)`, and by the daemon
 //! when the event reaches it (`last_exit.observed_monotonic_ns`).
 
-use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
+use std::{os::unix::process::CommandExt as _, process::Command};
 
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 use nix::sys::signal::Signal;
-use selfheal_e2e::{monotonic_ns, wait_for, Daemon, Proc};
+use selfheal_e2e::{monotonic_ns, Daemon, Proc};
 
 #[derive(Subcommand)]
 pub(crate) enum Bench {
@@ -64,18 +64,12 @@ fn measure(ebpf: bool, runs: usize) -> Result<(Vec<f64>, Vec<f64>, String)> {
         command.arg0(&marker).arg("3600");
         let target = Proc::spawn("target", command)?;
         let pid = target.pid();
-        wait_for(
-            "the daemon to find the target",
-            Duration::from_secs(10),
-            || (daemon.health().ok()?["target"]["pid"] == pid).then_some(()),
-        )?;
+        daemon.wait_for_target(pid)?;
         let killed = monotonic_ns();
         target.signal(Signal::SIGKILL)?;
-        let exit = wait_for("the exit event", Duration::from_secs(10), || {
-            let exit = daemon.health().ok()?["target"]["last_exit"].clone();
-            (exit["pid"] == pid).then_some(exit)
-        })
-        .with_context(|| format!("run {run}"))?;
+        let exit = daemon
+            .wait_for_exit(pid)
+            .with_context(|| format!("run {run}"))?;
         let observed = exit["observed_monotonic_ns"].as_u64().unwrap_or(killed);
         latencies.push(observed.saturating_sub(killed) as f64 / 1e6);
         if let Some(exited) = exit["exited_monotonic_ns"].as_u64() {

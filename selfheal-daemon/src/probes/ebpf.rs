@@ -218,7 +218,11 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
 
     report(
         "process_exit",
-        attach_raw(&mut ebpf, names::PROG_PROCESS_EXIT, "sched_process_exit"),
+        attach(
+            &mut ebpf,
+            names::PROG_PROCESS_EXIT,
+            |p: &mut RawTracePoint| p.attach("sched_process_exit").map(drop),
+        ),
     );
     let tcp = tracefs
         .as_deref()
@@ -230,12 +234,9 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
                 "inet_sock_set_state",
                 offsets::INET_SOCK_SET_STATE,
             )?;
-            attach_tp(
-                &mut ebpf,
-                names::PROG_TCP_STATE,
-                "sock",
-                "inet_sock_set_state",
-            )
+            attach(&mut ebpf, names::PROG_TCP_STATE, |p: &mut TracePoint| {
+                p.attach("sock", "inet_sock_set_state").map(drop)
+            })
         });
     report("tcp_state", tcp);
     let reset = tracefs
@@ -243,7 +244,9 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
         .ok_or_else(|| "tracefs is not available".to_owned())
         .and_then(|dir| {
             check_layout(dir, "tcp", "tcp_receive_reset", offsets::TCP_RECEIVE_RESET)?;
-            attach_tp(&mut ebpf, names::PROG_TCP_RESET, "tcp", "tcp_receive_reset")
+            attach(&mut ebpf, names::PROG_TCP_RESET, |p: &mut TracePoint| {
+                p.attach("tcp", "tcp_receive_reset").map(drop)
+            })
         });
     report("tcp_reset", reset);
     if attached == 0 {
@@ -270,30 +273,42 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
     })
 }
 
-fn attach_raw(ebpf: &mut Ebpf, program: &str, tracepoint: &str) -> Result<(), String> {
-    let program: &mut RawTracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("no program {program} in the object"))?
+/// Loads program `name` as a `P` and attaches it with `attach`.
+fn attach<P>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    attach: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+) -> Result<(), String>
+where
+    P: Loadable,
+    for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("no program {name} in the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("load: {e}"))?;
     program
-        .attach(tracepoint)
-        .map_err(|e| format!("attach: {e}"))?;
-    Ok(())
+        .load_into_kernel()
+        .map_err(|e| format!("load: {e}"))?;
+    attach(program).map_err(|e| format!("attach: {e}"))
 }
 
-fn attach_tp(ebpf: &mut Ebpf, program: &str, category: &str, name: &str) -> Result<(), String> {
-    let program: &mut TracePoint = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("no program {program} in the object"))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    program.load().map_err(|e| format!("load: {e}"))?;
-    program
-        .attach(category, name)
-        .map_err(|e| format!("attach: {e}"))?;
-    Ok(())
+/// The `load` both program kinds have, so that [`attach`] can be generic over them.
+trait Loadable {
+    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+impl Loadable for RawTracePoint {
+    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
+}
+
+impl Loadable for TracePoint {
+    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError> {
+        self.load()
+    }
 }
 
 /// A decoded ring-buffer record.

@@ -48,8 +48,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/__fault/{name}", post(fault_switch))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), fault_gate))
-        .layer(middleware::from_fn(run_to_completion))
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn(run_to_completion))
         .with_state(state)
 }
 

@@ -436,6 +436,31 @@ impl Daemon {
         Ok(body["data"].clone())
     }
 
+    /// Waits until the daemon reports `pid` as the running target; the health data then.
+    pub fn wait_for_target(&self, pid: u32) -> Result<serde_json::Value> {
+        wait_for(
+            &format!("the daemon to see process {pid} as the target"),
+            Duration::from_secs(10),
+            || {
+                let health = self.health().ok()?;
+                (health["target"]["pid"] == pid && health["target"]["state"] == "running")
+                    .then_some(health)
+            },
+        )
+    }
+
+    /// Waits until the daemon reports the exit of `pid`; the `last_exit` object.
+    pub fn wait_for_exit(&self, pid: u32) -> Result<serde_json::Value> {
+        wait_for(
+            &format!("the daemon to report the exit of {pid}"),
+            Duration::from_secs(10),
+            || {
+                let exit = self.health().ok()?["target"]["last_exit"].clone();
+                (exit["pid"] == pid).then_some(exit)
+            },
+        )
+    }
+
     /// The `/metrics` text.
     pub fn metrics(&self) -> Result<String> {
         Ok(http()

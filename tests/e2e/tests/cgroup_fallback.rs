@@ -68,15 +68,7 @@ fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
     ))
     .expect("daemon");
     let pid = backend.proc.pid();
-    let health = wait_for(
-        "the daemon to resolve the cgroup",
-        Duration::from_secs(10),
-        || {
-            let health = daemon.health().ok()?;
-            (health["target"]["pid"] == pid).then_some(health)
-        },
-    )
-    .expect("cgroup resolved");
+    let health = daemon.wait_for_target(pid).expect("cgroup resolved");
     assert!(
         health["probes"]["ebpf"]
             .as_str()
@@ -147,15 +139,7 @@ fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
     .expect("memory alert cleared");
 
     backend.proc.signal(Signal::SIGKILL).expect("kill");
-    let exit = wait_for(
-        "the exit, through the pidfd",
-        Duration::from_secs(10),
-        || {
-            let exit = daemon.health().ok()?["target"]["last_exit"].clone();
-            (exit["pid"] == pid).then_some(exit)
-        },
-    )
-    .expect("exit reported");
+    let exit = daemon.wait_for_exit(pid).expect("exit reported");
     assert_eq!(exit["source"], "procfs", "{exit}");
     assert_eq!(
         exit["reason"], "unknown",

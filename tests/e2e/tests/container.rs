@@ -33,16 +33,7 @@ fn a_container_is_found_through_the_engine_api_and_followed_across_restarts() {
         engine.socket().display()
     ))
     .expect("daemon");
-    wait_for(
-        "the daemon to resolve the container",
-        Duration::from_secs(10),
-        || {
-            let health = daemon.health().ok()?;
-            (health["target"]["pid"] == first && health["target"]["state"] == "running")
-                .then_some(())
-        },
-    )
-    .expect("container resolved");
+    daemon.wait_for_target(first).expect("container resolved");
 
     // busybox sleep as PID 1 ignores SIGTERM, so the engine kills it after the 1 s timeout.
     engine
@@ -50,15 +41,7 @@ fn a_container_is_found_through_the_engine_api_and_followed_across_restarts() {
         .expect("restart");
     let second = engine.pid(&name).expect("new pid");
     assert_ne!(second, first);
-    let health = wait_for(
-        "the daemon to follow the restart",
-        Duration::from_secs(10),
-        || {
-            let health = daemon.health().ok()?;
-            (health["target"]["pid"] == second).then_some(health)
-        },
-    )
-    .expect("restart followed");
+    let health = daemon.wait_for_target(second).expect("restart followed");
     assert_eq!(health["target"]["restarts"], 1, "{health}");
     assert_eq!(health["target"]["last_exit"]["pid"], first, "{health}");
     assert_eq!(
@@ -67,11 +50,7 @@ fn a_container_is_found_through_the_engine_api_and_followed_across_restarts() {
     );
 
     engine.docker(&["kill", &name]).expect("kill");
-    let exit = wait_for("the exit to be reported", Duration::from_secs(10), || {
-        let exit = daemon.health().ok()?["target"]["last_exit"].clone();
-        (exit["pid"] == second).then_some(exit)
-    })
-    .expect("exit reported");
+    let exit = daemon.wait_for_exit(second).expect("exit reported");
     // PID 1 of a PID namespace gets only the signals it handles, and SIGKILL: `docker kill`
     // sends SIGKILL by default.
     assert_eq!(exit["reason"], "SIGKILL", "{exit}");

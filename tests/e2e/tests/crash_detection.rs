@@ -21,15 +21,7 @@ fn sigkill_of_the_backend_is_seen_with_its_signal_and_the_restart_is_followed() 
     .expect("daemon");
 
     let pid = backend.proc.pid();
-    wait_for(
-        "the daemon to find the backend",
-        Duration::from_secs(10),
-        || {
-            let health = daemon.health().ok()?;
-            (health["target"]["pid"] == pid && health["target"]["state"] == "running").then_some(())
-        },
-    )
-    .expect("target found");
+    daemon.wait_for_target(pid).expect("target found");
     assert_eq!(
         daemon.health().expect("health")["probes"]["ebpf"],
         "attached"
@@ -37,12 +29,7 @@ fn sigkill_of_the_backend_is_seen_with_its_signal_and_the_restart_is_followed() 
 
     let killed_at = monotonic_ns();
     backend.proc.signal(Signal::SIGKILL).expect("kill");
-    let exit = wait_for("the exit to reach the API", Duration::from_secs(10), || {
-        let health = daemon.health().ok()?;
-        let exit = health["target"]["last_exit"].clone();
-        (exit["pid"] == pid).then_some(exit)
-    })
-    .expect("exit reported");
+    let exit = daemon.wait_for_exit(pid).expect("exit reported");
     assert_eq!(exit["reason"], "SIGKILL", "{exit}");
     assert_eq!(exit["signal"], 9, "{exit}");
     assert_eq!(exit["source"], "ebpf", "the kernel probe saw it: {exit}");
@@ -102,11 +89,7 @@ fn sigkill_of_the_backend_is_seen_with_its_signal_and_the_restart_is_followed() 
         .send_empty()
         .expect("crash switch");
     assert_eq!(answer.status(), 202);
-    let exit = wait_for("the second exit", Duration::from_secs(10), || {
-        let exit = daemon.health().ok()?["target"]["last_exit"].clone();
-        (exit["pid"] == pid).then_some(exit)
-    })
-    .expect("exit reported");
+    let exit = daemon.wait_for_exit(pid).expect("exit reported");
     assert_eq!(exit["reason"], "exited", "{exit}");
     assert_eq!(exit["code"], 3, "{exit}");
     drop(daemon);

@@ -35,16 +35,7 @@ fn a_systemd_unit_is_found_over_dbus_and_followed_across_restarts() {
         systemd.bus_address()
     ))
     .expect("daemon");
-    wait_for(
-        "the daemon to resolve the unit",
-        Duration::from_secs(10),
-        || {
-            let health = daemon.health().ok()?;
-            (health["target"]["pid"] == first && health["target"]["state"] == "running")
-                .then_some(())
-        },
-    )
-    .expect("unit resolved");
+    daemon.wait_for_target(first).expect("unit resolved");
 
     systemd
         .unit_job("RestartUnit", "backend.service")
@@ -56,15 +47,7 @@ fn a_systemd_unit_is_found_over_dbus_and_followed_across_restarts() {
             .filter(|pid| *pid != 0 && *pid != first)
     })
     .expect("new MainPID");
-    let health = wait_for(
-        "the daemon to follow the restart",
-        Duration::from_secs(10),
-        || {
-            let health = daemon.health().ok()?;
-            (health["target"]["pid"] == second).then_some(health)
-        },
-    )
-    .expect("restart followed");
+    let health = daemon.wait_for_target(second).expect("restart followed");
     assert_eq!(health["target"]["restarts"], 1, "{health}");
     assert_eq!(health["target"]["last_exit"]["pid"], first, "{health}");
     // systemd stops the unit with SIGTERM, which the backend handles by shutting down cleanly.
@@ -75,15 +58,7 @@ fn a_systemd_unit_is_found_over_dbus_and_followed_across_restarts() {
     assert_eq!(health["target"]["last_exit"]["code"], 0, "{health}");
 
     systemd.kill_unit("backend.service", 9).expect("KillUnit");
-    let exit = wait_for(
-        "the SIGKILL to be reported",
-        Duration::from_secs(10),
-        || {
-            let exit = daemon.health().ok()?["target"]["last_exit"].clone();
-            (exit["pid"] == second).then_some(exit)
-        },
-    )
-    .expect("exit reported");
+    let exit = daemon.wait_for_exit(second).expect("exit reported");
     assert_eq!(exit["reason"], "SIGKILL", "{exit}");
     assert_eq!(exit["source"], "ebpf", "{exit}");
     wait_for(

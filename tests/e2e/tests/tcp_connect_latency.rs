@@ -15,12 +15,7 @@ fn backend_connections_to_postgres_are_connect_latency_samples() {
     ))
     .expect("daemon");
     let pid = backend.proc.pid();
-    wait_for(
-        "the daemon to find the backend",
-        Duration::from_secs(10),
-        || (daemon.health().ok()?["target"]["pid"] == pid).then_some(()),
-    )
-    .expect("target found");
+    daemon.wait_for_target(pid).expect("target found");
     // Let the filter maps settle before the connections are made.
     std::thread::sleep(Duration::from_millis(200));
     let before = daemon
