@@ -14,7 +14,7 @@ fn sigkill_of_the_backend_is_seen_with_its_signal_and_the_restart_is_followed() 
     let pg = PgCluster::start().expect("postgres");
     let port = free_port().expect("port");
     let backend = DemoBackend::start(&pg.url(), port).expect("demo backend");
-    let daemon = Daemon::start(&format!(
+    let mut daemon = Daemon::start(&format!(
         "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[monitor]\ninterval_ms = 500\n",
         backend.selector()
     ))
@@ -92,5 +92,12 @@ fn sigkill_of_the_backend_is_seen_with_its_signal_and_the_restart_is_followed() 
     let exit = daemon.wait_for_exit(pid).expect("exit reported");
     assert_eq!(exit["reason"], "exited", "{exit}");
     assert_eq!(exit["code"], 3, "{exit}");
-    drop(daemon);
+
+    // SIGTERM stops the daemon cleanly: exit status 0, promptly.
+    daemon.proc.signal(Signal::SIGTERM).expect("SIGTERM");
+    let status = daemon
+        .proc
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the daemon stops within 5 s");
+    assert!(status.success(), "clean shutdown exits 0: {status}");
 }
