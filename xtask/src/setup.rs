@@ -18,6 +18,16 @@ const PACKAGES: &[(&str, &str)] = &[
         "postgresql",
         "the throwaway PostgreSQL of the demo and the end-to-end tests",
     ),
+    (
+        "systemd",
+        "the private systemd user manager of the systemd end-to-end test",
+    ),
+    ("dbus-daemon", "the D-Bus session bus of that manager"),
+    (
+        "docker.io",
+        "the private Docker Engine of the container end-to-end test",
+    ),
+    ("busybox-static", "the root filesystem of that test's image"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
