@@ -340,8 +340,17 @@ impl AgentsConfig {
     }
 
     pub fn enabled(&self, name: &str) -> bool {
-        let mut copy = self.clone();
-        copy.toggle_mut(name).is_some_and(|t| t.enabled)
+        let toggle = match name {
+            "monitor" => &self.monitor,
+            "security" => &self.security,
+            "diagnostic" => &self.diagnostic,
+            "repair" => &self.repair,
+            "learning" => &self.learning,
+            "predictive" => &self.predictive,
+            "performance" => &self.performance,
+            _ => return false,
+        };
+        toggle.enabled
     }
 }
 
