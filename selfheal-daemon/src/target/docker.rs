@@ -1,0 +1,90 @@
+//! The Docker Engine API over its unix socket: a container's main process.
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+
+use super::TargetError;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Inspect {
+    state: State,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct State {
+    running: bool,
+    pid: u32,
+}
+
+/// One GET against the Engine API; returns the status and body.
+pub(crate) async fn get(socket: &Path, path: &str) -> Result<(http::StatusCode, Bytes), String> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "docker")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let exchange = async move {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok((status, body))
+    };
+    // The connection future drives the socket; the exchange ends first unless the engine hangs
+    // up, and dropping the connection then closes it.
+    tokio::select! {
+        result = exchange => result,
+        result = connection => Err(match result {
+            Ok(()) => "the engine closed the connection".to_owned(),
+            Err(e) => format!("connection: {e}"),
+        }),
+    }
+}
+
+pub(super) async fn main_pid(name: &str, socket: &Path) -> Result<u32, TargetError> {
+    let fail = |reason: String| TargetError::Docker {
+        name: name.to_owned(),
+        socket: socket.to_owned(),
+        reason,
+    };
+    let (status, body) = get(socket, &format!("/containers/{name}/json"))
+        .await
+        .map_err(fail)?;
+    if status == http::StatusCode::NOT_FOUND {
+        return Err(TargetError::NoSuchContainer {
+            name: name.to_owned(),
+        });
+    }
+    if !status.is_success() {
+        return Err(fail(format!(
+            "inspect answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        )));
+    }
+    let inspect: Inspect =
+        serde_json::from_slice(&body).map_err(|e| fail(format!("inspect response: {e}")))?;
+    if !inspect.state.running || inspect.state.pid == 0 {
+        return Err(TargetError::ContainerNotRunning {
+            name: name.to_owned(),
+        });
+    }
+    Ok(inspect.state.pid)
+}

@@ -1,0 +1,589 @@
+//! The target: which process the daemon guards, found by one of six selectors, and followed
+//! across restarts.
+//!
+//! Owns: resolution (`pid`, `pidfile`, `command`, `cgroup`, `systemd_unit` over D-Bus,
+//! `container` over the Docker Engine API), the tracker task that publishes exactly one
+//! `TargetStarted` per process found and one `TargetExited` per process lost, and the shared
+//! [`TargetStatus`]. Must not: act on the target (that is the actuators' job).
+
+mod docker;
+mod systemd;
+
+use std::{
+    os::fd::{FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{
+    io::{unix::AsyncFd, Interest},
+    sync::{mpsc, watch},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    bus::{Bus, Event, ExitStatus, Source, TargetState},
+    config::TargetSelector,
+    telemetry::{Metrics, ReasonLabel},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("process {pid} does not exist")]
+    NoSuchProcess { pid: u32 },
+    #[error("cannot read pidfile {path}")]
+    PidFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("pidfile {path} does not hold a process id: {content:?}")]
+    PidFileContent { path: PathBuf, content: String },
+    #[error("no process's command line contains {pattern:?}")]
+    NoCommandMatch { pattern: String },
+    #[error("cannot list processes")]
+    ProcList(#[source] procfs::ProcError),
+    #[error("cannot read {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup {path} has no processes")]
+    EmptyCgroup { path: PathBuf },
+    #[error("systemd unit {unit} is not running (no main process)")]
+    UnitNotRunning { unit: String },
+    #[error("cannot ask systemd about {unit}")]
+    Systemd {
+        unit: String,
+        #[source]
+        source: Box<zbus::Error>,
+    },
+    #[error("container {name} is not running")]
+    ContainerNotRunning { name: String },
+    #[error("no such container {name}")]
+    NoSuchContainer { name: String },
+    #[error("cannot ask the Docker Engine at {socket} about {name}: {reason}")]
+    Docker {
+        name: String,
+        socket: PathBuf,
+        reason: String,
+    },
+}
+
+/// A resolved target: its main process and the other processes that belong to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub pid: u32,
+    /// Every thread-group id of the target, main process included.
+    pub members: Vec<u32>,
+}
+
+impl Resolved {
+    fn single(pid: u32) -> Self {
+        Self {
+            pid,
+            members: vec![pid],
+        }
+    }
+}
+
+/// Finds the target's processes now.
+pub async fn resolve(selector: &TargetSelector) -> Result<Resolved, TargetError> {
+    match selector {
+        TargetSelector::Pid(pid) => alive(*pid).map(|()| Resolved::single(*pid)),
+        TargetSelector::PidFile(path) => {
+            let content =
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|source| TargetError::PidFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+            let pid = content
+                .trim()
+                .parse()
+                .map_err(|_| TargetError::PidFileContent {
+                    path: path.clone(),
+                    content: content.chars().take(40).collect(),
+                })?;
+            alive(pid).map(|()| Resolved::single(pid))
+        }
+        TargetSelector::Command(pattern) => by_command(pattern),
+        TargetSelector::Cgroup(path) => by_cgroup(path),
+        TargetSelector::SystemdUnit { unit, bus } => {
+            let pid = systemd::main_pid(unit, bus).await?;
+            let members = cgroup_of(pid).map_or_else(|| vec![pid], |dir| cgroup_members(&dir, pid));
+            Ok(Resolved { pid, members })
+        }
+        TargetSelector::Container { name, socket } => {
+            let pid = docker::main_pid(name, socket).await?;
+            let members = cgroup_of(pid).map_or_else(|| vec![pid], |dir| cgroup_members(&dir, pid));
+            Ok(Resolved { pid, members })
+        }
+    }
+}
+
+fn alive(pid: u32) -> Result<(), TargetError> {
+    // A zombie still has a /proc entry but is gone for our purposes.
+    let process = procfs::process::Process::new(pid as i32)
+        .map_err(|_| TargetError::NoSuchProcess { pid })?;
+    match process.stat() {
+        Ok(stat) if stat.state != 'Z' && stat.state != 'X' => Ok(()),
+        _ => Err(TargetError::NoSuchProcess { pid }),
+    }
+}
+
+/// The oldest matching process whose parent does not match too (so `sh -c` wrappers and
+/// worker children fold into their top-most matching ancestor), with its matching children.
+fn by_command(pattern: &str) -> Result<Resolved, TargetError> {
+    let me = std::process::id() as i32;
+    let mut matches = Vec::new();
+    for process in procfs::process::all_processes()
+        .map_err(TargetError::ProcList)?
+        .flatten()
+    {
+        if process.pid == me {
+            continue;
+        }
+        let Ok(cmdline) = process.cmdline() else {
+            continue;
+        };
+        if cmdline.is_empty() || !cmdline.join(" ").contains(pattern) {
+            continue;
+        }
+        let Ok(stat) = process.stat() else { continue };
+        if stat.state == 'Z' || stat.state == 'X' {
+            continue;
+        }
+        matches.push((stat.pid, stat.ppid, stat.starttime));
+    }
+    let pids: Vec<i32> = matches.iter().map(|m| m.0).collect();
+    let main = matches
+        .iter()
+        .filter(|(_, ppid, _)| !pids.contains(ppid))
+        .min_by_key(|(pid, _, start)| (*start, *pid))
+        .ok_or_else(|| TargetError::NoCommandMatch {
+            pattern: pattern.to_owned(),
+        })?
+        .0;
+    let mut members = vec![main as u32];
+    members.extend(matches.iter().filter(|m| m.1 == main).map(|m| m.0 as u32));
+    Ok(Resolved {
+        pid: main as u32,
+        members,
+    })
+}
+
+fn by_cgroup(dir: &Path) -> Result<Resolved, TargetError> {
+    let procs = dir.join("cgroup.procs");
+    let text = std::fs::read_to_string(&procs).map_err(|source| TargetError::Cgroup {
+        path: procs,
+        source,
+    })?;
+    let mut pids: Vec<(u64, u32)> = text
+        .lines()
+        .filter_map(|line| line.trim().parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = procfs::process::Process::new(pid as i32)
+                .ok()?
+                .stat()
+                .ok()?;
+            (stat.state != 'Z').then_some((stat.starttime, pid))
+        })
+        .collect();
+    pids.sort_unstable();
+    let main = pids
+        .first()
+        .ok_or_else(|| TargetError::EmptyCgroup {
+            path: dir.to_owned(),
+        })?
+        .1;
+    Ok(Resolved {
+        pid: main,
+        members: pids.into_iter().map(|(_, pid)| pid).collect(),
+    })
+}
+
+/// The cgroup directory of a process in a hierarchy that lists processes: the v1 `pids` or
+/// `memory` controller, else the v2 tree.
+fn cgroup_of(pid: u32) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    crate::probes::cgroup::locate(&text)
+        .into_iter()
+        .map(|location| location.dir)
+        .find(|dir| dir.join("cgroup.procs").exists())
+}
+
+fn cgroup_members(dir: &Path, main: u32) -> Vec<u32> {
+    let mut members = vec![main];
+    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        members.extend(
+            text.lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok())
+                .filter(|p| *p != main),
+        );
+    }
+    members
+}
+
+/// An exit the kernel reported (from the eBPF probe).
+#[derive(Debug, Clone, Copy)]
+pub struct KernelExit {
+    pub tgid: u32,
+    pub status: ExitStatus,
+    pub exited_monotonic_ns: u64,
+    pub observed_monotonic_ns: u64,
+}
+
+/// The last exit of the target.
+#[derive(Debug, Clone)]
+pub struct ExitRecord {
+    pub pid: u32,
+    pub status: ExitStatus,
+    /// `exited`, `unknown` or the signal name.
+    pub reason: &'static str,
+    pub source: Source,
+    pub exited_monotonic_ns: Option<u64>,
+    pub observed_monotonic_ns: u64,
+    pub at: SystemTime,
+}
+
+/// What the API and the agents read about the target.
+#[derive(Debug, Clone)]
+pub struct TargetStatus {
+    pub selector: String,
+    pub state: TargetState,
+    pub pid: Option<u32>,
+    pub members: Vec<u32>,
+    pub restarts: u64,
+    pub since: Option<SystemTime>,
+    pub last_exit: Option<ExitRecord>,
+    /// Why the last resolution failed, while the target is not running.
+    pub last_error: Option<String>,
+}
+
+pub type SharedStatus = Arc<RwLock<TargetStatus>>;
+
+pub fn new_status(selector: &TargetSelector) -> SharedStatus {
+    Arc::new(RwLock::new(TargetStatus {
+        selector: selector.to_string(),
+        state: TargetState::Unknown,
+        pid: None,
+        members: Vec::new(),
+        restarts: 0,
+        since: None,
+        last_exit: None,
+        last_error: None,
+    }))
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |ts| {
+        u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// Opens a pidfd: readable once the process has exited, immune to pid reuse.
+fn pidfd_open(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the `OwnedFd` keeps the descriptor open for as long as the `AsyncFd` holds it.
+    unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(Into::into)
+}
+
+/// The tracker's inputs and outputs.
+pub struct Tracker {
+    pub selector: TargetSelector,
+    pub poll_interval: Duration,
+    pub bus: Bus,
+    pub metrics: Metrics,
+    pub status: SharedStatus,
+    /// Exits reported by the eBPF probe (any process of the target).
+    pub kernel_exits: mpsc::Receiver<KernelExit>,
+    /// The target's thread-group ids, for the eBPF filter maps. Empty while it is down.
+    pub members: watch::Sender<Vec<u32>>,
+}
+
+/// How long to wait, after the pidfd says the process is gone, for the kernel's record of
+/// the exit (it is written before the pidfd wakes, so it is normally already queued).
+const KERNEL_RECORD_GRACE: Duration = Duration::from_millis(50);
+
+impl Tracker {
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut seen_exit = false;
+        loop {
+            let resolved = tokio::select! {
+                () = cancel.cancelled() => return,
+                resolved = resolve(&self.selector) => resolved,
+            };
+            let resolved = match resolved {
+                Ok(resolved) => resolved,
+                Err(err) => {
+                    self.not_running(&err);
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(self.poll_interval) => continue,
+                    }
+                }
+            };
+            // It may have exited between resolution and here: then resolve again.
+            let Ok(pidfd) = pidfd_open(resolved.pid) else {
+                continue;
+            };
+            self.started(&resolved, seen_exit);
+            seen_exit = true;
+            if !self.watch(resolved, &pidfd, &cancel).await {
+                return;
+            }
+        }
+    }
+
+    fn not_running(&self, err: &TargetError) {
+        let mut status = self
+            .status
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let message = err.to_string();
+        if status.last_error.as_deref() != Some(message.as_str()) {
+            tracing::warn!(target_selector = %self.selector, error = %message, "target not running");
+        }
+        if status.state != TargetState::Down {
+            status.state = if status.last_exit.is_some() {
+                TargetState::Down
+            } else {
+                TargetState::Unknown
+            };
+        }
+        status.last_error = Some(message);
+        self.metrics.target_up.set(0);
+    }
+
+    fn started(&self, resolved: &Resolved, is_restart: bool) {
+        let restarts = {
+            let mut status = self
+                .status
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if is_restart {
+                status.restarts += 1;
+                self.metrics.target_restarts.inc();
+            }
+            status.state = TargetState::Running;
+            status.pid = Some(resolved.pid);
+            status.members.clone_from(&resolved.members);
+            status.since = Some(SystemTime::now());
+            status.last_error = None;
+            status.restarts
+        };
+        self.metrics.target_up.set(1);
+        self.members.send_replace(resolved.members.clone());
+        tracing::info!(
+            pid = resolved.pid,
+            members = resolved.members.len(),
+            restarts,
+            "target running"
+        );
+        self.bus.publish(Event::TargetStarted {
+            pid: resolved.pid,
+            restarts,
+            at: SystemTime::now(),
+        });
+    }
+
+    /// Watches a running target until it exits (true) or the daemon stops (false).
+    async fn watch(
+        &mut self,
+        mut current: Resolved,
+        pidfd: &AsyncFd<OwnedFd>,
+        cancel: &CancellationToken,
+    ) -> bool {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return false,
+                Some(exit) = self.kernel_exits.recv() => {
+                    if exit.tgid == current.pid {
+                        self.exited(current.pid, Some(exit));
+                        return true;
+                    }
+                }
+                _ = pidfd.readable() => {
+                    let record = tokio::time::timeout(KERNEL_RECORD_GRACE, async {
+                        while let Some(exit) = self.kernel_exits.recv().await {
+                            if exit.tgid == current.pid {
+                                return Some(exit);
+                            }
+                        }
+                        None
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    self.exited(current.pid, record);
+                    return true;
+                }
+                () = tokio::time::sleep(self.poll_interval) => {
+                    // Refresh the member list (workers come and go) and notice a selector that
+                    // now points elsewhere (a rewritten pidfile, a unit restarted between polls).
+                    if let Ok(fresh) = resolve(&self.selector).await {
+                        if fresh.pid != current.pid {
+                            self.exited(current.pid, None);
+                            return true;
+                        }
+                        if fresh.members != current.members {
+                            self.members.send_replace(fresh.members.clone());
+                            self.status.write().unwrap_or_else(std::sync::PoisonError::into_inner).members.clone_from(&fresh.members);
+                            current = fresh;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn exited(&self, pid: u32, kernel: Option<KernelExit>) {
+        let observed = monotonic_ns();
+        let (status, source, exited_ns, observed_ns) = match kernel {
+            Some(exit) => (
+                exit.status,
+                Source::Ebpf,
+                Some(exit.exited_monotonic_ns),
+                exit.observed_monotonic_ns,
+            ),
+            None => (ExitStatus::Unknown, Source::Procfs, None, observed),
+        };
+        let record = ExitRecord {
+            pid,
+            status,
+            reason: status.reason(),
+            source,
+            exited_monotonic_ns: exited_ns,
+            observed_monotonic_ns: observed_ns,
+            at: SystemTime::now(),
+        };
+        {
+            let mut shared = self
+                .status
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            shared.state = TargetState::Down;
+            shared.pid = None;
+            shared.members.clear();
+            shared.last_exit = Some(record.clone());
+        }
+        self.metrics.target_up.set(0);
+        self.metrics
+            .target_process_exits
+            .get_or_create(&ReasonLabel {
+                reason: record.reason,
+            })
+            .inc();
+        self.members.send_replace(Vec::new());
+        tracing::warn!(pid, reason = record.reason, source = ?source, "target exited");
+        self.bus.publish(Event::TargetExited {
+            pid,
+            status,
+            source,
+            exited_monotonic_ns: exited_ns,
+            observed_monotonic_ns: observed_ns,
+            at: record.at,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn resolves_a_child_by_pid_pidfile_and_command() {
+        let marker = format!("selfheal-target-test-{}", std::process::id());
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &format!("exec sleep 30 # {marker}")])
+            .spawn()
+            .expect("spawn sh");
+        let pid = child.id();
+        // `exec` replaces sh, so the command line becomes sleep's; match on sleep's args.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while procfs::process::Process::new(pid as i32)
+            .and_then(|p| p.cmdline())
+            .map(|c| c.join(" "))
+            .unwrap_or_default()
+            != "sleep 30"
+        {
+            assert!(std::time::Instant::now() < deadline, "sleep did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            resolve(&TargetSelector::Pid(pid))
+                .await
+                .expect("by pid")
+                .pid,
+            pid
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pidfile = dir.path().join("t.pid");
+        std::fs::write(&pidfile, format!("{pid}\n")).expect("write pidfile");
+        assert_eq!(
+            resolve(&TargetSelector::PidFile(pidfile.clone()))
+                .await
+                .expect("by pidfile")
+                .pid,
+            pid
+        );
+        std::fs::write(&pidfile, "garbage").expect("write pidfile");
+        assert!(matches!(
+            resolve(&TargetSelector::PidFile(pidfile)).await,
+            Err(TargetError::PidFileContent { .. })
+        ));
+
+        child.kill().expect("kill");
+        child.wait().expect("reap");
+        assert!(matches!(
+            resolve(&TargetSelector::Pid(pid)).await,
+            Err(TargetError::NoSuchProcess { .. })
+        ));
+        assert!(matches!(
+            resolve(&TargetSelector::Command(marker)).await,
+            Err(TargetError::NoCommandMatch { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn command_match_picks_the_top_most_process() {
+        let marker = format!("selfheal-cmd-test-{}", std::process::id());
+        // A shell (matching, because its -c script names the marker) with a matching child.
+        let mut child = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("sh -c 'sleep 30; : {marker}' & wait # {marker}"),
+            ])
+            .spawn()
+            .expect("spawn sh");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let resolved = loop {
+            if let Ok(r) = resolve(&TargetSelector::Command(marker.clone())).await {
+                if r.members.len() == 2 {
+                    break r;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "both processes should match"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(resolved.pid, child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
