@@ -132,6 +132,28 @@ impl AgentContext {
     }
 }
 
+/// Lets a repeated finding through at most once per period, so an agent does not flood the
+/// bus with the same warning.
+pub(crate) struct Cooldown {
+    period: Duration,
+    last: Option<Instant>,
+}
+
+impl Cooldown {
+    pub(crate) const fn new(period: Duration) -> Self {
+        Self { period, last: None }
+    }
+
+    /// True (and the period restarts) when the last pass is longer ago than the period.
+    pub(crate) fn pass(&mut self) -> bool {
+        if self.last.is_some_and(|at| at.elapsed() <= self.period) {
+            return false;
+        }
+        self.last = Some(Instant::now());
+        true
+    }
+}
+
 /// The seven agents, in listing order.
 pub const AGENTS: [&str; 7] = crate::config::AGENT_NAMES;
 
@@ -366,6 +388,17 @@ mod tests {
         cancel.cancel();
         supervisor.await.expect("supervisor ends");
         assert_eq!(handle.status().state, AgentState::Stopped);
+    }
+
+    #[test]
+    fn cooldown_lets_one_finding_through_per_period() {
+        let mut hourly = Cooldown::new(Duration::from_secs(3600));
+        assert!(hourly.pass());
+        assert!(!hourly.pass());
+        let mut short = Cooldown::new(Duration::from_millis(1));
+        assert!(short.pass());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(short.pass());
     }
 
     #[tokio::test]

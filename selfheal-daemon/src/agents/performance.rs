@@ -1,7 +1,7 @@
 //! Performance: points out slow outbound connections, a sign of a missing connection pool or
 //! a struggling dependency.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{AgentContext, AgentError};
 use crate::bus::Event;
@@ -11,13 +11,10 @@ const SLOW_CONNECT_MS: f64 = 100.0;
 const COOLDOWN: Duration = Duration::from_mins(10);
 
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
-    let mut last: Option<Instant> = None;
+    let mut cooldown = super::Cooldown::new(COOLDOWN);
     loop {
         if let Event::TcpSummary(summary) = ctx.next().await? {
-            if summary.max_connect_ms > SLOW_CONNECT_MS
-                && last.is_none_or(|at| at.elapsed() > COOLDOWN)
-            {
-                last = Some(Instant::now());
+            if summary.max_connect_ms > SLOW_CONNECT_MS && cooldown.pass() {
                 ctx.publish(Event::Optimization {
                     area: "connections".to_owned(),
                     suggestion: format!(

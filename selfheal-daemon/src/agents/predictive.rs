@@ -46,7 +46,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let threshold = ctx.config.monitor.memory_threshold_percent / 100.0;
     let mut points = VecDeque::with_capacity(WINDOW);
     let mut host_memory = 0u64;
-    let mut last_warning: Option<Instant> = None;
+    let mut cooldown = super::Cooldown::new(COOLDOWN);
     loop {
         match ctx.next().await? {
             Event::HostSample(sample) => host_memory = sample.memory_total_bytes,
@@ -62,10 +62,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                 let Some(eta) = eta_seconds(&points, limit) else {
                     continue;
                 };
-                if eta < HORIZON.as_secs_f64()
-                    && last_warning.is_none_or(|at| at.elapsed() > COOLDOWN)
-                {
-                    last_warning = Some(Instant::now());
+                if eta < HORIZON.as_secs_f64() && cooldown.pass() {
                     ctx.publish(Event::Prediction {
                         resource: "memory".to_owned(),
                         threshold: limit,
