@@ -17,7 +17,7 @@ use crate::{
     agents, api,
     bus::Bus,
     config::Config,
-    probes::{ebpf, os},
+    probes::{ebpf, os, traffic},
     target::{self, Tracker},
     telemetry::Metrics,
 };
@@ -51,11 +51,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let address = listener.local_addr().unwrap_or(address);
 
     let (exits_tx, exits_rx) = mpsc::channel(64);
+    let (captures_tx, captures_rx) = mpsc::channel(config.probes.payload_queue);
     let (members_tx, members_rx) = watch::channel(Vec::new());
     let interval = Duration::from_millis(config.monitor.interval_ms);
 
     let (loaded, ebpf_state) = if config.probes.ebpf {
-        match ebpf::load(config.probes.ring_buffer_bytes, &metrics) {
+        match ebpf::load(&config.probes, &metrics) {
             Ok(loaded) => (Some(loaded), "attached".to_owned()),
             Err(err) => {
                 let reason = error_chain(&err);
@@ -97,8 +98,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         if let Some(loaded) = loaded {
             let result = ebpf::run(
                 loaded,
-                members_rx,
-                exits_tx,
+                ebpf::Links {
+                    members: members_rx,
+                    exits: exits_tx,
+                    captures: captures_tx,
+                },
                 interval,
                 bus.clone(),
                 metrics.clone(),
@@ -111,7 +115,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         }
     };
     tracing::info!(%address, "admin API listening");
-    let (served, (), (), (), (), ()) = tokio::join!(
+    let (served, (), (), (), (), (), ()) = tokio::join!(
         api::serve(listener, api_state, cancel.clone()),
         api::track_alerts(bus.clone(), alerts, cancel.clone()),
         tracker.run(cancel.clone()),
@@ -124,6 +128,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
             cancel.clone()
         ),
         agents::run_all(handles, shared, cancel.clone()),
+        traffic::run(captures_rx, metrics.clone(), cancel.clone()),
         probe,
     );
     served.map_err(AppError::Serve)

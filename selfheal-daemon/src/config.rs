@@ -257,13 +257,20 @@ pub struct ProbesConfig {
     pub ebpf: bool,
     /// Size of the kernel → daemon ring buffer; a power of two, at least one page.
     pub ring_buffer_bytes: u32,
+    /// Payload bytes captured from each socket read or write of the target (at most 512);
+    /// 0 turns payload capture off.
+    pub payload_bytes: u32,
+    /// Captured payloads waiting for the decoders; beyond it they are dropped and counted.
+    pub payload_queue: usize,
 }
 
 impl Default for ProbesConfig {
     fn default() -> Self {
         Self {
             ebpf: true,
-            ring_buffer_bytes: 256 * 1024,
+            ring_buffer_bytes: 4 << 20,
+            payload_bytes: 256,
+            payload_queue: 16_384,
         }
     }
 }
@@ -787,6 +794,16 @@ impl Config {
             ring.is_power_of_two() && (4096..=(256 << 20)).contains(&ring),
             "probes.ring_buffer_bytes",
             "must be a power of two between 4096 and 268435456",
+        );
+        check(
+            self.probes.payload_bytes as usize <= selfheal_ebpf::MAX_CAPTURE,
+            "probes.payload_bytes",
+            "must be at most 512 (0 turns payload capture off)",
+        );
+        check(
+            (64..=1_048_576).contains(&self.probes.payload_queue),
+            "probes.payload_queue",
+            "must be between 64 and 1048576",
         );
 
         let monitor = &self.monitor;

@@ -49,6 +49,14 @@ pub struct HowLabel {
     pub role: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaptureLabel {
+    /// `recv` or `send`, seen from the target.
+    pub direction: &'static str,
+    /// `client` or `server`: the target's side of the connection.
+    pub role: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// All metrics. Cheap to clone: every field is a handle to shared state.
@@ -78,6 +86,9 @@ pub struct Metrics {
     pub ebpf_probe_attached: Family<ProbeLabel, Gauge>,
     pub ebpf_ringbuf_events: Counter,
     pub ebpf_ringbuf_drops: Family<ReasonLabel, Counter>,
+    pub capture_events: Family<CaptureLabel, Counter>,
+    pub capture_bytes: Family<CaptureLabel, Counter>,
+    pub capture_connections: Gauge,
     pub bus_events: Family<KindLabel, Counter>,
     pub bus_lagged: Counter,
     pub agent_up: Family<AgentLabel, Gauge>,
@@ -235,6 +246,24 @@ impl Metrics {
             "Events the eBPF programs or the reader dropped, by reason",
             ebpf_ringbuf_drops.clone(),
         );
+        let capture_events = Family::<CaptureLabel, Counter>::default();
+        registry.register(
+            "selfheal_capture_events",
+            "Socket reads and writes of the target captured by eBPF",
+            capture_events.clone(),
+        );
+        let capture_bytes = Family::<CaptureLabel, Counter>::default();
+        registry.register(
+            "selfheal_capture_bytes",
+            "Bytes the target's captured socket reads and writes moved (not only the captured prefix)",
+            capture_bytes.clone(),
+        );
+        let capture_connections = Gauge::default();
+        registry.register(
+            "selfheal_capture_connections",
+            "Connections of the target in the capture table",
+            capture_connections.clone(),
+        );
         let bus_events = Family::<KindLabel, Counter>::default();
         registry.register(
             "selfheal_bus_events",
@@ -296,6 +325,9 @@ impl Metrics {
             ebpf_probe_attached,
             ebpf_ringbuf_events,
             ebpf_ringbuf_drops,
+            capture_events,
+            capture_bytes,
+            capture_connections,
             bus_events,
             bus_lagged,
             agent_up,

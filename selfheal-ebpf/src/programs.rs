@@ -33,11 +33,11 @@ static EXIT_HAS_GROUP_DEAD: u32 = 0;
 
 /// Events to userspace. The loader resizes it from the config (`probes.ring_buffer_bytes`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// Thread-group ids of the target (key), maintained by the daemon as the target restarts.
 #[map]
-static TARGET_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+pub(crate) static TARGET_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 
 /// Listening ports of the target (port in host order → tgid).
 #[map]
@@ -52,7 +52,7 @@ static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(16384, 
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::LEN, 0);
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(counter) = STATS.get_ptr_mut(index) {
         // SAFETY: the pointer comes from a per-CPU array slot of this CPU; no other program
         // instance runs on this CPU while we hold it (BPF programs are not preempted here).
@@ -70,7 +70,7 @@ fn emit<T: 'static>(event: &T) {
 }
 
 #[inline(always)]
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // SAFETY: a helper without arguments or preconditions.
     unsafe { bpf_ktime_get_ns() }
 }

@@ -392,7 +392,7 @@ mod tests {
 
     #[test]
     fn cooldown_lets_one_finding_through_per_period() {
-        let mut hourly = Cooldown::new(Duration::from_secs(3600));
+        let mut hourly = Cooldown::new(Duration::from_hours(1));
         assert!(hourly.pass());
         assert!(!hourly.pass());
         let mut short = Cooldown::new(Duration::from_millis(1));

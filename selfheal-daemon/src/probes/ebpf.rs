@@ -17,15 +17,20 @@ use aya::{
     programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
-use selfheal_ebpf::{kind, names, offsets, stats, tcp_state, ProcessExit, TcpEvent, ROLE_CLIENT};
+use selfheal_ebpf::{
+    kind, names, offsets, socket_key, stats, tcp_state, DataEvent, ProcessExit, SocketEvent,
+    TcpEvent, DIRECTION_SEND, ROLE_CLIENT, ROLE_SERVER, SOCKET_OPENED,
+};
 use tokio::{
     io::unix::AsyncFd,
     sync::{mpsc, watch},
 };
 use tokio_util::sync::CancellationToken;
 
+use super::traffic::{Capture, Direction, Role};
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
+    config::ProbesConfig,
     target::{monotonic_ns, KernelExit},
     telemetry::{HowLabel, Metrics, ProbeLabel, ReasonLabel},
 };
@@ -168,6 +173,8 @@ pub struct Loaded {
 struct Filters {
     targets: BpfHashMap<MapData, u32, u32>,
     listen_ports: BpfHashMap<MapData, u16, u32>,
+    /// Socket fds of the target (`tgid << 32 | fd` → role), for payload capture.
+    sockets: BpfHashMap<MapData, u64, u32>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
@@ -175,7 +182,7 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfE
 }
 
 /// Loads the object and attaches each probe that the kernel accepts.
-pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfError> {
+pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfError> {
     if OBJECT.is_empty() {
         return Err(EbpfError::EmptyObject);
     }
@@ -194,7 +201,8 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
             &u32::from(has_group_dead),
             true,
         )
-        .map_max_entries(names::EVENTS, ring_buffer_bytes)
+        .override_global(names::GLOBAL_CAPTURE_BYTES, &config.payload_bytes, true)
+        .map_max_entries(names::EVENTS, config.ring_buffer_bytes)
         .load(OBJECT)
         .map_err(EbpfError::Load)?;
 
@@ -249,6 +257,23 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
             })
         });
     report("tcp_reset", reset);
+    if config.payload_bytes > 0 {
+        // The programs read syscall arguments at x86_64 `pt_regs` offsets. The exit side is
+        // attached first so that no syscall is left half-tracked.
+        let capture = if cfg!(target_arch = "x86_64") {
+            attach(&mut ebpf, names::PROG_SYS_EXIT, |p: &mut RawTracePoint| {
+                p.attach("sys_exit").map(drop)
+            })
+            .and_then(|()| {
+                attach(&mut ebpf, names::PROG_SYS_ENTER, |p: &mut RawTracePoint| {
+                    p.attach("sys_enter").map(drop)
+                })
+            })
+        } else {
+            Err("payload capture reads x86_64 syscall registers".to_owned())
+        };
+        report("payload_capture", capture);
+    }
     if attached == 0 {
         return Err(EbpfError::NothingAttached);
     }
@@ -262,12 +287,15 @@ pub fn load(ring_buffer_bytes: u32, metrics: &Metrics) -> Result<Loaded, EbpfErr
         .map_err(map_err(names::LISTEN_PORTS))?;
     let stats =
         PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
+    let sockets = BpfHashMap::try_from(take_map(&mut ebpf, names::SOCKET_FDS)?)
+        .map_err(map_err(names::SOCKET_FDS))?;
     Ok(Loaded {
         ebpf,
         ring,
         filters: Filters {
             targets,
             listen_ports,
+            sockets,
         },
         stats,
     })
@@ -312,10 +340,12 @@ impl Loadable for TracePoint {
 }
 
 /// A decoded ring-buffer record.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Record {
     Exit(ProcessExit),
     Tcp(TcpEvent),
+    /// A socket read or write, or a socket opened or closed.
+    Capture(Capture),
 }
 
 /// Decodes one record; `None` for a truncated or unknown one.
@@ -335,43 +365,107 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
                 std::ptr::read_unaligned(bytes.as_ptr().cast())
             }))
         }
+        kind::DATA if bytes.len() >= size_of::<DataEvent>() - selfheal_ebpf::MAX_CAPTURE => {
+            let header = size_of::<DataEvent>() - selfheal_ebpf::MAX_CAPTURE;
+            let u32_at = |at: usize| {
+                bytes
+                    .get(at..at + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_ne_bytes)
+            };
+            let u64_at = |at: usize| {
+                bytes
+                    .get(at..at + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_ne_bytes)
+            };
+            // Field offsets of `DataEvent` (`#[repr(C)]`, no padding).
+            let captured = (u32_at(32)? as usize).min(selfheal_ebpf::MAX_CAPTURE);
+            Some(Record::Capture(Capture::Data {
+                tgid: u32_at(4)?,
+                fd: u32_at(12)?,
+                role: Role::from_raw(u32_at(36)?),
+                direction: if u32_at(20)? == DIRECTION_SEND {
+                    Direction::Send
+                } else {
+                    Direction::Recv
+                },
+                total_len: u64_at(24)?,
+                captured: bytes.get(header..header + captured)?.to_vec(),
+                enter_ns: u64_at(40)?,
+                exit_ns: u64_at(48)?,
+            }))
+        }
+        kind::SOCKET if bytes.len() >= size_of::<SocketEvent>() => {
+            // SAFETY: as above, for `SocketEvent`.
+            let event: SocketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            Some(Record::Capture(if event.what == SOCKET_OPENED {
+                Capture::Opened {
+                    tgid: event.tgid,
+                    fd: event.fd,
+                    role: Role::from_raw(event.role),
+                    ts_ns: event.ts_ns,
+                }
+            } else {
+                Capture::Closed {
+                    tgid: event.tgid,
+                    fd: event.fd,
+                    ts_ns: event.ts_ns,
+                }
+            }))
+        }
         _ => None,
     }
 }
 
-/// Listening TCP ports of a process, from its sockets in procfs.
-fn listening_ports(pid: u32) -> Vec<u16> {
+/// Socket fds of a process (other than listening ones) with the target's role on each, and
+/// its listening TCP ports, from procfs. A TCP socket whose local port is a listening port
+/// was accepted; any other socket (TCP or unix) is taken as one the process connected.
+fn sockets_of(pid: u32) -> (Vec<(u32, u16)>, Vec<u16>) {
     let Ok(process) = procfs::process::Process::new(pid as i32) else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
     let Ok(fds) = process.fd() else {
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     };
-    let inodes: HashSet<u64> = fds
+    let sockets: Vec<(u32, u64)> = fds
         .flatten()
         .filter_map(|fd| match fd.target {
-            procfs::process::FDTarget::Socket(inode) => Some(inode),
+            procfs::process::FDTarget::Socket(inode) => Some((fd.fd as u32, inode)),
             _ => None,
         })
         .collect();
-    let tables = [process.tcp(), process.tcp6()];
-    tables
+    let entries: Vec<_> = [process.tcp(), process.tcp6()]
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|entry| {
-            entry.state == procfs::net::TcpState::Listen && inodes.contains(&entry.inode)
+        .collect();
+    let listening: Vec<u16> = entries
+        .iter()
+        .filter(|e| {
+            e.state == procfs::net::TcpState::Listen && sockets.iter().any(|(_, i)| *i == e.inode)
         })
-        .map(|entry| entry.local_address.port())
-        .collect()
+        .map(|e| e.local_address.port())
+        .collect();
+    let fds = sockets
+        .iter()
+        .filter_map(
+            |(fd, inode)| match entries.iter().find(|e| e.inode == *inode) {
+                Some(e) if e.state == procfs::net::TcpState::Listen => None,
+                Some(e) if listening.contains(&e.local_address.port()) => Some((*fd, ROLE_SERVER)),
+                _ => Some((*fd, ROLE_CLIENT)),
+            },
+        )
+        .collect();
+    (fds, listening)
 }
 
 /// Running totals between two interval reports.
 #[derive(Default)]
 struct Window {
     summary: TcpSummary,
-    events_seen: u64,
-    drops_seen: u64,
+    /// The kernel's `STATS` at the last report.
+    seen: [u64; stats::LEN as usize],
 }
 
 impl Filters {
@@ -397,9 +491,25 @@ impl Filters {
         for port in stale {
             let _ = self.listen_ports.remove(&port);
         }
+        let stale: Vec<u64> = self
+            .sockets
+            .keys()
+            .flatten()
+            .filter(|key| !wanted.contains(&((key >> 32) as u32)))
+            .collect();
+        for key in stale {
+            let _ = self.sockets.remove(&key);
+        }
         for tgid in &wanted {
-            for port in listening_ports(*tgid) {
+            let (fds, listening) = sockets_of(*tgid);
+            for port in listening {
                 let _ = self.listen_ports.insert(port, tgid, 0);
+            }
+            // Sockets opened before the daemon started; new ones the kernel side sees itself.
+            for (fd, role) in fds {
+                let _ = self
+                    .sockets
+                    .insert(socket_key(*tgid, fd), u32::from(role), 0);
             }
         }
     }
@@ -410,16 +520,30 @@ fn stat(stats: &PerCpuArray<MapData, u64>, index: u32) -> u64 {
     stats.get(&index, 0).map_or(0, |values| values.iter().sum())
 }
 
+/// How the reader is connected to the rest of the daemon.
+pub struct Links {
+    /// The target's processes, from the tracker.
+    pub members: watch::Receiver<Vec<u32>>,
+    /// Exits of the target's processes, to the tracker.
+    pub exits: mpsc::Sender<KernelExit>,
+    /// Socket payloads and opens/closes, to the traffic decoders.
+    pub captures: mpsc::Sender<Capture>,
+}
+
 /// Drains the ring buffer and keeps the filter maps current, until cancelled.
 pub async fn run(
     loaded: Loaded,
-    mut members: watch::Receiver<Vec<u32>>,
-    exits: mpsc::Sender<KernelExit>,
+    links: Links,
     report_interval: Duration,
     bus: Bus,
     metrics: Metrics,
     cancel: CancellationToken,
 ) -> Result<(), EbpfError> {
+    let Links {
+        mut members,
+        exits,
+        captures,
+    } = links;
     // `ebpf` is held to the end of this function: dropping it detaches the programs.
     let Loaded {
         ebpf: _attached,
@@ -464,6 +588,11 @@ pub async fn run(
                             }
                         }
                         Some(Record::Tcp(event)) => record_tcp(&event, &metrics, &mut window.summary),
+                        Some(Record::Capture(capture)) => {
+                            if captures.try_send(capture).is_err() {
+                                metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "payload_queue_full" }).inc();
+                            }
+                        }
                         None => {
                             metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
                         }
@@ -472,12 +601,23 @@ pub async fn run(
                 guard.clear_ready();
             }
             _ = ticker.tick() => {
-                let events = stat(&counters, stats::EVENTS);
-                let drops = stat(&counters, stats::DROPS_RINGBUF_FULL);
-                metrics.ebpf_ringbuf_events.inc_by(events.saturating_sub(window.events_seen));
-                metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "ringbuf_full" }).inc_by(drops.saturating_sub(window.drops_seen));
-                window.events_seen = events;
-                window.drops_seen = drops;
+                // The kernel's per-CPU counters, as increments since the last report.
+                for index in 0..stats::LEN {
+                    let now = stat(&counters, index);
+                    let delta = now.saturating_sub(window.seen[index as usize]);
+                    window.seen[index as usize] = now;
+                    let drop_reason = match index {
+                        stats::EVENTS | stats::PAYLOAD_EVENTS => {
+                            metrics.ebpf_ringbuf_events.inc_by(delta);
+                            continue;
+                        }
+                        stats::DROPS_RINGBUF_FULL => "ringbuf_full",
+                        stats::DROPS_PAYLOAD_RINGBUF_FULL => "payload_ringbuf_full",
+                        stats::PAYLOAD_READ_FAULTS => "payload_unreadable",
+                        _ => continue,
+                    };
+                    metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: drop_reason }).inc_by(delta);
+                }
                 let summary = std::mem::take(&mut window.summary);
                 if summary != TcpSummary::default() {
                     bus.publish(Event::TcpSummary(summary));

@@ -6,3 +6,4 @@
 pub mod cgroup;
 pub mod ebpf;
 pub mod os;
+pub mod traffic;

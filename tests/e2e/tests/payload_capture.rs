@@ -1,0 +1,128 @@
+//! The backend's socket reads and writes are captured from the kernel: its HTTP requests and
+//! responses (server side) and its PostgreSQL traffic (client side), on new connections and
+//! on one that was open before the daemon started.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use selfheal_e2e::{free_port, require_root, sample, wait_for, Daemon, DemoBackend, PgCluster};
+
+/// One request on a kept-alive connection, read to the end of its body.
+fn get(stream: &mut BufReader<TcpStream>, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: api.tackle.io\r\n\r\n");
+    stream
+        .get_mut()
+        .write_all(request.as_bytes())
+        .expect("send");
+    let mut head = String::new();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).expect("read header");
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().expect("content length");
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).expect("body");
+    head
+}
+
+fn events(daemon: &Daemon, direction: &str, role: &str) -> f64 {
+    let series =
+        format!("selfheal_capture_events_total{{direction=\"{direction}\",role=\"{role}\"}}");
+    daemon.metric(&series).expect("metrics").unwrap_or(0.0)
+}
+
+#[test]
+fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_daemon() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let backend = DemoBackend::start(&pg.url(), free_port().expect("port")).expect("demo backend");
+    // Opened before the daemon exists: only the procfs seeding can make it visible.
+    let mut old = BufReader::new(TcpStream::connect(backend.address).expect("connect"));
+    assert!(get(&mut old, "/api/v1/tackle/deals").starts_with("HTTP/1.1 200"));
+
+    let daemon = Daemon::start(&format!(
+        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n",
+        backend.selector()
+    ))
+    .expect("daemon");
+    daemon
+        .wait_for_target(backend.proc.pid())
+        .expect("target found");
+    let health = daemon.health().expect("health");
+    assert_eq!(health["probes"]["ebpf"], "attached", "{health}");
+    assert_eq!(
+        daemon
+            .metric("selfheal_ebpf_probe_attached{probe=\"payload_capture\"}")
+            .expect("metrics"),
+        Some(1.0)
+    );
+    // Let the filter maps settle (the tracker hands the pid to the probes asynchronously).
+    std::thread::sleep(Duration::from_millis(300));
+
+    let before = (
+        events(&daemon, "recv", "server"),
+        events(&daemon, "send", "server"),
+    );
+    assert!(get(&mut old, "/api/v1/tackle/deals").starts_with("HTTP/1.1 200"));
+    let after = wait_for(
+        "the old connection's request and response",
+        Duration::from_secs(10),
+        || {
+            let now = (
+                events(&daemon, "recv", "server"),
+                events(&daemon, "send", "server"),
+            );
+            (now.0 > before.0 && now.1 > before.1).then_some(now)
+        },
+    )
+    .expect("captured on the pre-existing connection");
+    println!(
+        "old connection: server recv {} -> {}, send {} -> {}",
+        before.0, after.0, before.1, after.1
+    );
+
+    // New connections, each with a request that queries PostgreSQL.
+    let client_before = (
+        events(&daemon, "send", "client"),
+        events(&daemon, "recv", "client"),
+    );
+    for id in 1..=10 {
+        let mut fresh = BufReader::new(TcpStream::connect(backend.address).expect("connect"));
+        let head = get(&mut fresh, &format!("/api/v1/leads/{id}"));
+        assert!(head.starts_with("HTTP/1.1 "), "{head}");
+    }
+    wait_for(
+        "ten more requests, responses and their queries",
+        Duration::from_secs(10),
+        || {
+            let text = daemon.metrics().ok()?;
+            let at = |d: &str, r: &str| {
+                sample(
+                    &text,
+                    &format!("selfheal_capture_events_total{{direction=\"{d}\",role=\"{r}\"}}"),
+                )
+                .unwrap_or(0.0)
+            };
+            (at("recv", "server") >= after.0 + 10.0
+                && at("send", "server") >= after.1 + 10.0
+                && at("send", "client") >= client_before.0 + 10.0
+                && at("recv", "client") >= client_before.1 + 10.0)
+                .then_some(())
+        },
+    )
+    .expect("captured on new connections and on the way to PostgreSQL");
+    let drops = daemon
+        .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"payload_ringbuf_full\"}")
+        .expect("metrics");
+    assert_eq!(drops, Some(0.0), "nothing dropped at this rate");
+}
