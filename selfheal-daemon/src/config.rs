@@ -258,7 +258,8 @@ pub struct ProbesConfig {
     /// Size of the kernel → daemon ring buffer; a power of two, at least one page.
     pub ring_buffer_bytes: u32,
     /// Payload bytes captured from each socket read or write of the target (at most 512);
-    /// 0 turns payload capture off.
+    /// 0, the default for now, turns payload capture off: its cost to other processes and to
+    /// the target is still above the goals (see BENCHMARKS.md).
     pub payload_bytes: u32,
     /// Captured payloads waiting for the decoders; beyond it they are dropped and counted.
     pub payload_queue: usize,
@@ -269,7 +270,7 @@ impl Default for ProbesConfig {
         Self {
             ebpf: true,
             ring_buffer_bytes: 4 << 20,
-            payload_bytes: 256,
+            payload_bytes: 0,
             payload_queue: 16_384,
         }
     }

@@ -20,11 +20,24 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 50)]
         runs: usize,
     },
+    /// What the daemon costs other processes and the target, side by side.
+    Overhead {
+        /// Seconds per load run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Keep-alive client connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+    },
 }
 
 pub(crate) fn run(bench: &Bench) -> Result<()> {
     match bench {
         Bench::CrashLatency { runs } => crash_latency(*runs),
+        Bench::Overhead {
+            seconds,
+            connections,
+        } => crate::overhead::run(*seconds, *connections),
     }
 }
 

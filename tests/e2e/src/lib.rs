@@ -38,10 +38,26 @@ pub fn target_dir() -> PathBuf {
     )
 }
 
-/// A binary of the workspace: `$<NAME>_BIN` when set (the xtask sets it), else `target/debug`.
+static PROFILE: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Makes [`bin`] pick the binaries of a cargo profile (`release` for benchmarks) instead of
+/// `debug`. Call it once, before starting anything.
+pub fn use_profile(profile: &'static str) {
+    let _ = PROFILE.set(profile);
+}
+
+/// A binary of the workspace: `$<NAME>_BIN` when set (the xtask sets it for the tests), else
+/// `target/<profile>/<name>`.
 pub fn bin(name: &str) -> PathBuf {
     let var = format!("{}_BIN", name.to_ascii_uppercase().replace('-', "_"));
-    std::env::var_os(&var).map_or_else(|| target_dir().join("debug").join(name), PathBuf::from)
+    std::env::var_os(&var).map_or_else(
+        || {
+            target_dir()
+                .join(PROFILE.get().copied().unwrap_or("debug"))
+                .join(name)
+        },
+        PathBuf::from,
+    )
 }
 
 /// A TCP port that was free a moment ago.
@@ -352,6 +368,52 @@ impl DemoBackend {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection driven by hand, so a test or bench knows exactly which
+/// connection each request uses.
+pub struct KeepAlive {
+    stream: BufReader<std::net::TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(address: SocketAddr) -> Result<Self> {
+        let stream = std::net::TcpStream::connect(address)?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            stream: BufReader::new(stream),
+        })
+    }
+
+    /// Sends `GET path` with `Host: host` and reads the whole response; its status code.
+    pub fn get(&mut self, path: &str, host: &str) -> Result<u16> {
+        use std::io::{Read as _, Write as _};
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        self.stream.get_mut().write_all(request.as_bytes())?;
+        let mut status_line = String::new();
+        self.stream.read_line(&mut status_line)?;
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| anyhow!("not an HTTP status line: {status_line:?}"))?;
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            if self.stream.read_line(&mut line)? == 0 {
+                bail!("connection closed in the headers");
+            }
+            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                length = value.trim().parse()?;
+            }
+            if line == "\r\n" {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body)?;
+        Ok(status)
     }
 }
 
