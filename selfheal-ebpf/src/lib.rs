@@ -14,9 +14,8 @@ pub mod names {
     pub const PROG_PROCESS_EXIT: &str = "sched_process_exit";
     pub const PROG_TCP_STATE: &str = "inet_sock_set_state";
     pub const PROG_TCP_RESET: &str = "tcp_receive_reset";
-    pub const PROG_SYS_ENTER: &str = "capture_sys_enter";
-    pub const PROG_SYS_EXIT: &str = "capture_sys_exit";
-    pub const SOCKET_FDS: &str = "SOCKET_FDS";
+    pub const PROG_CAPTURE_RECV: &str = "capture_recv";
+    pub const PROG_CAPTURE_SEND: &str = "capture_send";
     /// Bytes of payload captured per syscall, at most [`super::MAX_CAPTURE`].
     pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
     /// Offset of `exit_code` in `struct task_struct`, found in the kernel's BTF at load time.
@@ -64,7 +63,8 @@ pub mod stats {
     pub const SOCKETS_TRACKED: u32 = 2;
     /// Payload events lost because the ring buffer was full.
     pub const DROPS_PAYLOAD_RINGBUF_FULL: u32 = 3;
-    /// Payload reads from the target's memory that faulted (the event is sent without bytes).
+    /// Payload reads from the target's memory that faulted, or socket I/O from a syscall
+    /// whose buffer cannot be located (the event is sent without bytes).
     pub const PAYLOAD_READ_FAULTS: u32 = 4;
     /// Payload events written.
     pub const PAYLOAD_EVENTS: u32 = 5;
@@ -95,8 +95,6 @@ pub mod kind {
     pub const TCP_RESET: u32 = 6;
     /// Bytes the target read from or wrote to a socket.
     pub const DATA: u32 = 7;
-    /// The target got a socket fd (connect or accept) or closed one.
-    pub const SOCKET: u32 = 8;
 }
 
 /// The most payload bytes captured from one syscall.
@@ -121,69 +119,33 @@ pub mod syscall {
 pub const DIRECTION_RECV: u32 = 0;
 pub const DIRECTION_SEND: u32 = 1;
 
-/// Bytes moved by one read/write-family syscall on a socket of the target.
+/// Bytes moved by one socket read or write of the target, taken when the kernel reports the
+/// length (`sock:sock_recv_length` / `sock:sock_send_length`): received data is already in the
+/// target's buffer then, and sent data is still there.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct DataEvent {
     pub kind: u32,
     pub tgid: u32,
     pub pid: u32,
+    /// The fd the syscall used (its first argument).
     pub fd: u32,
-    /// The syscall (`syscall::*`).
+    /// The syscall (`syscall::*`); another number for I/O whose buffer cannot be located.
     pub nr: u32,
     /// `DIRECTION_RECV` or `DIRECTION_SEND`.
     pub direction: u32,
-    /// What the syscall returned: the bytes it really moved.
+    /// The bytes the socket operation really moved.
     pub total_len: u64,
     /// How many of them are in `data` (a prefix).
     pub captured: u32,
-    /// `ROLE_CLIENT` or `ROLE_SERVER`, as the socket was opened.
+    /// `ROLE_CLIENT` or `ROLE_SERVER` when the TCP probe saw the connection open, else 0.
     pub role: u32,
-    pub enter_ns: u64,
-    pub exit_ns: u64,
+    /// The kernel `struct sock *`: identifies the connection for its lifetime.
+    pub sock: u64,
+    pub ts_ns: u64,
     pub data: [u8; MAX_CAPTURE],
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 56 + MAX_CAPTURE);
-
-pub const SOCKET_OPENED: u32 = 1;
-pub const SOCKET_CLOSED: u32 = 2;
-
-/// The target got a socket fd or closed one.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct SocketEvent {
-    pub kind: u32,
-    pub tgid: u32,
-    pub fd: u32,
-    /// `SOCKET_OPENED` or `SOCKET_CLOSED`.
-    pub what: u32,
-    /// `ROLE_CLIENT` or `ROLE_SERVER`.
-    pub role: u32,
-    /// Explicit padding, always 0.
-    pub pad: u32,
-    pub ts_ns: u64,
-}
-const _: () = assert!(core::mem::size_of::<SocketEvent>() == 32);
-
-/// A syscall of the target in flight, from `sys_enter` to `sys_exit`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct ActiveSyscall {
-    pub enter_ns: u64,
-    /// The buffer, `iovec` array or `msghdr` pointer.
-    pub buf: u64,
-    pub fd: u32,
-    pub nr: u32,
-    pub role: u32,
-    /// Explicit padding, always 0.
-    pub pad: u32,
-}
-const _: () = assert!(core::mem::size_of::<ActiveSyscall>() == 32);
-
-/// Key of the socket table: `tgid << 32 | fd`.
-pub const fn socket_key(tgid: u32, fd: u32) -> u64 {
-    ((tgid as u64) << 32) | fd as u64
-}
 
 /// A process of the target exited (the whole thread group when the kernel says so).
 #[repr(C)]
@@ -218,8 +180,10 @@ pub struct TcpEvent {
     pub new_state: u32,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// The kernel `struct sock *`, the same key as `DataEvent::sock`.
+    pub sock: u64,
 }
-const _: () = assert!(core::mem::size_of::<TcpEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<TcpEvent>() == 80);
 
 pub const ROLE_CLIENT: u16 = 1;
 pub const ROLE_SERVER: u16 = 2;
@@ -243,8 +207,4 @@ mod pod {
     unsafe impl aya::Pod for super::TcpEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockInfo {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::SocketEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::ActiveSyscall {}
 }

@@ -46,7 +46,7 @@ static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(256, 0);
 /// Sockets of the target being tracked (kernel `struct sock *` → info). LRU, so a target that
 /// opens many connections evicts the oldest instead of filling the table.
 #[map]
-static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(16384, 0);
+pub(crate) static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(16384, 0);
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::LEN, 0);
@@ -188,6 +188,7 @@ fn endpoints(
 
 #[inline(always)]
 fn tcp_event(
+    skaddr: u64,
     kind: u32,
     info: &SockInfo,
     now: u64,
@@ -208,6 +209,7 @@ fn tcp_event(
         new_state: new,
         saddr: ends.saddr,
         daddr: ends.daddr,
+        sock: skaddr,
     }
 }
 
@@ -249,6 +251,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 let snapshot = unsafe { *info };
                 let ends = endpoints(ctx, 24, 28, 32, 40)?;
                 emit(&tcp_event(
+                    skaddr,
                     kind::TCP_CONNECT,
                     &snapshot,
                     now,
@@ -275,7 +278,15 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                     bump(stats::SOCKETS_TRACKED);
                 }
                 let ends = endpoints(ctx, 24, 28, 32, 40)?;
-                emit(&tcp_event(kind::TCP_ACCEPT, &info, now, &ends, old, new));
+                emit(&tcp_event(
+                    skaddr,
+                    kind::TCP_ACCEPT,
+                    &info,
+                    now,
+                    &ends,
+                    old,
+                    new,
+                ));
             }
         }
         tcp_state::CLOSE => {
@@ -288,7 +299,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                     kind::TCP_CLOSE
                 };
                 let ends = endpoints(ctx, 24, 28, 32, 40)?;
-                emit(&tcp_event(kind, &info, now, &ends, old, new));
+                emit(&tcp_event(skaddr, kind, &info, now, &ends, old, new));
                 let _ = SOCKETS.remove(skaddr);
             }
         }
@@ -310,7 +321,15 @@ fn try_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
         // SAFETY: a map value pointer, read once.
         let info = unsafe { *info };
         let ends = endpoints(ctx, 16, 20, 22, 30)?;
-        emit(&tcp_event(kind::TCP_RESET, &info, now_ns(), &ends, 0, 0));
+        emit(&tcp_event(
+            skaddr,
+            kind::TCP_RESET,
+            &info,
+            now_ns(),
+            &ends,
+            0,
+            0,
+        ));
     }
     Ok(())
 }

@@ -32,6 +32,25 @@ fn write_cost_ns() -> Result<f64> {
     Ok(rounds[2])
 }
 
+/// Median over 5 rounds of one 1-byte datagram sent and received on a unix socket pair, per
+/// socket operation, in ns: the I/O the capture hooks fire on.
+fn socket_op_cost_ns() -> Result<f64> {
+    const ROUNDS: u32 = 500_000;
+    let (a, b) = std::os::unix::net::UnixDatagram::pair()?;
+    let mut buf = [0u8; 1];
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        for _ in 0..ROUNDS {
+            a.send(b"x")?;
+            b.recv(&mut buf)?;
+        }
+        rounds.push(started.elapsed().as_nanos() as f64 / f64::from(2 * ROUNDS));
+    }
+    rounds.sort_by(f64::total_cmp);
+    Ok(rounds[2])
+}
+
 struct Load {
     requests: u64,
     errors: u64,
@@ -108,28 +127,36 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     // Warm the backend's pool and caches.
     load(&backend, connections, Duration::from_secs(2))?;
 
-    println!("## cost to a process that is not the target (1-byte write(2) to /dev/null, median of 5 × 1M)");
-    let bare = write_cost_ns()?;
+    println!("## cost to a process that is not the target (medians of 5 rounds)");
+    let bare = (write_cost_ns()?, socket_op_cost_ns()?);
     let with_capture = {
         let _daemon = daemon_for(&backend, 256)?;
-        write_cost_ns()?
+        (write_cost_ns()?, socket_op_cost_ns()?)
     };
     let without_capture = {
         let _daemon = daemon_for(&backend, 0)?;
-        write_cost_ns()?
+        (write_cost_ns()?, socket_op_cost_ns()?)
     };
-    println!("| condition | ns per write | added ns |");
-    println!("|---|---|---|");
-    println!("| no daemon | {bare:.1} | — |");
     println!(
-        "| daemon, payload capture on (`payload_bytes = 256`) | {with_capture:.1} | {:+.1} |",
-        with_capture - bare
+        "| condition | write(2) to /dev/null, ns | added | unix socket send or recv, ns | added |"
     );
-    println!(
-        "| daemon, payload capture off (default) | {without_capture:.1} | {:+.1} |",
-        without_capture - bare
-    );
-
+    println!("|---|---|---|---|---|");
+    println!("| no daemon | {:.1} | — | {:.1} | — |", bare.0, bare.1);
+    for (name, cost) in [
+        (
+            "daemon, payload capture on (`payload_bytes = 256`)",
+            with_capture,
+        ),
+        ("daemon, payload capture off (default)", without_capture),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:+.1} | {:.1} | {:+.1} |",
+            cost.0,
+            cost.0 - bare.0,
+            cost.1,
+            cost.1 - bare.1
+        );
+    }
     println!();
     println!("## cost to the target: demo backend, {connections} keep-alive connections, {seconds} s per run, alternated twice");
     println!("| run | requests | errors | req/s | p50 ms | p99 ms |");

@@ -14,12 +14,12 @@ use std::{
 
 use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use selfheal_ebpf::{
-    kind, names, offsets, socket_key, stats, tcp_state, DataEvent, ProcessExit, SocketEvent,
-    TcpEvent, DIRECTION_SEND, ROLE_CLIENT, ROLE_SERVER, SOCKET_OPENED,
+    kind, names, offsets, stats, tcp_state, DataEvent, ProcessExit, TcpEvent, DIRECTION_SEND,
+    ROLE_CLIENT,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -173,8 +173,6 @@ pub struct Loaded {
 struct Filters {
     targets: BpfHashMap<MapData, u32, u32>,
     listen_ports: BpfHashMap<MapData, u16, u32>,
-    /// Socket fds of the target (`tgid << 32 | fd` → role), for payload capture.
-    sockets: BpfHashMap<MapData, u64, u32>,
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
@@ -229,7 +227,10 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         attach(
             &mut ebpf,
             names::PROG_PROCESS_EXIT,
-            |p: &mut RawTracePoint| p.attach("sched_process_exit").map(drop),
+            |p: &mut RawTracePoint| {
+                p.load()?;
+                p.attach("sched_process_exit").map(drop)
+            },
         ),
     );
     let tcp = tracefs
@@ -243,6 +244,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
                 offsets::INET_SOCK_SET_STATE,
             )?;
             attach(&mut ebpf, names::PROG_TCP_STATE, |p: &mut TracePoint| {
+                p.load()?;
                 p.attach("sock", "inet_sock_set_state").map(drop)
             })
         });
@@ -253,22 +255,28 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         .and_then(|dir| {
             check_layout(dir, "tcp", "tcp_receive_reset", offsets::TCP_RECEIVE_RESET)?;
             attach(&mut ebpf, names::PROG_TCP_RESET, |p: &mut TracePoint| {
+                p.load()?;
                 p.attach("tcp", "tcp_receive_reset").map(drop)
             })
         });
     report("tcp_reset", reset);
     if config.payload_bytes > 0 {
-        // The programs read syscall arguments at x86_64 `pt_regs` offsets. The exit side is
-        // attached first so that no syscall is left half-tracked.
+        // The programs read syscall arguments at x86_64 `pt_regs` offsets.
         let capture = if cfg!(target_arch = "x86_64") {
-            attach(&mut ebpf, names::PROG_SYS_EXIT, |p: &mut RawTracePoint| {
-                p.attach("sys_exit").map(drop)
-            })
-            .and_then(|()| {
-                attach(&mut ebpf, names::PROG_SYS_ENTER, |p: &mut RawTracePoint| {
-                    p.attach("sys_enter").map(drop)
+            aya::Btf::from_sys_fs()
+                .map_err(|e| format!("kernel BTF: {e}"))
+                .and_then(|btf| {
+                    for (program, tracepoint) in [
+                        (names::PROG_CAPTURE_RECV, "sock_recv_length"),
+                        (names::PROG_CAPTURE_SEND, "sock_send_length"),
+                    ] {
+                        attach(&mut ebpf, program, |p: &mut BtfTracePoint| {
+                            p.load(tracepoint, &btf)?;
+                            p.attach().map(drop)
+                        })?;
+                    }
+                    Ok(())
                 })
-            })
         } else {
             Err("payload capture reads x86_64 syscall registers".to_owned())
         };
@@ -287,28 +295,24 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         .map_err(map_err(names::LISTEN_PORTS))?;
     let stats =
         PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
-    let sockets = BpfHashMap::try_from(take_map(&mut ebpf, names::SOCKET_FDS)?)
-        .map_err(map_err(names::SOCKET_FDS))?;
     Ok(Loaded {
         ebpf,
         ring,
         filters: Filters {
             targets,
             listen_ports,
-            sockets,
         },
         stats,
     })
 }
 
-/// Loads program `name` as a `P` and attaches it with `attach`.
+/// Finds program `name` as a `P` and loads and attaches it with `load_and_attach`.
 fn attach<P>(
     ebpf: &mut Ebpf,
     name: &str,
-    attach: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
+    load_and_attach: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
 ) -> Result<(), String>
 where
-    P: Loadable,
     for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     let program: &mut P = ebpf
@@ -316,27 +320,7 @@ where
         .ok_or_else(|| format!("no program {name} in the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    program
-        .load_into_kernel()
-        .map_err(|e| format!("load: {e}"))?;
-    attach(program).map_err(|e| format!("attach: {e}"))
-}
-
-/// The `load` both program kinds have, so that [`attach`] can be generic over them.
-trait Loadable {
-    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError>;
-}
-
-impl Loadable for RawTracePoint {
-    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError> {
-        self.load()
-    }
-}
-
-impl Loadable for TracePoint {
-    fn load_into_kernel(&mut self) -> Result<(), aya::programs::ProgramError> {
-        self.load()
-    }
+    load_and_attach(program).map_err(|e| format!("{name}: {e}"))
 }
 
 /// A decoded ring-buffer record.
@@ -384,6 +368,7 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             Some(Record::Capture(Capture::Data {
                 tgid: u32_at(4)?,
                 fd: u32_at(12)?,
+                sock: u64_at(40)?,
                 role: Role::from_raw(u32_at(36)?),
                 direction: if u32_at(20)? == DIRECTION_SEND {
                     Direction::Send
@@ -392,72 +377,35 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
                 },
                 total_len: u64_at(24)?,
                 captured: bytes.get(header..header + captured)?.to_vec(),
-                enter_ns: u64_at(40)?,
-                exit_ns: u64_at(48)?,
-            }))
-        }
-        kind::SOCKET if bytes.len() >= size_of::<SocketEvent>() => {
-            // SAFETY: as above, for `SocketEvent`.
-            let event: SocketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            Some(Record::Capture(if event.what == SOCKET_OPENED {
-                Capture::Opened {
-                    tgid: event.tgid,
-                    fd: event.fd,
-                    role: Role::from_raw(event.role),
-                    ts_ns: event.ts_ns,
-                }
-            } else {
-                Capture::Closed {
-                    tgid: event.tgid,
-                    fd: event.fd,
-                    ts_ns: event.ts_ns,
-                }
+                ts_ns: u64_at(48)?,
             }))
         }
         _ => None,
     }
 }
 
-/// Socket fds of a process (other than listening ones) with the target's role on each, and
-/// its listening TCP ports, from procfs. A TCP socket whose local port is a listening port
-/// was accepted; any other socket (TCP or unix) is taken as one the process connected.
-fn sockets_of(pid: u32) -> (Vec<(u32, u16)>, Vec<u16>) {
+/// Listening TCP ports of a process, from its sockets in procfs.
+fn listening_ports(pid: u32) -> Vec<u16> {
     let Ok(process) = procfs::process::Process::new(pid as i32) else {
-        return (Vec::new(), Vec::new());
+        return Vec::new();
     };
     let Ok(fds) = process.fd() else {
-        return (Vec::new(), Vec::new());
+        return Vec::new();
     };
-    let sockets: Vec<(u32, u64)> = fds
+    let inodes: HashSet<u64> = fds
         .flatten()
         .filter_map(|fd| match fd.target {
-            procfs::process::FDTarget::Socket(inode) => Some((fd.fd as u32, inode)),
+            procfs::process::FDTarget::Socket(inode) => Some(inode),
             _ => None,
         })
         .collect();
-    let entries: Vec<_> = [process.tcp(), process.tcp6()]
+    [process.tcp(), process.tcp6()]
         .into_iter()
         .flatten()
         .flatten()
-        .collect();
-    let listening: Vec<u16> = entries
-        .iter()
-        .filter(|e| {
-            e.state == procfs::net::TcpState::Listen && sockets.iter().any(|(_, i)| *i == e.inode)
-        })
+        .filter(|e| e.state == procfs::net::TcpState::Listen && inodes.contains(&e.inode))
         .map(|e| e.local_address.port())
-        .collect();
-    let fds = sockets
-        .iter()
-        .filter_map(
-            |(fd, inode)| match entries.iter().find(|e| e.inode == *inode) {
-                Some(e) if e.state == procfs::net::TcpState::Listen => None,
-                Some(e) if listening.contains(&e.local_address.port()) => Some((*fd, ROLE_SERVER)),
-                _ => Some((*fd, ROLE_CLIENT)),
-            },
-        )
-        .collect();
-    (fds, listening)
+        .collect()
 }
 
 /// Running totals between two interval reports.
@@ -491,25 +439,9 @@ impl Filters {
         for port in stale {
             let _ = self.listen_ports.remove(&port);
         }
-        let stale: Vec<u64> = self
-            .sockets
-            .keys()
-            .flatten()
-            .filter(|key| !wanted.contains(&((key >> 32) as u32)))
-            .collect();
-        for key in stale {
-            let _ = self.sockets.remove(&key);
-        }
         for tgid in &wanted {
-            let (fds, listening) = sockets_of(*tgid);
-            for port in listening {
+            for port in listening_ports(*tgid) {
                 let _ = self.listen_ports.insert(port, tgid, 0);
-            }
-            // Sockets opened before the daemon started; new ones the kernel side sees itself.
-            for (fd, role) in fds {
-                let _ = self
-                    .sockets
-                    .insert(socket_key(*tgid, fd), u32::from(role), 0);
             }
         }
     }
@@ -587,7 +519,14 @@ pub async fn run(
                                 metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "exit_queue_full" }).inc();
                             }
                         }
-                        Some(Record::Tcp(event)) => record_tcp(&event, &metrics, &mut window.summary),
+                        Some(Record::Tcp(event)) => {
+                            record_tcp(&event, &metrics, &mut window.summary);
+                            if let Some(change) = connection_change(&event) {
+                                if captures.try_send(change).is_err() {
+                                    metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "payload_queue_full" }).inc();
+                                }
+                            }
+                        }
                         Some(Record::Capture(capture)) => {
                             if captures.try_send(capture).is_err() {
                                 metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "payload_queue_full" }).inc();
@@ -624,6 +563,27 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// What a TCP event means for the traffic decoders' connection table.
+fn connection_change(event: &TcpEvent) -> Option<Capture> {
+    match event.kind {
+        kind::TCP_CONNECT | kind::TCP_ACCEPT => Some(Capture::Opened {
+            tgid: event.tgid,
+            sock: event.sock,
+            role: if event.kind == kind::TCP_CONNECT {
+                Role::Client
+            } else {
+                Role::Server
+            },
+            ts_ns: event.ts_ns,
+        }),
+        kind::TCP_CLOSE | kind::TCP_CONNECT_FAILED => Some(Capture::Closed {
+            sock: event.sock,
+            ts_ns: event.ts_ns,
+        }),
+        _ => None,
     }
 }
 

@@ -1,9 +1,9 @@
 //! Traffic: the captured socket payloads of the target, per connection.
 //!
-//! Owns: the connection table (`(tgid, fd)` → what is known about it) and the accounting of
-//! captured traffic. The protocol decoders (`protocols`) are fed from here, one parser per
-//! connection. Must not: block the eBPF reader (it hands captures over through a bounded
-//! queue and counts what does not fit) or grow without bound (the table is capped).
+//! Owns: the connection table (the kernel's `struct sock *` → what is known about it) and the
+//! accounting of captured traffic. The protocol decoders (`protocols`) are fed from here, one
+//! parser per connection. Must not: block the eBPF reader (it hands captures over through a
+//! bounded queue and counts what does not fit) or grow without bound (the table is capped).
 
 use std::collections::HashMap;
 
@@ -22,11 +22,13 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn from_raw(raw: u32) -> Self {
-        if raw == u32::from(selfheal_ebpf::ROLE_SERVER) {
-            Self::Server
-        } else {
-            Self::Client
+    /// The role the kernel reported; `None` for a connection it did not see open (one that
+    /// existed before the daemon started, or not TCP): the decoders tell it from the content.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            r if r == u32::from(selfheal_ebpf::ROLE_SERVER) => Some(Self::Server),
+            r if r == u32::from(selfheal_ebpf::ROLE_CLIENT) => Some(Self::Client),
+            _ => None,
         }
     }
 
@@ -60,26 +62,25 @@ pub enum Capture {
     Data {
         tgid: u32,
         fd: u32,
-        role: Role,
+        /// The kernel `struct sock *`: the connection's identity while it lives.
+        sock: u64,
+        role: Option<Role>,
         direction: Direction,
-        /// Bytes the syscall moved.
+        /// Bytes the operation moved.
         total_len: u64,
         /// Their first bytes (up to `probes.payload_bytes`).
         captured: Vec<u8>,
-        enter_ns: u64,
-        exit_ns: u64,
+        ts_ns: u64,
     },
+    /// A TCP connection of the target was established (connect or accept).
     Opened {
         tgid: u32,
-        fd: u32,
+        sock: u64,
         role: Role,
         ts_ns: u64,
     },
-    Closed {
-        tgid: u32,
-        fd: u32,
-        ts_ns: u64,
-    },
+    /// A TCP connection of the target closed.
+    Closed { sock: u64, ts_ns: u64 },
 }
 
 /// The most connections tracked at once; beyond it new ones are refused and counted.
@@ -87,6 +88,8 @@ const MAX_CONNECTIONS: usize = 65_536;
 
 #[derive(Debug, Default)]
 struct Connection {
+    tgid: u32,
+    role: Option<Role>,
     recv_bytes: u64,
     send_bytes: u64,
 }
@@ -94,7 +97,7 @@ struct Connection {
 /// The connection table and its accounting.
 pub struct Traffic {
     metrics: Metrics,
-    connections: HashMap<(u32, u32), Connection>,
+    connections: HashMap<u64, Connection>,
 }
 
 impl Traffic {
@@ -109,25 +112,31 @@ impl Traffic {
         match *capture {
             Capture::Data {
                 tgid,
-                fd,
+                sock,
                 role,
                 direction,
                 total_len,
                 ..
             } => {
+                let known = self.connections.get(&sock).and_then(|c| c.role).or(role);
                 let label = CaptureLabel {
                     direction: direction.label(),
-                    role: role.label(),
+                    role: known.map_or("unknown", Role::label),
                 };
                 self.metrics.capture_events.get_or_create(&label).inc();
                 self.metrics
                     .capture_bytes
                     .get_or_create(&label)
                     .inc_by(total_len);
-                let connection = if self.connections.len() < MAX_CONNECTIONS {
-                    Some(self.connections.entry((tgid, fd)).or_default())
+                let room = self.connections.len() < MAX_CONNECTIONS;
+                let connection = if room {
+                    Some(self.connections.entry(sock).or_insert_with(|| Connection {
+                        tgid,
+                        role,
+                        ..Connection::default()
+                    }))
                 } else {
-                    self.connections.get_mut(&(tgid, fd))
+                    self.connections.get_mut(&sock)
                 };
                 match connection {
                     Some(connection) => match direction {
@@ -135,34 +144,38 @@ impl Traffic {
                         Direction::Send => connection.send_bytes += total_len,
                     },
                     None => {
-                        self.metrics
-                            .ebpf_ringbuf_drops
-                            .get_or_create(&ReasonLabel {
-                                reason: "connection_table_full",
-                            })
-                            .inc();
+                        let reason = ReasonLabel {
+                            reason: "connection_table_full",
+                        };
+                        self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
                     }
                 }
             }
-            Capture::Opened { tgid, fd, .. } => {
-                // A reused fd is a new connection.
+            Capture::Opened {
+                tgid, sock, role, ..
+            } => {
+                // A reused `struct sock` is a new connection.
                 if self.connections.len() < MAX_CONNECTIONS {
-                    self.connections.insert((tgid, fd), Connection::default());
+                    let connection = Connection {
+                        tgid,
+                        role: Some(role),
+                        ..Connection::default()
+                    };
+                    self.connections.insert(sock, connection);
                 }
             }
-            Capture::Closed { tgid, fd, .. } => {
-                self.connections.remove(&(tgid, fd));
+            Capture::Closed { sock, .. } => {
+                self.connections.remove(&sock);
             }
         }
-        self.metrics
-            .capture_connections
-            .set(i64::try_from(self.connections.len()).unwrap_or(i64::MAX));
+        let tracked = i64::try_from(self.connections.len()).unwrap_or(i64::MAX);
+        self.metrics.capture_connections.set(tracked);
     }
 
     /// Forgets the connections of processes that are no longer the target's.
     pub fn retain_processes(&mut self, members: &[u32]) {
         self.connections
-            .retain(|(tgid, _), _| members.contains(tgid));
+            .retain(|_, connection| members.contains(&connection.tgid));
     }
 }
 
@@ -188,29 +201,33 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    fn data(sock: u64, role: Option<Role>, direction: Direction, total_len: u64) -> Capture {
+        Capture::Data {
+            tgid: 1,
+            fd: 7,
+            sock,
+            role,
+            direction,
+            total_len,
+            captured: b"GET / HTTP/1.1\r\n".to_vec(),
+            ts_ns: 1,
+        }
+    }
+
     #[test]
     fn connections_are_tracked_and_traffic_counted() {
         let metrics = Metrics::new();
         let mut traffic = Traffic::new(metrics.clone());
         traffic.handle(&Capture::Opened {
             tgid: 1,
-            fd: 7,
+            sock: 0xa0,
             role: Role::Server,
             ts_ns: 0,
         });
         for _ in 0..3 {
-            traffic.handle(&Capture::Data {
-                tgid: 1,
-                fd: 7,
-                role: Role::Server,
-                direction: Direction::Recv,
-                total_len: 100,
-                captured: b"GET / HTTP/1.1\r\n".to_vec(),
-                enter_ns: 1,
-                exit_ns: 2,
-            });
+            traffic.handle(&data(0xa0, None, Direction::Recv, 100));
         }
-        assert_eq!(traffic.connections[&(1, 7)].recv_bytes, 300);
+        assert_eq!(traffic.connections[&0xa0].recv_bytes, 300);
         let text = metrics.encode();
         assert!(
             text.contains("selfheal_capture_events_total{direction=\"recv\",role=\"server\"} 3"),
@@ -221,18 +238,17 @@ mod tests {
             "{text}"
         );
         traffic.handle(&Capture::Closed {
-            tgid: 1,
-            fd: 7,
+            sock: 0xa0,
             ts_ns: 3,
         });
         assert!(traffic.connections.is_empty());
-        traffic.handle(&Capture::Opened {
-            tgid: 2,
-            fd: 3,
-            role: Role::Client,
-            ts_ns: 0,
-        });
-        traffic.retain_processes(&[1]);
+
+        // A connection older than the daemon: no open seen, role unknown, still tracked.
+        traffic.handle(&data(0xb0, None, Direction::Send, 8));
+        assert!(metrics
+            .encode()
+            .contains("selfheal_capture_events_total{direction=\"send\",role=\"unknown\"} 1"));
+        traffic.retain_processes(&[2]);
         assert!(traffic.connections.is_empty());
     }
 }
