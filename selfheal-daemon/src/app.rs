@@ -51,7 +51,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let address = listener.local_addr().unwrap_or(address);
 
     let (exits_tx, exits_rx) = mpsc::channel(64);
-    let (captures_tx, captures_rx) = mpsc::channel(config.probes.payload_queue);
+    let (captures_tx, captures_rx) =
+        mpsc::channel((config.probes.payload_queue / ebpf::CAPTURE_BATCH).max(1));
     let (members_tx, members_rx) = watch::channel(Vec::new());
     let interval = Duration::from_millis(config.monitor.interval_ms);
 

@@ -459,7 +459,7 @@ pub struct Links {
     /// Exits of the target's processes, to the tracker.
     pub exits: mpsc::Sender<KernelExit>,
     /// Socket payloads and opens/closes, to the traffic decoders.
-    pub captures: mpsc::Sender<Capture>,
+    pub captures: mpsc::Sender<Vec<Capture>>,
 }
 
 /// Drains the ring buffer and keeps the filter maps current, until cancelled.
@@ -505,15 +505,17 @@ pub async fn run(
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EbpfError::Poll)?;
                 let ring = guard.get_inner_mut();
+                // Captures go to the decoders in batches, one queue slot and one wake-up per
+                // batch rather than per event.
+                let mut batch = Vec::with_capacity(CAPTURE_BATCH);
                 while let Some(item) = ring.next() {
-                    let observed = monotonic_ns();
                     match decode(&item) {
                         Some(Record::Exit(exit)) => {
                             let kernel_exit = KernelExit {
                                 tgid: exit.tgid,
                                 status: ExitStatus::from_wait_status(exit.exit_code),
                                 exited_monotonic_ns: exit.ts_ns,
-                                observed_monotonic_ns: observed,
+                                observed_monotonic_ns: monotonic_ns(),
                             };
                             if exits.try_send(kernel_exit).is_err() {
                                 metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "exit_queue_full" }).inc();
@@ -521,21 +523,19 @@ pub async fn run(
                         }
                         Some(Record::Tcp(event)) => {
                             record_tcp(&event, &metrics, &mut window.summary);
-                            if let Some(change) = connection_change(&event) {
-                                if captures.try_send(change).is_err() {
-                                    metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "payload_queue_full" }).inc();
-                                }
-                            }
+                            batch.extend(connection_change(&event));
                         }
-                        Some(Record::Capture(capture)) => {
-                            if captures.try_send(capture).is_err() {
-                                metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "payload_queue_full" }).inc();
-                            }
-                        }
+                        Some(Record::Capture(capture)) => batch.push(capture),
                         None => {
                             metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
                         }
                     }
+                    if batch.len() >= CAPTURE_BATCH {
+                        hand_over(&captures, std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH)), &metrics);
+                    }
+                }
+                if !batch.is_empty() {
+                    hand_over(&captures, batch, &metrics);
                 }
                 guard.clear_ready();
             }
@@ -563,6 +563,24 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// The most captures handed to the decoders at once; the queue holds
+/// `probes.payload_queue / CAPTURE_BATCH` batches.
+pub const CAPTURE_BATCH: usize = 256;
+
+/// Gives a batch to the decoders, or drops and counts it when their queue is full.
+fn hand_over(captures: &mpsc::Sender<Vec<Capture>>, batch: Vec<Capture>, metrics: &Metrics) {
+    let len = batch.len() as u64;
+    if captures.try_send(batch).is_err() {
+        let reason = ReasonLabel {
+            reason: "payload_queue_full",
+        };
+        metrics
+            .ebpf_ringbuf_drops
+            .get_or_create(&reason)
+            .inc_by(len);
     }
 }
 
@@ -718,6 +736,56 @@ mod tests {
     }
 
     #[test]
+    fn payload_records_decode_with_their_prefix_only() {
+        let mut event = DataEvent {
+            kind: kind::DATA,
+            tgid: 10,
+            pid: 11,
+            fd: 7,
+            nr: selfheal_ebpf::syscall::WRITEV,
+            direction: DIRECTION_SEND,
+            total_len: 4096,
+            captured: 17,
+            role: u32::from(selfheal_ebpf::ROLE_SERVER),
+            sock: 0xffff_8880_dead_beef,
+            ts_ns: 99,
+            data: [0; selfheal_ebpf::MAX_CAPTURE],
+        };
+        event.data[..17].copy_from_slice(b"HTTP/1.1 200 OK\r\n");
+        // SAFETY: `DataEvent` is plain old data; viewing it as bytes is what the kernel does.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DataEvent>())
+        };
+        let Some(Record::Capture(capture)) = decode(bytes) else {
+            panic!("a capture")
+        };
+        assert_eq!(
+            capture,
+            Capture::Data {
+                tgid: 10,
+                fd: 7,
+                sock: 0xffff_8880_dead_beef,
+                role: Some(Role::Server),
+                direction: Direction::Send,
+                total_len: 4096,
+                captured: b"HTTP/1.1 200 OK\r\n".to_vec(),
+                ts_ns: 99,
+            }
+        );
+        // A claimed length beyond the record is clamped, never read past the end.
+        event.captured = 10_000;
+        // SAFETY: as above.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DataEvent>())
+        };
+        let Some(Record::Capture(Capture::Data { captured, .. })) = decode(bytes) else {
+            panic!("a capture")
+        };
+        assert_eq!(captured.len(), selfheal_ebpf::MAX_CAPTURE);
+        assert!(decode(&bytes[..40]).is_none(), "truncated header");
+    }
+
+    #[test]
     fn tcp_events_update_metrics_and_the_summary() {
         let metrics = Metrics::new();
         let mut summary = TcpSummary::default();
@@ -734,7 +802,22 @@ mod tests {
             new_state: tcp_state::CLOSE,
             saddr: [0; 16],
             daddr: [0; 16],
+            sock: 0xffff_8880_0000_1000,
         };
+        assert_eq!(
+            connection_change(&event(kind::TCP_CLOSE, tcp_state::ESTABLISHED, 1)),
+            Some(Capture::Closed {
+                sock: 0xffff_8880_0000_1000,
+                ts_ns: 0
+            })
+        );
+        assert!(matches!(
+            connection_change(&event(kind::TCP_CONNECT, tcp_state::SYN_SENT, 1)),
+            Some(Capture::Opened {
+                role: Role::Client,
+                ..
+            })
+        ));
         record_tcp(
             &event(kind::TCP_CONNECT, tcp_state::SYN_SENT, 2_000_000),
             &metrics,

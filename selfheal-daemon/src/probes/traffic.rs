@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::telemetry::{CaptureLabel, Metrics, ReasonLabel};
 
 /// Which side of the connection the target is.
@@ -94,18 +96,53 @@ struct Connection {
     send_bytes: u64,
 }
 
+/// The capture counters of one (direction, role) pair, looked up once.
+struct Counters {
+    events: Counter,
+    bytes: Counter,
+}
+
 /// The connection table and its accounting.
 pub struct Traffic {
     metrics: Metrics,
     connections: HashMap<u64, Connection>,
+    /// Indexed by `direction * 3 + role` (client, server, unknown).
+    counters: Vec<Counters>,
 }
 
 impl Traffic {
     pub fn new(metrics: Metrics) -> Self {
+        let mut counters = Vec::with_capacity(6);
+        for direction in [Direction::Recv, Direction::Send] {
+            for role in ["client", "server", "unknown"] {
+                let label = CaptureLabel {
+                    direction: direction.label(),
+                    role,
+                };
+                counters.push(Counters {
+                    events: metrics.capture_events.get_or_create(&label).clone(),
+                    bytes: metrics.capture_bytes.get_or_create(&label).clone(),
+                });
+            }
+        }
         Self {
             metrics,
             connections: HashMap::new(),
+            counters,
         }
+    }
+
+    fn counters(&self, direction: Direction, role: Option<Role>) -> &Counters {
+        let row = match direction {
+            Direction::Recv => 0,
+            Direction::Send => 3,
+        };
+        let column = match role {
+            Some(Role::Client) => 0,
+            Some(Role::Server) => 1,
+            None => 2,
+        };
+        &self.counters[row + column]
     }
 
     pub fn handle(&mut self, capture: &Capture) {
@@ -119,15 +156,9 @@ impl Traffic {
                 ..
             } => {
                 let known = self.connections.get(&sock).and_then(|c| c.role).or(role);
-                let label = CaptureLabel {
-                    direction: direction.label(),
-                    role: known.map_or("unknown", Role::label),
-                };
-                self.metrics.capture_events.get_or_create(&label).inc();
-                self.metrics
-                    .capture_bytes
-                    .get_or_create(&label)
-                    .inc_by(total_len);
+                let counters = self.counters(direction, known);
+                counters.events.inc();
+                counters.bytes.inc_by(total_len);
                 let room = self.connections.len() < MAX_CONNECTIONS;
                 let connection = if room {
                     Some(self.connections.entry(sock).or_insert_with(|| Connection {
@@ -168,6 +199,13 @@ impl Traffic {
                 self.connections.remove(&sock);
             }
         }
+    }
+
+    /// Handles a batch and updates the connection gauge once.
+    pub fn handle_batch(&mut self, batch: &[Capture]) {
+        for capture in batch {
+            self.handle(capture);
+        }
         let tracked = i64::try_from(self.connections.len()).unwrap_or(i64::MAX);
         self.metrics.capture_connections.set(tracked);
     }
@@ -181,7 +219,7 @@ impl Traffic {
 
 /// Consumes captures until cancelled or the reader is gone.
 pub async fn run(
-    mut captures: mpsc::Receiver<Capture>,
+    mut captures: mpsc::Receiver<Vec<Capture>>,
     metrics: Metrics,
     cancel: CancellationToken,
 ) {
@@ -190,7 +228,7 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => return,
             capture = captures.recv() => match capture {
-                Some(capture) => traffic.handle(&capture),
+                Some(batch) => traffic.handle_batch(&batch),
                 None => return,
             },
         }
