@@ -169,17 +169,16 @@ impl Traffic {
                 } else {
                     self.connections.get_mut(&sock)
                 };
-                match connection {
-                    Some(connection) => match direction {
+                if let Some(connection) = connection {
+                    match direction {
                         Direction::Recv => connection.recv_bytes += total_len,
                         Direction::Send => connection.send_bytes += total_len,
-                    },
-                    None => {
-                        let reason = ReasonLabel {
-                            reason: "connection_table_full",
-                        };
-                        self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
                     }
+                } else {
+                    let reason = ReasonLabel {
+                        reason: "connection_table_full",
+                    };
+                    self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
                 }
             }
             Capture::Opened {
