@@ -10,5 +10,7 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod probes;
+pub mod protocols;
+pub mod store;
 pub mod target;
 pub mod telemetry;

@@ -4,9 +4,11 @@
 //! - `demo`: the demo backend on a throwaway PostgreSQL, watched by the daemon.
 //! - `test`: format, lints, unit tests, then the privileged end-to-end tests and a demo run.
 //! - `bench crash-latency`: kill → event latency, eBPF against the pidfd fallback.
+//! - `fuzz --seconds N`: each protocol parser's libFuzzer target for N seconds (nightly).
 
 mod bench;
 mod demo;
+mod fuzz;
 mod overhead;
 mod setup;
 mod test;
@@ -44,6 +46,12 @@ enum Task {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Fuzz the protocol parsers: each cargo-fuzz target for a while, with its numbers.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -72,6 +80,7 @@ fn main() -> Result<()> {
             selfheal_e2e::use_profile("release");
             bench::run(&bench)
         }
+        Task::Fuzz { seconds } => fuzz::run(seconds),
     }
 }
 
