@@ -54,6 +54,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let (captures_tx, captures_rx) =
         mpsc::channel((config.probes.payload_queue / ebpf::CAPTURE_BATCH).max(1));
     let (members_tx, members_rx) = watch::channel(Vec::new());
+    let traffic_members = members_rx.clone();
     let interval = Duration::from_millis(config.monitor.interval_ms);
 
     let (loaded, ebpf_state) = if config.probes.ebpf {
@@ -129,7 +130,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
             cancel.clone()
         ),
         agents::run_all(handles, shared, cancel.clone()),
-        traffic::run(captures_rx, metrics.clone(), cancel.clone()),
+        traffic::run(
+            captures_rx,
+            traffic_members,
+            metrics.clone(),
+            cancel.clone()
+        ),
         probe,
     );
     served.map_err(AppError::Serve)

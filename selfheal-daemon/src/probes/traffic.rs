@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
@@ -216,9 +216,11 @@ impl Traffic {
     }
 }
 
-/// Consumes captures until cancelled or the reader is gone.
+/// Consumes captures until cancelled or the reader is gone; forgets the connections of
+/// processes that stop being the target's.
 pub async fn run(
     mut captures: mpsc::Receiver<Vec<Capture>>,
+    mut members: watch::Receiver<Vec<u32>>,
     metrics: Metrics,
     cancel: CancellationToken,
 ) {
@@ -226,7 +228,14 @@ pub async fn run(
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            capture = captures.recv() => match capture {
+            changed = members.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = members.borrow_and_update().clone();
+                traffic.retain_processes(&current);
+            }
+            batch = captures.recv() => match batch {
                 Some(batch) => traffic.handle_batch(&batch),
                 None => return,
             },

@@ -369,6 +369,17 @@ impl DemoBackend {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
+
+    /// Flips a fault switch: `fault("idle_tx?n=3")` posts `/__fault/idle_tx?n=3`; `"clear"`
+    /// turns every fault off. Fails unless the backend accepts it.
+    pub fn fault(&self, switch: &str) -> Result<()> {
+        let path = format!("/__fault/{switch}");
+        let answer = http().post(self.url(&path)).send_empty()?;
+        if !answer.status().is_success() {
+            bail!("{path} answered {}", answer.status());
+        }
+        Ok(())
+    }
 }
 
 /// One HTTP/1.1 keep-alive connection driven by hand, so a test or bench knows exactly which

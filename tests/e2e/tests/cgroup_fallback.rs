@@ -6,8 +6,8 @@ use std::{path::PathBuf, time::Duration};
 
 use nix::sys::signal::Signal;
 use selfheal_e2e::{
-    free_port, http, kill_cgroup, remove_cgroup, require_root, sample, wait_for, Daemon,
-    DemoBackend, PgCluster,
+    free_port, kill_cgroup, remove_cgroup, require_root, sample, wait_for, Daemon, DemoBackend,
+    PgCluster,
 };
 
 const LIMIT: u64 = 256 << 20;
@@ -88,15 +88,8 @@ fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
     )
     .expect("memory limit exported");
 
-    let agent = http();
-    let fault = |path: &str| {
-        let answer = agent
-            .post(backend.url(path))
-            .send_empty()
-            .expect("fault switch");
-        assert!(answer.status().is_success(), "{path}: {}", answer.status());
-    };
-    fault("/__fault/spin?threads=1");
+    let fault = |switch: &str| backend.fault(switch).expect("fault switch");
+    fault("spin?threads=1");
     let throttled = wait_for(
         "CPU throttling of the cgroup",
         Duration::from_secs(10),
@@ -109,10 +102,10 @@ fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
     )
     .expect("throttling exported");
     println!("throttled periods seen: {throttled}");
-    fault("/__fault/clear");
+    fault("clear");
 
     // 30 % of 256 MiB is ~77 MiB: a 40 MB/s leak crosses it in about two seconds.
-    fault("/__fault/leak?mb_per_sec=40");
+    fault("leak?mb_per_sec=40");
     wait_for("the memory alert", Duration::from_secs(20), || {
         let alerts = daemon.health().ok()?["alerts"].clone();
         alerts
@@ -131,7 +124,7 @@ fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
         usage > 0.3 * LIMIT as f64,
         "the leak is charged to the cgroup: {usage}"
     );
-    fault("/__fault/clear");
+    fault("clear");
     wait_for("the memory alert to clear", Duration::from_secs(20), || {
         let health = daemon.health().ok()?;
         (health["alerts"].as_array()?.is_empty() && health["status"] == "healthy").then_some(())

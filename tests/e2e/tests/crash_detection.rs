@@ -83,12 +83,9 @@ fn sigkill_of_the_backend_is_seen_with_its_signal_and_the_restart_is_followed() 
 
     // A normal exit is told apart from a signal.
     let pid = backend.proc.pid();
-    let agent = selfheal_e2e::http();
-    let answer = agent
-        .post(backend.url("/__fault/crash?mode=exit&code=3"))
-        .send_empty()
+    backend
+        .fault("crash?mode=exit&code=3")
         .expect("crash switch");
-    assert_eq!(answer.status(), 202);
     let exit = daemon.wait_for_exit(pid).expect("exit reported");
     assert_eq!(exit["reason"], "exited", "{exit}");
     assert_eq!(exit["code"], 3, "{exit}");

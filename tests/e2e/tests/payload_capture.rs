@@ -100,12 +100,7 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
         events(&daemon, "send", "client"),
         events(&daemon, "recv", "client"),
     );
-    let agent = selfheal_e2e::http();
-    let answer = agent
-        .post(backend.url("/__fault/idle_tx?n=3"))
-        .send_empty()
-        .expect("fault switch");
-    assert!(answer.status().is_success(), "{}", answer.status());
+    backend.fault("idle_tx?n=3").expect("fault switch");
     // Each of the three sends at least a startup message and a query and reads the answers.
     wait_for(
         "the new PostgreSQL connections' traffic",
@@ -117,7 +112,7 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
         },
     )
     .expect("captured on new client connections");
-    let _ = agent.post(backend.url("/__fault/clear")).send_empty();
+    backend.fault("clear").expect("fault switch");
 
     let drops = daemon
         .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"payload_ringbuf_full\"}")

@@ -24,12 +24,7 @@ fn backend_connections_to_postgres_are_connect_latency_samples() {
         .unwrap_or(0.0);
 
     // Three new connections, each left idle in a transaction.
-    let agent = selfheal_e2e::http();
-    let answer = agent
-        .post(backend.url("/__fault/idle_tx?n=3"))
-        .send_empty()
-        .expect("fault switch");
-    assert!(answer.status().is_success(), "{}", answer.status());
+    backend.fault("idle_tx?n=3").expect("fault switch");
     let idle = wait_for(
         "three idle-in-transaction sessions",
         Duration::from_secs(10),
@@ -64,7 +59,7 @@ fn backend_connections_to_postgres_are_connect_latency_samples() {
         "loopback connects take well under a second: sum {sum} count {count}"
     );
 
-    let _ = agent.post(backend.url("/__fault/clear")).send_empty();
+    backend.fault("clear").expect("fault switch");
     wait_for("the closes to be counted", Duration::from_secs(10), || {
         let text = daemon.metrics().ok()?;
         (sample(
