@@ -1525,17 +1525,7 @@ impl Session {
                 }
             }
             OpKind::Unknown => {
-                let query = PgQuery {
-                    statement: op.statement.clone(),
-                    protocol: QueryProtocol::Unknown,
-                    start_ns: op.start_ns,
-                    end_ns: ts,
-                    rows,
-                    command,
-                    completion,
-                    error: None,
-                    tx_status: None,
-                };
+                let query = unknown_query(op, ts, rows, command, completion, None);
                 op.data_rows = 0;
                 op.produced = true;
                 self.complete(query, out);
@@ -1555,17 +1545,8 @@ impl Session {
                 op.completion = Some(Completion::Error);
             }
             OpKind::Unknown => {
-                let query = PgQuery {
-                    statement: op.statement.clone(),
-                    protocol: QueryProtocol::Unknown,
-                    start_ns: op.start_ns,
-                    end_ns: ts,
-                    rows: op.data_rows,
-                    command: None,
-                    completion: Completion::Error,
-                    error: Some(error),
-                    tx_status: None,
-                };
+                let rows = op.data_rows;
+                let query = unknown_query(op, ts, rows, None, Completion::Error, Some(error));
                 op.produced = true;
                 self.complete(query, out);
                 self.skipping = Some(Skip::Batch);
@@ -1614,6 +1595,29 @@ impl Session {
         self.flush_awaiting(status, out);
         self.phase = Phase::Ready;
         self.ready = status.map(|status| (status, ts));
+    }
+}
+
+/// A query answered on a batch whose frontend bytes were not seen (`OpKind::Unknown`); the op
+/// stays queued, so it is borrowed rather than consumed as in [`query_of`].
+fn unknown_query(
+    op: &Op,
+    end_ns: u64,
+    rows: u64,
+    command: Option<Cow<'static, str>>,
+    completion: Completion,
+    error: Option<PgError>,
+) -> PgQuery {
+    PgQuery {
+        statement: op.statement.clone(),
+        protocol: QueryProtocol::Unknown,
+        start_ns: op.start_ns,
+        end_ns: end_ns.max(op.start_ns),
+        rows,
+        command,
+        completion,
+        error,
+        tx_status: None,
     }
 }
 
