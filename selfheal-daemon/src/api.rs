@@ -1,10 +1,12 @@
-//! The admin HTTP server: `GET /api/v1/system/health` and `GET /metrics` in this version.
+//! The admin HTTP server: `GET /api/v1/system/health`, `GET /metrics` (both open) and, behind
+//! the bearer token, `GET /api/v1/system/{metrics,queries,traces}`.
 //!
-//! Owns: the routes, the JSON envelope (`{"success": true, "data": …}` or
-//! `{"success": false, "error": …}`), and the response types, which are built for the API
-//! rather than borrowed from internal structs. Also a bus subscriber that keeps the view of
-//! firing alerts the health endpoint reports. Must not: change anything (mutating endpoints
-//! come with authentication).
+//! Owns: the routes, the bearer-token check (constant time), the admin token's resolution
+//! (`SELFHEAL_ADMIN_TOKEN`, `admin.token_file`, or one generated in the state directory),
+//! the JSON envelope (`{"success": true, "data": …}` or `{"success": false, "error": …}`),
+//! and the response types, which are built for the API rather than borrowed from internal
+//! structs. Also a bus subscriber that keeps the view of firing alerts the health endpoint
+//! reports. Must not: change anything yet, or log or return the token.
 
 use std::{
     collections::BTreeMap,
@@ -13,8 +15,9 @@ use std::{
 };
 
 use axum::{
-    extract::State,
+    extract::{rejection::QueryRejection, Query, Request, State},
     http::{header, StatusCode},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
@@ -25,8 +28,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     agents::{AgentHandle, AgentState},
     bus::{Bus, Event, ExitStatus, Severity, Source, TargetState},
+    config::{AdminConfig, Secret},
     target::SharedStatus,
     telemetry::Metrics,
+    traffic::{MetricsQuery, TrafficView},
 };
 
 /// Alerts that are firing now, by rule, as the monitor published them.
@@ -49,6 +54,9 @@ pub struct ApiState {
     pub alerts: FiringAlerts,
     /// `attached`, or why the eBPF probes are not in use.
     pub ebpf: String,
+    /// The bearer token of the protected endpoints.
+    pub token: Secret,
+    pub traffic: TrafficView,
 }
 
 #[derive(Serialize)]
@@ -232,20 +240,181 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
     )
 }
 
-async fn not_found() -> Response {
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
     let body = ErrorEnvelope {
         success: false,
-        error: "no such endpoint".to_owned(),
+        error: message.into(),
     };
-    (StatusCode::NOT_FOUND, Json(body)).into_response()
+    (status, Json(body)).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// `GET /api/v1/system/metrics?platform=…&window=…`: per platform and route over a window.
+async fn traffic_metrics(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<MetricsQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    match state.traffic.metrics_view(&query) {
+        Ok(view) => ok(view).into_response(),
+        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+/// `GET /api/v1/system/queries`: per query fingerprint since the daemon started.
+async fn queries(State(state): State<Arc<ApiState>>) -> Response {
+    ok(state.traffic.queries_view()).into_response()
+}
+
+/// `GET /api/v1/system/traces`: requests in flight, the slowest recent ones and their queries.
+async fn traces(State(state): State<Arc<ApiState>>) -> Response {
+    ok(state.traffic.traces_view()).into_response()
+}
+
+/// Refuses a request without `Authorization: Bearer <token>`.
+async fn require_token(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(token) if token_matches(token, state.token.expose()) => next.run(request).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "wrong bearer token"),
+        None => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "this endpoint needs Authorization: Bearer <token> (see admin.token_file)",
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+/// Compares in time independent of where the tokens differ.
+fn token_matches(presented: &str, expected: &str) -> bool {
+    use subtle::ConstantTimeEq as _;
+    presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/system/metrics", get(traffic_metrics))
+        .route("/api/v1/system/queries", get(queries))
+        .route("/api/v1/system/traces", get(traces))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/api/v1/system/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(protected)
         .fallback(not_found)
         .with_state(state)
+}
+
+/// Where the admin token came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    Environment,
+    File(std::path::PathBuf),
+    Generated(std::path::PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read the admin token file {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the admin token file {path} is empty or shorter than 16 characters")]
+    TooShort { path: std::path::PathBuf },
+    #[error("the admin token file {path} is readable by other users (chmod 600 it)")]
+    Exposed { path: std::path::PathBuf },
+    #[error("cannot create the admin token file {path}")]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The token of the protected endpoints: `SELFHEAL_ADMIN_TOKEN`, else `admin.token_file`,
+/// else `admin.token` in `state_dir`, created with a random token (mode 0600) if missing.
+pub fn resolve_token(
+    admin: &AdminConfig,
+    state_dir: &std::path::Path,
+) -> Result<(Secret, TokenSource), TokenError> {
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+
+    if let Some(token) = &admin.token {
+        return Ok((Secret::new(token.expose().trim()), TokenSource::Environment));
+    }
+    let read = |path: &std::path::Path| -> Result<Secret, TokenError> {
+        let metadata = std::fs::metadata(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if metadata.mode() & 0o077 != 0 {
+            return Err(TokenError::Exposed {
+                path: path.to_owned(),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let token = text.trim();
+        if token.len() < 16 {
+            return Err(TokenError::TooShort {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Secret::new(token))
+    };
+    if let Some(path) = &admin.token_file {
+        return Ok((read(path)?, TokenSource::File(path.clone())));
+    }
+    let path = state_dir.join("admin.token");
+    if path.exists() {
+        return Ok((read(&path)?, TokenSource::Generated(path)));
+    }
+    let create = |source| TokenError::Create {
+        path: path.clone(),
+        source,
+    };
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut random))
+        .map_err(create)?;
+    let token = random.iter().fold(String::with_capacity(64), |mut hex, b| {
+        use std::fmt::Write as _;
+        let _ = write!(hex, "{b:02x}");
+        hex
+    });
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(create)?;
+    std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes()).map_err(create)?;
+    Ok((Secret::new(&token), TokenSource::Generated(path)))
 }
 
 /// Serves the admin API on an already bound listener until cancelled.

@@ -17,9 +17,11 @@ use crate::{
     agents, api,
     bus::Bus,
     config::Config,
-    probes::{ebpf, os, traffic},
+    probes::{capture, ebpf, os},
+    store::{self, LoadOutcome, StoreHandle},
     target::{self, Tracker},
     telemetry::Metrics,
+    traffic::{Platforms, Recorder, TrafficView},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,53 @@ pub enum AppError {
     },
     #[error("the admin server failed")]
     Serve(#[source] std::io::Error),
+    #[error("cannot create the state directory {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no admin token")]
+    Token(#[from] api::TokenError),
+    #[error("the metrics store config is invalid")]
+    Store(#[from] store::StoreConfigError),
+}
+
+/// Creates the state directory (mode 0700) if it is missing.
+fn create_state_dir(path: &std::path::Path) -> Result<(), AppError> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| AppError::StateDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Opens the metrics store from its snapshot, saying what was found.
+fn open_store(config: &Config) -> Result<(StoreHandle, std::path::PathBuf), AppError> {
+    let path = config.state.dir.join(store::SNAPSHOT_FILE);
+    let (handle, outcome) = StoreHandle::open(config.store.clone(), &path)?;
+    match outcome {
+        LoadOutcome::Loaded(report) => tracing::info!(
+            path = %path.display(),
+            series = report.series_loaded,
+            skipped = report.series_skipped,
+            saved_at_unix_ms = report.saved_at_ms,
+            "metrics history loaded"
+        ),
+        LoadOutcome::Missing => {
+            tracing::info!(path = %path.display(), "no metrics snapshot yet; history starts now");
+        }
+        LoadOutcome::Failed(error) => tracing::warn!(
+            path = %path.display(),
+            error = %error_chain(&error),
+            "the metrics snapshot cannot be used; history starts now (the file is replaced at the next snapshot)"
+        ),
+    }
+    Ok((handle, path))
 }
 
 /// Runs the daemon until `cancel` fires.
@@ -49,6 +98,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         .await
         .map_err(|source| AppError::Bind { address, source })?;
     let address = listener.local_addr().unwrap_or(address);
+    create_state_dir(&config.state.dir)?;
+    let (token, token_source) = api::resolve_token(&config.admin, &config.state.dir)?;
+    match &token_source {
+        api::TokenSource::Environment => {
+            tracing::info!("admin token from SELFHEAL_ADMIN_TOKEN");
+        }
+        api::TokenSource::File(path) | api::TokenSource::Generated(path) => {
+            tracing::info!(path = %path.display(), "admin token file");
+        }
+    }
+    let (store, snapshot_path) = open_store(&config)?;
+    let traffic_view = TrafficView::new(
+        store.clone(),
+        Platforms::new(&config.platforms),
+        config.traffic.slowest_requests,
+    );
+    let recorder = Recorder::new(traffic_view.clone(), &config.traffic, metrics.clone());
 
     let (exits_tx, exits_rx) = mpsc::channel(64);
     let (captures_tx, captures_rx) =
@@ -88,6 +154,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         metrics: metrics.clone(),
         alerts: alerts.clone(),
         ebpf: ebpf_state,
+        token,
+        traffic: traffic_view,
     });
     let shared = agents::Shared {
         config: config.clone(),
@@ -117,7 +185,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         }
     };
     tracing::info!(%address, "admin API listening");
-    let (served, (), (), (), (), (), ()) = tokio::join!(
+    let (served, (), (), (), (), (), (), ()) = tokio::join!(
         api::serve(listener, api_state, cancel.clone()),
         api::track_alerts(bus.clone(), alerts, cancel.clone()),
         tracker.run(cancel.clone()),
@@ -130,9 +198,17 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
             cancel.clone()
         ),
         agents::run_all(handles, shared, cancel.clone()),
-        traffic::run(
+        capture::run(
             captures_rx,
             traffic_members,
+            recorder,
+            metrics.clone(),
+            cancel.clone()
+        ),
+        store::persist::run(
+            store,
+            snapshot_path,
+            Duration::from_secs(config.store.snapshot_interval_secs),
             metrics.clone(),
             cancel.clone()
         ),

@@ -15,6 +15,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::store::StoreConfig;
+
 /// Every problem found in a config, each with the key path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -128,6 +130,10 @@ pub struct Config {
     #[serde(default)]
     pub diagnostic: DiagnosticConfig,
     #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub traffic: TrafficConfig,
+    #[serde(default)]
     pub platforms: Vec<PlatformConfig>,
     #[serde(default)]
     pub checks: Vec<CheckConfig>,
@@ -222,8 +228,13 @@ impl TargetConfig {
 pub struct AdminConfig {
     /// Address of the admin API, `/metrics` and (later) the dashboard. Loopback by default.
     pub listen: String,
-    /// File holding the bearer token for the protected endpoints.
+    /// File holding the bearer token for the protected endpoints (readable by the daemon's
+    /// user only). Without it and without `SELFHEAL_ADMIN_TOKEN`, the daemon creates
+    /// `admin.token` in `state.dir` on first start.
     pub token_file: Option<PathBuf>,
+    /// `SELFHEAL_ADMIN_TOKEN`: the bearer token itself (environment only).
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -231,6 +242,7 @@ impl Default for AdminConfig {
         Self {
             listen: "127.0.0.1:9797".to_owned(),
             token_file: None,
+            token: None,
         }
     }
 }
@@ -399,6 +411,30 @@ pub struct NotificationsConfig {
 pub struct DiagnosticConfig {
     /// `ANTHROPIC_API_KEY`: enables the optional LLM summary of a diagnosis.
     pub anthropic_api_key: Option<Secret>,
+}
+
+/// How decoded traffic is labelled: the bounds that keep labels and memory finite.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrafficConfig {
+    /// Distinct (platform, method, route template) kept as labels; later ones are counted
+    /// under route `other`.
+    pub max_routes: usize,
+    /// Distinct query fingerprints kept as labels and in the queries view; later ones are
+    /// counted under `other`.
+    pub max_queries: usize,
+    /// Slowest recent requests kept for `GET /api/v1/system/traces`.
+    pub slowest_requests: usize,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        Self {
+            max_routes: 200,
+            max_queries: 100,
+            slowest_requests: 20,
+        }
+    }
 }
 
 /// A product platform served by the target, told apart by Host header or path prefix.
@@ -672,6 +708,7 @@ impl Config {
             }
         };
         secret("DATABASE_URL", &mut self.database.url);
+        secret("SELFHEAL_ADMIN_TOKEN", &mut self.admin.token);
         secret("REDIS_URL", &mut self.redis.url);
         secret(
             "SLACK_WEBHOOK_URL",
@@ -837,6 +874,51 @@ impl Config {
             (1..=1000).contains(&monitor.consecutive_samples),
             "monitor.consecutive_samples",
             "must be between 1 and 1000",
+        );
+
+        for problem in self.store.problems() {
+            // Each reads `key: message`.
+            let text = problem.to_string();
+            let (key, message) = text.split_once(": ").unwrap_or(("", text.as_str()));
+            problems.push(Problem::new(format!("store.{key}"), message));
+        }
+        let mut check = |ok: bool, path: &str, message: &str| {
+            if !ok {
+                problems.push(Problem::new(path, message));
+            }
+        };
+        check(
+            self.store.max_bytes >= 1 << 20,
+            "store.max_bytes",
+            "must be at least 1048576 (1 MiB)",
+        );
+        check(
+            (1..=1_000_000).contains(&self.store.max_series),
+            "store.max_series",
+            "must be between 1 and 1000000",
+        );
+        check(
+            (1..=10_000).contains(&self.traffic.max_routes),
+            "traffic.max_routes",
+            "must be between 1 and 10000",
+        );
+        check(
+            (1..=10_000).contains(&self.traffic.max_queries),
+            "traffic.max_queries",
+            "must be between 1 and 10000",
+        );
+        check(
+            (1..=1000).contains(&self.traffic.slowest_requests),
+            "traffic.slowest_requests",
+            "must be between 1 and 1000",
+        );
+        check(
+            self.admin
+                .token
+                .as_ref()
+                .is_none_or(|t| t.expose().trim().len() >= 16),
+            "env SELFHEAL_ADMIN_TOKEN",
+            "must be at least 16 characters",
         );
 
         let mut names = HashSet::new();

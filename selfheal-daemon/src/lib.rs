@@ -14,3 +14,4 @@ pub mod protocols;
 pub mod store;
 pub mod target;
 pub mod telemetry;
+pub mod traffic;

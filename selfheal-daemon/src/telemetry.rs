@@ -57,7 +57,69 @@ pub struct CaptureLabel {
     pub role: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequestLabel {
+    pub platform: Arc<str>,
+    pub method: &'static str,
+    /// The route template, or `other` past `traffic.max_routes`.
+    pub route: Arc<str>,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpDurationLabel {
+    pub platform: Arc<str>,
+    pub method: &'static str,
+    pub route: Arc<str>,
+    /// `1xx` … `5xx`.
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabel {
+    /// 16 hex digits of a stable hash of the whole fingerprint, or `other`.
+    pub query_id: Arc<str>,
+    /// The fingerprint, cut to 160 bytes, or `other` past `traffic.max_queries`.
+    pub fingerprint: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SqlstateLabel {
+    /// The first two characters of the SQLSTATE.
+    pub sqlstate_class: Arc<str>,
+    pub sqlstate: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabel {
+    pub sqlstate: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    /// `http` or `postgres`.
+    pub protocol: &'static str,
+    /// What went wrong: `desync`, `unparsed`, `unmatched`, `unanswered`, `dropped`.
+    pub problem: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Request latencies: 0.5 ms to 10 s.
+fn http_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+/// Query latencies: 0.1 ms to 10 s.
+fn query_histogram() -> Histogram {
+    Histogram::new([
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ])
+}
 
 /// All metrics. Cheap to clone: every field is a handle to shared state.
 #[derive(Clone)]
@@ -89,6 +151,25 @@ pub struct Metrics {
     pub capture_events: Family<CaptureLabel, Counter>,
     pub capture_bytes: Family<CaptureLabel, Counter>,
     pub capture_connections: Gauge,
+    pub capture_decode_cpu_seconds: Counter<f64, AtomicU64>,
+    pub http_requests: Family<HttpRequestLabel, Counter>,
+    pub http_request_duration_seconds: HistogramFamily<HttpDurationLabel>,
+    pub postgres_query_duration_seconds: HistogramFamily<QueryLabel>,
+    pub postgres_query_rows: Family<QueryLabel, Counter>,
+    pub postgres_query_errors: Family<SqlstateLabel, Counter>,
+    pub postgres_auth_failures: Family<AuthFailureLabel, Counter>,
+    pub postgres_logins: Counter,
+    pub protocol_problems: Family<ProtocolLabel, Counter>,
+    pub store_series: Gauge,
+    pub store_memory_bytes: Gauge,
+    pub store_memory_budget_bytes: Gauge,
+    pub store_samples: Counter,
+    pub store_samples_dropped: Family<ReasonLabel, Counter>,
+    pub store_series_refused: Family<ReasonLabel, Counter>,
+    pub store_snapshots: Counter,
+    pub store_snapshot_failures: Counter,
+    pub store_snapshot_bytes: Gauge,
+    pub store_snapshot_duration_seconds: FloatGauge,
     pub bus_events: Family<KindLabel, Counter>,
     pub bus_lagged: Counter,
     pub agent_up: Family<AgentLabel, Gauge>,
@@ -264,6 +345,122 @@ impl Metrics {
             "Connections of the target in the capture table",
             capture_connections.clone(),
         );
+        let capture_decode_cpu_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "selfheal_capture_decode_cpu_seconds",
+            "CPU time the daemon spent decoding captured traffic (protocols and recording)",
+            capture_decode_cpu_seconds.clone(),
+        );
+        let http_requests = Family::<HttpRequestLabel, Counter>::default();
+        registry.register(
+            "selfheal_http_requests",
+            "HTTP requests the target answered, by platform, method, route template and status",
+            http_requests.clone(),
+        );
+        let http_request_duration_seconds: HistogramFamily<HttpDurationLabel> =
+            Family::new_with_constructor(http_histogram);
+        registry.register(
+            "selfheal_http_request_duration_seconds",
+            "Time from a request's first byte in to its response's first byte out, at the target's sockets",
+            http_request_duration_seconds.clone(),
+        );
+        let postgres_query_duration_seconds: HistogramFamily<QueryLabel> =
+            Family::new_with_constructor(query_histogram);
+        registry.register(
+            "selfheal_postgres_query_duration_seconds",
+            "Time from a query sent by the target to its completion received, by fingerprint",
+            postgres_query_duration_seconds.clone(),
+        );
+        let postgres_query_rows = Family::<QueryLabel, Counter>::default();
+        registry.register(
+            "selfheal_postgres_query_rows",
+            "Rows the target's queries returned or changed, by fingerprint",
+            postgres_query_rows.clone(),
+        );
+        let postgres_query_errors = Family::<SqlstateLabel, Counter>::default();
+        registry.register(
+            "selfheal_postgres_query_errors",
+            "Queries of the target that ended in an ErrorResponse, by SQLSTATE",
+            postgres_query_errors.clone(),
+        );
+        let postgres_auth_failures = Family::<AuthFailureLabel, Counter>::default();
+        registry.register(
+            "selfheal_postgres_auth_failures",
+            "Logins of the target to PostgreSQL that were refused, by SQLSTATE (28P01: bad password)",
+            postgres_auth_failures.clone(),
+        );
+        let postgres_logins = Counter::default();
+        registry.register(
+            "selfheal_postgres_logins",
+            "Logins of the target to PostgreSQL that succeeded",
+            postgres_logins.clone(),
+        );
+        let protocol_problems = Family::<ProtocolLabel, Counter>::default();
+        registry.register(
+            "selfheal_protocol_problems",
+            "Messages the decoders could not use, by protocol and problem",
+            protocol_problems.clone(),
+        );
+        let store_series = Gauge::default();
+        registry.register(
+            "selfheal_store_series",
+            "Series in the metrics store",
+            store_series.clone(),
+        );
+        let store_memory_bytes = Gauge::default();
+        registry.register(
+            "selfheal_store_memory_bytes",
+            "Memory the metrics store's series take",
+            store_memory_bytes.clone(),
+        );
+        let store_memory_budget_bytes = Gauge::default();
+        registry.register(
+            "selfheal_store_memory_budget_bytes",
+            "The metrics store's memory budget (store.max_bytes)",
+            store_memory_budget_bytes.clone(),
+        );
+        let store_samples = Counter::default();
+        registry.register(
+            "selfheal_store_samples",
+            "Samples written to the metrics store",
+            store_samples.clone(),
+        );
+        let store_samples_dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "selfheal_store_samples_dropped",
+            "Samples the metrics store refused, by reason",
+            store_samples_dropped.clone(),
+        );
+        let store_series_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "selfheal_store_series_refused",
+            "New series the metrics store refused, by reason (series cap, memory budget, bad key)",
+            store_series_refused.clone(),
+        );
+        let store_snapshots = Counter::default();
+        registry.register(
+            "selfheal_store_snapshots",
+            "Snapshots of the metrics store written to disk",
+            store_snapshots.clone(),
+        );
+        let store_snapshot_failures = Counter::default();
+        registry.register(
+            "selfheal_store_snapshot_failures",
+            "Snapshots of the metrics store that could not be written",
+            store_snapshot_failures.clone(),
+        );
+        let store_snapshot_bytes = Gauge::default();
+        registry.register(
+            "selfheal_store_snapshot_bytes",
+            "Size of the last snapshot written",
+            store_snapshot_bytes.clone(),
+        );
+        let store_snapshot_duration_seconds = FloatGauge::default();
+        registry.register(
+            "selfheal_store_snapshot_duration_seconds",
+            "Time the last snapshot took to write",
+            store_snapshot_duration_seconds.clone(),
+        );
         let bus_events = Family::<KindLabel, Counter>::default();
         registry.register(
             "selfheal_bus_events",
@@ -328,6 +525,25 @@ impl Metrics {
             capture_events,
             capture_bytes,
             capture_connections,
+            capture_decode_cpu_seconds,
+            http_requests,
+            http_request_duration_seconds,
+            postgres_query_duration_seconds,
+            postgres_query_rows,
+            postgres_query_errors,
+            postgres_auth_failures,
+            postgres_logins,
+            protocol_problems,
+            store_series,
+            store_memory_bytes,
+            store_memory_budget_bytes,
+            store_samples,
+            store_samples_dropped,
+            store_series_refused,
+            store_snapshots,
+            store_snapshot_failures,
+            store_snapshot_bytes,
+            store_snapshot_duration_seconds,
             bus_events,
             bus_lagged,
             agent_up,

@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::traffic::{Capture, Direction, Role};
+use super::capture::{Capture, Direction, Role};
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
     config::ProbesConfig,
@@ -371,9 +371,9 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
                 sock: u64_at(40)?,
                 role: Role::from_raw(u32_at(36)?),
                 direction: if u32_at(20)? == DIRECTION_SEND {
-                    Direction::Send
+                    Direction::Sent
                 } else {
-                    Direction::Recv
+                    Direction::Received
                 },
                 total_len: u64_at(24)?,
                 captured: bytes.get(header..header + captured)?.to_vec(),
@@ -766,7 +766,7 @@ mod tests {
                 fd: 7,
                 sock: 0xffff_8880_dead_beef,
                 role: Some(Role::Server),
-                direction: Direction::Send,
+                direction: Direction::Sent,
                 total_len: 4096,
                 captured: b"HTTP/1.1 200 OK\r\n".to_vec(),
                 ts_ns: 99,

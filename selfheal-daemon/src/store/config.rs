@@ -41,6 +41,8 @@ pub struct StoreConfig {
     /// Tiers of distributions, finest first. Coarser than `tiers` by default: a
     /// distribution bucket costs 33 times a counter's (see the `store` module docs).
     pub distribution_tiers: Vec<TierConfig>,
+    /// How often the daemon snapshots the store to disk: a restart loses at most this much.
+    pub snapshot_interval_secs: u64,
 }
 
 impl Default for StoreConfig {
@@ -62,6 +64,7 @@ impl Default for StoreConfig {
                 TierConfig::new(HOUR_MS, 30 * DAY_MS),
                 TierConfig::new(DAY_MS, 365 * DAY_MS),
             ],
+            snapshot_interval_secs: 60,
         }
     }
 }
@@ -118,6 +121,8 @@ pub struct StoreConfigError {
 /// A problem with a [`StoreConfig`], with the key path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreConfigProblem {
+    #[error("snapshot_interval_secs: must be between 1 and 86400")]
+    SnapshotInterval,
     #[error("{list}: at least one tier is needed")]
     NoTiers { list: TierList },
     #[error("{list}[{index}].resolution_ms: must be positive")]
@@ -154,6 +159,9 @@ impl StoreConfig {
     /// Every problem of the config; empty when it is valid.
     pub fn problems(&self) -> Vec<StoreConfigProblem> {
         let mut problems = Vec::new();
+        if !(1..=86_400).contains(&self.snapshot_interval_secs) {
+            problems.push(StoreConfigProblem::SnapshotInterval);
+        }
         for (list, tiers) in [
             (TierList::Tiers, &self.tiers),
             (TierList::DistributionTiers, &self.distribution_tiers),

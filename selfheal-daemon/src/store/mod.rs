@@ -45,6 +45,7 @@
 
 mod config;
 mod key;
+pub mod persist;
 mod query;
 mod ring;
 mod series;
@@ -77,7 +78,7 @@ pub use query::{
     PointValue, QueryError, Range, Summary, MAX_POINTS,
 };
 pub use series::{MemoryReport, RegisterError, SeriesInfo, Store, StoreStats, WriteError};
-pub use sketch::{MergedSketch, RELATIVE_ERROR, WINDOW_SPREAD};
+pub use sketch::{MergedSketch, WindowSketch, RELATIVE_ERROR, WINDOW_SPREAD};
 pub use snapshot::{
     IoOp, LoadOutcome, LoadReport, SnapshotError, SnapshotProblem, SnapshotReport, FORMAT_VERSION,
     SNAPSHOT_FILE,

@@ -97,6 +97,43 @@ pub(crate) fn window_insert(bins: &mut [u32], top: &mut i16, index: i16, count: 
     bins[position] = bins[position].saturating_add(count);
 }
 
+/// A running distribution of fixed size outside the store (one bucket's window: 266 bytes,
+/// same error bounds), for tables that keep a distribution per key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowSketch {
+    bins: [u32; WINDOW],
+    top: i16,
+    sum: f64,
+}
+
+impl Default for WindowSketch {
+    fn default() -> Self {
+        Self {
+            bins: [0; WINDOW],
+            top: EMPTY_TOP,
+            sum: 0.0,
+        }
+    }
+}
+
+impl WindowSketch {
+    /// Adds one sample; values that are not finite are ignored.
+    pub fn insert(&mut self, value: f64) {
+        if !value.is_finite() {
+            return;
+        }
+        window_insert(&mut self.bins, &mut self.top, bin_index(value), 1);
+        self.sum += value.max(0.0);
+    }
+
+    /// The samples as a sketch to read quantiles from.
+    pub fn merged(&self) -> MergedSketch {
+        let mut merged = MergedSketch::new();
+        merged.add_window(&self.bins, self.top, self.sum);
+        merged
+    }
+}
+
 /// Many windows merged, for a query: no collapse, so the result is as exact as its parts.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MergedSketch {

@@ -30,6 +30,7 @@ fn small_config() -> StoreConfig {
         max_series: 64,
         tiers: tiers.clone(),
         distribution_tiers: tiers,
+        ..StoreConfig::default()
     }
 }
 

@@ -1,0 +1,726 @@
+//! Capture: the target's socket payloads from the kernel, per connection, through the
+//! protocol decoders.
+//!
+//! Owns: the connection table (the kernel's `struct sock *` → what is known about it), the
+//! choice of decoder for each connection (HTTP/1.x when the target serves it, PostgreSQL when
+//! the target is its client, from the kernel's role and the first bytes), and the accounting
+//! of captured traffic. Completed exchanges and queries go to the [`Recorder`]. Must not: block
+//! the eBPF reader (it hands captures over through a bounded queue and counts what does not
+//! fit) or grow without bound (the table is capped; every parser has a constant bound).
+
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{
+    protocols::{
+        http::{HttpExchange, HttpParser, HttpStats},
+        postgres::{PgEvent, PgParser, PgStats},
+    },
+    telemetry::{CaptureLabel, Metrics, ProtocolLabel, ReasonLabel},
+    traffic::Recorder,
+};
+
+pub use crate::protocols::Direction;
+
+/// Which side of the connection the target is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The target connected (to Postgres, to a provider).
+    Client,
+    /// The target accepted (an HTTP request to it).
+    Server,
+}
+
+impl Role {
+    /// The role the kernel reported; `None` for a connection it did not see open (one that
+    /// existed before the daemon started, or not TCP): the decoders tell it from the content.
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            r if r == u32::from(selfheal_ebpf::ROLE_SERVER) => Some(Self::Server),
+            r if r == u32::from(selfheal_ebpf::ROLE_CLIENT) => Some(Self::Client),
+            _ => None,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Server => "server",
+        }
+    }
+}
+
+fn direction_label(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Received => "recv",
+        Direction::Sent => "send",
+    }
+}
+
+/// What the eBPF reader hands over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Capture {
+    Data {
+        tgid: u32,
+        fd: u32,
+        /// The kernel `struct sock *`: the connection's identity while it lives.
+        sock: u64,
+        role: Option<Role>,
+        direction: Direction,
+        /// Bytes the operation moved.
+        total_len: u64,
+        /// Their first bytes (up to `probes.payload_bytes`).
+        captured: Vec<u8>,
+        /// `CLOCK_MONOTONIC` nanoseconds.
+        ts_ns: u64,
+    },
+    /// A TCP connection of the target was established (connect or accept).
+    Opened {
+        tgid: u32,
+        sock: u64,
+        role: Role,
+        ts_ns: u64,
+    },
+    /// A TCP connection of the target closed.
+    Closed { sock: u64, ts_ns: u64 },
+}
+
+/// The most connections tracked at once; beyond it new ones are refused and counted.
+const MAX_CONNECTIONS: usize = 65_536;
+
+/// Data events on a connection whose protocol is still unknown before it is given up on.
+const MAX_UNDECIDED_EVENTS: u8 = 8;
+
+/// How a connection's bytes are read.
+#[derive(Debug, Default)]
+enum Decoder {
+    /// Not enough seen to tell; counts the data events looked at.
+    #[default]
+    Undecided,
+    Http(Box<HttpParser>),
+    Postgres(Box<PgParser>),
+    /// Neither protocol (TLS, HTTP/2, a client HTTP call, anything else): only counted.
+    Opaque,
+}
+
+#[derive(Debug, Default)]
+struct Connection {
+    tgid: u32,
+    role: Option<Role>,
+    recv_bytes: u64,
+    send_bytes: u64,
+    decoder: Decoder,
+    undecided_events: u8,
+}
+
+/// The capture counters of one (direction, role) pair, looked up once.
+struct Counters {
+    events: Counter,
+    bytes: Counter,
+}
+
+/// What the decoders produced from one batch, tagged with the process that produced it.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub http: Vec<(u32, HttpExchange)>,
+    pub postgres: Vec<(u32, PgEvent)>,
+    /// Scratch buffers handed to the parsers.
+    http_out: Vec<HttpExchange>,
+    pg_out: Vec<PgEvent>,
+}
+
+impl Decoded {
+    fn collect(&mut self, tgid: u32) {
+        self.http.extend(self.http_out.drain(..).map(|e| (tgid, e)));
+        self.postgres
+            .extend(self.pg_out.drain(..).map(|e| (tgid, e)));
+    }
+
+    pub fn clear(&mut self) {
+        self.http.clear();
+        self.postgres.clear();
+    }
+}
+
+/// The decoders' problem counters, summed over live connections plus those already closed.
+#[derive(Debug, Default, Clone, Copy)]
+struct ProblemTotals {
+    http: HttpStats,
+    postgres: PgStats,
+}
+
+/// The connection table and its accounting.
+pub struct Traffic {
+    metrics: Metrics,
+    connections: HashMap<u64, Connection>,
+    /// Indexed by `direction * 3 + role` (client, server, unknown).
+    counters: Vec<Counters>,
+    /// Problems of parsers already dropped, and what was last exported.
+    closed: ProblemTotals,
+    exported: ProblemTotals,
+}
+
+impl Traffic {
+    pub fn new(metrics: Metrics) -> Self {
+        let mut counters = Vec::with_capacity(6);
+        for direction in [Direction::Received, Direction::Sent] {
+            for role in ["client", "server", "unknown"] {
+                let label = CaptureLabel {
+                    direction: direction_label(direction),
+                    role,
+                };
+                counters.push(Counters {
+                    events: metrics.capture_events.get_or_create(&label).clone(),
+                    bytes: metrics.capture_bytes.get_or_create(&label).clone(),
+                });
+            }
+        }
+        Self {
+            metrics,
+            connections: HashMap::new(),
+            counters,
+            closed: ProblemTotals::default(),
+            exported: ProblemTotals::default(),
+        }
+    }
+
+    fn counters(&self, direction: Direction, role: Option<Role>) -> &Counters {
+        let row = match direction {
+            Direction::Received => 0,
+            Direction::Sent => 3,
+        };
+        let column = match role {
+            Some(Role::Client) => 0,
+            Some(Role::Server) => 1,
+            None => 2,
+        };
+        &self.counters[row + column]
+    }
+
+    /// Handles one capture; what the decoders complete is appended to `out`.
+    pub fn handle(&mut self, capture: &Capture, out: &mut Decoded) {
+        match *capture {
+            Capture::Data {
+                tgid,
+                sock,
+                role,
+                direction,
+                total_len,
+                ref captured,
+                ts_ns,
+                ..
+            } => {
+                let known = self.connections.get(&sock).and_then(|c| c.role).or(role);
+                let counters = self.counters(direction, known);
+                counters.events.inc();
+                counters.bytes.inc_by(total_len);
+                let room = self.connections.len() < MAX_CONNECTIONS;
+                let connection = if room {
+                    Some(self.connections.entry(sock).or_insert_with(|| Connection {
+                        tgid,
+                        role,
+                        ..Connection::default()
+                    }))
+                } else {
+                    self.connections.get_mut(&sock)
+                };
+                let Some(connection) = connection else {
+                    let reason = ReasonLabel {
+                        reason: "connection_table_full",
+                    };
+                    self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+                    return;
+                };
+                match direction {
+                    Direction::Received => connection.recv_bytes += total_len,
+                    Direction::Sent => connection.send_bytes += total_len,
+                }
+                let total_len = usize::try_from(total_len).unwrap_or(usize::MAX);
+                feed(connection, direction, captured, total_len, ts_ns, out);
+                out.collect(connection.tgid);
+            }
+            Capture::Opened {
+                tgid, sock, role, ..
+            } => {
+                // A reused `struct sock` is a new connection: the old one's parser is closed.
+                if let Some(old) = self.connections.remove(&sock) {
+                    self.retire(old, out);
+                }
+                if self.connections.len() < MAX_CONNECTIONS {
+                    let connection = Connection {
+                        tgid,
+                        role: Some(role),
+                        ..Connection::default()
+                    };
+                    self.connections.insert(sock, connection);
+                }
+            }
+            Capture::Closed { sock, .. } => {
+                if let Some(old) = self.connections.remove(&sock) {
+                    self.retire(old, out);
+                }
+            }
+        }
+    }
+
+    /// Closes a connection's parser (flushing what it completes) and keeps its counters.
+    fn retire(&mut self, mut connection: Connection, out: &mut Decoded) {
+        match &mut connection.decoder {
+            Decoder::Http(parser) => {
+                parser.close(&mut out.http_out);
+                add_http(&mut self.closed.http, &parser.stats());
+            }
+            Decoder::Postgres(parser) => {
+                parser.close(&mut out.pg_out);
+                add_pg(&mut self.closed.postgres, &parser.stats());
+            }
+            Decoder::Undecided | Decoder::Opaque => {}
+        }
+        out.collect(connection.tgid);
+    }
+
+    /// Handles a batch and updates the gauges once.
+    pub fn handle_batch(&mut self, batch: &[Capture], out: &mut Decoded) {
+        for capture in batch {
+            self.handle(capture, out);
+        }
+        let tracked = i64::try_from(self.connections.len()).unwrap_or(i64::MAX);
+        self.metrics.capture_connections.set(tracked);
+    }
+
+    /// Forgets the connections of processes that are no longer the target's.
+    pub fn retain_processes(&mut self, members: &[u32], out: &mut Decoded) {
+        let gone: Vec<u64> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| !members.contains(&c.tgid))
+            .map(|(&sock, _)| sock)
+            .collect();
+        for sock in gone {
+            if let Some(old) = self.connections.remove(&sock) {
+                self.retire(old, out);
+            }
+        }
+    }
+
+    /// Requests and queries waiting for an answer now, for the traces view.
+    pub fn in_flight(&self) -> (Vec<(u32, crate::protocols::http::HttpRequest)>, usize) {
+        let mut requests = Vec::new();
+        let mut queries = 0;
+        for connection in self.connections.values() {
+            match &connection.decoder {
+                Decoder::Http(parser) => requests.extend(
+                    parser
+                        .in_flight()
+                        .map(|request| (connection.tgid, request.clone())),
+                ),
+                Decoder::Postgres(parser) => queries += parser.in_flight().count(),
+                Decoder::Undecided | Decoder::Opaque => {}
+            }
+        }
+        (requests, queries)
+    }
+
+    /// Exports the decoders' problem counters (sums over every parser, live and closed).
+    pub fn export_problems(&mut self) {
+        let mut now = self.closed;
+        for connection in self.connections.values() {
+            match &connection.decoder {
+                Decoder::Http(parser) => add_http(&mut now.http, &parser.stats()),
+                Decoder::Postgres(parser) => add_pg(&mut now.postgres, &parser.stats()),
+                Decoder::Undecided | Decoder::Opaque => {}
+            }
+        }
+        let before = self.exported;
+        let rows = [
+            ("http", "unparsed", now.http.unparsed, before.http.unparsed),
+            (
+                "http",
+                "unmatched",
+                now.http.unmatched_responses,
+                before.http.unmatched_responses,
+            ),
+            (
+                "http",
+                "unanswered",
+                now.http.unanswered,
+                before.http.unanswered,
+            ),
+            ("http", "desync", now.http.desyncs, before.http.desyncs),
+            (
+                "postgres",
+                "desync",
+                now.postgres.desyncs,
+                before.postgres.desyncs,
+            ),
+            (
+                "postgres",
+                "unmatched",
+                now.postgres.unmatched,
+                before.postgres.unmatched,
+            ),
+            (
+                "postgres",
+                "dropped",
+                now.postgres.dropped,
+                before.postgres.dropped,
+            ),
+        ];
+        for (protocol, problem, now, before) in rows {
+            // A parser's counters only grow, but one forgotten with its process takes its
+            // counts with it only if it was never retired; retire always adds, so this holds.
+            if now > before {
+                self.metrics
+                    .protocol_problems
+                    .get_or_create(&ProtocolLabel { protocol, problem })
+                    .inc_by(now - before);
+            }
+        }
+        self.exported = now;
+    }
+}
+
+fn add_http(sum: &mut HttpStats, stats: &HttpStats) {
+    sum.exchanges += stats.exchanges;
+    sum.truncated += stats.truncated;
+    sum.unparsed += stats.unparsed;
+    sum.unmatched_responses += stats.unmatched_responses;
+    sum.unanswered += stats.unanswered;
+    sum.desyncs += stats.desyncs;
+    sum.skipped_bytes += stats.skipped_bytes;
+}
+
+fn add_pg(sum: &mut PgStats, stats: &PgStats) {
+    sum.queries += stats.queries;
+    sum.inferred += stats.inferred;
+    sum.desyncs += stats.desyncs;
+    sum.skipped_bytes += stats.skipped_bytes;
+    sum.unmatched += stats.unmatched;
+    sum.dropped += stats.dropped;
+}
+
+/// Feeds one syscall's bytes to the connection's decoder, choosing it first if needed.
+fn feed(
+    connection: &mut Connection,
+    direction: Direction,
+    captured: &[u8],
+    total_len: usize,
+    ts_ns: u64,
+    out: &mut Decoded,
+) {
+    if matches!(connection.decoder, Decoder::Undecided) {
+        connection.decoder = match classify(connection.role, direction, captured) {
+            Some(Protocol::Http) => Decoder::Http(Box::default()),
+            Some(Protocol::Postgres) => Decoder::Postgres(Box::default()),
+            Some(Protocol::Other) => Decoder::Opaque,
+            None => {
+                connection.undecided_events += 1;
+                if connection.undecided_events >= MAX_UNDECIDED_EVENTS {
+                    connection.decoder = Decoder::Opaque;
+                }
+                return;
+            }
+        };
+    }
+    match &mut connection.decoder {
+        Decoder::Http(parser) => {
+            parser.feed(direction, captured, total_len, ts_ns, &mut out.http_out);
+        }
+        Decoder::Postgres(parser) => {
+            parser.feed(direction, captured, total_len, ts_ns, &mut out.pg_out);
+        }
+        Decoder::Undecided | Decoder::Opaque => {}
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http,
+    Postgres,
+    Other,
+}
+
+const HTTP_METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// The protocol a connection speaks, from the kernel's role and the first bytes of one
+/// syscall; `None` when these bytes cannot tell.
+///
+/// The target is an HTTP server and a PostgreSQL client, so: bytes received that start a
+/// request, or sent that start a response, are HTTP; bytes sent that are a startup packet
+/// or a frontend message, or received that are a backend message, are PostgreSQL. HTTP is
+/// tried first because `DELETE ` and `CONNECT ` begin with bytes that are also backend
+/// message types. A connection the kernel saw the target accept is never PostgreSQL, and one
+/// it saw the target open is never served HTTP (the target calling a provider's API).
+fn classify(role: Option<Role>, direction: Direction, bytes: &[u8]) -> Option<Protocol> {
+    if bytes.is_empty() {
+        return None;
+    }
+    let http = match direction {
+        Direction::Received => HTTP_METHODS.iter().any(|m| bytes.starts_with(m)),
+        Direction::Sent => bytes.starts_with(b"HTTP/1."),
+    };
+    if http {
+        return Some(if role == Some(Role::Client) {
+            Protocol::Other
+        } else {
+            Protocol::Http
+        });
+    }
+    let postgres = match direction {
+        Direction::Sent => is_startup_packet(bytes) || is_message(bytes, b"QPBEDSCHFXdcf"),
+        Direction::Received => is_message(bytes, b"RSKZTDCEINnst12GHWAcdv3"),
+    };
+    if postgres {
+        return Some(if role == Some(Role::Server) {
+            Protocol::Other
+        } else {
+            Protocol::Postgres
+        });
+    }
+    // Fewer than 5 bytes could still become either; more that are neither are something else.
+    (bytes.len() >= 8).then_some(Protocol::Other)
+}
+
+/// A startup, SSL, GSS-encryption or cancel request: a length then a known code.
+fn is_startup_packet(bytes: &[u8]) -> bool {
+    let (Some(length), Some(code)) = (be_u32(bytes, 0), be_u32(bytes, 4)) else {
+        return false;
+    };
+    let known = matches!(code, 196_608 | 80_877_102..=80_877_104);
+    known && (8..=10_000).contains(&length)
+}
+
+/// A typed message of one of `types` with a plausible length.
+fn is_message(bytes: &[u8], types: &[u8]) -> bool {
+    let Some(length) = be_u32(bytes, 1) else {
+        return false;
+    };
+    types.contains(&bytes[0]) && (4..=(1 << 30)).contains(&length)
+}
+
+fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let word: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(word))
+}
+
+/// Consumes captures until cancelled or the reader is gone; forgets the connections of
+/// processes that stop being the target's; hands what the decoders complete to `recorder`.
+pub async fn run(
+    mut captures: mpsc::Receiver<Vec<Capture>>,
+    mut members: watch::Receiver<Vec<u32>>,
+    mut recorder: Recorder,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    let mut traffic = Traffic::new(metrics.clone());
+    let mut decoded = Decoded::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = members.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = members.borrow_and_update().clone();
+                traffic.retain_processes(&current, &mut decoded);
+            }
+            batch = captures.recv() => match batch {
+                Some(batch) => {
+                    let started = thread_cpu_seconds();
+                    traffic.handle_batch(&batch, &mut decoded);
+                    recorder.record(&decoded);
+                    decoded.clear();
+                    let spent = thread_cpu_seconds() - started;
+                    if spent > 0.0 {
+                        metrics.capture_decode_cpu_seconds.inc_by(spent);
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                traffic.export_problems();
+                let (requests, queries) = traffic.in_flight();
+                recorder.set_in_flight(requests, queries);
+            }
+        }
+        if !decoded.http.is_empty() || !decoded.postgres.is_empty() {
+            recorder.record(&decoded);
+            decoded.clear();
+        }
+    }
+}
+
+/// CPU time of the calling thread (the batch is handled without awaiting, on one thread).
+fn thread_cpu_seconds() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(sock: u64, role: Option<Role>, direction: Direction, bytes: &[u8]) -> Capture {
+        Capture::Data {
+            tgid: 1,
+            fd: 7,
+            sock,
+            role,
+            direction,
+            total_len: bytes.len() as u64,
+            captured: bytes.to_vec(),
+            ts_ns: 1,
+        }
+    }
+
+    #[test]
+    fn connections_are_tracked_and_traffic_counted() {
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics.clone());
+        let mut out = Decoded::default();
+        traffic.handle(
+            &Capture::Opened {
+                tgid: 1,
+                sock: 0xa0,
+                role: Role::Server,
+                ts_ns: 0,
+            },
+            &mut out,
+        );
+        for _ in 0..3 {
+            traffic.handle(
+                &data(0xa0, None, Direction::Received, &[b'x'; 100]),
+                &mut out,
+            );
+        }
+        assert_eq!(traffic.connections[&0xa0].recv_bytes, 300);
+        let text = metrics.encode();
+        assert!(
+            text.contains("selfheal_capture_events_total{direction=\"recv\",role=\"server\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("selfheal_capture_bytes_total{direction=\"recv\",role=\"server\"} 300"),
+            "{text}"
+        );
+        traffic.handle(
+            &Capture::Closed {
+                sock: 0xa0,
+                ts_ns: 3,
+            },
+            &mut out,
+        );
+        assert!(traffic.connections.is_empty());
+
+        // A connection older than the daemon: no open seen, role unknown, still tracked.
+        traffic.handle(&data(0xb0, None, Direction::Sent, b"12345678"), &mut out);
+        assert!(metrics
+            .encode()
+            .contains("selfheal_capture_events_total{direction=\"send\",role=\"unknown\"} 1"));
+        traffic.retain_processes(&[2], &mut out);
+        assert!(traffic.connections.is_empty());
+    }
+
+    type Case<'a> = (Option<Role>, Direction, &'a [u8], Option<Protocol>);
+
+    #[test]
+    fn the_protocol_is_told_from_the_role_and_the_first_bytes() {
+        use Direction::{Received, Sent};
+        let startup = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]; // SSLRequest
+        let query = b"Q\0\0\0\x0dSELECT 1\0";
+        let ready = b"Z\0\0\0\x05I";
+        let cases: [Case; 13] = [
+            (
+                Some(Role::Server),
+                Received,
+                b"GET / HTTP/1.1\r\n",
+                Some(Protocol::Http),
+            ),
+            (
+                None,
+                Received,
+                b"DELETE /x HTTP/1.1\r\n",
+                Some(Protocol::Http),
+            ),
+            (None, Sent, b"HTTP/1.1 200 OK\r\n", Some(Protocol::Http)),
+            (
+                Some(Role::Client),
+                Sent,
+                b"GET / HTTP/1.1\r\n",
+                Some(Protocol::Other),
+            ),
+            (Some(Role::Client), Sent, &startup, Some(Protocol::Postgres)),
+            (None, Sent, &startup, Some(Protocol::Postgres)),
+            (None, Sent, query, Some(Protocol::Postgres)),
+            (None, Received, ready, Some(Protocol::Postgres)),
+            (Some(Role::Server), Received, query, Some(Protocol::Other)),
+            (
+                None,
+                Received,
+                &[0x16, 3, 1, 0, 0xa5, 1, 0, 0, 0xa1],
+                Some(Protocol::Other),
+            ),
+            (None, Received, b"GE", None),
+            (
+                None,
+                Sent,
+                b"SSH-2.0-OpenSSH_9.6\r\n",
+                Some(Protocol::Other),
+            ),
+            (None, Sent, b"", None),
+        ];
+        for (role, direction, bytes, expected) in cases {
+            let got = classify(role, direction, bytes);
+            assert_eq!(got, expected, "{role:?} {direction:?} {bytes:?}");
+        }
+    }
+
+    #[test]
+    fn an_http_exchange_and_a_query_come_out_of_their_connections() {
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics);
+        let mut out = Decoded::default();
+        let request = b"GET /api/v1/leads/7 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        traffic.handle(
+            &data(1, Some(Role::Server), Direction::Received, request),
+            &mut out,
+        );
+        traffic.handle(
+            &data(1, Some(Role::Server), Direction::Sent, response),
+            &mut out,
+        );
+        assert_eq!(out.http.len(), 1);
+        assert_eq!(out.http[0].1.request.path, "/api/v1/leads/7");
+        assert_eq!(out.http[0].1.status, 200);
+
+        // A pool connection older than the daemon: joined mid-way from a frontend message.
+        let query = b"Q\0\0\0\x0dSELECT 1\0";
+        let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
+        traffic.handle(&data(2, None, Direction::Sent, query), &mut out);
+        traffic.handle(&data(2, None, Direction::Received, answer), &mut out);
+        assert!(
+            out.postgres
+                .iter()
+                .any(|(_, e)| matches!(e, PgEvent::Query(q) if q.rows == 1)),
+            "{:?}",
+            out.postgres
+        );
+    }
+}
