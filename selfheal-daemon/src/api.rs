@@ -463,3 +463,57 @@ pub async fn track_alerts(bus: Bus, alerts: FiringAlerts, cancel: CancellationTo
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn the_token_comes_from_the_environment_a_file_or_is_generated_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut admin = AdminConfig::default();
+
+        let (generated, source) = resolve_token(&admin, dir.path()).expect("generated");
+        let path = dir.path().join("admin.token");
+        assert_eq!(source, TokenSource::Generated(path.clone()));
+        assert_eq!(generated.expose().len(), 64);
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // The next start reads the same token.
+        let (again, _) = resolve_token(&admin, dir.path()).expect("again");
+        assert_eq!(again.expose(), generated.expose());
+
+        let file = dir.path().join("given.token");
+        std::fs::write(&file, "  0123456789abcdef-given\n").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        admin.token_file = Some(file.clone());
+        assert!(matches!(
+            resolve_token(&admin, dir.path()),
+            Err(TokenError::Exposed { .. })
+        ));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let (given, source) = resolve_token(&admin, dir.path()).expect("file");
+        assert_eq!(given.expose(), "0123456789abcdef-given");
+        assert_eq!(source, TokenSource::File(file.clone()));
+        std::fs::write(&file, "short").expect("write");
+        assert!(matches!(
+            resolve_token(&admin, dir.path()),
+            Err(TokenError::TooShort { .. })
+        ));
+
+        admin.token = Some(Secret::new("from-the-environment-0123"));
+        let (env, source) = resolve_token(&admin, dir.path()).expect("env");
+        assert_eq!(env.expose(), "from-the-environment-0123");
+        assert_eq!(source, TokenSource::Environment);
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abc", "abd"));
+        assert!(!token_matches("ab", "abc"));
+        assert!(!token_matches("", "abc"));
+    }
+}

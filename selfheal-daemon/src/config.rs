@@ -1049,6 +1049,32 @@ mod tests {
     }
 
     #[test]
+    fn store_and_traffic_bounds_are_checked_with_their_key_paths() {
+        let found = problems(
+            "[target]\npid = 1\n[store]\nmax_bytes = 1000\nsnapshot_interval_secs = 0\n\
+             tiers = [{ resolution_ms = 0, retention_ms = 10 }]\n\
+             [traffic]\nmax_routes = 0\nmax_queries = 100000\n",
+        );
+        for expected in [
+            "store.max_bytes: must be at least 1048576 (1 MiB)",
+            "store.snapshot_interval_secs: must be between 1 and 86400",
+            "store.tiers[0].resolution_ms: must be positive",
+            "traffic.max_routes: must be between 1 and 10000",
+            "traffic.max_queries: must be between 1 and 10000",
+        ] {
+            assert!(
+                found.iter().any(|p| p == expected),
+                "{expected} not in {found:#?}"
+            );
+        }
+        let env = Env::from_pairs([("SELFHEAL_ADMIN_TOKEN", "short")]);
+        let found = parse("[target]\npid = 1\n", &env).expect_err("short token");
+        assert!(found
+            .iter()
+            .any(|p| p.to_string() == "env SELFHEAL_ADMIN_TOKEN: must be at least 16 characters"));
+    }
+
+    #[test]
     fn minimal_config_gets_the_seed_defaults() {
         let config = parse("[target]\npid = 42\n", &Env::default()).expect("valid");
         assert_eq!(config.target.selector(), Some(TargetSelector::Pid(42)));

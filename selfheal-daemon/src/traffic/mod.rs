@@ -11,6 +11,8 @@
 
 mod platform;
 mod record;
+#[cfg(test)]
+mod tests;
 mod views;
 
 use std::{
@@ -220,7 +222,7 @@ fn sqlstate_label(code: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     use super::*;
 
     #[test]
