@@ -1,4 +1,6 @@
 //! The recorder and the views together, on exchanges and queries as the decoders emit them.
+// The views round milliseconds to the microsecond, so the values compared here are exact.
+#![allow(clippy::float_cmp)]
 
 use std::sync::Arc;
 
