@@ -174,6 +174,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
                     captures: captures_tx,
                 },
                 interval,
+                Duration::from_millis(config.probes.flush_interval_ms),
                 bus.clone(),
                 metrics.clone(),
                 cancel.clone(),

@@ -275,6 +275,10 @@ pub struct ProbesConfig {
     pub payload_bytes: u32,
     /// Captured payloads waiting for the decoders; beyond it they are dropped and counted.
     pub payload_queue: usize,
+    /// How often the reader drains captures from the ring buffer. Captures do not wake it
+    /// (that would cost the target a wake-up per socket operation) unless a quarter of the
+    /// ring is full; process exits always do.
+    pub flush_interval_ms: u64,
 }
 
 impl Default for ProbesConfig {
@@ -284,6 +288,7 @@ impl Default for ProbesConfig {
             ring_buffer_bytes: 4 << 20,
             payload_bytes: 0,
             payload_queue: 16_384,
+            flush_interval_ms: 10,
         }
     }
 }
@@ -842,6 +847,11 @@ impl Config {
             (64..=1_048_576).contains(&self.probes.payload_queue),
             "probes.payload_queue",
             "must be between 64 and 1048576",
+        );
+        check(
+            (1..=1000).contains(&self.probes.flush_interval_ms),
+            "probes.flush_interval_ms",
+            "must be between 1 and 1000",
         );
 
         let monitor = &self.monitor;

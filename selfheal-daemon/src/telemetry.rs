@@ -152,6 +152,7 @@ pub struct Metrics {
     pub capture_bytes: Family<CaptureLabel, Counter>,
     pub capture_connections: Gauge,
     pub capture_decode_cpu_seconds: Counter<f64, AtomicU64>,
+    pub capture_sampling_ratio: FloatGauge,
     pub http_requests: Family<HttpRequestLabel, Counter>,
     pub http_request_duration_seconds: HistogramFamily<HttpDurationLabel>,
     pub postgres_query_duration_seconds: HistogramFamily<QueryLabel>,
@@ -351,6 +352,12 @@ impl Metrics {
             "CPU time the daemon spent decoding captured traffic (protocols and recording)",
             capture_decode_cpu_seconds.clone(),
         );
+        let capture_sampling_ratio = FloatGauge::default();
+        registry.register(
+            "selfheal_capture_sampling_ratio",
+            "Share of the target's connections whose payloads are decoded (1 = all; lower while the decoders are behind)",
+            capture_sampling_ratio.clone(),
+        );
         let http_requests = Family::<HttpRequestLabel, Counter>::default();
         registry.register(
             "selfheal_http_requests",
@@ -526,6 +533,7 @@ impl Metrics {
             capture_bytes,
             capture_connections,
             capture_decode_cpu_seconds,
+            capture_sampling_ratio,
             http_requests,
             http_request_duration_seconds,
             postgres_query_duration_seconds,

@@ -9,10 +9,17 @@
 //! registers (`bpf_task_pt_regs`), read at x86_64 `pt_regs` offsets; the loader attaches these
 //! programs only on x86_64. Payloads go straight into the ring buffer, capped at
 //! `CAPTURE_BYTES`; a full ring buffer drops the event and counts it.
+//!
+//! A capture does not wake the reader (a wake-up per socket operation would cost the target
+//! an irq_work and the daemon a context switch each): the reader drains the ring on its own
+//! short timer, and a capture wakes it only once `WAKEUP_BYTES` are waiting, so a burst
+//! cannot overflow the ring between two timer ticks. Process exits and TCP events keep the
+//! kernel's default (wake a reader that has caught up), so crash detection is not delayed.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user, generated},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
@@ -24,6 +31,11 @@ use crate::programs::{bump, now_ns, EVENTS, SOCKETS, TARGET_TGIDS};
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
 static CAPTURE_BYTES: u32 = 256;
+
+/// Bytes waiting in the ring buffer from which a capture wakes the reader (the loader sets
+/// it to a quarter of the ring).
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 64 * 1024;
 
 // x86_64 `struct pt_regs` offsets: the syscall number and its first two arguments.
 const REG_ORIG_AX: usize = 120;
@@ -119,7 +131,14 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         Some(n) => unsafe { (*event).captured = n },
         None => bump(stats::PAYLOAD_READ_FAULTS),
     }
-    entry.submit(0);
+    // SAFETY: a read of a constant the loader may have patched.
+    let wake_at = unsafe { read_volatile(&WAKEUP_BYTES) };
+    let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= wake_at {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(u64::from(flags));
     bump(stats::PAYLOAD_EVENTS);
 }
 

@@ -18,6 +18,8 @@ pub mod names {
     pub const PROG_CAPTURE_SEND: &str = "capture_send";
     /// Bytes of payload captured per syscall, at most [`super::MAX_CAPTURE`].
     pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
+    /// Bytes waiting in the ring buffer from which a capture wakes the reader at once.
+    pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     /// Offset of `exit_code` in `struct task_struct`, found in the kernel's BTF at load time.
     pub const GLOBAL_TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     /// 1 when `sched_process_exit` carries `group_dead` (Linux 6.16+), else 0.

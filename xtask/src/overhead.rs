@@ -3,9 +3,13 @@
 //! - The tax on a process that is *not* the target: nanoseconds per `write(2)` of one byte to
 //!   `/dev/null`, here in the xtask process, with no daemon, with the daemon and payload capture,
 //!   and with the daemon without payload capture (`probes.payload_bytes = 0`).
-//! - The cost to the target: the demo backend's throughput and latency under a fixed load
-//!   (keep-alive connections, each sending requests back to back), without and with the daemon,
-//!   alternated twice to even out drift; printed as ratios.
+//! - The cost to the target, without and with the daemon (payload capture on), in rounds
+//!   alternated without/with/with/without to even out drift, compared by medians:
+//!   - at saturation: keep-alive connections sending requests back to back; the throughput
+//!     ratio (on these 2-core machines the load generator, the backend, PostgreSQL and the
+//!     daemon share the CPUs, so every cycle the daemon spends shows up here);
+//!   - under a fixed load of half the saturation rate: requests sent on a schedule, latency
+//!     measured from the scheduled send (no coordinated omission); the p99 ratio.
 
 use std::{
     fs::OpenOptions,
@@ -59,9 +63,17 @@ struct Load {
     p99_ms: f64,
 }
 
-/// `connections` keep-alive clients sending `GET /api/v1/tackle/deals` back to back for `duration`.
-fn load(backend: &DemoBackend, connections: usize, duration: Duration) -> Result<Load> {
+/// `connections` keep-alive clients sending `GET /api/v1/tackle/deals` for `duration`: back to
+/// back, or, with `rate` (requests per second over all connections), on a fixed schedule
+/// with latency counted from the scheduled time.
+fn load(
+    backend: &DemoBackend,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Result<Load> {
     let address = backend.address;
+    let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
@@ -69,8 +81,19 @@ fn load(backend: &DemoBackend, connections: usize, duration: Duration) -> Result
                 let mut latencies = Vec::new();
                 let mut errors = 0;
                 let started = Instant::now();
+                let mut next = started;
                 while started.elapsed() < duration {
-                    let sent = Instant::now();
+                    let sent = match interval {
+                        Some(interval) => {
+                            let scheduled = next;
+                            next += interval;
+                            if let Some(wait) = scheduled.checked_duration_since(Instant::now()) {
+                                std::thread::sleep(wait);
+                            }
+                            scheduled
+                        }
+                        None => Instant::now(),
+                    };
                     match client.get("/api/v1/tackle/deals", "api.tackle.io") {
                         Ok(200) => latencies
                             .push(u32::try_from(sent.elapsed().as_micros()).unwrap_or(u32::MAX)),
@@ -115,9 +138,79 @@ fn daemon_for(backend: &DemoBackend, payload_bytes: u32) -> Result<Daemon> {
         backend.selector()
     ))?;
     daemon.wait_for_target(backend.proc.pid())?;
-    // The tracker hands the pid to the kernel filter asynchronously.
-    std::thread::sleep(Duration::from_millis(300));
+    // The tracker hands the pid to the kernel filter asynchronously; let start-up settle.
+    std::thread::sleep(Duration::from_secs(1));
     Ok(daemon)
+}
+
+/// Runs of each kind, per phase.
+const ROUNDS: usize = 4;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        f64::midpoint(values[n / 2 - 1], values[n / 2])
+    }
+}
+
+/// Rounds without and with the daemon in the order without, with, with, without, …;
+/// prints each and returns (without, with).
+fn alternate(
+    backend: &DemoBackend,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+    rounds: usize,
+) -> Result<(Vec<Load>, Vec<Load>)> {
+    println!("| run | requests | errors | req/s | p50 ms | p99 ms |");
+    println!("|---|---|---|---|---|---|");
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    for round in 0..rounds * 2 {
+        let daemon_on = matches!(round % 4, 1 | 2);
+        let row = |name: String, l: &Load| {
+            println!(
+                "| {name} | {} | {} | {:.0} | {:.2} | {:.2} |",
+                l.requests, l.errors, l.per_second, l.p50_ms, l.p99_ms
+            );
+        };
+        if daemon_on {
+            let daemon = daemon_for(backend, 256)?;
+            let cpu = || {
+                daemon
+                    .metric("selfheal_daemon_cpu_seconds_total")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0.0)
+            };
+            let cpu_before = cpu();
+            let result =
+                load(backend, connections, duration, rate).context("load with the daemon")?;
+            let cpu_percent = (cpu() - cpu_before) / duration.as_secs_f64() * 100.0;
+            drop(daemon);
+            row(
+                format!("with daemon (its CPU: {cpu_percent:.1} % of a core)"),
+                &result,
+            );
+            with.push(result);
+        } else {
+            let result =
+                load(backend, connections, duration, rate).context("load without the daemon")?;
+            row("without daemon".to_owned(), &result);
+            without.push(result);
+        }
+    }
+    Ok((without, with))
+}
+
+fn ratio(without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> f64 {
+    median(with.iter().map(f).collect()) / median(without.iter().map(f).collect())
 }
 
 pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
@@ -125,7 +218,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     let pg = PgCluster::start()?;
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
     // Warm the backend's pool and caches.
-    load(&backend, connections, Duration::from_secs(2))?;
+    load(&backend, connections, Duration::from_secs(2), None)?;
 
     println!("## cost to a process that is not the target (medians of 5 rounds)");
     let bare = (write_cost_ns()?, socket_op_cost_ns()?);
@@ -158,41 +251,30 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
         );
     }
     println!();
-    println!("## cost to the target: demo backend, {connections} keep-alive connections, {seconds} s per run, alternated twice");
-    println!("| run | requests | errors | req/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    for round in 1..=2 {
-        let result = load(&backend, connections, duration).context("load without the daemon")?;
-        println!(
-            "| without daemon #{round} | {} | {} | {:.0} | {:.2} | {:.2} |",
-            result.requests, result.errors, result.per_second, result.p50_ms, result.p99_ms
-        );
-        without.push(result);
-        let daemon = daemon_for(&backend, 256)?;
-        let cpu = || {
-            daemon
-                .metric("selfheal_daemon_cpu_seconds_total")
-                .ok()
-                .flatten()
-                .unwrap_or(0.0)
-        };
-        let cpu_before = cpu();
-        let result = load(&backend, connections, duration).context("load with the daemon")?;
-        let cpu_percent = (cpu() - cpu_before) / duration.as_secs_f64() * 100.0;
-        drop(daemon);
-        println!(
-            "| with daemon #{round} (its CPU: {cpu_percent:.0} % of a core) | {} | {} | {:.0} | {:.2} | {:.2} |",
-            result.requests, result.errors, result.per_second, result.p50_ms, result.p99_ms
-        );
-        with.push(result);
-    }
-    let mean =
-        |runs: &[Load], f: fn(&Load) -> f64| runs.iter().map(f).sum::<f64>() / runs.len() as f64;
-    let throughput = mean(&with, |l| l.per_second) / mean(&without, |l| l.per_second);
-    let p99 = mean(&with, |l| l.p99_ms) / mean(&without, |l| l.p99_ms);
+    println!("## cost to the target at saturation: demo backend, {connections} keep-alive connections back to back, {seconds} s per run, {ROUNDS} runs each, alternated");
+    let (without, with) = alternate(&backend, connections, duration, None, ROUNDS)?;
+    let throughput = ratio(&without, &with, |l| l.per_second);
+    let saturated_p99 = ratio(&without, &with, |l| l.p99_ms);
     println!();
-    println!("throughput with/without: {throughput:.3} ({:+.1} %); p99 with/without: {p99:.3} ({:+.1} %)", (throughput - 1.0) * 100.0, (p99 - 1.0) * 100.0);
+    println!(
+        "saturation, medians with/without: throughput {throughput:.3} ({:+.1} %), p99 {saturated_p99:.3} ({:+.1} %)",
+        (throughput - 1.0) * 100.0,
+        (saturated_p99 - 1.0) * 100.0
+    );
+
+    let rate = (median(without.iter().map(|l| l.per_second).collect()) / 2.0).round();
+    println!();
+    println!("## cost to the target under a fixed load: {rate} requests/s (half the saturation rate) on {connections} connections, {seconds} s per run, {ROUNDS} runs each, alternated");
+    let (without, with) = alternate(&backend, connections, duration, Some(rate), ROUNDS)?;
+    let served = ratio(&without, &with, |l| l.per_second);
+    let p50 = ratio(&without, &with, |l| l.p50_ms);
+    let p99 = ratio(&without, &with, |l| l.p99_ms);
+    println!();
+    println!(
+        "fixed load, medians with/without: served {served:.3} ({:+.1} %), p50 {p50:.3} ({:+.1} %), p99 {p99:.3} ({:+.1} %)",
+        (served - 1.0) * 100.0,
+        (p50 - 1.0) * 100.0,
+        (p99 - 1.0) * 100.0
+    );
     Ok(())
 }

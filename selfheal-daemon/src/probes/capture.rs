@@ -162,6 +162,9 @@ pub struct Traffic {
     /// Problems of parsers already dropped, and what was last exported.
     closed: ProblemTotals,
     exported: ProblemTotals,
+    /// Roles of the target's connections that existed before the daemon saw them open, by
+    /// (tgid, fd), from procfs; each is used once, by the first capture on that fd.
+    seeded: HashMap<(u32, u32), Role>,
 }
 
 impl Traffic {
@@ -185,6 +188,16 @@ impl Traffic {
             counters,
             closed: ProblemTotals::default(),
             exported: ProblemTotals::default(),
+            seeded: HashMap::new(),
+        }
+    }
+
+    /// Remembers the roles of a process's connections found in procfs.
+    pub fn seed(&mut self, tgid: u32, connected: &[(u32, Role)]) {
+        for &(fd, role) in connected {
+            if self.seeded.len() < MAX_CONNECTIONS {
+                self.seeded.insert((tgid, fd), role);
+            }
         }
     }
 
@@ -206,14 +219,19 @@ impl Traffic {
         match *capture {
             Capture::Data {
                 tgid,
+                fd,
                 sock,
                 role,
                 direction,
                 total_len,
                 ref captured,
                 ts_ns,
-                ..
             } => {
+                let is_new = !self.connections.contains_key(&sock);
+                let role = match role {
+                    None if is_new && !self.seeded.is_empty() => self.seeded.remove(&(tgid, fd)),
+                    role => role,
+                };
                 let known = self.connections.get(&sock).and_then(|c| c.role).or(role);
                 let counters = self.counters(direction, known);
                 counters.events.inc();
@@ -294,6 +312,7 @@ impl Traffic {
 
     /// Forgets the connections of processes that are no longer the target's.
     pub fn retain_processes(&mut self, members: &[u32], out: &mut Decoded) {
+        self.seeded.retain(|(tgid, _), _| members.contains(tgid));
         let gone: Vec<u64> = self
             .connections
             .iter()
@@ -517,6 +536,60 @@ fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(word))
 }
 
+/// A process's TCP sockets as procfs shows them (in its own network namespace).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ProcessSockets {
+    /// Ports it listens on.
+    pub listening: Vec<u16>,
+    /// Its connected sockets by fd: `Server` when the local port is one it listens on.
+    pub connected: Vec<(u32, Role)>,
+}
+
+/// The TCP sockets of `pid`, from `/proc/<pid>/fd` and `/proc/<pid>/net/tcp{,6}`; empty when
+/// the process is gone. Blocking I/O.
+pub fn process_sockets(pid: u32) -> ProcessSockets {
+    let Ok(process) = procfs::process::Process::new(pid as i32) else {
+        return ProcessSockets::default();
+    };
+    let Ok(fds) = process.fd() else {
+        return ProcessSockets::default();
+    };
+    let fd_of: HashMap<u64, u32> = fds
+        .flatten()
+        .filter_map(|fd| match fd.target {
+            procfs::process::FDTarget::Socket(inode) => Some((inode, u32::try_from(fd.fd).ok()?)),
+            _ => None,
+        })
+        .collect();
+    let entries: Vec<procfs::net::TcpNetEntry> = [process.tcp(), process.tcp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| fd_of.contains_key(&e.inode))
+        .collect();
+    let listening: Vec<u16> = entries
+        .iter()
+        .filter(|e| e.state == procfs::net::TcpState::Listen)
+        .map(|e| e.local_address.port())
+        .collect();
+    let connected = entries
+        .iter()
+        .filter(|e| e.state == procfs::net::TcpState::Established)
+        .map(|e| {
+            let role = if listening.contains(&e.local_address.port()) {
+                Role::Server
+            } else {
+                Role::Client
+            };
+            (fd_of[&e.inode], role)
+        })
+        .collect();
+    ProcessSockets {
+        listening,
+        connected,
+    }
+}
+
 /// Consumes captures until cancelled or the reader is gone; forgets the connections of
 /// processes that stop being the target's; hands what the decoders complete to `recorder`.
 pub async fn run(
@@ -528,6 +601,10 @@ pub async fn run(
 ) {
     let mut traffic = Traffic::new(metrics.clone());
     let mut decoded = Decoded::default();
+    // Connections older than the daemon (or than a process joining the target): their roles
+    // from procfs, read on a blocking thread.
+    let (seeds_tx, mut seeds) = mpsc::channel::<(u32, ProcessSockets)>(64);
+    let mut scanned: Vec<u32> = Vec::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -539,7 +616,18 @@ pub async fn run(
                 }
                 let current = members.borrow_and_update().clone();
                 traffic.retain_processes(&current, &mut decoded);
+                scanned.retain(|tgid| current.contains(tgid));
+                for &tgid in &current {
+                    if !scanned.contains(&tgid) {
+                        scanned.push(tgid);
+                        let seeds_tx = seeds_tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let _ = seeds_tx.blocking_send((tgid, process_sockets(tgid)));
+                        });
+                    }
+                }
             }
+            Some((tgid, sockets)) = seeds.recv() => traffic.seed(tgid, &sockets.connected),
             batch = captures.recv() => match batch {
                 Some(batch) => {
                     let started = thread_cpu_seconds();
@@ -689,6 +777,45 @@ mod tests {
             let got = classify(role, direction, bytes);
             assert_eq!(got, expected, "{role:?} {direction:?} {bytes:?}");
         }
+    }
+
+    #[test]
+    fn a_connection_older_than_the_daemon_gets_its_role_from_procfs() {
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics.clone());
+        let mut out = Decoded::default();
+        traffic.seed(1, &[(7, Role::Server)]);
+        traffic.handle(
+            &data(0xc0, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
+            &mut out,
+        );
+        assert_eq!(traffic.connections[&0xc0].role, Some(Role::Server));
+        assert!(metrics
+            .encode()
+            .contains("selfheal_capture_events_total{direction=\"recv\",role=\"server\"} 1"));
+        // The seed is used once: a later connection on a reused fd 7 is not given it.
+        assert!(traffic.seeded.is_empty());
+    }
+
+    #[test]
+    fn process_sockets_reads_this_process() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        let sockets = process_sockets(std::process::id());
+        assert!(sockets.listening.contains(&port), "{sockets:?}");
+        let fd = |s: &std::net::TcpStream| {
+            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(s)).expect("fd")
+        };
+        assert!(
+            sockets.connected.contains(&(fd(&server), Role::Server)),
+            "{sockets:?}"
+        );
+        assert!(
+            sockets.connected.contains(&(fd(&client), Role::Client)),
+            "{sockets:?}"
+        );
     }
 
     #[test]

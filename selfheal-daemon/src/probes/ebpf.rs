@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::capture::{Capture, Direction, Role};
+use super::capture::{process_sockets, Capture, Direction, Role};
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
     config::ProbesConfig,
@@ -200,6 +200,11 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             true,
         )
         .override_global(names::GLOBAL_CAPTURE_BYTES, &config.payload_bytes, true)
+        .override_global(
+            names::GLOBAL_WAKEUP_BYTES,
+            &u64::from(config.ring_buffer_bytes / 4),
+            true,
+        )
         .map_max_entries(names::EVENTS, config.ring_buffer_bytes)
         .load(OBJECT)
         .map_err(EbpfError::Load)?;
@@ -384,30 +389,6 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
     }
 }
 
-/// Listening TCP ports of a process, from its sockets in procfs.
-fn listening_ports(pid: u32) -> Vec<u16> {
-    let Ok(process) = procfs::process::Process::new(pid as i32) else {
-        return Vec::new();
-    };
-    let Ok(fds) = process.fd() else {
-        return Vec::new();
-    };
-    let inodes: HashSet<u64> = fds
-        .flatten()
-        .filter_map(|fd| match fd.target {
-            procfs::process::FDTarget::Socket(inode) => Some(inode),
-            _ => None,
-        })
-        .collect();
-    [process.tcp(), process.tcp6()]
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.state == procfs::net::TcpState::Listen && inodes.contains(&e.inode))
-        .map(|e| e.local_address.port())
-        .collect()
-}
-
 /// Running totals between two interval reports.
 #[derive(Default)]
 struct Window {
@@ -440,7 +421,7 @@ impl Filters {
             let _ = self.listen_ports.remove(&port);
         }
         for tgid in &wanted {
-            for port in listening_ports(*tgid) {
+            for port in process_sockets(*tgid).listening {
                 let _ = self.listen_ports.insert(port, tgid, 0);
             }
         }
@@ -467,6 +448,7 @@ pub async fn run(
     loaded: Loaded,
     links: Links,
     report_interval: Duration,
+    flush_interval: Duration,
     bus: Bus,
     metrics: Metrics,
     cancel: CancellationToken,
@@ -491,6 +473,8 @@ pub async fn run(
         .map_err(|err| EbpfError::Poll(err.into()))?;
     let mut window = Window::default();
     let mut ticker = tokio::time::interval(report_interval);
+    let mut flush = tokio::time::interval(flush_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -504,40 +488,12 @@ pub async fn run(
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EbpfError::Poll)?;
-                let ring = guard.get_inner_mut();
-                // Captures go to the decoders in batches, one queue slot and one wake-up per
-                // batch rather than per event.
-                let mut batch = Vec::with_capacity(CAPTURE_BATCH);
-                while let Some(item) = ring.next() {
-                    match decode(&item) {
-                        Some(Record::Exit(exit)) => {
-                            let kernel_exit = KernelExit {
-                                tgid: exit.tgid,
-                                status: ExitStatus::from_wait_status(exit.exit_code),
-                                exited_monotonic_ns: exit.ts_ns,
-                                observed_monotonic_ns: monotonic_ns(),
-                            };
-                            if exits.try_send(kernel_exit).is_err() {
-                                metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "exit_queue_full" }).inc();
-                            }
-                        }
-                        Some(Record::Tcp(event)) => {
-                            record_tcp(&event, &metrics, &mut window.summary);
-                            batch.extend(connection_change(&event));
-                        }
-                        Some(Record::Capture(capture)) => batch.push(capture),
-                        None => {
-                            metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: "undecodable" }).inc();
-                        }
-                    }
-                    if batch.len() >= CAPTURE_BATCH {
-                        hand_over(&captures, std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH)), &metrics);
-                    }
-                }
-                if !batch.is_empty() {
-                    hand_over(&captures, batch, &metrics);
-                }
+                drain(guard.get_inner_mut(), &exits, &captures, &metrics, &mut window);
                 guard.clear_ready();
+            }
+            // Captures do not wake the reader (see the eBPF program): drain on a timer.
+            _ = flush.tick() => {
+                drain(ring.get_mut(), &exits, &captures, &metrics, &mut window);
             }
             _ = ticker.tick() => {
                 // The kernel's per-CPU counters, as increments since the last report.
@@ -563,6 +519,107 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Reads every record waiting in the ring buffer.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    exits: &mpsc::Sender<KernelExit>,
+    captures: &mpsc::Sender<Vec<Capture>>,
+    metrics: &Metrics,
+    window: &mut Window,
+) {
+    // Captures go to the decoders in batches, one queue slot and one wake-up per
+    // batch rather than per event. Most timer ticks find nothing: allocate on the first.
+    let mut batch = Vec::new();
+    let keep_one_in = sampling(captures);
+    metrics
+        .capture_sampling_ratio
+        .set(1.0 / f64::from(keep_one_in));
+    let mut sampled_out = 0u64;
+    while let Some(item) = ring.next() {
+        match decode(&item) {
+            Some(Record::Exit(exit)) => {
+                let kernel_exit = KernelExit {
+                    tgid: exit.tgid,
+                    status: ExitStatus::from_wait_status(exit.exit_code),
+                    exited_monotonic_ns: exit.ts_ns,
+                    observed_monotonic_ns: monotonic_ns(),
+                };
+                if exits.try_send(kernel_exit).is_err() {
+                    metrics
+                        .ebpf_ringbuf_drops
+                        .get_or_create(&ReasonLabel {
+                            reason: "exit_queue_full",
+                        })
+                        .inc();
+                }
+            }
+            Some(Record::Tcp(event)) => {
+                record_tcp(&event, metrics, &mut window.summary);
+                batch.extend(connection_change(&event));
+            }
+            Some(Record::Capture(capture)) => {
+                if keeps(&capture, keep_one_in) {
+                    batch.push(capture);
+                } else {
+                    sampled_out += 1;
+                }
+            }
+            None => {
+                metrics
+                    .ebpf_ringbuf_drops
+                    .get_or_create(&ReasonLabel {
+                        reason: "undecodable",
+                    })
+                    .inc();
+            }
+        }
+        if batch.len() >= CAPTURE_BATCH {
+            hand_over(
+                captures,
+                std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH)),
+                metrics,
+            );
+        }
+    }
+    if !batch.is_empty() {
+        hand_over(captures, batch, metrics);
+    }
+    if sampled_out > 0 {
+        metrics
+            .ebpf_ringbuf_drops
+            .get_or_create(&ReasonLabel {
+                reason: "sampled_out",
+            })
+            .inc_by(sampled_out);
+    }
+}
+
+/// How many connections' payloads to keep one in, given how full the decoders' queue is:
+/// all while it is under half full, then fewer and fewer, so a daemon short of CPU sheds
+/// whole connections (whose parsers then resynchronise) rather than falling behind.
+fn sampling(captures: &mpsc::Sender<Vec<Capture>>) -> u32 {
+    let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
+    match free {
+        f if f >= 0.5 => 1,
+        f if f >= 0.25 => 2,
+        f if f >= 0.1 => 4,
+        _ => 16,
+    }
+}
+
+/// Whether a capture belongs to a connection kept at this sampling; opens and closes always
+/// pass, so the connection table stays right.
+fn keeps(capture: &Capture, keep_one_in: u32) -> bool {
+    match capture {
+        Capture::Data { sock, .. } if keep_one_in > 1 => {
+            // Socket pointers are aligned: mix the bits before taking the remainder.
+            let mixed = sock.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+            mixed % u64::from(keep_one_in) == 0
+        }
+        _ => true,
     }
 }
 
@@ -656,6 +713,42 @@ fn record_tcp(event: &TcpEvent, metrics: &Metrics, summary: &mut TcpSummary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_sheds_whole_connections() {
+        let (tx, _rx) = mpsc::channel::<Vec<Capture>>(8);
+        assert_eq!(sampling(&tx), 1);
+        for _ in 0..5 {
+            tx.try_send(Vec::new()).expect("room");
+        }
+        assert_eq!(sampling(&tx), 2);
+        for _ in 0..3 {
+            tx.try_send(Vec::new()).expect("room");
+        }
+        assert_eq!(sampling(&tx), 16);
+
+        let capture = |sock: u64| Capture::Data {
+            tgid: 1,
+            fd: 3,
+            sock,
+            role: None,
+            direction: Direction::Received,
+            total_len: 1,
+            captured: Vec::new(),
+            ts_ns: 0,
+        };
+        // Kernel socket pointers: 64-byte aligned.
+        let socks: Vec<u64> = (0..4000u64)
+            .map(|i| 0xffff_8880_0000_0000 + i * 0x40)
+            .collect();
+        assert!(socks.iter().all(|&s| keeps(&capture(s), 1)));
+        let kept = socks.iter().filter(|&&s| keeps(&capture(s), 4)).count();
+        assert!((800..1200).contains(&kept), "{kept} of 4000 kept at 1 in 4");
+        // The same connection is kept or shed every time.
+        assert_eq!(keeps(&capture(socks[7]), 4), keeps(&capture(socks[7]), 4));
+        let closed = Capture::Closed { sock: 1, ts_ns: 0 };
+        assert!(keeps(&closed, 16));
+    }
 
     const FORMAT: &str = "name: inet_sock_set_state\nID: 2287\nformat:\n\
         \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\
