@@ -44,11 +44,12 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
     // Let the filter maps settle (the tracker hands the pid to the probes asynchronously).
     std::thread::sleep(Duration::from_millis(300));
 
-    // The kernel never saw this connection open, so its role is "unknown" (the protocol
-    // decoders tell it from the content); its traffic is captured all the same.
+    // The kernel never saw this connection open: its role comes from procfs (the backend's
+    // fd → socket inode → an established entry on its listening port), so it counts as the
+    // server side like a new connection would.
     let before = (
-        events(&daemon, "recv", "unknown"),
-        events(&daemon, "send", "unknown"),
+        events(&daemon, "recv", "server"),
+        events(&daemon, "send", "server"),
     );
     assert_eq!(
         old.get("/api/v1/tackle/deals", "api.tackle.io")
@@ -60,8 +61,8 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
         Duration::from_secs(10),
         || {
             let now = (
-                events(&daemon, "recv", "unknown"),
-                events(&daemon, "send", "unknown"),
+                events(&daemon, "recv", "server"),
+                events(&daemon, "send", "server"),
             );
             (now.0 > before.0 && now.1 > before.1).then_some(now)
         },
