@@ -37,6 +37,12 @@ pub struct ProbeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabel {
+    /// An eBPF program of the embedded object (a fixed set).
+    pub program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AgentLabel {
     pub agent: &'static str,
 }
@@ -147,6 +153,8 @@ pub struct Metrics {
     pub tcp_resets_received: Counter,
     pub ebpf_probe_attached: Family<ProbeLabel, Gauge>,
     pub ebpf_ringbuf_events: Counter,
+    pub ebpf_program_runs: Family<ProgramLabel, Counter>,
+    pub ebpf_program_run_seconds: Family<ProgramLabel, Counter<f64, AtomicU64>>,
     pub ebpf_ringbuf_drops: Family<ReasonLabel, Counter>,
     pub capture_events: Family<CaptureLabel, Counter>,
     pub capture_bytes: Family<CaptureLabel, Counter>,
@@ -321,6 +329,18 @@ impl Metrics {
             "selfheal_ebpf_ringbuf_events",
             "Events written by the eBPF programs to the ring buffer",
             ebpf_ringbuf_events.clone(),
+        );
+        let ebpf_program_runs = Family::<ProgramLabel, Counter>::default();
+        registry.register(
+            "selfheal_ebpf_program_runs",
+            "Runs of each eBPF program, for every process (counted while sysctl kernel.bpf_stats_enabled=1)",
+            ebpf_program_runs.clone(),
+        );
+        let ebpf_program_run_seconds = Family::<ProgramLabel, Counter<f64, AtomicU64>>::default();
+        registry.register(
+            "selfheal_ebpf_program_run_seconds",
+            "Time spent in each eBPF program, for every process (counted while sysctl kernel.bpf_stats_enabled=1)",
+            ebpf_program_run_seconds.clone(),
         );
         let ebpf_ringbuf_drops = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -528,6 +548,8 @@ impl Metrics {
             tcp_resets_received,
             ebpf_probe_attached,
             ebpf_ringbuf_events,
+            ebpf_program_runs,
+            ebpf_program_run_seconds,
             ebpf_ringbuf_drops,
             capture_events,
             capture_bytes,

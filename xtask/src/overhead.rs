@@ -132,9 +132,53 @@ fn load(
     })
 }
 
+/// The capture programs' own time per run for processes that are not the target, from the
+/// kernel's BPF statistics (`kernel.bpf_stats_enabled`, switched on for the measurement and
+/// restored after) as the daemon exports them: `(program, runs, ns per run)`.
+fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
+    const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+    const PROGRAMS: [&str; 2] = ["capture_recv", "capture_send"];
+    let previous = std::fs::read_to_string(SYSCTL).context("read kernel.bpf_stats_enabled")?;
+    std::fs::write(SYSCTL, "1").context("enable kernel.bpf_stats_enabled")?;
+    let read = || -> Result<Vec<(f64, f64)>> {
+        let text = daemon.metrics()?;
+        Ok(PROGRAMS
+            .iter()
+            .map(|p| {
+                let series = |name: &str| {
+                    selfheal_e2e::sample(&text, &format!("{name}{{program=\"{p}\"}}"))
+                        .unwrap_or(0.0)
+                };
+                (
+                    series("selfheal_ebpf_program_runs_total"),
+                    series("selfheal_ebpf_program_run_seconds_total"),
+                )
+            })
+            .collect())
+    };
+    // The daemon exports the kernel's totals once per second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = read();
+    let measured = before.and_then(|before| {
+        socket_op_cost_ns()?;
+        std::thread::sleep(Duration::from_millis(2500));
+        Ok((before, read()?))
+    });
+    std::fs::write(SYSCTL, previous.trim()).context("restore kernel.bpf_stats_enabled")?;
+    let (before, after) = measured?;
+    Ok(PROGRAMS
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(program, ((runs0, secs0), (runs1, secs1)))| {
+            let runs = runs1 - runs0;
+            (*program, runs, (secs1 - secs0) * 1e9 / runs.max(1.0))
+        })
+        .collect())
+}
+
 fn daemon_for(backend: &DemoBackend, payload_bytes: u32) -> Result<Daemon> {
     let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\n\n[probes]\npayload_bytes = {payload_bytes}\n",
+        "[target]\ncommand = \"{}\"\n\n[probes]\npayload_bytes = {payload_bytes}\n\n[monitor]\ninterval_ms = 1000\n",
         backend.selector()
     ))?;
     daemon.wait_for_target(backend.proc.pid())?;
@@ -222,9 +266,10 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
 
     println!("## cost to a process that is not the target (medians of 5 rounds)");
     let bare = (write_cost_ns()?, socket_op_cost_ns()?);
-    let with_capture = {
-        let _daemon = daemon_for(&backend, 256)?;
-        (write_cost_ns()?, socket_op_cost_ns()?)
+    let (with_capture, program_costs) = {
+        let daemon = daemon_for(&backend, 256)?;
+        let costs = (write_cost_ns()?, socket_op_cost_ns()?);
+        (costs, program_cost(&daemon)?)
     };
     let without_capture = {
         let _daemon = daemon_for(&backend, 0)?;
@@ -249,6 +294,14 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
             cost.1,
             cost.1 - bare.1
         );
+    }
+    println!();
+    println!("In-kernel time of the capture programs per run, for a process that is not the target (kernel BPF statistics, during 5 × 1 M socket operations):");
+    println!();
+    println!("| program | runs | ns per run |");
+    println!("|---|---|---|");
+    for (program, runs, ns) in program_costs {
+        println!("| `{program}` | {runs:.0} | {ns:.1} |");
     }
     println!();
     println!("## cost to the target at saturation: demo backend, {connections} keep-alive connections back to back, {seconds} s per run, {ROUNDS} runs each, alternated");

@@ -7,7 +7,7 @@
 //! blocks the kernel side: a full ring buffer drops events in the kernel and counts them.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -32,7 +32,7 @@ use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
     config::ProbesConfig,
     target::{monotonic_ns, KernelExit},
-    telemetry::{HowLabel, Metrics, ProbeLabel, ReasonLabel},
+    telemetry::{HowLabel, Metrics, ProbeLabel, ProgramLabel, ReasonLabel},
 };
 
 /// The object built by `build.rs`.
@@ -389,9 +389,41 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
     }
 }
 
+/// Exports each program's run count and time, as the kernel keeps them while
+/// `kernel.bpf_stats_enabled` is 1 (off by default: the accounting itself costs a little on
+/// every run). `seen` holds the totals exported so far.
+fn export_program_stats(ebpf: &Ebpf, metrics: &Metrics, seen: &mut HashMap<String, (u64, u64)>) {
+    for (name, program) in ebpf.programs() {
+        let Ok(info) = program.info() else { continue };
+        let (count, ns) = (
+            info.run_count(),
+            u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+        );
+        let last = seen.entry(name.to_owned()).or_default();
+        let label = ProgramLabel {
+            program: name.to_owned(),
+        };
+        if count > last.0 {
+            metrics
+                .ebpf_program_runs
+                .get_or_create(&label)
+                .inc_by(count - last.0);
+        }
+        if ns > last.1 {
+            metrics
+                .ebpf_program_run_seconds
+                .get_or_create(&label)
+                .inc_by((ns - last.1) as f64 * 1e-9);
+        }
+        *last = (count.max(last.0), ns.max(last.1));
+    }
+}
+
 /// Running totals between two interval reports.
 #[derive(Default)]
 struct Window {
+    /// Per program: (runs, nanoseconds) exported so far.
+    programs: HashMap<String, (u64, u64)>,
     summary: TcpSummary,
     /// The kernel's `STATS` at the last report.
     seen: [u64; stats::LEN as usize],
@@ -460,7 +492,7 @@ pub async fn run(
     } = links;
     // `ebpf` is held to the end of this function: dropping it detaches the programs.
     let Loaded {
-        ebpf: _attached,
+        ebpf: attached,
         ring,
         mut filters,
         stats: counters,
@@ -496,6 +528,7 @@ pub async fn run(
                 drain(ring.get_mut(), &exits, &captures, &metrics, &mut window);
             }
             _ = ticker.tick() => {
+                export_program_stats(&attached, &metrics, &mut window.programs);
                 // The kernel's per-CPU counters, as increments since the last report.
                 for index in 0..stats::LEN {
                     let now = stat(&counters, index);
