@@ -15,6 +15,9 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use selfheal_e2e::{http, Daemon, DemoBackend, PgCluster};
 
+/// The admin token the daemon generates in the state directory `config/demo.toml` names.
+const DEMO_TOKEN: &str = "/var/lib/selfheal-demo/admin.token";
+
 /// The ports `config/demo.toml` names.
 const BACKEND_PORT: u16 = 8080;
 const ADMIN: &str = "127.0.0.1:9797";
@@ -131,6 +134,8 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
     println!("selfheal is watching the demo backend:");
     println!("  admin API (health):  http://{ADMIN}/api/v1/system/health");
     println!("  Prometheus metrics:  http://{ADMIN}/metrics");
+    println!("  traffic views:       TOKEN=$(sudo cat {DEMO_TOKEN}); curl -H \"Authorization: Bearer $TOKEN\" 'http://{ADMIN}/api/v1/system/metrics?window=5m'");
+    println!("                       (also /api/v1/system/queries and /api/v1/system/traces)");
     println!("  demo backend:        http://127.0.0.1:{BACKEND_PORT}  (e.g. curl -H 'Host: api.tackle.io' http://127.0.0.1:{BACKEND_PORT}/api/v1/tackle/deals)");
     println!("  break it:            curl -X POST 'http://127.0.0.1:{BACKEND_PORT}/__fault/crash?mode=abort'  (the demo restarts it)");
     println!("  PostgreSQL:          {}", pg.url());
