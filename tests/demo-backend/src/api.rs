@@ -17,13 +17,19 @@ use serde_json::{json, Value};
 use tokio_postgres::Row;
 
 use crate::db::error_chain;
-use crate::faults::{parse_fault, ApplyError, FaultRequest, Faults, ParseError};
+use crate::faults::{parse_fault, ApplyError, FaultRequest, Faults, ParseError, BAD_QUERY};
 use crate::platform::Platform;
 
 /// `/health` gives up on the database after this long and answers 503.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_LIMIT: i64 = 100;
 const MAX_LIMIT: i64 = 1000;
+
+tokio::task_local! {
+    /// The path of the request being handled, for the faults that apply to some paths only
+    /// (set by [`fault_gate`], read by [`data_client`]).
+    static REQUEST_PATH: String;
+}
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -145,9 +151,10 @@ async fn run_to_completion(request: Request, next: Next) -> Response {
     }
 }
 
-/// Applies `hang` (everything but `/__fault*`) and `errors` (only `/api/…`).
+/// Applies `hang` (everything but `/__fault*`) and `errors` (only `/api/…`), and tells the
+/// handler's [`data_client`] the request's path.
 async fn fault_gate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let path = request.uri().path();
+    let path = request.uri().path().to_owned();
     let is_fault_route = path == "/__fault" || path.starts_with("/__fault/");
     let is_data_route = path.starts_with("/api/");
     if !is_fault_route {
@@ -156,16 +163,26 @@ async fn fault_gate(State(state): State<AppState>, request: Request, next: Next)
             return ApiError::Injected.into_response();
         }
     }
-    next.run(request).await
+    REQUEST_PATH.scope(path, next.run(request)).await
 }
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// A pooled connection for a data request; runs the `slow_query` sleep first when it is on.
+/// A pooled connection for a data request. Runs the `bad_query` query first when it is on
+/// (its error is logged and otherwise ignored: the connection stays usable), then the
+/// `slow_query` sleep when it applies to the request's path.
 async fn data_client(state: &AppState) -> Result<Object, ApiError> {
     let client = state.pool.get().await?;
-    if let Some(delay) = state.faults.slow_query() {
+    if state.faults.take_bad_query() {
+        // The simple-query protocol, so the failing statement is one Query message.
+        if let Err(e) = client.batch_execute(BAD_QUERY).await {
+            let sqlstate = e.code().map(tokio_postgres::error::SqlState::code);
+            tracing::debug!(sqlstate, error = %error_chain(&e), "fault bad_query: query failed as intended");
+        }
+    }
+    let path = REQUEST_PATH.try_with(Clone::clone).unwrap_or_default();
+    if let Some(delay) = state.faults.slow_query(&path) {
         client
             .execute("SELECT pg_sleep($1)", &[&delay.as_secs_f64()])
             .await?;

@@ -1,11 +1,13 @@
 //! The harness of the end-to-end tests, shared with `cargo xtask demo`: a throwaway
-//! PostgreSQL cluster, the demo backend, the `selfheal` daemon, and helpers to wait for
-//! conditions with a deadline. Every process is owned by a guard that stops it on drop, so a
+//! PostgreSQL cluster (optionally with `pg_stat_statements` and a password-checked role), the
+//! demo backend, the `selfheal` daemon and its admin API, a load generator ([`load`]), a reader
+//! of `/metrics` ([`openmetrics`]), and helpers to wait for conditions with a deadline. Every process is owned by a guard that stops it on drop, so a
 //! failing test leaves nothing running.
 //!
 //! These tests need root (eBPF, tracefs); [`require_root`] says so loudly when run without.
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader},
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -16,6 +18,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 
 pub mod docker;
+pub mod load;
+pub mod openmetrics;
 pub mod systemd;
 use nix::{
     sys::signal::{killpg, Signal},
@@ -80,6 +84,42 @@ pub fn wait_for<T>(
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `read` every 50 ms until its value has stayed the same for `quiet` and satisfies
+/// `ready`, or `timeout` passes; the value then. For "the daemon has caught up": the daemon
+/// processes captured traffic asynchronously, and the only sign it is done is that its
+/// numbers stop moving. A failing `read` counts as a change.
+pub fn wait_stable<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    timeout: Duration,
+    quiet: Duration,
+    mut read: impl FnMut() -> Result<T>,
+    ready: impl Fn(&T) -> bool,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last: Option<(T, Instant)> = None;
+    loop {
+        let now = Instant::now();
+        match read() {
+            Ok(value) => match &last {
+                Some((previous, since)) if *previous == value => {
+                    if now.duration_since(*since) >= quiet && ready(&value) {
+                        return Ok(value);
+                    }
+                }
+                _ => last = Some((value, now)),
+            },
+            Err(_) => last = None,
+        }
+        if now >= deadline {
+            bail!(
+                "timed out after {timeout:?} waiting for {what} to settle; last seen: {:?}",
+                last.map(|(value, _)| value)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -200,6 +240,24 @@ pub fn postgres_bin_dir() -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("no PostgreSQL server binaries under /usr/lib/postgresql"))
 }
 
+/// What a [`PgCluster`] has beyond a bare `initdb`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PgOptions {
+    /// Load `pg_stat_statements` (`shared_preload_libraries`) and create the extension in the
+    /// `postgres` database, so tests can read what the server itself counted.
+    pub pg_stat_statements: bool,
+    /// Create the role [`PG_ROLE`] (password [`PG_ROLE_PASSWORD`]) owning a database of the
+    /// same name, which must log in with a password (SCRAM-SHA-256) over TCP, so a wrong
+    /// password is refused with SQLSTATE 28P01. `postgres` stays trusted everywhere, so
+    /// [`PgCluster::url`] and [`PgCluster::psql`] work as without it.
+    pub password_role: bool,
+}
+
+/// The role (and database) of [`PgOptions::password_role`].
+pub const PG_ROLE: &str = "demo";
+/// Its password. Not a secret: the cluster is throwaway and listens on loopback only.
+pub const PG_ROLE_PASSWORD: &str = "demo-password-e2e";
+
 /// A throwaway PostgreSQL cluster, run as the unprivileged `postgres` user on a free port,
 /// stopped and deleted on drop.
 pub struct PgCluster {
@@ -207,10 +265,16 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     user: User,
+    options: PgOptions,
 }
 
 impl PgCluster {
+    /// A bare cluster: `postgres` trusted, nothing preloaded.
     pub fn start() -> Result<Self> {
+        Self::start_with(PgOptions::default())
+    }
+
+    pub fn start_with(options: PgOptions) -> Result<Self> {
         let bin = postgres_bin_dir()?;
         let user = User::from_name("postgres")?
             .ok_or_else(|| anyhow!("no `postgres` user; run `cargo xtask setup`"))?;
@@ -222,6 +286,7 @@ impl PgCluster {
             dir,
             bin,
             user,
+            options,
         };
         cluster.run_as_postgres(
             "initdb",
@@ -236,10 +301,26 @@ impl PgCluster {
                 "--no-sync",
             ],
         )?;
-        let options = format!(
+        if options.password_role {
+            // The first matching line wins: the role must give its password over TCP; every
+            // other login, and everything on the Unix socket, stays trusted.
+            let hba = format!(
+                "local all all trust\n\
+                 host all {PG_ROLE} 127.0.0.1/32 scram-sha-256\n\
+                 host all all 127.0.0.1/32 trust\n"
+            );
+            let path = Path::new(&cluster.data()).join("pg_hba.conf");
+            std::fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let mut options_arg = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
             cluster.dir.path().display()
         );
+        if options.pg_stat_statements {
+            options_arg.push_str(
+                " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=top",
+            );
+        }
         let log = cluster.dir.path().join("postgres.log");
         cluster.run_as_postgres(
             "pg_ctl",
@@ -247,13 +328,23 @@ impl PgCluster {
                 "-D",
                 &cluster.data(),
                 "-o",
-                &options,
+                &options_arg,
                 "-l",
                 &log.display().to_string(),
                 "-w",
                 "start",
             ],
         )?;
+        if options.pg_stat_statements {
+            cluster.psql("CREATE EXTENSION pg_stat_statements")?;
+        }
+        if options.password_role {
+            // password_encryption defaults to scram-sha-256 (PostgreSQL 14 and later).
+            cluster.psql(&format!(
+                "CREATE ROLE {PG_ROLE} LOGIN PASSWORD '{PG_ROLE_PASSWORD}'"
+            ))?;
+            cluster.psql(&format!("CREATE DATABASE {PG_ROLE} OWNER {PG_ROLE}"))?;
+        }
         Ok(cluster)
     }
 
@@ -286,25 +377,131 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// A connection URL for [`PG_ROLE`] with its password, over TCP, to its own database.
+    /// Fails unless the cluster was started with [`PgOptions::password_role`].
+    pub fn role_url(&self) -> Result<String> {
+        if !self.options.password_role {
+            bail!("this cluster has no password role: start it with PgOptions::password_role");
+        }
+        Ok(format!(
+            "postgres://{PG_ROLE}:{PG_ROLE_PASSWORD}@127.0.0.1:{}/{PG_ROLE}",
+            self.port
+        ))
+    }
+
+    /// The directory of the server's Unix socket (`-h` for libpq clients).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A program of the server's installation (`pgbench`, `psql`).
+    pub fn program(&self, name: &str) -> PathBuf {
+        self.bin.join(name)
+    }
+
     /// Runs SQL through psql and returns its unaligned output.
     pub fn psql(&self, sql: &str) -> Result<String> {
-        let output = Command::new(self.bin.join("psql"))
+        let output = self.psql_command(sql).output()?;
+        if !output.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// Runs a query through psql and returns its rows, each a list of fields as text (a NULL
+    /// is empty). Fields and rows are split on ASCII unit and record separators, so a field
+    /// may hold newlines or `|`, as query texts do.
+    pub fn psql_rows(&self, sql: &str) -> Result<Vec<Vec<String>>> {
+        let output = self
+            .psql_command(sql)
+            .args(["-F", "\u{1f}", "-R", "\u{1e}"])
+            .output()?;
+        if !output.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        let text = String::from_utf8_lossy(&output.stdout);
+        Ok(text
+            .trim_end_matches('\n')
+            .split('\u{1e}')
+            .filter(|row| !row.is_empty())
+            .map(|row| row.split('\u{1f}').map(str::to_owned).collect())
+            .collect())
+    }
+
+    fn psql_command(&self, sql: &str) -> Command {
+        let mut command = Command::new(self.bin.join("psql"));
+        command.args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+            "-At",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]);
+        command
+    }
+
+    /// Takes `LOCK TABLE table IN ACCESS EXCLUSIVE MODE` in an open transaction of a psql
+    /// session and returns once it is held; every other session touching the table waits until
+    /// [`TableLock::release`] (or the guard's drop).
+    pub fn lock_table(&self, table: &str) -> Result<TableLock> {
+        let mut command = Command::new(self.bin.join("psql"));
+        command
             .args([
+                "-X",
+                "-q",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
                 "-h",
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
                 "-U",
                 "postgres",
-                "-At",
-                "-c",
-                sql,
             ])
-            .output()?;
-        if !output.status.success() {
-            bail!("psql failed: {}", String::from_utf8_lossy(&output.stderr));
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut proc = Proc::spawn_logged(
+            &format!("psql holding a lock on {table}"),
+            command,
+            &self.dir.path().join(format!("lock-{table}.log")),
+        )?;
+        let mut stdin = proc
+            .child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("psql has no stdin"))?;
+        let stdout = proc
+            .child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("psql has no stdout"))?;
+        {
+            use std::io::Write as _;
+            writeln!(
+                stdin,
+                "BEGIN;\nLOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;\nSELECT 'locked';"
+            )?;
+            stdin.flush()?;
         }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line == "locked" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .with_context(|| format!("psql did not get the lock on {table} within 10 s"))?;
+        Ok(TableLock { proc, stdin })
     }
 }
 
@@ -317,6 +514,27 @@ impl Drop for PgCluster {
     }
 }
 
+/// A table lock held by a psql session ([`PgCluster::lock_table`]); dropping it ends the
+/// session, which releases the lock too.
+pub struct TableLock {
+    proc: Proc,
+    stdin: std::process::ChildStdin,
+}
+
+impl TableLock {
+    /// Commits (releasing the lock) and waits for psql to exit.
+    pub fn release(mut self) -> Result<()> {
+        use std::io::Write as _;
+        writeln!(self.stdin, "COMMIT;\n\\q")?;
+        self.stdin.flush()?;
+        let status = self.proc.wait_timeout(Duration::from_secs(10))?;
+        if !status.success() {
+            bail!("psql holding the lock exited with {status}");
+        }
+        Ok(())
+    }
+}
+
 /// The demo backend, started against a database and waited for until it listens.
 pub struct DemoBackend {
     pub proc: Proc,
@@ -326,6 +544,11 @@ pub struct DemoBackend {
 
 impl DemoBackend {
     pub fn start(database_url: &str, port: u16) -> Result<Self> {
+        Self::start_with(database_url, port, &[])
+    }
+
+    /// Like [`DemoBackend::start`], with more command-line arguments (`--pool-size 4`).
+    pub fn start_with(database_url: &str, port: u16, extra_args: &[&str]) -> Result<Self> {
         let logs = tempfile::Builder::new().prefix("demo-backend-").tempdir()?;
         let mut command = Command::new(bin("demo-backend"));
         command
@@ -335,6 +558,7 @@ impl DemoBackend {
                 "--database-url",
                 database_url,
             ])
+            .args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         let log = logs.path().join("demo-backend.log");
@@ -373,12 +597,28 @@ impl DemoBackend {
     /// Flips a fault switch: `fault("idle_tx?n=3")` posts `/__fault/idle_tx?n=3`; `"clear"`
     /// turns every fault off. Fails unless the backend accepts it.
     pub fn fault(&self, switch: &str) -> Result<()> {
+        self.fault_answer(switch).map(drop)
+    }
+
+    /// Like [`DemoBackend::fault`]; the backend's answer (`{"applied": …, "faults": …}`).
+    pub fn fault_answer(&self, switch: &str) -> Result<serde_json::Value> {
         let path = format!("/__fault/{switch}");
-        let answer = http().post(self.url(&path)).send_empty()?;
-        if !answer.status().is_success() {
-            bail!("{path} answered {}", answer.status());
+        let mut answer = http().post(self.url(&path)).send_empty()?;
+        let status = answer.status();
+        let text = answer.body_mut().read_to_string()?;
+        if !status.is_success() {
+            bail!("{path} answered {status}: {text}");
         }
-        Ok(())
+        serde_json::from_str(&text).with_context(|| format!("{path} answered {text:?}"))
+    }
+
+    /// `GET /__fault`: the state of every fault.
+    pub fn faults(&self) -> Result<serde_json::Value> {
+        Ok(http()
+            .get(self.url("/__fault"))
+            .call()?
+            .body_mut()
+            .read_json()?)
     }
 }
 
@@ -388,10 +628,21 @@ pub struct KeepAlive {
     stream: BufReader<std::net::TcpStream>,
 }
 
+/// The answer to one [`KeepAlive::send`].
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    /// From just before the request was written to when the answer's first byte could be
+    /// read.
+    pub first_byte: Duration,
+    pub body: Vec<u8>,
+}
+
 impl KeepAlive {
     pub fn connect(address: SocketAddr) -> Result<Self> {
         let stream = std::net::TcpStream::connect(address)?;
         stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_mins(1)))?;
         Ok(Self {
             stream: BufReader::new(stream),
         })
@@ -399,9 +650,38 @@ impl KeepAlive {
 
     /// Sends `GET path` with `Host: host` and reads the whole response; its status code.
     pub fn get(&mut self, path: &str, host: &str) -> Result<u16> {
+        Ok(self.send("GET", path, host, None)?.status)
+    }
+
+    /// Sends one request (with `body` as `application/json` if given) in a single write and
+    /// reads the whole answer (a `Content-Length` or chunked body).
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        host: &str,
+        body: Option<&[u8]>,
+    ) -> Result<HttpAnswer> {
         use std::io::{Read as _, Write as _};
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
-        self.stream.get_mut().write_all(request.as_bytes())?;
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n").into_bytes();
+        if let Some(body) = body {
+            request.extend_from_slice(
+                format!(
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+            request.extend_from_slice(body);
+        } else {
+            request.extend_from_slice(b"\r\n");
+        }
+        let started = Instant::now();
+        self.stream.get_mut().write_all(&request)?;
+        if self.stream.fill_buf()?.is_empty() {
+            bail!("the server closed the connection instead of answering");
+        }
+        let first_byte = started.elapsed();
         let mut status_line = String::new();
         self.stream.read_line(&mut status_line)?;
         let status = status_line
@@ -410,21 +690,48 @@ impl KeepAlive {
             .and_then(|code| code.parse().ok())
             .ok_or_else(|| anyhow!("not an HTTP status line: {status_line:?}"))?;
         let mut length = 0;
+        let mut chunked = false;
         loop {
             let mut line = String::new();
             if self.stream.read_line(&mut line)? == 0 {
                 bail!("connection closed in the headers");
             }
-            if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            let lower = line.to_ascii_lowercase();
+            if let Some(value) = lower.strip_prefix("content-length:") {
                 length = value.trim().parse()?;
+            }
+            if let Some(value) = lower.strip_prefix("transfer-encoding:") {
+                chunked = value.contains("chunked");
             }
             if line == "\r\n" {
                 break;
             }
         }
-        let mut body = vec![0; length];
-        self.stream.read_exact(&mut body)?;
-        Ok(status)
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                let mut size_line = String::new();
+                self.stream.read_line(&mut size_line)?;
+                let size_text = size_line.split(';').next().unwrap_or("").trim();
+                let size = usize::from_str_radix(size_text, 16)
+                    .with_context(|| format!("bad chunk size line {size_line:?}"))?;
+                let mut chunk = vec![0; size + 2];
+                self.stream.read_exact(&mut chunk)?;
+                chunk.truncate(size);
+                body.extend_from_slice(&chunk);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            body.resize(length, 0);
+            self.stream.read_exact(&mut body)?;
+        }
+        Ok(HttpAnswer {
+            status,
+            first_byte,
+            body,
+        })
     }
 }
 
@@ -442,6 +749,8 @@ pub struct Daemon {
     pub proc: Proc,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The admin API's bearer token, when the harness chose it ([`Daemon::start`] does).
+    pub token: Option<String>,
 }
 
 impl Daemon {
@@ -458,23 +767,49 @@ impl Daemon {
         );
         let path = dir.path().join("selfheal.toml");
         std::fs::write(&path, full)?;
-        Self::start_with_file(&path, SocketAddr::from(([127, 0, 0, 1], port)), dir)
+        let token = random_token()?;
+        Self::spawn(
+            &path,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            dir,
+            Some(token),
+        )
     }
 
     /// Starts the daemon on a complete config file whose admin address is `admin`; its log
-    /// goes to `dir`.
+    /// goes to `dir`. The token is the daemon's own (in `state.dir`, see the config docs), so
+    /// [`Daemon::api`] cannot be used.
     pub fn start_with_file(
         config: &Path,
         admin: SocketAddr,
         dir: tempfile::TempDir,
+    ) -> Result<Self> {
+        Self::spawn(config, admin, dir, None)
+    }
+
+    /// Starts `selfheal run`, with `SELFHEAL_ADMIN_TOKEN` set to `token` if given, and waits
+    /// for its health endpoint.
+    fn spawn(
+        config: &Path,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        token: Option<String>,
     ) -> Result<Self> {
         let mut command = Command::new(bin("selfheal"));
         command
             .args(["run", "--config"])
             .arg(config)
             .stdin(Stdio::null());
+        if let Some(token) = &token {
+            command.env("SELFHEAL_ADMIN_TOKEN", token);
+        }
         let proc = Proc::spawn_logged("selfheal", command, &dir.path().join("selfheal.log"))?;
-        let mut daemon = Self { proc, admin, dir };
+        let mut daemon = Self {
+            proc,
+            admin,
+            dir,
+            token,
+        };
         let outcome = wait_for(
             "the daemon's health endpoint",
             Duration::from_secs(30),
@@ -534,6 +869,31 @@ impl Daemon {
         )
     }
 
+    /// `data` of an authenticated `GET path` on the admin API (`path` from the root:
+    /// `/api/v1/system/queries`). Fails with the body on a non-2xx answer or a `success` that
+    /// is not `true`.
+    pub fn api(&self, path: &str) -> Result<serde_json::Value> {
+        let token = self.token.as_deref().ok_or_else(|| {
+            anyhow!("this daemon was started without a harness token (use Daemon::start)")
+        })?;
+        let mut response = http()
+            .get(format!("http://{}{path}", self.admin))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status();
+        let text = response.body_mut().read_to_string()?;
+        if !status.is_success() {
+            bail!("GET {path} answered {status}: {text}");
+        }
+        let body: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("GET {path} answered something not JSON: {text}"))?;
+        if body["success"] != true {
+            bail!("GET {path} answered {status} without success: {text}");
+        }
+        Ok(body["data"].clone())
+    }
+
     /// The `/metrics` text.
     pub fn metrics(&self) -> Result<String> {
         Ok(http()
@@ -543,10 +903,96 @@ impl Daemon {
             .read_to_string()?)
     }
 
+    /// The daemon's nonzero drop and decode-problem counters (`selfheal_ebpf_ringbuf_drops_total`,
+    /// `selfheal_protocol_problems_total`), one per line: what explains a count that falls
+    /// short, for failure messages.
+    pub fn losses(&self) -> String {
+        use std::fmt::Write as _;
+        let text = self.metrics().unwrap_or_default();
+        let mut out = String::new();
+        for s in openmetrics::parse(&text) {
+            if (s.name == "selfheal_ebpf_ringbuf_drops_total"
+                || s.name == "selfheal_protocol_problems_total")
+                && s.value > 0.0
+            {
+                let labels: Vec<String> =
+                    s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+                let _ = writeln!(out, "{}{{{}}} {}", s.name, labels.join(","), s.value);
+            }
+        }
+        if out.is_empty() {
+            out.push_str("(none)\n");
+        }
+        out
+    }
+
     /// The value of one sample line of `/metrics` (`name{labels}` exactly as exposed).
     pub fn metric(&self, series: &str) -> Result<Option<f64>> {
         Ok(sample(&self.metrics()?, series))
     }
+}
+
+/// 32 hex digits from the kernel's random source.
+fn random_token() -> Result<String> {
+    use std::fmt::Write as _;
+    use std::io::Read as _;
+    let mut bytes = [0_u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    }))
+}
+
+/// The five platforms of `config/demo.toml`, as `[[platforms]]` entries, without the
+/// `health_url` there: the daemon's own health checks would add requests of their own to the
+/// backend's traffic, and accuracy tests count every request.
+pub const DEMO_PLATFORMS: &str = r#"
+[[platforms]]
+name = "leadsite.ai"
+hosts = ["leadsite.ai", "api.leadsite.ai"]
+
+[[platforms]]
+name = "leadsite.io"
+hosts = ["leadsite.io", "api.leadsite.io"]
+
+[[platforms]]
+name = "clientcontact.io"
+hosts = ["clientcontact.io", "api.clientcontact.io"]
+path_prefixes = ["/api/v1/conversations"]
+
+[[platforms]]
+name = "videosite.io"
+hosts = ["videosite.io", "api.videosite.io"]
+path_prefixes = ["/api/v1/videos"]
+
+[[platforms]]
+name = "tackle.io"
+hosts = ["tackle.io", "api.tackle.io"]
+path_prefixes = ["/api/v1/tackle"]
+"#;
+
+/// `selfheal_http_requests_total` in `/metrics` text, by label set.
+pub fn http_request_counts(metrics: &str) -> BTreeMap<load::Key, u64> {
+    openmetrics::samples(metrics, "selfheal_http_requests_total")
+        .into_iter()
+        .filter_map(|s| {
+            let key = load::Key {
+                platform: s.label("platform")?.to_owned(),
+                method: s.label("method")?.to_owned(),
+                route: s.label("route")?.to_owned(),
+                status: s.label("status")?.parse().ok()?,
+            };
+            Some((key, s.value.round() as u64))
+        })
+        .collect()
+}
+
+/// A number in a JSON answer, or a panic naming `what` and showing the value.
+pub fn json_f64(value: &serde_json::Value, what: &str) -> f64 {
+    value
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what} is not a number: {value}"))
 }
 
 /// Finds `series` (name with labels, as written in the exposition) in `/metrics` text.

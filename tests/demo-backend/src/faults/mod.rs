@@ -19,6 +19,10 @@ const LOCK_ACQUIRE_TIMEOUT: &str = "5s";
 const CLEAR_WAIT: Duration = Duration::from_secs(3);
 /// Delay between answering the `crash` request and dying, so the 202 reaches the client.
 const CRASH_DELAY: Duration = Duration::from_millis(200);
+/// What `bad_query` runs: the table does not exist, so it fails with 42P01 (`undefined_table`).
+pub(crate) const BAD_QUERY: &str = "SELECT * FROM no_such_table";
+/// The password `bad_password` logs in with; nobody's.
+const WRONG_PASSWORD: &str = "not-the-password";
 
 /// The active faults. One per process, shared by all requests.
 pub(crate) struct Faults {
@@ -26,14 +30,22 @@ pub(crate) struct Faults {
     pg_config: tokio_postgres::Config,
     hang: watch::Sender<bool>,
     n_plus_one: AtomicBool,
-    /// 0 = off.
-    slow_query_ms: AtomicU64,
+    slow_query: Mutex<Option<SlowQuery>>,
     errors: Mutex<Option<ErrorBudget>>,
+    /// Data requests left that run [`BAD_QUERY`] first; 0 = off.
+    bad_queries: AtomicU64,
     leak: Mutex<Option<Leak>>,
     spin: Mutex<Option<Spin>>,
     held: Arc<Mutex<HeldSessions>>,
     /// Bumped by `clear`; the tasks holding sessions wait on it.
     clear_generation: watch::Sender<u64>,
+}
+
+/// The `slow_query` sleep and the paths it applies to (all data requests when empty).
+#[derive(Debug, Clone)]
+struct SlowQuery {
+    delay: Duration,
+    paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -93,8 +105,9 @@ impl Faults {
             pg_config,
             hang: watch::Sender::new(false),
             n_plus_one: AtomicBool::new(false),
-            slow_query_ms: AtomicU64::new(0),
+            slow_query: Mutex::new(None),
             errors: Mutex::new(None),
+            bad_queries: AtomicU64::new(0),
             leak: Mutex::new(None),
             spin: Mutex::new(None),
             held: Arc::new(Mutex::new(HeldSessions::default())),
@@ -133,12 +146,20 @@ impl Faults {
         self.n_plus_one.load(Ordering::Relaxed)
     }
 
-    /// The `pg_sleep` to add before data queries, if `slow_query` is on.
-    pub(crate) fn slow_query(&self) -> Option<Duration> {
-        match self.slow_query_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(Duration::from_millis(ms)),
-        }
+    /// The `pg_sleep` to add before the queries of a data request for `path`, if `slow_query`
+    /// is on and applies to it.
+    pub(crate) fn slow_query(&self, path: &str) -> Option<Duration> {
+        locked(&self.slow_query)
+            .as_ref()
+            .filter(|slow| slow.paths.is_empty() || slow.paths.iter().any(|p| path.starts_with(p)))
+            .map(|slow| slow.delay)
+    }
+
+    /// Whether this data request must first run [`BAD_QUERY`] (consumes one from the count).
+    pub(crate) fn take_bad_query(&self) -> bool {
+        self.bad_queries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Turns a fault on (or, for [`FaultRequest::Clear`], all off). Returns a JSON description.
@@ -174,9 +195,24 @@ impl Faults {
                 self.n_plus_one.store(true, Ordering::Relaxed);
                 json!({ "fault": "n_plus_one" })
             }
-            FaultRequest::SlowQuery { ms } => {
-                self.slow_query_ms.store(ms, Ordering::Relaxed);
-                json!({ "fault": "slow_query", "ms": ms })
+            FaultRequest::SlowQuery { ms, paths } => {
+                let described = json!({ "fault": "slow_query", "ms": ms, "paths": paths });
+                *locked(&self.slow_query) = Some(SlowQuery {
+                    delay: Duration::from_millis(ms),
+                    paths,
+                });
+                described
+            }
+            FaultRequest::BadQuery { count } => {
+                self.bad_queries.store(count, Ordering::Relaxed);
+                json!({ "fault": "bad_query", "count": count, "sql": BAD_QUERY })
+            }
+            FaultRequest::BadPassword { n } => {
+                let mut sqlstates = Vec::with_capacity(n);
+                for _ in 0..n {
+                    sqlstates.push(self.try_wrong_password().await?);
+                }
+                json!({ "fault": "bad_password", "n": n, "sqlstates": sqlstates })
             }
             FaultRequest::Errors(spec) => {
                 let budget = match spec {
@@ -232,8 +268,9 @@ impl Faults {
     pub(crate) fn clear(&self) {
         self.hang.send_replace(false);
         self.n_plus_one.store(false, Ordering::Relaxed);
-        self.slow_query_ms.store(0, Ordering::Relaxed);
+        *locked(&self.slow_query) = None;
         *locked(&self.errors) = None;
+        self.bad_queries.store(0, Ordering::Relaxed);
         *locked(&self.leak) = None;
         *locked(&self.spin) = None;
         self.clear_generation.send_modify(|g| *g += 1);
@@ -265,9 +302,9 @@ impl Faults {
         if n_plus_one {
             active.push("n_plus_one");
         }
-        let slow_query = self.slow_query().map(|d| {
+        let slow_query = locked(&self.slow_query).as_ref().map(|slow| {
             active.push("slow_query");
-            json!({ "ms": d.as_millis() })
+            json!({ "ms": slow.delay.as_millis(), "paths": slow.paths })
         });
         let now = Instant::now();
         let errors = match *locked(&self.errors) {
@@ -280,6 +317,13 @@ impl Faults {
         if errors.is_some() {
             active.push("errors");
         }
+        let bad_query = match self.bad_queries.load(Ordering::Relaxed) {
+            0 => None,
+            n => {
+                active.push("bad_query");
+                Some(json!({ "remaining": n }))
+            }
+        };
         let leak = locked(&self.leak).as_ref().map(Leak::status);
         if leak.is_some() {
             active.push("leak");
@@ -314,6 +358,7 @@ impl Faults {
             "n_plus_one": n_plus_one,
             "slow_query": slow_query,
             "errors": errors,
+            "bad_query": bad_query,
             "leak": leak,
             "spin": spin,
             "lock": locks,
@@ -360,6 +405,35 @@ impl Faults {
         let pid = session.backend_pid;
         self.spawn_holder(session, HeldKind::IdleTx, clear, None);
         Ok(pid)
+    }
+
+    /// Logs in once with the pool's settings but a wrong password. The SQLSTATE the server
+    /// refused it with (`28P01` where it checks passwords), or `None` if it let it in (a server
+    /// that trusts the client); that session is closed at once.
+    async fn try_wrong_password(&self) -> Result<Option<String>, ApplyError> {
+        let mut config = self.pg_config.clone();
+        config
+            .password(WRONG_PASSWORD)
+            .application_name("demo-backend/fault:bad_password");
+        match config.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                drop(client);
+                // With the client gone the connection sends Terminate and ends.
+                let _ = connection.await;
+                tracing::warn!("fault bad_password: the server accepted a wrong password");
+                Ok(None)
+            }
+            Err(err) => match err.as_db_error() {
+                Some(db) => {
+                    tracing::info!(
+                        sqlstate = db.code().code(),
+                        "fault bad_password: login refused"
+                    );
+                    Ok(Some(db.code().code().to_owned()))
+                }
+                None => Err(ApplyError::Database(crate::db::error_chain(&err))),
+            },
+        }
     }
 
     fn spawn_holder(

@@ -19,6 +19,8 @@ pub(crate) enum FaultRequest {
     },
     SlowQuery {
         ms: u64,
+        /// Only requests whose path starts with one of these; every data request when empty.
+        paths: Vec<String>,
     },
     Lock {
         table: Table,
@@ -29,6 +31,14 @@ pub(crate) enum FaultRequest {
     },
     NPlusOne,
     Errors(ErrorsSpec),
+    /// The next `count` data requests first run a query on a table that does not exist.
+    BadQuery {
+        count: u64,
+    },
+    /// Try `n` logins with the pool's settings but a wrong password, now.
+    BadPassword {
+        n: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,7 +128,7 @@ impl fmt::Display for ParseError {
 }
 
 /// Every name accepted after `/__fault/`.
-pub(crate) const FAULT_NAMES: [&str; 10] = [
+pub(crate) const FAULT_NAMES: [&str; 12] = [
     "clear",
     "crash",
     "hang",
@@ -129,6 +139,8 @@ pub(crate) const FAULT_NAMES: [&str; 10] = [
     "idle_tx",
     "n_plus_one",
     "errors",
+    "bad_query",
+    "bad_password",
 ];
 
 /// Limits, so a typo cannot take the machine down.
@@ -141,6 +153,10 @@ pub(crate) const MAX_LOCK_SECS: u64 = 3600;
 pub(crate) const MAX_IDLE_TX: usize = 50;
 pub(crate) const MAX_ERRORS_COUNT: u64 = 1_000_000;
 pub(crate) const MAX_ERRORS_SECS: u64 = 86_400;
+pub(crate) const MAX_BAD_QUERY_COUNT: u64 = 1_000_000;
+pub(crate) const MAX_BAD_PASSWORD: usize = 50;
+/// `slow_query?path=`: at most this many comma-separated prefixes.
+pub(crate) const MAX_SLOW_QUERY_PATHS: usize = 16;
 
 /// Parses the fault `name` with its query-string `params` (in order, repeats kept).
 pub(crate) fn parse_fault(
@@ -185,9 +201,10 @@ pub(crate) fn parse_fault(
             })
         }
         "slow_query" => {
-            p.only(&["ms"])?;
+            p.only(&["ms", "path"])?;
             Ok(FaultRequest::SlowQuery {
                 ms: p.num("ms", 1, MAX_SLOW_QUERY_MS)?.unwrap_or(2000),
+                paths: p.get("path").map_or(Ok(Vec::new()), path_prefixes)?,
             })
         }
         "lock" => {
@@ -226,12 +243,41 @@ pub(crate) fn parse_fault(
             };
             Ok(FaultRequest::Errors(spec))
         }
+        "bad_query" => {
+            p.only(&["count"])?;
+            Ok(FaultRequest::BadQuery {
+                count: p.num("count", 1, MAX_BAD_QUERY_COUNT)?.unwrap_or(10),
+            })
+        }
+        "bad_password" => {
+            p.only(&["n"])?;
+            Ok(FaultRequest::BadPassword {
+                n: p.num("n", 1, MAX_BAD_PASSWORD)?.unwrap_or(1),
+            })
+        }
         other => Err(ParseError::UnknownFault(other.to_owned())),
     }
 }
 
 fn bad(msg: String) -> ParseError {
     ParseError::BadParam(msg)
+}
+
+/// `slow_query?path=/a,/b`: comma-separated path prefixes, each starting with `/`.
+fn path_prefixes(raw: &str) -> Result<Vec<String>, ParseError> {
+    let prefixes: Vec<String> = raw.split(',').map(|p| p.trim().to_owned()).collect();
+    if prefixes.len() > MAX_SLOW_QUERY_PATHS {
+        return Err(bad(format!(
+            "slow_query: at most {MAX_SLOW_QUERY_PATHS} path prefixes, got {}",
+            prefixes.len()
+        )));
+    }
+    match prefixes.iter().find(|p| !p.starts_with('/')) {
+        Some(p) => Err(bad(format!(
+            "slow_query: each `path` prefix must start with `/`, got {p:?}"
+        ))),
+        None => Ok(prefixes),
+    }
 }
 
 /// The query parameters of one request, with repeats already refused.
@@ -337,7 +383,10 @@ mod tests {
         assert_eq!(parse("spin", &[]), Ok(FaultRequest::Spin { threads: 1 }));
         assert_eq!(
             parse("slow_query", &[]),
-            Ok(FaultRequest::SlowQuery { ms: 2000 })
+            Ok(FaultRequest::SlowQuery {
+                ms: 2000,
+                paths: Vec::new()
+            })
         );
         assert_eq!(
             parse("lock", &[]),
@@ -351,6 +400,14 @@ mod tests {
         assert_eq!(
             parse("errors", &[]),
             Ok(FaultRequest::Errors(ErrorsSpec::Count(50)))
+        );
+        assert_eq!(
+            parse("bad_query", &[]),
+            Ok(FaultRequest::BadQuery { count: 10 })
+        );
+        assert_eq!(
+            parse("bad_password", &[]),
+            Ok(FaultRequest::BadPassword { n: 1 })
         );
         assert_eq!(parse("clear", &[]), Ok(FaultRequest::Clear));
     }
@@ -386,7 +443,28 @@ mod tests {
         );
         assert_eq!(
             parse("slow_query", &[("ms", "150")]),
-            Ok(FaultRequest::SlowQuery { ms: 150 })
+            Ok(FaultRequest::SlowQuery {
+                ms: 150,
+                paths: Vec::new()
+            })
+        );
+        assert_eq!(
+            parse(
+                "slow_query",
+                &[("ms", "20"), ("path", "/api/v1/tackle, /api/v1/campaigns")]
+            ),
+            Ok(FaultRequest::SlowQuery {
+                ms: 20,
+                paths: vec!["/api/v1/tackle".into(), "/api/v1/campaigns".into()]
+            })
+        );
+        assert_eq!(
+            parse("bad_query", &[("count", "25")]),
+            Ok(FaultRequest::BadQuery { count: 25 })
+        );
+        assert_eq!(
+            parse("bad_password", &[("n", "3")]),
+            Ok(FaultRequest::BadPassword { n: 3 })
         );
         assert_eq!(
             parse("lock", &[("table", "campaigns"), ("secs", "5")]),
@@ -460,6 +538,12 @@ mod tests {
         assert!(is_bad(&parse("idle_tx", &[("n", "51")])));
         assert!(is_bad(&parse("errors", &[("count", "5"), ("secs", "5")])));
         assert!(is_bad(&parse("errors", &[("count", "0")])));
+        assert!(is_bad(&parse("slow_query", &[("path", "api/v1")])));
+        assert!(is_bad(&parse("slow_query", &[("path", "/a,,/b")])));
+        assert!(is_bad(&parse("bad_query", &[("count", "0")])));
+        assert!(is_bad(&parse("bad_query", &[("secs", "5")])));
+        assert!(is_bad(&parse("bad_password", &[("n", "0")])));
+        assert!(is_bad(&parse("bad_password", &[("n", "51")])));
     }
 
     #[test]
