@@ -290,11 +290,11 @@ impl Traffic {
         match &mut connection.decoder {
             Decoder::Http(parser) => {
                 parser.close(&mut out.http_out);
-                add_http(&mut self.closed.http, &parser.stats());
+                self.closed.http += parser.stats();
             }
             Decoder::Postgres(parser) => {
                 parser.close(&mut out.pg_out);
-                add_pg(&mut self.closed.postgres, &parser.stats());
+                self.closed.postgres += parser.stats();
             }
             Decoder::Undecided | Decoder::Opaque => {}
         }
@@ -349,8 +349,8 @@ impl Traffic {
         let mut now = self.closed;
         for connection in self.connections.values() {
             match &connection.decoder {
-                Decoder::Http(parser) => add_http(&mut now.http, &parser.stats()),
-                Decoder::Postgres(parser) => add_pg(&mut now.postgres, &parser.stats()),
+                Decoder::Http(parser) => now.http += parser.stats(),
+                Decoder::Postgres(parser) => now.postgres += parser.stats(),
                 Decoder::Undecided | Decoder::Opaque => {}
             }
         }
@@ -401,25 +401,6 @@ impl Traffic {
         }
         self.exported = now;
     }
-}
-
-fn add_http(sum: &mut HttpStats, stats: &HttpStats) {
-    sum.exchanges += stats.exchanges;
-    sum.truncated += stats.truncated;
-    sum.unparsed += stats.unparsed;
-    sum.unmatched_responses += stats.unmatched_responses;
-    sum.unanswered += stats.unanswered;
-    sum.desyncs += stats.desyncs;
-    sum.skipped_bytes += stats.skipped_bytes;
-}
-
-fn add_pg(sum: &mut PgStats, stats: &PgStats) {
-    sum.queries += stats.queries;
-    sum.inferred += stats.inferred;
-    sum.desyncs += stats.desyncs;
-    sum.skipped_bytes += stats.skipped_bytes;
-    sum.unmatched += stats.unmatched;
-    sum.dropped += stats.dropped;
 }
 
 /// Feeds one syscall's bytes to the connection's decoder, choosing it first if needed.

@@ -178,6 +178,18 @@ pub struct HttpStats {
     pub skipped_bytes: u64,
 }
 
+impl std::ops::AddAssign for HttpStats {
+    fn add_assign(&mut self, other: Self) {
+        self.exchanges += other.exchanges;
+        self.truncated += other.truncated;
+        self.unparsed += other.unparsed;
+        self.unmatched_responses += other.unmatched_responses;
+        self.unanswered += other.unanswered;
+        self.desyncs += other.desyncs;
+        self.skipped_bytes += other.skipped_bytes;
+    }
+}
+
 /// Why the parser stopped reading a connection as HTTP/1.x.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotHttp {

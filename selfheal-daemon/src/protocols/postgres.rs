@@ -231,6 +231,17 @@ pub struct PgStats {
     pub dropped: u64,
 }
 
+impl std::ops::AddAssign for PgStats {
+    fn add_assign(&mut self, other: Self) {
+        self.queries += other.queries;
+        self.inferred += other.inferred;
+        self.desyncs += other.desyncs;
+        self.skipped_bytes += other.skipped_bytes;
+        self.unmatched += other.unmatched;
+        self.dropped += other.dropped;
+    }
+}
+
 /// The connection sits in an open transaction with nothing running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdleInTransaction {

@@ -756,6 +756,27 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon with `config` (which must not set `[admin]` or `[state]`: the harness
     /// picks a free port and a scratch state dir) and waits for its health endpoint.
+    /// Starts the daemon watching `backend` with payload capture on (`payload_bytes`) and
+    /// `extra` config appended, and returns once the backend is its target and the payload
+    /// probe is attached (fails otherwise), after letting the filter maps settle: the tracker
+    /// hands the pid to the probes asynchronously and nothing observable says when.
+    pub fn capturing(backend: &DemoBackend, payload_bytes: u32, extra: &str) -> Result<Self> {
+        let daemon = Self::start(&format!(
+            "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = {payload_bytes}\n{extra}",
+            backend.selector()
+        ))?;
+        daemon.wait_for_target(backend.proc.pid())?;
+        let attached = daemon.metric("selfheal_ebpf_probe_attached{probe=\"payload_capture\"}")?;
+        if attached != Some(1.0) {
+            bail!(
+                "the payload capture probe is not attached: {}",
+                daemon.health()?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(daemon)
+    }
+
     pub fn start(config: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("selfheal-daemon-")

@@ -147,20 +147,7 @@ fn mix() -> Mix {
 }
 
 fn start_daemon(backend: &DemoBackend) -> Daemon {
-    let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 512\n{DEMO_PLATFORMS}",
-        backend.selector()
-    ))
-    .expect("daemon");
-    daemon
-        .wait_for_target(backend.proc.pid())
-        .expect("target found");
-    let health = daemon.health().expect("health");
-    assert_eq!(health["probes"]["ebpf"], "attached", "{health}");
-    // Let the filter maps settle (the tracker hands the pid to the probes asynchronously;
-    // nothing observable says when, as in payload_capture.rs).
-    std::thread::sleep(Duration::from_millis(300));
-    daemon
+    Daemon::capturing(backend, 512, DEMO_PLATFORMS).expect("daemon capturing the backend")
 }
 
 fn counts(daemon: &Daemon) -> BTreeMap<Key, u64> {

@@ -25,24 +25,9 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
         200
     );
 
-    let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 256\n",
-        backend.selector()
-    ))
-    .expect("daemon");
-    daemon
-        .wait_for_target(backend.proc.pid())
-        .expect("target found");
+    let daemon = Daemon::capturing(&backend, 256, "").expect("daemon capturing the backend");
     let health = daemon.health().expect("health");
     assert_eq!(health["probes"]["ebpf"], "attached", "{health}");
-    assert_eq!(
-        daemon
-            .metric("selfheal_ebpf_probe_attached{probe=\"payload_capture\"}")
-            .expect("metrics"),
-        Some(1.0)
-    );
-    // Let the filter maps settle (the tracker hands the pid to the probes asynchronously).
-    std::thread::sleep(Duration::from_millis(300));
 
     // The kernel never saw this connection open: its role comes from procfs (the backend's
     // fd → socket inode → an established entry on its listening port), so it counts as the

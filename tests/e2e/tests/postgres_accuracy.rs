@@ -374,16 +374,8 @@ fn query_counts_match_pg_stat_statements_and_errors_show_their_sqlstate() {
     let pool = pool_backends(&pg);
     assert_eq!(pool.len(), POOL, "the pool's connections: {pool:?}");
 
-    let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 512\n{DEMO_PLATFORMS}",
-        backend.selector()
-    ))
-    .expect("daemon");
-    daemon
-        .wait_for_target(backend.proc.pid())
-        .expect("target found");
-    // Let the filter maps settle, as in payload_capture.rs.
-    std::thread::sleep(Duration::from_millis(300));
+    let daemon =
+        Daemon::capturing(&backend, 512, DEMO_PLATFORMS).expect("daemon capturing the backend");
 
     // Warm-up: every call of the mix once; the daemon must show at least as many queries as
     // the server ran for it before the baseline is taken.
