@@ -199,11 +199,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
             cancel.clone()
         ),
         agents::run_all(handles, shared, cancel.clone()),
-        capture::run(
+        decode(
             captures_rx,
             traffic_members,
             recorder,
             metrics.clone(),
+            config.probes.decode_nice,
             cancel.clone()
         ),
         store::persist::run(
@@ -216,6 +217,53 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         probe,
     );
     served.map_err(AppError::Serve)
+}
+
+/// Runs the traffic decoders until `cancel`, on a thread of their own at nice `nice`: decoding
+/// is the daemon's only work that grows with the target's traffic, so it must neither delay
+/// the exit and TCP events (which share the main runtime) nor compete with the target for
+/// CPU on equal terms. Linux keeps a nice value per thread.
+async fn decode(
+    captures: mpsc::Receiver<Vec<capture::Capture>>,
+    members: watch::Receiver<Vec<u32>>,
+    recorder: Recorder,
+    metrics: Metrics,
+    nice: i32,
+    cancel: CancellationToken,
+) {
+    let thread_cancel = cancel.clone();
+    let spawned = std::thread::Builder::new()
+        .name("selfheal-decode".to_owned())
+        .spawn(move || {
+            // SAFETY: `setpriority` reads no memory; `who = 0` is the calling thread on Linux.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+                tracing::warn!(nice, error = %std::io::Error::last_os_error(), "cannot lower the decoder thread's priority");
+            }
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime.block_on(capture::run(
+                    captures,
+                    members,
+                    recorder,
+                    metrics,
+                    thread_cancel,
+                )),
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot start the decoder thread's runtime; captured traffic is not decoded");
+                }
+            }
+        });
+    match spawned {
+        Ok(thread) => {
+            cancel.cancelled().await;
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "cannot start the decoder thread; captured traffic is not decoded");
+        }
+    }
 }
 
 /// An error and its sources on one line: `a: b: c`.

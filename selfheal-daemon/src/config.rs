@@ -279,6 +279,11 @@ pub struct ProbesConfig {
     /// (that would cost the target a wake-up per socket operation) unless a quarter of the
     /// ring is full; process exits always do.
     pub flush_interval_ms: u64,
+    /// Nice value of the thread that decodes captured traffic (0–19). Above 0, the target's
+    /// threads preempt the decoder whenever they need a CPU the decoder holds; if the
+    /// decoder then falls behind, it samples connections (counted) instead of taking CPU
+    /// from the target. Exits, TCP events and the API keep normal priority.
+    pub decode_nice: i32,
 }
 
 impl Default for ProbesConfig {
@@ -289,6 +294,7 @@ impl Default for ProbesConfig {
             payload_bytes: 0,
             payload_queue: 16_384,
             flush_interval_ms: 10,
+            decode_nice: 10,
         }
     }
 }
@@ -852,6 +858,11 @@ impl Config {
             (1..=1000).contains(&self.probes.flush_interval_ms),
             "probes.flush_interval_ms",
             "must be between 1 and 1000",
+        );
+        check(
+            (0..=19).contains(&self.probes.decode_nice),
+            "probes.decode_nice",
+            "must be between 0 and 19",
         );
 
         let monitor = &self.monitor;

@@ -4,8 +4,8 @@
 //! Attach points: the BTF tracepoints `sock_recv_length` and `sock_send_length`. They fire
 //! only for socket I/O — never for file I/O or any other syscall — and at a moment when
 //! received data is already in the target's buffer and sent data is still in it, so one hook
-//! per operation suffices. Other processes pay the dispatch and one tgid lookup per socket
-//! operation, nothing else. The syscall's arguments (fd, buffer) come from the task's saved
+//! per operation suffices. Other processes pay the dispatch and one tgid check per socket
+//! operation (a load and a few compares, see `TargetSet`), nothing else. The syscall's arguments (fd, buffer) come from the task's saved
 //! registers (`bpf_task_pt_regs`), read at x86_64 `pt_regs` offsets; the loader attaches these
 //! programs only on x86_64. Payloads go straight into the ring buffer, capped at
 //! `CAPTURE_BYTES`; a full ring buffer drops the event and counts it.
@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use selfheal_ebpf::{kind, stats, syscall, DataEvent, DIRECTION_RECV, DIRECTION_SEND, MAX_CAPTURE};
 
-use crate::programs::{bump, now_ns, EVENTS, SOCKETS, TARGET_TGIDS};
+use crate::programs::{bump, is_target, now_ns, EVENTS, SOCKETS};
 
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
@@ -64,7 +64,7 @@ fn reg(regs: u64, offset: usize) -> u64 {
 fn capture(ctx: &BtfTracePointContext, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if TARGET_TGIDS.get_ptr(tgid).is_none() {
+    if !is_target(tgid) {
         return;
     }
     // TP_PROTO(struct sock *sk, int ret, int flags)

@@ -9,6 +9,7 @@
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
+    pub const TARGET_SET: &str = "TARGET_SET";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const STATS: &str = "STATS";
     pub const PROG_PROCESS_EXIT: &str = "sched_process_exit";
@@ -200,6 +201,34 @@ pub struct SockInfo {
 }
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 16);
 
+/// How many of the target's thread groups [`TargetSet`] holds inline.
+pub const TARGET_SET_LEN: usize = 15;
+
+/// The target's thread-group ids as the hot programs check them: one slot of an array map,
+/// which the verifier turns into a direct load, then a few compares — no hashing. Empty slots
+/// are 0 (never a user process). When the target has more thread groups than fit, `overflow`
+/// is 1 and the programs fall back to the `TARGET_TGIDS` hash map, which always holds all.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TargetSet {
+    pub overflow: u32,
+    pub tgids: [u32; TARGET_SET_LEN],
+}
+const _: () = assert!(core::mem::size_of::<TargetSet>() == 64);
+
+impl TargetSet {
+    /// The set for these thread groups (the first [`TARGET_SET_LEN`], with `overflow` set
+    /// when there are more).
+    pub fn of(members: &[u32]) -> Self {
+        let mut set = Self::default();
+        for (slot, tgid) in set.tgids.iter_mut().zip(members) {
+            *slot = *tgid;
+        }
+        set.overflow = u32::from(members.len() > TARGET_SET_LEN);
+        set
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -209,4 +238,6 @@ mod pod {
     unsafe impl aya::Pod for super::TcpEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TargetSet {}
 }

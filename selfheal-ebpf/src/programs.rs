@@ -13,11 +13,11 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, raw_tracepoint, tracepoint},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use selfheal_ebpf::{
-    kind, stats, tcp_state, ProcessExit, SockInfo, TcpEvent, ROLE_CLIENT, ROLE_SERVER,
+    kind, stats, tcp_state, ProcessExit, SockInfo, TargetSet, TcpEvent, ROLE_CLIENT, ROLE_SERVER,
 };
 
 const AF_INET: u16 = 2;
@@ -37,7 +37,33 @@ pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// Thread-group ids of the target (key), maintained by the daemon as the target restarts.
 #[map]
-pub(crate) static TARGET_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+static TARGET_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
+
+/// The first thread groups of the target inline, checked before the hash map (see
+/// [`TargetSet`]): the capture programs run on every socket operation of every process, and
+/// this makes the common "not the target" answer a load and a few compares.
+#[map]
+static TARGET_SET: Array<TargetSet> = Array::with_max_entries(1, 0);
+
+/// Whether `tgid` belongs to the target.
+#[inline(always)]
+pub(crate) fn is_target(tgid: u32) -> bool {
+    let Some(set) = TARGET_SET.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: a pointer to the array's only slot, valid for the program's run; the daemon
+    // rewrites the slot whole, so a torn read can only miss or add a restarting process for
+    // one operation.
+    let set = unsafe { &*set };
+    let mut i = 0;
+    while i < set.tgids.len() {
+        if set.tgids[i] == tgid {
+            return true;
+        }
+        i += 1;
+    }
+    set.overflow != 0 && TARGET_TGIDS.get_ptr(tgid).is_some()
+}
 
 /// Listening ports of the target (port in host order → tgid).
 #[map]
@@ -79,7 +105,7 @@ pub(crate) fn now_ns() -> u64 {
 #[inline(always)]
 fn current_target_tgid() -> Option<u32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    TARGET_TGIDS.get_ptr(tgid).map(|_| tgid)
+    is_target(tgid).then_some(tgid)
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
@@ -93,7 +119,7 @@ fn try_sched_process_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let pid = pid_tgid as u32;
-    if TARGET_TGIDS.get_ptr(tgid).is_none() {
+    if !is_target(tgid) {
         return Ok(());
     }
     // SAFETY: a read of a constant the loader may have patched.

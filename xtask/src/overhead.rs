@@ -1,15 +1,19 @@
 //! `cargo xtask bench overhead`: what the daemon costs, measured side by side in one run.
 //!
-//! - The tax on a process that is *not* the target: nanoseconds per `write(2)` of one byte to
-//!   `/dev/null`, here in the xtask process, with no daemon, with the daemon and payload capture,
-//!   and with the daemon without payload capture (`probes.payload_bytes = 0`).
+//! - The tax on a process that is *not* the target, here the xtask process: nanoseconds per
+//!   `write(2)` to /dev/null (no hook fires), per unix datagram send or receive, and per
+//!   non-blocking read of an empty socket (the cheapest operation a capture hook fires on),
+//!   without and with the daemon (payload capture on), rounds alternated; and the capture
+//!   programs' own in-kernel time per run from the kernel's BPF statistics.
 //! - The cost to the target, without and with the daemon (payload capture on), in rounds
 //!   alternated without/with/with/without to even out drift, compared by medians:
 //!   - at saturation: keep-alive connections sending requests back to back; the throughput
 //!     ratio (on these 2-core machines the load generator, the backend, PostgreSQL and the
 //!     daemon share the CPUs, so every cycle the daemon spends shows up here);
 //!   - under a fixed load of half the saturation rate: requests sent on a schedule, latency
-//!     measured from the scheduled send (no coordinated omission); the p99 ratio.
+//!     measured from the scheduled send (no coordinated omission); the p99 ratio, and the
+//!     machine's CPU time per request (the capacity a CPU-bound machine loses), then one more
+//!     run that splits the added time into the daemon's own CPU and the capture programs'.
 
 use std::{
     fs::OpenOptions,
@@ -20,39 +24,73 @@ use std::{
 use anyhow::{Context as _, Result};
 use selfheal_e2e::{free_port, Daemon, DemoBackend, KeepAlive, PgCluster};
 
-/// Median over 5 rounds of the time of one 1-byte `write(2)` to /dev/null, in ns.
+/// One round: the time of one 1-byte `write(2)` to /dev/null, in ns — a syscall the capture
+/// programs do not fire on.
 fn write_cost_ns() -> Result<f64> {
     const CALLS: u32 = 1_000_000;
     let mut null = OpenOptions::new().write(true).open("/dev/null")?;
-    let mut rounds = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        for _ in 0..CALLS {
-            null.write_all(b"x")?;
-        }
-        rounds.push(started.elapsed().as_nanos() as f64 / f64::from(CALLS));
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        null.write_all(b"x")?;
     }
-    rounds.sort_by(f64::total_cmp);
-    Ok(rounds[2])
+    Ok(started.elapsed().as_nanos() as f64 / f64::from(CALLS))
 }
 
-/// Median over 5 rounds of one 1-byte datagram sent and received on a unix socket pair, per
-/// socket operation, in ns: the I/O the capture hooks fire on.
+/// One round: one 1-byte datagram sent and received on a unix socket pair, per socket
+/// operation, in ns — the I/O the capture hooks fire on.
 fn socket_op_cost_ns() -> Result<f64> {
-    const ROUNDS: u32 = 500_000;
+    const PAIRS: u32 = 500_000;
     let (a, b) = std::os::unix::net::UnixDatagram::pair()?;
     let mut buf = [0u8; 1];
-    let mut rounds = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        for _ in 0..ROUNDS {
-            a.send(b"x")?;
-            b.recv(&mut buf)?;
-        }
-        rounds.push(started.elapsed().as_nanos() as f64 / f64::from(2 * ROUNDS));
+    let started = Instant::now();
+    for _ in 0..PAIRS {
+        a.send(b"x")?;
+        b.recv(&mut buf)?;
     }
-    rounds.sort_by(f64::total_cmp);
-    Ok(rounds[2])
+    Ok(started.elapsed().as_nanos() as f64 / f64::from(2 * PAIRS))
+}
+
+/// One round: a non-blocking read of an empty unix socket, in ns — the cheapest socket
+/// operation the receive hook fires on, so the hook's share of it is as large as it gets.
+fn empty_recv_cost_ns() -> Result<f64> {
+    const CALLS: u32 = 1_000_000;
+    let (_a, b) = std::os::unix::net::UnixDatagram::pair()?;
+    b.set_nonblocking(true)?;
+    let mut buf = [0u8; 1];
+    let started = Instant::now();
+    for _ in 0..CALLS {
+        if b.recv(&mut buf).is_ok() {
+            anyhow::bail!("an empty socket had data");
+        }
+    }
+    Ok(started.elapsed().as_nanos() as f64 / f64::from(CALLS))
+}
+
+/// The three costs above, one round each.
+fn other_process_round() -> Result<[f64; 3]> {
+    Ok([
+        write_cost_ns()?,
+        socket_op_cost_ns()?,
+        empty_recv_cost_ns()?,
+    ])
+}
+
+/// Rounds of the costs to a process that is not the target, without and with the daemon
+/// (payload capture on), alternated without/with/with/without; medians per condition.
+fn other_process_costs(backend: &DemoBackend, rounds: usize) -> Result<([f64; 3], [f64; 3])> {
+    let mut without: Vec<[f64; 3]> = Vec::new();
+    let mut with: Vec<[f64; 3]> = Vec::new();
+    for round in 0..rounds * 2 {
+        if matches!(round % 4, 1 | 2) {
+            let _daemon = daemon_for(backend, 256)?;
+            with.push(other_process_round()?);
+        } else {
+            without.push(other_process_round()?);
+        }
+    }
+    let medians =
+        |runs: &[[f64; 3]]| [0, 1, 2].map(|i| median(runs.iter().map(|r| r[i]).collect()));
+    Ok((medians(&without), medians(&with)))
 }
 
 struct Load {
@@ -61,6 +99,30 @@ struct Load {
     per_second: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The machine's CPU time per request served (see [`busy_seconds`]), in µs.
+    cpu_us_per_request: f64,
+}
+
+/// CPU seconds the machine has spent busy, from `/proc/stat`: user, nice, system, irq and
+/// softirq time of all CPUs — the backend, PostgreSQL, the load generator, the daemon (its
+/// decoder thread is niced) and the kernel's work for them; the bench wants an otherwise idle
+/// machine. Per request, the difference with and without the daemon is what it adds to the
+/// cost of serving one, and the ratio is the capacity a CPU-bound machine loses: far steadier
+/// here than a saturation throughput.
+fn busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let line = stat.lines().next().unwrap_or_default();
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq …; USER_HZ is 100 on Linux.
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| fields.get(i).copied().unwrap_or(0.0))
+        .sum::<f64>();
+    Ok(busy / 100.0)
 }
 
 /// `connections` keep-alive clients sending `GET /api/v1/tackle/deals` for `duration`: back to
@@ -74,6 +136,7 @@ fn load(
 ) -> Result<Load> {
     let address = backend.address;
     let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
+    let busy_before = busy_seconds()?;
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
@@ -117,6 +180,7 @@ fn load(
         latencies.append(&mut l);
         errors += e;
     }
+    let busy = busy_seconds()? - busy_before;
     latencies.sort_unstable();
     let at = |q: f64| {
         latencies
@@ -129,15 +193,21 @@ fn load(
         per_second: latencies.len() as f64 / duration.as_secs_f64(),
         p50_ms: at(0.5),
         p99_ms: at(0.99),
+        cpu_us_per_request: busy * 1e6 / latencies.len().max(1) as f64,
     })
 }
 
-/// The capture programs' own time per run for processes that are not the target, from the
-/// kernel's BPF statistics (`kernel.bpf_stats_enabled`, switched on for the measurement and
-/// restored after) as the daemon exports them: `(program, runs, ns per run)`.
-fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
+const PROGRAMS: [&str; 2] = ["capture_recv", "capture_send"];
+
+/// Runs `work` with the kernel's BPF statistics on (`kernel.bpf_stats_enabled`, restored
+/// after) and returns the capture programs' `(runs, seconds)` totals as the daemon exports
+/// them, before and after.
+#[allow(clippy::type_complexity)]
+fn with_program_stats(
+    daemon: &Daemon,
+    work: impl FnOnce() -> Result<()>,
+) -> Result<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
     const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
-    const PROGRAMS: [&str; 2] = ["capture_recv", "capture_send"];
     let previous = std::fs::read_to_string(SYSCTL).context("read kernel.bpf_stats_enabled")?;
     std::fs::write(SYSCTL, "1").context("enable kernel.bpf_stats_enabled")?;
     let read = || -> Result<Vec<(f64, f64)>> {
@@ -160,12 +230,19 @@ fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
     std::thread::sleep(Duration::from_millis(2500));
     let before = read();
     let measured = before.and_then(|before| {
-        socket_op_cost_ns()?;
+        work()?;
         std::thread::sleep(Duration::from_millis(2500));
         Ok((before, read()?))
     });
     std::fs::write(SYSCTL, previous.trim()).context("restore kernel.bpf_stats_enabled")?;
-    let (before, after) = measured?;
+    measured
+}
+
+/// The capture programs' own time per run for processes that are not the target, from the
+/// kernel's BPF statistics (`kernel.bpf_stats_enabled`, switched on for the measurement and
+/// restored after) as the daemon exports them: `(program, runs, ns per run)`.
+fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
+    let (before, after) = with_program_stats(daemon, || socket_op_cost_ns().map(|_| ()))?;
     Ok(PROGRAMS
         .iter()
         .zip(before.iter().zip(&after))
@@ -189,6 +266,8 @@ fn daemon_for(backend: &DemoBackend, payload_bytes: u32) -> Result<Daemon> {
 
 /// Runs of each kind, per phase.
 const ROUNDS: usize = 4;
+/// Rounds of each condition for the cost to other processes.
+const OTHER_ROUNDS: usize = 6;
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -212,16 +291,16 @@ fn alternate(
     rate: Option<f64>,
     rounds: usize,
 ) -> Result<(Vec<Load>, Vec<Load>)> {
-    println!("| run | requests | errors | req/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|---|");
+    println!("| run | requests | errors | req/s | p50 ms | p99 ms | machine CPU µs per request |");
+    println!("|---|---|---|---|---|---|---|");
     let mut without = Vec::new();
     let mut with = Vec::new();
     for round in 0..rounds * 2 {
         let daemon_on = matches!(round % 4, 1 | 2);
         let row = |name: String, l: &Load| {
             println!(
-                "| {name} | {} | {} | {:.0} | {:.2} | {:.2} |",
-                l.requests, l.errors, l.per_second, l.p50_ms, l.p99_ms
+                "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} |",
+                l.requests, l.errors, l.per_second, l.p50_ms, l.p99_ms, l.cpu_us_per_request
             );
         };
         if daemon_on {
@@ -264,39 +343,28 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     // Warm the backend's pool and caches.
     load(&backend, connections, Duration::from_secs(2), None)?;
 
-    println!("## cost to a process that is not the target (medians of 5 rounds)");
-    let bare = (write_cost_ns()?, socket_op_cost_ns()?);
-    let (with_capture, program_costs) = {
-        let daemon = daemon_for(&backend, 256)?;
-        let costs = (write_cost_ns()?, socket_op_cost_ns()?);
-        (costs, program_cost(&daemon)?)
-    };
-    let without_capture = {
-        let _daemon = daemon_for(&backend, 0)?;
-        (write_cost_ns()?, socket_op_cost_ns()?)
-    };
-    println!(
-        "| condition | write(2) to /dev/null, ns | added | unix socket send or recv, ns | added |"
-    );
-    println!("|---|---|---|---|---|");
-    println!("| no daemon | {:.1} | — | {:.1} | — |", bare.0, bare.1);
-    for (name, cost) in [
-        (
-            "daemon, payload capture on (`payload_bytes = 256`)",
-            with_capture,
-        ),
-        ("daemon, payload capture off (default)", without_capture),
-    ] {
+    println!("## cost to a process that is not the target ({OTHER_ROUNDS} rounds per condition, alternated, medians)");
+    let (bare, with_capture) = other_process_costs(&backend, OTHER_ROUNDS)?;
+    let program_costs = program_cost(&daemon_for(&backend, 256)?)?;
+    println!("| operation | no daemon, ns | daemon with payload capture, ns | added, ns |");
+    println!("|---|---|---|---|");
+    for (i, operation) in [
+        "`write(2)` of 1 byte to /dev/null (no hook fires)",
+        "unix datagram send or recv of 1 byte",
+        "non-blocking recv on an empty unix socket",
+    ]
+    .iter()
+    .enumerate()
+    {
         println!(
-            "| {name} | {:.1} | {:+.1} | {:.1} | {:+.1} |",
-            cost.0,
-            cost.0 - bare.0,
-            cost.1,
-            cost.1 - bare.1
+            "| {operation} | {:.1} | {:.1} | {:+.1} |",
+            bare[i],
+            with_capture[i],
+            with_capture[i] - bare[i]
         );
     }
     println!();
-    println!("In-kernel time of the capture programs per run, for a process that is not the target (kernel BPF statistics, during 5 × 1 M socket operations):");
+    println!("In-kernel time of the capture programs per run, for a process that is not the target (kernel BPF statistics, during 1 M socket operations):");
     println!();
     println!("| program | runs | ns per run |");
     println!("|---|---|---|");
@@ -322,12 +390,42 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     let served = ratio(&without, &with, |l| l.per_second);
     let p50 = ratio(&without, &with, |l| l.p50_ms);
     let p99 = ratio(&without, &with, |l| l.p99_ms);
+    let cpu = ratio(&without, &with, |l| l.cpu_us_per_request);
     println!();
     println!(
-        "fixed load, medians with/without: served {served:.3} ({:+.1} %), p50 {p50:.3} ({:+.1} %), p99 {p99:.3} ({:+.1} %)",
+        "fixed load, medians with/without: served {served:.3} ({:+.1} %), p50 {p50:.3} ({:+.1} %), p99 {p99:.3} ({:+.1} %), machine CPU per request {cpu:.3} ({:+.1} %: a CPU-bound machine serves {:.1} % less)",
         (served - 1.0) * 100.0,
         (p50 - 1.0) * 100.0,
-        (p99 - 1.0) * 100.0
+        (p99 - 1.0) * 100.0,
+        (cpu - 1.0) * 100.0,
+        (1.0 - 1.0 / cpu) * 100.0,
+    );
+
+    // Where the added CPU goes: one more run with the daemon and the kernel's BPF statistics
+    // on (they cost time themselves, so this run is not among the compared ones).
+    let daemon = daemon_for(&backend, 256)?;
+    let cpu_before = daemon
+        .metric("selfheal_daemon_cpu_seconds_total")?
+        .unwrap_or(0.0);
+    let mut requests = 0.0;
+    let (before, after) = with_program_stats(&daemon, || {
+        requests = load(&backend, connections, duration, Some(rate))?.requests as f64;
+        Ok(())
+    })?;
+    let daemon_cpu = daemon
+        .metric("selfheal_daemon_cpu_seconds_total")?
+        .unwrap_or(0.0)
+        - cpu_before;
+    let (runs, seconds) = before.iter().zip(&after).fold((0.0, 0.0), |acc, (b, a)| {
+        (acc.0 + a.0 - b.0, acc.1 + a.1 - b.1)
+    });
+    println!();
+    println!(
+        "per request, same fixed load, one more run: the daemon's own CPU {:.1} µs (userspace and the kernel work of its syscalls), the capture programs {:.1} µs in the kernel ({:.1} runs of {:.0} ns, the target's and every other process's socket operations)",
+        daemon_cpu * 1e6 / requests.max(1.0),
+        seconds * 1e6 / requests.max(1.0),
+        runs / requests.max(1.0),
+        seconds * 1e9 / runs.max(1.0),
     );
     Ok(())
 }

@@ -13,13 +13,13 @@ use std::{
 };
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use selfheal_ebpf::{
-    kind, names, offsets, stats, tcp_state, DataEvent, ProcessExit, TcpEvent, DIRECTION_SEND,
-    ROLE_CLIENT,
+    kind, names, offsets, stats, tcp_state, DataEvent, ProcessExit, TargetSet, TcpEvent,
+    DIRECTION_SEND, ROLE_CLIENT,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -172,6 +172,7 @@ pub struct Loaded {
 /// The kernel-side filter maps that say which processes and ports are the target's.
 struct Filters {
     targets: BpfHashMap<MapData, u32, u32>,
+    target_set: Array<MapData, TargetSet>,
     listen_ports: BpfHashMap<MapData, u16, u32>,
 }
 
@@ -296,6 +297,8 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?).map_err(map_err(names::EVENTS))?;
     let targets = BpfHashMap::try_from(take_map(&mut ebpf, names::TARGET_TGIDS)?)
         .map_err(map_err(names::TARGET_TGIDS))?;
+    let target_set = Array::try_from(take_map(&mut ebpf, names::TARGET_SET)?)
+        .map_err(map_err(names::TARGET_SET))?;
     let listen_ports = BpfHashMap::try_from(take_map(&mut ebpf, names::LISTEN_PORTS)?)
         .map_err(map_err(names::LISTEN_PORTS))?;
     let stats =
@@ -305,6 +308,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         ring,
         filters: Filters {
             targets,
+            target_set,
             listen_ports,
         },
         stats,
@@ -432,6 +436,19 @@ struct Window {
 impl Filters {
     fn sync(&mut self, members: &[u32]) {
         let wanted: HashSet<u32> = members.iter().copied().collect();
+        // The hash map holds every process; the inline set the first few, and sends the
+        // programs to the hash map when there are more. New processes go into the hash map
+        // before the set can point there, and leave the set before the hash map.
+        for tgid in &wanted {
+            if let Err(err) = self.targets.insert(tgid, 1, 0) {
+                tracing::warn!(tgid, error = %err, "cannot add a target process to the eBPF filter");
+            }
+        }
+        let mut sorted: Vec<u32> = wanted.iter().copied().collect();
+        sorted.sort_unstable();
+        if let Err(err) = self.target_set.set(0, TargetSet::of(&sorted), 0) {
+            tracing::warn!(error = %err, "cannot update the eBPF target set");
+        }
         let stale: Vec<u32> = self
             .targets
             .keys()
@@ -440,11 +457,6 @@ impl Filters {
             .collect();
         for tgid in stale {
             let _ = self.targets.remove(&tgid);
-        }
-        for tgid in &wanted {
-            if let Err(err) = self.targets.insert(tgid, 1, 0) {
-                tracing::warn!(tgid, error = %err, "cannot add a target process to the eBPF filter");
-            }
         }
         // Listening ports: the kernel side learns new ones from listen(2); ports opened before
         // the daemon started are seeded from procfs.
@@ -746,6 +758,26 @@ fn record_tcp(event: &TcpEvent, metrics: &Metrics, summary: &mut TcpSummary) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_inline_target_set_holds_the_first_processes_and_flags_the_rest() {
+        let few = TargetSet::of(&[7, 42]);
+        assert_eq!(few.overflow, 0);
+        assert_eq!(&few.tgids[..3], &[7, 42, 0]);
+        let exactly: Vec<u32> = (1..=selfheal_ebpf::TARGET_SET_LEN as u32).collect();
+        assert_eq!(TargetSet::of(&exactly).overflow, 0);
+        let many: Vec<u32> = (1..=selfheal_ebpf::TARGET_SET_LEN as u32 + 1).collect();
+        let set = TargetSet::of(&many);
+        assert_eq!(
+            set.overflow, 1,
+            "more processes than slots send the kernel to the hash map"
+        );
+        assert_eq!(
+            set.tgids.to_vec(),
+            many[..selfheal_ebpf::TARGET_SET_LEN].to_vec()
+        );
+        assert_eq!(TargetSet::of(&[]), TargetSet::default());
+    }
 
     #[test]
     fn a_full_queue_sheds_whole_connections() {
