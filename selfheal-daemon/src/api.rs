@@ -252,7 +252,8 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-/// `GET /api/v1/system/metrics?platform=…&window=…`: per platform and route over a window.
+/// `GET /api/v1/system/metrics?platform=…&window=…`: per platform and route over a window;
+/// with `&step=…`, as points in steps of it (the dashboard's charts).
 async fn traffic_metrics(
     State(state): State<Arc<ApiState>>,
     query: Result<Query<MetricsQuery>, QueryRejection>,
@@ -261,10 +262,25 @@ async fn traffic_metrics(
         Ok(query) => query,
         Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
     };
-    match state.traffic.metrics_view(&query) {
-        Ok(view) => ok(view).into_response(),
-        Err(err) => error(StatusCode::BAD_REQUEST, err.to_string()),
-    }
+    let answer = match query.step.as_deref() {
+        Some(step) => state
+            .traffic
+            .metrics_series_view(&query, step)
+            .map(|view| ok(view).into_response()),
+        None => state
+            .traffic
+            .metrics_view(&query)
+            .map(|view| ok(view).into_response()),
+    };
+    answer.unwrap_or_else(|err| {
+        if err.is_bad_request() {
+            error(StatusCode::BAD_REQUEST, err.to_string())
+        } else {
+            let source = std::error::Error::source(&err).map(ToString::to_string);
+            tracing::error!(error = %err, ?source, "the metrics view failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string())
+        }
+    })
 }
 
 /// `GET /api/v1/system/queries`: per query fingerprint since the daemon started.

@@ -1,14 +1,19 @@
 //! Capture: the target's socket payloads from the kernel, per connection, through the
 //! protocol decoders.
 //!
-//! Owns: the connection table (the kernel's `struct sock *` → what is known about it), the
-//! choice of decoder for each connection (HTTP/1.x when the target serves it, PostgreSQL when
-//! the target is its client, from the kernel's role and the first bytes), and the accounting
-//! of captured traffic. Completed exchanges and queries go to the [`Recorder`]. Must not: block
+//! Owns: the connection table (the kernel's `struct sock *` → what is known about it: the
+//! process, the target's role, the local and remote addresses), the choice of decoder for
+//! each connection (HTTP/1.x when the target serves it, PostgreSQL when the target is its
+//! client, from the kernel's role and the first bytes), and the accounting of captured
+//! traffic. Completed exchanges and queries go to the [`Recorder`]. Must not: block
 //! the eBPF reader (it hands captures over through a bounded queue and counts what does not
 //! fit) or grow without bound (the table is capped; every parser has a constant bound).
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -54,6 +59,110 @@ impl Role {
     }
 }
 
+/// `AF_INET` and `AF_INET6`, as the kernel's TCP events carry them.
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// Where a connection's two ends are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// A TCP connection: the target's own address and its peer's.
+    Tcp {
+        local: SocketAddr,
+        remote: SocketAddr,
+    },
+    /// A unix-domain socket. Neither end has a socket address, and the peer's path cannot be
+    /// read cheaply: `/proc/net/unix` shows each socket's own bound path (none for the side
+    /// that connected) but not which socket is its peer, which only the `sock_diag` netlink
+    /// interface tells.
+    Unix,
+}
+
+impl Endpoints {
+    /// The ends of a TCP event: `family` and addresses as the kernel's
+    /// `sock:inet_sock_set_state` gives them (addresses in network byte order, IPv4 in the
+    /// first 4 bytes; ports in host order). `None` for a family other than IPv4 and IPv6.
+    /// An IPv4-mapped IPv6 address (an IPv6 socket talking IPv4) is shown as the IPv4
+    /// address, which is what the other end sees.
+    pub fn from_raw(
+        family: u16,
+        saddr: [u8; 16],
+        sport: u16,
+        daddr: [u8; 16],
+        dport: u16,
+    ) -> Option<Self> {
+        let ip = |bytes: [u8; 16]| -> Option<IpAddr> {
+            match family {
+                AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
+                    bytes[0], bytes[1], bytes[2], bytes[3],
+                ))),
+                AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(bytes)).to_canonical()),
+                _ => None,
+            }
+        };
+        Some(Self::Tcp {
+            local: SocketAddr::new(ip(saddr)?, sport),
+            remote: SocketAddr::new(ip(daddr)?, dport),
+        })
+    }
+
+    /// The same canonical form for addresses read from procfs.
+    fn tcp(local: SocketAddr, remote: SocketAddr) -> Self {
+        let canonical = |addr: SocketAddr| SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        Self::Tcp {
+            local: canonical(local),
+            remote: canonical(remote),
+        }
+    }
+
+    /// The other end: the client of a request the target serves, the server of a query it
+    /// sends.
+    pub fn remote(self) -> Peer {
+        match self {
+            Self::Tcp { remote, .. } => Peer::Tcp(remote),
+            Self::Unix => Peer::Unix,
+        }
+    }
+}
+
+/// The other end of one of the target's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// A unix-domain socket, whose peer has no socket address (see [`Endpoints::Unix`]).
+    Unix,
+}
+
+impl fmt::Display for Peer {
+    /// `127.0.0.1:5432`, `[::1]:5432`, or `unix`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(addr) => addr.fmt(f),
+            Self::Unix => f.write_str("unix"),
+        }
+    }
+}
+
+/// What procfs tells about a connection older than the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seed {
+    /// The target's role on a TCP connection (`Server` when the local port is one it
+    /// listens on); `None` on a unix socket, where nothing in procfs tells (the decoders
+    /// tell from the content).
+    pub role: Option<Role>,
+    pub endpoints: Endpoints,
+}
+
+/// Which process a decoded message came from, and over which connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub tgid: u32,
+    /// `None` when the connection's addresses are unknown: it was seen neither open (TCP
+    /// events) nor in procfs (one that existed before the daemon), e.g. a unix socket opened
+    /// later.
+    pub endpoints: Option<Endpoints>,
+}
+
 fn direction_label(direction: Direction) -> &'static str {
     match direction {
         Direction::Received => "recv",
@@ -83,6 +192,8 @@ pub enum Capture {
         tgid: u32,
         sock: u64,
         role: Role,
+        /// `None` when the kernel reported an address family other than IPv4 and IPv6.
+        endpoints: Option<Endpoints>,
         ts_ns: u64,
     },
     /// A TCP connection of the target closed.
@@ -110,11 +221,23 @@ enum Decoder {
 #[derive(Debug, Default)]
 struct Connection {
     tgid: u32,
+    /// The fd of its first capture, to apply a procfs seed that arrives after it.
+    fd: Option<u32>,
     role: Option<Role>,
+    endpoints: Option<Endpoints>,
     recv_bytes: u64,
     send_bytes: u64,
     decoder: Decoder,
     undecided_events: u8,
+}
+
+impl Connection {
+    fn origin(&self) -> Origin {
+        Origin {
+            tgid: self.tgid,
+            endpoints: self.endpoints,
+        }
+    }
 }
 
 /// The capture counters of one (direction, role) pair, looked up once.
@@ -126,18 +249,19 @@ struct Counters {
 /// What the decoders produced from one batch, tagged with the process that produced it.
 #[derive(Debug, Default)]
 pub struct Decoded {
-    pub http: Vec<(u32, HttpExchange)>,
-    pub postgres: Vec<(u32, PgEvent)>,
+    pub http: Vec<(Origin, HttpExchange)>,
+    pub postgres: Vec<(Origin, PgEvent)>,
     /// Scratch buffers handed to the parsers.
     http_out: Vec<HttpExchange>,
     pg_out: Vec<PgEvent>,
 }
 
 impl Decoded {
-    fn collect(&mut self, tgid: u32) {
-        self.http.extend(self.http_out.drain(..).map(|e| (tgid, e)));
+    fn collect(&mut self, origin: Origin) {
+        self.http
+            .extend(self.http_out.drain(..).map(|e| (origin, e)));
         self.postgres
-            .extend(self.pg_out.drain(..).map(|e| (tgid, e)));
+            .extend(self.pg_out.drain(..).map(|e| (origin, e)));
     }
 
     pub fn clear(&mut self) {
@@ -162,9 +286,10 @@ pub struct Traffic {
     /// Problems of parsers already dropped, and what was last exported.
     closed: ProblemTotals,
     exported: ProblemTotals,
-    /// Roles of the target's connections that existed before the daemon saw them open, by
-    /// (tgid, fd), from procfs; each is used once, by the first capture on that fd.
-    seeded: HashMap<(u32, u32), Role>,
+    /// Roles and addresses of the target's connections that existed before the daemon saw
+    /// them open, by (tgid, fd), from procfs; each is used once, by the first capture on
+    /// that fd (or by the connection already seen on it when the seed arrives late).
+    seeded: HashMap<(u32, u32), Seed>,
 }
 
 impl Traffic {
@@ -192,11 +317,23 @@ impl Traffic {
         }
     }
 
-    /// Remembers the roles of a process's connections found in procfs.
-    pub fn seed(&mut self, tgid: u32, connected: &[(u32, Role)]) {
-        for &(fd, role) in connected {
+    /// Remembers the roles and addresses of a process's connections found in procfs. A
+    /// connection whose data was captured before the seed arrived (procfs is read on another
+    /// thread) takes what it lacks from its seed at once.
+    pub fn seed(&mut self, tgid: u32, connected: &[(u32, Seed)]) {
+        let mut seeds: HashMap<u32, Seed> = connected.iter().copied().collect();
+        for connection in self.connections.values_mut() {
+            if connection.tgid != tgid || connection.endpoints.is_some() {
+                continue;
+            }
+            if let Some(seed) = connection.fd.and_then(|fd| seeds.remove(&fd)) {
+                connection.endpoints = Some(seed.endpoints);
+                connection.role = connection.role.or(seed.role);
+            }
+        }
+        for (fd, seed) in seeds {
             if self.seeded.len() < MAX_CONNECTIONS {
-                self.seeded.insert((tgid, fd), role);
+                self.seeded.insert((tgid, fd), seed);
             }
         }
     }
@@ -228,10 +365,11 @@ impl Traffic {
                 ts_ns,
             } => {
                 let is_new = !self.connections.contains_key(&sock);
-                let role = match role {
+                let seed = match role {
                     None if is_new && !self.seeded.is_empty() => self.seeded.remove(&(tgid, fd)),
-                    role => role,
+                    _ => None,
                 };
+                let role = role.or(seed.and_then(|s| s.role));
                 let known = self.connections.get(&sock).and_then(|c| c.role).or(role);
                 let counters = self.counters(direction, known);
                 counters.events.inc();
@@ -240,7 +378,9 @@ impl Traffic {
                 let connection = if room {
                     Some(self.connections.entry(sock).or_insert_with(|| Connection {
                         tgid,
+                        fd: Some(fd),
                         role,
+                        endpoints: seed.map(|s| s.endpoints),
                         ..Connection::default()
                     }))
                 } else {
@@ -257,12 +397,17 @@ impl Traffic {
                     Direction::Received => connection.recv_bytes += total_len,
                     Direction::Sent => connection.send_bytes += total_len,
                 }
+                connection.fd.get_or_insert(fd);
                 let total_len = usize::try_from(total_len).unwrap_or(usize::MAX);
                 feed(connection, direction, captured, total_len, ts_ns, out);
-                out.collect(connection.tgid);
+                out.collect(connection.origin());
             }
             Capture::Opened {
-                tgid, sock, role, ..
+                tgid,
+                sock,
+                role,
+                endpoints,
+                ..
             } => {
                 // A reused `struct sock` is a new connection: the old one's parser is closed.
                 if let Some(old) = self.connections.remove(&sock) {
@@ -272,6 +417,7 @@ impl Traffic {
                     let connection = Connection {
                         tgid,
                         role: Some(role),
+                        endpoints,
                         ..Connection::default()
                     };
                     self.connections.insert(sock, connection);
@@ -298,7 +444,7 @@ impl Traffic {
             }
             Decoder::Undecided | Decoder::Opaque => {}
         }
-        out.collect(connection.tgid);
+        out.collect(connection.origin());
     }
 
     /// Handles a batch and updates the gauges once.
@@ -327,7 +473,7 @@ impl Traffic {
     }
 
     /// Requests and queries waiting for an answer now, for the traces view.
-    pub fn in_flight(&self) -> (Vec<(u32, crate::protocols::http::HttpRequest)>, usize) {
+    pub fn in_flight(&self) -> (Vec<(Origin, crate::protocols::http::HttpRequest)>, usize) {
         let mut requests = Vec::new();
         let mut queries = 0;
         for connection in self.connections.values() {
@@ -335,7 +481,7 @@ impl Traffic {
                 Decoder::Http(parser) => requests.extend(
                     parser
                         .in_flight()
-                        .map(|request| (connection.tgid, request.clone())),
+                        .map(|request| (connection.origin(), request.clone())),
                 ),
                 Decoder::Postgres(parser) => queries += parser.in_flight().count(),
                 Decoder::Undecided | Decoder::Opaque => {}
@@ -517,17 +663,19 @@ fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(word))
 }
 
-/// A process's TCP sockets as procfs shows them (in its own network namespace).
+/// A process's sockets as procfs shows them (in its own network namespace).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProcessSockets {
-    /// Ports it listens on.
+    /// TCP ports it listens on.
     pub listening: Vec<u16>,
-    /// Its connected sockets by fd: `Server` when the local port is one it listens on.
-    pub connected: Vec<(u32, Role)>,
+    /// Its connected sockets by fd: established TCP connections with their addresses and
+    /// the target's role (`Server` when the local port is one it listens on), and connected
+    /// unix stream sockets.
+    pub connected: Vec<(u32, Seed)>,
 }
 
-/// The TCP sockets of `pid`, from `/proc/<pid>/fd` and `/proc/<pid>/net/tcp{,6}`; empty when
-/// the process is gone. Blocking I/O.
+/// The sockets of `pid`, from `/proc/<pid>/fd`, `/proc/<pid>/net/tcp{,6}` and
+/// `/proc/<pid>/net/unix`; empty when the process is gone. Blocking I/O.
 pub fn process_sockets(pid: u32) -> ProcessSockets {
     let Ok(process) = procfs::process::Process::new(pid as i32) else {
         return ProcessSockets::default();
@@ -542,29 +690,61 @@ pub fn process_sockets(pid: u32) -> ProcessSockets {
             _ => None,
         })
         .collect();
-    let entries: Vec<procfs::net::TcpNetEntry> = [process.tcp(), process.tcp6()]
+    let tcp: Vec<procfs::net::TcpNetEntry> = [process.tcp(), process.tcp6()]
         .into_iter()
         .flatten()
         .flatten()
         .filter(|e| fd_of.contains_key(&e.inode))
         .collect();
-    let listening: Vec<u16> = entries
+    // Only the process's own sockets are kept from the namespace-wide unix table (which
+    // can be long on a busy host: it is read once per process joining the target).
+    let unix = process
+        .unix()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| {
+            e.state == procfs::net::UnixState::CONNECTED
+                && e.socket_type == libc::SOCK_STREAM as u16
+        })
+        .filter_map(|e| fd_of.get(&e.inode).copied());
+    sockets_of(&fd_of, &tcp, unix)
+}
+
+/// The seeds of a process's sockets: its TCP entries (their inodes mapped to its fds) and
+/// the fds of its connected unix stream sockets.
+fn sockets_of(
+    fd_of: &HashMap<u64, u32>,
+    tcp: &[procfs::net::TcpNetEntry],
+    unix_fds: impl Iterator<Item = u32>,
+) -> ProcessSockets {
+    let listening: Vec<u16> = tcp
         .iter()
         .filter(|e| e.state == procfs::net::TcpState::Listen)
         .map(|e| e.local_address.port())
         .collect();
-    let connected = entries
+    let mut connected: Vec<(u32, Seed)> = tcp
         .iter()
         .filter(|e| e.state == procfs::net::TcpState::Established)
-        .map(|e| {
+        .filter_map(|e| {
             let role = if listening.contains(&e.local_address.port()) {
                 Role::Server
             } else {
                 Role::Client
             };
-            (fd_of[&e.inode], role)
+            let seed = Seed {
+                role: Some(role),
+                endpoints: Endpoints::tcp(e.local_address, e.remote_address),
+            };
+            Some((*fd_of.get(&e.inode)?, seed))
         })
         .collect();
+    connected.extend(unix_fds.map(|fd| {
+        let seed = Seed {
+            role: None,
+            endpoints: Endpoints::Unix,
+        };
+        (fd, seed)
+    }));
     ProcessSockets {
         listening,
         connected,
@@ -668,6 +848,7 @@ mod tests {
                 tgid: 1,
                 sock: 0xa0,
                 role: Role::Server,
+                endpoints: None,
                 ts_ns: 0,
             },
             &mut out,
@@ -760,22 +941,93 @@ mod tests {
         }
     }
 
+    fn tcp(local: &str, remote: &str) -> Endpoints {
+        Endpoints::Tcp {
+            local: local.parse().expect("address"),
+            remote: remote.parse().expect("address"),
+        }
+    }
+
     #[test]
-    fn a_connection_older_than_the_daemon_gets_its_role_from_procfs() {
+    fn a_connection_older_than_the_daemon_gets_its_role_and_addresses_from_procfs() {
         let metrics = Metrics::new();
         let mut traffic = Traffic::new(metrics.clone());
         let mut out = Decoded::default();
-        traffic.seed(1, &[(7, Role::Server)]);
+        let ends = tcp("127.0.0.1:8080", "127.0.0.1:51000");
+        let seed = Seed {
+            role: Some(Role::Server),
+            endpoints: ends,
+        };
+        traffic.seed(1, &[(7, seed)]);
         traffic.handle(
             &data(0xc0, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
             &mut out,
         );
         assert_eq!(traffic.connections[&0xc0].role, Some(Role::Server));
+        assert_eq!(traffic.connections[&0xc0].endpoints, Some(ends));
         assert!(metrics
             .encode()
             .contains("selfheal_capture_events_total{direction=\"recv\",role=\"server\"} 1"));
         // The seed is used once: a later connection on a reused fd 7 is not given it.
         assert!(traffic.seeded.is_empty());
+        traffic.handle(
+            &data(0xc8, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
+            &mut out,
+        );
+        assert_eq!(traffic.connections[&0xc8].endpoints, None);
+    }
+
+    #[test]
+    fn a_seed_that_arrives_after_the_first_capture_still_applies() {
+        let mut traffic = Traffic::new(Metrics::new());
+        let mut out = Decoded::default();
+        // Procfs is read on another thread: the connection's bytes can come first.
+        let query = b"Q\0\0\0\x0dSELECT 1\0";
+        traffic.handle(&data(0xd0, None, Direction::Sent, query), &mut out);
+        assert_eq!(traffic.connections[&0xd0].endpoints, None);
+        let unix = Seed {
+            role: None,
+            endpoints: Endpoints::Unix,
+        };
+        // Another process's fd 7 and this process's fd 8 are not this connection.
+        traffic.seed(2, &[(7, unix)]);
+        traffic.seed(1, &[(8, unix)]);
+        assert_eq!(traffic.connections[&0xd0].endpoints, None);
+        traffic.seed(1, &[(7, unix)]);
+        assert_eq!(traffic.connections[&0xd0].endpoints, Some(Endpoints::Unix));
+        assert_eq!(traffic.connections[&0xd0].role, None);
+        // Applied, so not kept for a later connection on the same fd.
+        assert!(!traffic.seeded.contains_key(&(1, 7)));
+        assert!(traffic.seeded.contains_key(&(1, 8)));
+    }
+
+    #[test]
+    fn addresses_come_from_the_kernels_tcp_events() {
+        let v4 = |a: [u8; 4]| {
+            let mut raw = [0; 16];
+            raw[..4].copy_from_slice(&a);
+            raw
+        };
+        assert_eq!(
+            Endpoints::from_raw(2, v4([127, 0, 0, 1]), 8080, v4([10, 1, 2, 3]), 51_000),
+            Some(tcp("127.0.0.1:8080", "10.1.2.3:51000"))
+        );
+        let v6 = |text: &str| text.parse::<Ipv6Addr>().expect("ip").octets();
+        assert_eq!(
+            Endpoints::from_raw(10, v6("::1"), 5432, v6("fe80::2"), 40_000),
+            Some(tcp("[::1]:5432", "[fe80::2]:40000"))
+        );
+        // An IPv6 socket talking IPv4: shown as the IPv4 address the other end sees.
+        assert_eq!(
+            Endpoints::from_raw(10, v6("::ffff:127.0.0.1"), 8080, v6("::ffff:127.0.0.2"), 9),
+            Some(tcp("127.0.0.1:8080", "127.0.0.2:9"))
+        );
+        assert_eq!(Endpoints::from_raw(1, [0; 16], 1, [0; 16], 2), None);
+        assert_eq!(
+            tcp("[::1]:1", "[::1]:5432").remote().to_string(),
+            "[::1]:5432"
+        );
+        assert_eq!(Endpoints::Unix.remote().to_string(), "unix");
     }
 
     #[test]
@@ -784,19 +1036,107 @@ mod tests {
         let port = listener.local_addr().expect("addr").port();
         let client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let (server, _) = listener.accept().expect("accept");
+        let (unix, _other_end) = std::os::unix::net::UnixStream::pair().expect("socketpair");
         let sockets = process_sockets(std::process::id());
         assert!(sockets.listening.contains(&port), "{sockets:?}");
-        let fd = |s: &std::net::TcpStream| {
-            u32::try_from(std::os::fd::AsRawFd::as_raw_fd(s)).expect("fd")
+        let fd = |s: &dyn std::os::fd::AsRawFd| u32::try_from(s.as_raw_fd()).expect("fd");
+        let seed = |fd: u32| {
+            sockets
+                .connected
+                .iter()
+                .find(|(f, _)| *f == fd)
+                .map(|(_, seed)| *seed)
         };
-        assert!(
-            sockets.connected.contains(&(fd(&server), Role::Server)),
+        let tcp_seed = |s: &std::net::TcpStream, role| Seed {
+            role: Some(role),
+            endpoints: Endpoints::Tcp {
+                local: s.local_addr().expect("local"),
+                remote: s.peer_addr().expect("peer"),
+            },
+        };
+        assert_eq!(
+            seed(fd(&server)),
+            Some(tcp_seed(&server, Role::Server)),
             "{sockets:?}"
         );
-        assert!(
-            sockets.connected.contains(&(fd(&client), Role::Client)),
+        assert_eq!(
+            seed(fd(&client)),
+            Some(tcp_seed(&client, Role::Client)),
             "{sockets:?}"
         );
+        let unix_seed = Seed {
+            role: None,
+            endpoints: Endpoints::Unix,
+        };
+        assert_eq!(seed(fd(&unix)), Some(unix_seed), "{sockets:?}");
+        assert_eq!(seed(fd(&listener)), None, "a listener is not a connection");
+    }
+
+    #[test]
+    fn decoded_exchanges_and_queries_carry_their_connections_addresses() {
+        let mut traffic = Traffic::new(Metrics::new());
+        let mut out = Decoded::default();
+        let served = tcp("127.0.0.1:8080", "127.0.0.1:51000");
+        traffic.handle(
+            &Capture::Opened {
+                tgid: 1,
+                sock: 0xe0,
+                role: Role::Server,
+                endpoints: Some(served),
+                ts_ns: 0,
+            },
+            &mut out,
+        );
+        let request = b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n";
+        traffic.handle(&data(0xe0, None, Direction::Received, request), &mut out);
+        let (in_flight, _) = traffic.in_flight();
+        let origin = Origin {
+            tgid: 1,
+            endpoints: Some(served),
+        };
+        assert_eq!(in_flight.len(), 1);
+        assert_eq!(in_flight[0].0, origin);
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        traffic.handle(&data(0xe0, None, Direction::Sent, response), &mut out);
+        assert_eq!(out.http.len(), 1);
+        assert_eq!(out.http[0].0, origin);
+        let peer = out.http[0].0.endpoints.map(|e| e.remote().to_string());
+        assert_eq!(peer.as_deref(), Some("127.0.0.1:51000"));
+
+        // A pool connection older than the daemon, over a unix socket.
+        let unix = Seed {
+            role: None,
+            endpoints: Endpoints::Unix,
+        };
+        traffic.seed(1, &[(7, unix)]);
+        let query = b"Q\0\0\0\x0dSELECT 1\0";
+        let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
+        traffic.handle(&data(0xf0, None, Direction::Sent, query), &mut out);
+        traffic.handle(&data(0xf0, None, Direction::Received, answer), &mut out);
+        assert!(!out.postgres.is_empty());
+        assert!(
+            out.postgres
+                .iter()
+                .all(|(o, _)| o.endpoints == Some(Endpoints::Unix)),
+            "{:?}",
+            out.postgres
+        );
+
+        // What a close flushes (a body read until the close) keeps its addresses too.
+        out.clear();
+        let request = b"GET /a HTTP/1.1\r\n\r\n";
+        let response = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody";
+        traffic.handle(&data(0xe0, None, Direction::Received, request), &mut out);
+        traffic.handle(&data(0xe0, None, Direction::Sent, response), &mut out);
+        traffic.handle(
+            &Capture::Closed {
+                sock: 0xe0,
+                ts_ns: 9,
+            },
+            &mut out,
+        );
+        assert_eq!(out.http.len(), 1, "{:?}", out.http);
+        assert_eq!(out.http[0].0, origin);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::capture::{process_sockets, Capture, Direction, Role};
+use super::capture::{process_sockets, Capture, Direction, Endpoints, Role};
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
     config::ProbesConfig,
@@ -686,7 +686,9 @@ fn hand_over(captures: &mpsc::Sender<Vec<Capture>>, batch: Vec<Capture>, metrics
     }
 }
 
-/// What a TCP event means for the traffic decoders' connection table.
+/// What a TCP event means for the traffic decoders' connection table: an open carries the
+/// connection's addresses (the socket's own as local, its destination as remote, whichever
+/// side connected).
 fn connection_change(event: &TcpEvent) -> Option<Capture> {
     match event.kind {
         kind::TCP_CONNECT | kind::TCP_ACCEPT => Some(Capture::Opened {
@@ -697,6 +699,13 @@ fn connection_change(event: &TcpEvent) -> Option<Capture> {
             } else {
                 Role::Server
             },
+            endpoints: Endpoints::from_raw(
+                event.family,
+                event.saddr,
+                event.sport,
+                event.daddr,
+                event.dport,
+            ),
             ts_ns: event.ts_ns,
         }),
         kind::TCP_CLOSE | kind::TCP_CONNECT_FAILED => Some(Capture::Closed {
@@ -969,12 +978,40 @@ mod tests {
                 ts_ns: 0
             })
         );
-        assert!(matches!(
-            connection_change(&event(kind::TCP_CONNECT, tcp_state::SYN_SENT, 1)),
+        // The target connected from 10.0.0.7:40000 to 10.0.0.9:5432.
+        let mut connect = event(kind::TCP_CONNECT, tcp_state::SYN_SENT, 1);
+        connect.sport = 40_000;
+        connect.saddr[..4].copy_from_slice(&[10, 0, 0, 7]);
+        connect.daddr[..4].copy_from_slice(&[10, 0, 0, 9]);
+        assert_eq!(
+            connection_change(&connect),
             Some(Capture::Opened {
+                tgid: 1,
+                sock: 0xffff_8880_0000_1000,
                 role: Role::Client,
-                ..
+                endpoints: Some(Endpoints::Tcp {
+                    local: "10.0.0.7:40000".parse().expect("addr"),
+                    remote: "10.0.0.9:5432".parse().expect("addr"),
+                }),
+                ts_ns: 0,
             })
+        );
+        // An accept: the socket's own address is the target's listening one, the
+        // destination is the client.
+        let mut accept = event(kind::TCP_ACCEPT, tcp_state::SYN_RECV, 1);
+        (accept.family, accept.sport, accept.dport) = (10, 8080, 51_000);
+        accept.saddr = std::net::Ipv6Addr::LOCALHOST.octets();
+        accept.daddr = "2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("ip")
+            .octets();
+        assert!(matches!(
+            connection_change(&accept),
+            Some(Capture::Opened {
+                role: Role::Server,
+                endpoints: Some(Endpoints::Tcp { local, remote }),
+                ..
+            }) if local.to_string() == "[::1]:8080" && remote.to_string() == "[2001:db8::1]:51000"
         ));
         record_tcp(
             &event(kind::TCP_CONNECT, tcp_state::SYN_SENT, 2_000_000),

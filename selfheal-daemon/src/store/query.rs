@@ -1,10 +1,14 @@
 //! Reads: summaries of a window (rate, gauge statistics, percentiles) for one series or a
-//! group of series, range queries, and selection by name and labels.
+//! group of series, range queries of one series or of several merged per step, and
+//! selection by name and labels.
 //!
 //! A window `[from_ms, to_ms)` is answered from one tier: the finest whose ring still holds
 //! the window's first bucket for every series involved (else the coarsest, and the answer
-//! says it is incomplete). A bucket counts when its start lies in the window, so windows are
-//! rounded to the tier's buckets; rates divide by the time those buckets span up to `to_ms`.
+//! says it is incomplete). A merged range query ([`Store::range_of`]) picks among the tiers
+//! whose resolution divides its step only, so its points are exactly the steps asked for and
+//! line up with those of series of another kind (whose tiers differ). A bucket counts when
+//! its start lies in the window, so windows are rounded to the tier's buckets; rates divide
+//! by the time those buckets span up to `to_ms`.
 
 use std::collections::BTreeMap;
 
@@ -40,6 +44,10 @@ pub enum QueryError {
     ZeroStep,
     #[error("{points} points asked for, more than {MAX_POINTS}")]
     TooManyPoints { points: u64 },
+    #[error("no series given")]
+    NoSeries,
+    #[error("step_ms {step_ms} is not a multiple of any tier's resolution")]
+    StepNotAligned { step_ms: u64 },
 }
 
 /// A counter (or a distribution's sample count) over a window.
@@ -469,54 +477,140 @@ impl Store {
         to_ms: i64,
         step_ms: u64,
     ) -> Result<Range, QueryError> {
-        let (from_ms, to_ms) = (clamp_time(from_ms), clamp_time(to_ms));
-        if from_ms >= to_ms {
-            return Err(QueryError::EmptyWindow { from_ms, to_ms });
-        }
-        if step_ms == 0 {
-            return Err(QueryError::ZeroStep);
-        }
+        let (from_ms, to_ms) = check_range(from_ms, to_ms, step_ms)?;
         let series = self.get(id).ok_or(QueryError::UnknownSeries { id })?;
         let kind = series.data.kind();
         let resolutions = self.resolutions(kind);
         let (tier, complete) = choose_tier(&[&series.data], resolutions, from_ms);
-        let resolution = resolutions[tier];
-        // Far more than any window, and small enough that step arithmetic cannot overflow.
-        let step_ms = step_ms.min(1 << 55) as i64;
-        let step_buckets = ceil_div(step_ms, resolution);
-        let first = ceil_div(from_ms, resolution);
-        let end = ceil_div(to_ms, resolution);
-        let points = ceil_div(end - first, step_buckets).max(0) as u64;
-        if points > MAX_POINTS {
-            return Err(QueryError::TooManyPoints { points });
-        }
-        let points = (0..points as i64)
-            .map(|k| {
-                let start = first + k * step_buckets;
-                let stop = (start + step_buckets).min(end);
-                let mut acc = Acc::new(kind);
-                accumulate(&series.data, tier, start, stop, &mut acc);
-                let value = acc
-                    .finish(seconds(start, stop, resolution, to_ms))
-                    .and_then(|aggregate| match aggregate {
-                        Aggregate::Counter(c) => Some(PointValue::Counter(c)),
-                        Aggregate::Gauge(g) => Some(PointValue::Gauge(g)),
-                        Aggregate::Distribution(d) => d.percentiles().map(PointValue::Distribution),
-                    });
-                Point {
-                    at_ms: start * resolution,
-                    value,
-                }
-            })
-            .collect();
-        Ok(Range {
+        points(
+            &[&series.data],
             kind,
-            tier_resolution_ms: resolution as u64,
-            step_ms: (step_buckets * resolution) as u64,
+            resolutions[tier],
+            tier,
             complete,
-            points,
-        })
+            from_ms,
+            to_ms,
+            step_ms,
+        )
     }
+
+    /// Several series of one kind over `[from_ms, to_ms)`, merged per step (counters add,
+    /// gauges combine, distributions merge before their percentiles are taken), in steps of
+    /// exactly `step_ms`. The answer comes from the finest tier whose resolution divides
+    /// `step_ms` and that holds the window for every series, else from the coarsest tier
+    /// whose resolution divides it (and says it is incomplete); no tier's resolution dividing
+    /// it is [`QueryError::StepNotAligned`]. When `from_ms` is a multiple of `step_ms`, point
+    /// `k` is exactly `[from_ms + k·step_ms, from_ms + (k+1)·step_ms)` whatever the tier,
+    /// so ranges of series of different kinds line up point for point.
+    pub fn range_of(
+        &self,
+        ids: &[SeriesId],
+        from_ms: i64,
+        to_ms: i64,
+        step_ms: u64,
+    ) -> Result<Range, QueryError> {
+        let (from_ms, to_ms) = check_range(from_ms, to_ms, step_ms)?;
+        let mut data = Vec::with_capacity(ids.len());
+        for &id in ids {
+            data.push(&self.get(id).ok_or(QueryError::UnknownSeries { id })?.data);
+        }
+        let kind = data.first().ok_or(QueryError::NoSeries)?.kind();
+        if let Some(other) = data.iter().map(|d| d.kind()).find(|&k| k != kind) {
+            return Err(QueryError::MixedKinds { first: kind, other });
+        }
+        let resolutions = self.resolutions(kind);
+        let aligned: Vec<usize> = (0..resolutions.len())
+            .filter(|&tier| step_ms.is_multiple_of(resolutions[tier].unsigned_abs()))
+            .collect();
+        let coarsest = *aligned
+            .last()
+            .ok_or(QueryError::StepNotAligned { step_ms })?;
+        let (tier, complete) = aligned
+            .iter()
+            .copied()
+            .find(|&tier| {
+                data.iter()
+                    .all(|d| covers(d, tier, resolutions[tier], from_ms))
+            })
+            .map_or((coarsest, false), |tier| (tier, true));
+        points(
+            &data,
+            kind,
+            resolutions[tier],
+            tier,
+            complete,
+            from_ms,
+            to_ms,
+            step_ms,
+        )
+    }
+}
+
+/// The window clamped to what writes accept, refused when empty or without a step.
+fn check_range(from_ms: i64, to_ms: i64, step_ms: u64) -> Result<(i64, i64), QueryError> {
+    let (from_ms, to_ms) = (clamp_time(from_ms), clamp_time(to_ms));
+    if from_ms >= to_ms {
+        return Err(QueryError::EmptyWindow { from_ms, to_ms });
+    }
+    if step_ms == 0 {
+        return Err(QueryError::ZeroStep);
+    }
+    Ok((from_ms, to_ms))
+}
+
+/// The points of a range query answered from `tier` (of `resolution` ms) of `data`, all of
+/// `kind`, merged per step of `step_ms` rounded up to the resolution.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the two range queries share this loop; a struct would only name the same eight values"
+)]
+fn points(
+    data: &[&SeriesData],
+    kind: SeriesKind,
+    resolution: i64,
+    tier: usize,
+    complete: bool,
+    from_ms: i64,
+    to_ms: i64,
+    step_ms: u64,
+) -> Result<Range, QueryError> {
+    // Far more than any window, and small enough that step arithmetic cannot overflow.
+    let step_ms = step_ms.min(1 << 55) as i64;
+    let step_buckets = ceil_div(step_ms, resolution);
+    let first = ceil_div(from_ms, resolution);
+    let end = ceil_div(to_ms, resolution);
+    let points = ceil_div(end - first, step_buckets).max(0) as u64;
+    if points > MAX_POINTS {
+        return Err(QueryError::TooManyPoints { points });
+    }
+    let points = (0..points as i64)
+        .map(|k| {
+            let start = first + k * step_buckets;
+            let stop = (start + step_buckets).min(end);
+            let mut acc = Acc::new(kind);
+            for series in data {
+                accumulate(series, tier, start, stop, &mut acc);
+            }
+            let value = acc
+                .finish(seconds(start, stop, resolution, to_ms))
+                .and_then(|aggregate| match aggregate {
+                    Aggregate::Counter(c) => Some(PointValue::Counter(c)),
+                    Aggregate::Gauge(g) => Some(PointValue::Gauge(g)),
+                    Aggregate::Distribution(d) => d.percentiles().map(PointValue::Distribution),
+                });
+            Point {
+                at_ms: start * resolution,
+                value,
+            }
+        })
+        .collect();
+    Ok(Range {
+        kind,
+        tier_resolution_ms: resolution as u64,
+        step_ms: (step_buckets * resolution) as u64,
+        complete,
+        points,
+    })
 }
 
 /// Seconds spanned by buckets `[first, end)`, cut at `to_ms` (the bucket being filled

@@ -121,6 +121,108 @@ fn counters_read_back_as_totals_and_rates() {
 }
 
 #[test]
+fn merged_ranges_add_counters_merge_sketches_and_line_up_across_kinds() {
+    // Distributions keep coarser tiers than counters, as in the default config.
+    let config = StoreConfig {
+        distribution_tiers: vec![
+            TierConfig::new(5_000, 60_000),
+            TierConfig::new(30_000, 300_000),
+        ],
+        ..small_config()
+    };
+    let mut s = Store::new(config).expect("valid config");
+    let a = register(&mut s, "requests", &[("route", "/a")], SeriesKind::Counter);
+    let b = register(&mut s, "requests", &[("route", "/b")], SeriesKind::Counter);
+    let da = register(&mut s, "ms", &[("route", "/a")], SeriesKind::Distribution);
+    let db = register(&mut s, "ms", &[("route", "/b")], SeriesKind::Distribution);
+    // Each second for a minute: 2 requests of /a at 10 ms, 1 of /b at 40 ms.
+    for i in 0..60 {
+        let at = T0 + i * 1_000;
+        s.add(a, at, 2.0).expect("accepted");
+        s.add(b, at + 500, 1.0).expect("accepted");
+        s.observe(da, at, 10.0).expect("accepted");
+        s.observe(da, at, 10.0).expect("accepted");
+        s.observe(db, at + 500, 40.0).expect("accepted");
+    }
+    let now = T0 + 60_000;
+
+    // The last 10 s in 2 s steps: counters from the 1 s tier, exact.
+    let range = s
+        .range_of(&[a, b], now - 10_000, now, 2_000)
+        .expect("range");
+    assert_eq!((range.tier_resolution_ms, range.step_ms), (1_000, 2_000));
+    assert!(range.complete);
+    assert_eq!(range.points.len(), 5);
+    for (k, point) in range.points.iter().enumerate() {
+        assert_eq!(point.at_ms, now - 10_000 + k as i64 * 2_000);
+        assert_eq!(
+            point.value,
+            Some(PointValue::Counter(CounterSummary {
+                total: 6.0,
+                rate_per_sec: 3.0
+            }))
+        );
+    }
+
+    // The last 50 s in 10 s steps: counters could use the 1 s tier's buckets but it does not
+    // hold 50 s, so the 5 s tier answers, as for the distributions: the points line up.
+    let from = now - 50_000;
+    let requests = s.range_of(&[a, b], from, now, 10_000).expect("range");
+    let latency = s.range_of(&[da, db], from, now, 10_000).expect("range");
+    assert_eq!(requests.tier_resolution_ms, 5_000);
+    assert_eq!(latency.tier_resolution_ms, 5_000);
+    let starts = |r: &Range| r.points.iter().map(|p| p.at_ms).collect::<Vec<_>>();
+    assert_eq!(starts(&requests), starts(&latency));
+    assert_eq!(requests.points.len(), 5);
+    for (requests, latency) in requests.points.iter().zip(&latency.points) {
+        assert_eq!(
+            requests.value,
+            Some(PointValue::Counter(CounterSummary {
+                total: 30.0,
+                rate_per_sec: 3.0
+            }))
+        );
+        // 20 values of 10 ms and 10 of 40 ms: the sketches were merged, not averaged.
+        let Some(PointValue::Distribution(p)) = latency.value else {
+            panic!("latency point {latency:?}")
+        };
+        assert_eq!(p.count, 30);
+        assert!((p.mean - 20.0).abs() < 1e-9, "{p:?}");
+        assert!(within_error(p.p50, 10.0), "{p:?}");
+        assert!(within_error(p.p95, 40.0), "{p:?}");
+        assert!(within_error(p.p99, 40.0), "{p:?}");
+    }
+    // A step the distributions' tiers do not divide is refused rather than rounded, so a
+    // caller never gets points of another width than asked for.
+    assert_eq!(
+        s.range_of(&[da], from, now, 2_000),
+        Err(QueryError::StepNotAligned { step_ms: 2_000 })
+    );
+    // Only the 1 s tier divides 2 s and it does not hold 40 s: it answers, incomplete.
+    let partial = s.range_of(&[a], now - 40_000, now, 2_000).expect("range");
+    assert_eq!(
+        (partial.tier_resolution_ms, partial.complete),
+        (1_000, false)
+    );
+    assert_eq!(partial.points.len(), 20);
+    assert_eq!(
+        partial.points[0].value, None,
+        "older than the 1 s tier holds"
+    );
+    assert!(partial.points[19].value.is_some());
+
+    assert_eq!(
+        s.range_of(&[], from, now, 10_000),
+        Err(QueryError::NoSeries)
+    );
+    assert!(matches!(
+        s.range_of(&[a, da], from, now, 10_000),
+        Err(QueryError::MixedKinds { .. })
+    ));
+    assert_eq!(s.range_of(&[a], from, now, 0), Err(QueryError::ZeroStep));
+}
+
+#[test]
 fn rate_of_the_bucket_being_filled_divides_by_the_time_elapsed() {
     let mut s = store();
     let id = register(&mut s, "requests", &[], SeriesKind::Counter);

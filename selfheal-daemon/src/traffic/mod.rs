@@ -1,6 +1,7 @@
 //! Traffic: what the target's decoded HTTP exchanges and PostgreSQL queries mean — per
 //! platform and route, per query fingerprint — as Prometheus metrics, store series and the
-//! tables behind `GET /api/v1/system/{metrics,queries,traces}`.
+//! tables behind `GET /api/v1/system/{metrics,queries,traces}` (`metrics` as summaries over
+//! a window or as points in steps).
 //!
 //! Owns: the platform matcher, the label bounds (`traffic.max_routes` routes and
 //! `traffic.max_queries` fingerprints, later ones counted as `other`), the query table, the
@@ -22,9 +23,15 @@ use std::{
 
 pub use platform::{Platforms, OTHER};
 pub use record::{Recorder, HTTP_DURATION, HTTP_REQUESTS, QUERY_DURATION, QUERY_ERRORS};
-pub use views::{parse_window, MetricsQuery, MetricsView, QueriesView, TracesView, ViewError};
+pub use views::{
+    parse_window, MetricsQuery, MetricsSeriesView, MetricsView, QueriesView, TracesView, ViewError,
+    MAX_ANSWER_POINTS, MAX_SERIES_POINTS,
+};
 
-use crate::store::{StoreHandle, WindowSketch};
+use crate::{
+    probes::capture::Peer,
+    store::{StoreHandle, WindowSketch},
+};
 
 /// Recent exchanges and queries kept to tie queries to slow requests.
 const RECENT: usize = 4096;
@@ -82,6 +89,8 @@ struct QueryStats {
 #[derive(Debug, Clone)]
 struct Trace {
     tgid: u32,
+    /// The client, when its connection's addresses are known.
+    peer: Option<Peer>,
     platform: Arc<str>,
     method: &'static str,
     route: Arc<str>,
@@ -99,6 +108,8 @@ impl Trace {
 #[derive(Debug, Clone)]
 struct RecentQuery {
     tgid: u32,
+    /// The database server, when its connection's addresses are known.
+    server: Option<Peer>,
     start_ns: u64,
     end_ns: u64,
     query_id: Arc<str>,
@@ -110,6 +121,7 @@ struct RecentQuery {
 #[derive(Debug, Clone)]
 struct InFlight {
     tgid: u32,
+    peer: Option<Peer>,
     platform: Arc<str>,
     method: &'static str,
     route: Arc<str>,
@@ -244,6 +256,7 @@ mod unit_tests {
         let mut tables = Tables::new(2);
         let trace = |start_ns: u64, end_ns: u64| Trace {
             tgid: 1,
+            peer: None,
             platform: Arc::from("p"),
             method: "GET",
             route: Arc::from("/"),

@@ -11,7 +11,7 @@ use super::{
 };
 use crate::{
     config::TrafficConfig,
-    probes::capture::Decoded,
+    probes::capture::{Decoded, Endpoints, Origin},
     protocols::{
         http::{HttpExchange, HttpRequest, Method},
         postgres::{PgEvent, PgQuery},
@@ -119,28 +119,29 @@ impl Recorder {
         let view = self.view.clone();
         let mut tables = view.lock();
         tables.realtime_offset_ns = realtime_offset_ns();
-        for (tgid, exchange) in &decoded.http {
-            self.http(*tgid, exchange, &mut tables);
+        for (origin, exchange) in &decoded.http {
+            self.http(*origin, exchange, &mut tables);
         }
-        for (tgid, event) in &decoded.postgres {
-            self.postgres(*tgid, event, &mut tables);
+        for (origin, event) in &decoded.postgres {
+            self.postgres(*origin, event, &mut tables);
         }
         drop(tables);
         self.flush_writes();
     }
 
     /// Requests and queries waiting for an answer, as the capture task last saw them.
-    pub fn set_in_flight(&mut self, requests: Vec<(u32, HttpRequest)>, queries: usize) {
+    pub fn set_in_flight(&mut self, requests: Vec<(Origin, HttpRequest)>, queries: usize) {
         let in_flight: Vec<InFlight> = requests
             .into_iter()
-            .map(|(tgid, request)| {
+            .map(|(origin, request)| {
                 let platform = self
                     .view
                     .platforms()
                     .classify(request.host.as_deref(), &request.path)
                     .clone();
                 InFlight {
-                    tgid,
+                    tgid: origin.tgid,
+                    peer: origin.endpoints.map(Endpoints::remote),
                     platform,
                     method: request.method.as_str(),
                     route: Arc::from(cut(&route_template(&request.path), MAX_ROUTE_LABEL)),
@@ -155,7 +156,7 @@ impl Recorder {
         tables.now_ns = tables.now_ns.max(monotonic_ns());
     }
 
-    fn http(&mut self, tgid: u32, exchange: &HttpExchange, tables: &mut Tables) {
+    fn http(&mut self, origin: Origin, exchange: &HttpExchange, tables: &mut Tables) {
         let request = &exchange.request;
         let platform_index = self.platform_index(request);
         let template = route_template(&request.path);
@@ -252,7 +253,8 @@ impl Recorder {
 
         tables.now_ns = tables.now_ns.max(exchange.response_start_ns);
         tables.add_trace(Trace {
-            tgid,
+            tgid: origin.tgid,
+            peer: origin.endpoints.map(Endpoints::remote),
             platform: entry.platform.clone(),
             method: entry.method,
             route: entry.route.clone(),
@@ -273,9 +275,9 @@ impl Recorder {
             .unwrap_or(usize::MAX)
     }
 
-    fn postgres(&mut self, tgid: u32, event: &PgEvent, tables: &mut Tables) {
+    fn postgres(&mut self, origin: Origin, event: &PgEvent, tables: &mut Tables) {
         match event {
-            PgEvent::Query(query) => self.query(tgid, query, tables),
+            PgEvent::Query(query) => self.query(origin, query, tables),
             PgEvent::Authenticated { .. } => {
                 self.metrics.postgres_logins.inc();
                 tables.logins += 1;
@@ -294,7 +296,7 @@ impl Recorder {
         }
     }
 
-    fn query(&mut self, tgid: u32, query: &PgQuery, tables: &mut Tables) {
+    fn query(&mut self, origin: Origin, query: &PgQuery, tables: &mut Tables) {
         let fingerprint = query
             .statement
             .as_ref()
@@ -377,7 +379,8 @@ impl Recorder {
         let query_id = stats.query_id.clone();
         tables.now_ns = tables.now_ns.max(query.end_ns);
         tables.add_recent_query(RecentQuery {
-            tgid,
+            tgid: origin.tgid,
+            server: origin.endpoints.map(Endpoints::remote),
             start_ns: query.start_ns,
             end_ns: query.end_ns,
             query_id,

@@ -648,6 +648,11 @@ impl KeepAlive {
         })
     }
 
+    /// This end's address: what the server sees as its peer.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.get_ref().local_addr()?)
+    }
+
     /// Sends `GET path` with `Host: host` and reads the whole response; its status code.
     pub fn get(&mut self, path: &str, host: &str) -> Result<u16> {
         Ok(self.send("GET", path, host, None)?.status)
@@ -913,6 +918,24 @@ impl Daemon {
             bail!("GET {path} answered {status} without success: {text}");
         }
         Ok(body["data"].clone())
+    }
+
+    /// The status and the whole JSON body of an authenticated `GET path` on the admin API,
+    /// whatever the status: for tests of refusals.
+    pub fn api_answer(&self, path: &str) -> Result<(u16, serde_json::Value)> {
+        let token = self.token.as_deref().ok_or_else(|| {
+            anyhow!("this daemon was started without a harness token (use Daemon::start)")
+        })?;
+        let mut response = http()
+            .get(format!("http://{}{path}", self.admin))
+            .header("Authorization", &format!("Bearer {token}"))
+            .call()
+            .with_context(|| format!("GET {path}"))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string()?;
+        let body = serde_json::from_str(&text)
+            .with_context(|| format!("GET {path} answered something not JSON: {text}"))?;
+        Ok((status, body))
     }
 
     /// The `/metrics` text.

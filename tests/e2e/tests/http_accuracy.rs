@@ -3,7 +3,10 @@
 //! fault, 20 ms routes from `slow_query`) and the daemon's request counts per (platform,
 //! method, route, status) must equal what the generator got back, exactly; its latency
 //! percentiles per route must agree with the generator's within what the two vantage points
-//! allow. Once on connections opened after the daemon, once on connections older than it.
+//! allow; the admin API's time series of each route must add up to what was sent; and the
+//! traces must show the generator's own socket address as each request's peer and the
+//! database's address on the queries a request ran. Once on connections opened after the
+//! daemon, once on connections older than it (whose addresses come from procfs).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,6 +20,13 @@ use selfheal_e2e::{
     require_root, sample, wait_for, wait_stable, Daemon, DemoBackend, KeepAlive, PgCluster,
     DEMO_PLATFORMS,
 };
+
+/// The series view's query: every platform over a window that holds the whole test, in
+/// the finest steps the store keeps for it.
+const SERIES: &str = "/api/v1/system/metrics?window=15m&step=10s";
+/// How long the request whose trace is checked sleeps in PostgreSQL: far slower than any
+/// other, so it tops the slowest list.
+const TRACED_MS: u64 = 300;
 
 /// Keep-alive connections of the generator.
 const CONNECTIONS: usize = 4;
@@ -191,7 +201,12 @@ fn comparison(expected: &BTreeMap<Key, u64>, got: &BTreeMap<Key, u64>) -> String
 }
 
 /// The whole scenario, on `conns` (fresh or older than the daemon).
-fn check_http_accuracy(daemon: &Daemon, backend: &DemoBackend, conns: &mut [KeepAlive]) {
+fn check_http_accuracy(
+    daemon: &Daemon,
+    backend: &DemoBackend,
+    pg: &PgCluster,
+    conns: &mut [KeepAlive],
+) {
     let mix = mix();
     // Every series the daemon had before this scenario (none for a fresh daemon, but the
     // requests before it started are not the daemon's to count).
@@ -291,6 +306,182 @@ fn check_http_accuracy(daemon: &Daemon, backend: &DemoBackend, conns: &mut [Keep
     let mut both = warmup.clone();
     both.merge(&run);
     check_api(daemon, &both);
+    check_series(daemon, &both);
+    check_peers(daemon, backend, pg, conns, &mix);
+}
+
+/// The series view: each route's points add up to exactly what the generator sent, and
+/// each platform's own points to its routes'. A step finer than the store keeps over a
+/// window is refused with the reason.
+fn check_series(daemon: &Daemon, sent: &Report) {
+    let routes = sent.routes();
+    let mut last = serde_json::Value::Null;
+    let found = wait_for(
+        &format!("{SERIES} to count every request sent"),
+        Duration::from_secs(20),
+        || {
+            last = daemon.api(SERIES).ok()?;
+            routes
+                .iter()
+                .all(|route| {
+                    series_requests(&last, route) == Some(sent.latencies(route).len() as u64)
+                })
+                .then_some(())
+        },
+    );
+    let mut table = format!(
+        "{:<60} {:>9} {:>9}\n",
+        "platform method route", "sent", "series"
+    );
+    for route in &routes {
+        let _ = writeln!(
+            table,
+            "{:<60} {:>9} {:>9}",
+            route.to_string(),
+            sent.latencies(route).len(),
+            series_requests(&last, route).map_or_else(|| "-".to_owned(), |n| n.to_string())
+        );
+    }
+    println!("requests per route, summed over the series' points:\n{table}");
+    found.unwrap_or_else(|e| panic!("{e}:\n{table}"));
+    assert_eq!(last["step_ms"].as_u64(), Some(10_000), "{SERIES}: step_ms");
+    assert_eq!(
+        last["min_step_ms"].as_u64(),
+        Some(10_000),
+        "{SERIES}: min_step_ms"
+    );
+    assert_eq!(last["complete"], true, "{SERIES}: complete");
+    let sum = |points: &serde_json::Value| -> u64 {
+        points
+            .as_array()
+            .map_or(0, |p| p.iter().filter_map(|p| p["requests"].as_u64()).sum())
+    };
+    for platform in last["platforms"].as_array().expect("platforms") {
+        let points = platform["points"].as_array().expect("points");
+        assert_eq!(
+            points.len(),
+            90,
+            "15 minutes of 10 s points, the first rounded up"
+        );
+        let by_route: u64 = platform["routes"]
+            .as_array()
+            .expect("routes")
+            .iter()
+            .map(|r| sum(&r["points"]))
+            .sum();
+        assert_eq!(
+            sum(&platform["points"]),
+            by_route,
+            "{}: the platform's points add up its routes'",
+            platform["platform"]
+        );
+    }
+
+    let (status, body) = daemon
+        .api_answer("/api/v1/system/metrics?window=30d&step=1m")
+        .expect("answer");
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["success"], false, "{body}");
+    let message = body["error"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("use a step of at least 3600000 ms"),
+        "a 30-day window is kept in 1 h buckets: {message}"
+    );
+}
+
+/// Requests of `route` summed over its points in the series view.
+fn series_requests(data: &serde_json::Value, route: &RouteKey) -> Option<u64> {
+    let entry = data["platforms"]
+        .as_array()?
+        .iter()
+        .find(|p| p["platform"] == route.platform.as_str())?["routes"]
+        .as_array()?
+        .iter()
+        .find(|r| r["method"] == route.method.as_str() && r["route"] == route.route.as_str())?;
+    Some(
+        entry["points"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p["requests"].as_u64())
+            .sum(),
+    )
+}
+
+/// The traces: a slow request sent on a known connection shows that connection's local
+/// address (the generator's side) as its peer, and the queries it ran show the database's
+/// address; every traced request of the mix came from one of the generator's connections.
+fn check_peers(
+    daemon: &Daemon,
+    backend: &DemoBackend,
+    pg: &PgCluster,
+    conns: &mut [KeepAlive],
+    mix: &Mix,
+) {
+    let locals: BTreeSet<String> = conns
+        .iter()
+        .map(|c| c.local_addr().expect("local address").to_string())
+        .collect();
+    let deals = "/api/v1/tackle/deals";
+    backend
+        .fault(&format!("slow_query?ms={TRACED_MS}&path={deals}"))
+        .expect("slow_query");
+    let conn = conns.last_mut().expect("a connection");
+    let me = conn.local_addr().expect("local address").to_string();
+    assert_eq!(conn.get(deals, "api.tackle.io").expect("request"), 200);
+    backend.fault("clear").expect("clear the faults");
+
+    let mut last = serde_json::Value::Null;
+    let trace = wait_for(
+        "the slow request in the traces",
+        Duration::from_secs(10),
+        || {
+            last = daemon.api("/api/v1/system/traces").ok()?;
+            last["slowest"].as_array()?.iter().find_map(|t| {
+                (t["route"] == deals && t["duration_ms"].as_f64()? >= TRACED_MS as f64)
+                    .then(|| t.clone())
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}; last answer: {last:#}"));
+    println!("traced: {trace:#}");
+    assert_eq!(
+        trace["peer"].as_str(),
+        Some(me.as_str()),
+        "the request's peer is the generator's end of its connection: {trace}"
+    );
+    let database = format!("127.0.0.1:{}", pg.port);
+    let queries = trace["queries"].as_array().expect("queries");
+    assert!(
+        !queries.is_empty(),
+        "a request alone on the backend has its queries tied to it: {trace}"
+    );
+    for query in queries {
+        assert_eq!(
+            query["server"].as_str(),
+            Some(database.as_str()),
+            "a query's server is the database the backend's pool connected to: {query}"
+        );
+    }
+
+    let mix_routes: BTreeSet<(String, &str)> = mix
+        .calls()
+        .iter()
+        .map(|c| (c.platform.clone(), c.route.as_str()))
+        .collect();
+    let slowest = last["slowest"].as_array().expect("slowest");
+    for trace in slowest {
+        let key = (
+            trace["platform"].as_str().unwrap_or_default().to_owned(),
+            trace["route"].as_str().unwrap_or_default(),
+        );
+        if mix_routes.contains(&key) {
+            let peer = trace["peer"].as_str().unwrap_or("null");
+            assert!(
+                locals.contains(peer),
+                "{key:?} traced from {peer}, not one of the generator's connections {locals:?}"
+            );
+        }
+    }
 }
 
 /// `selfheal_http_request_duration_seconds`: per status class, the histogram counted every
@@ -436,7 +627,7 @@ fn http_counts_and_latencies_match_the_load_generator() {
     let mut conns: Vec<KeepAlive> = (0..CONNECTIONS)
         .map(|_| KeepAlive::connect(backend.address).expect("connect"))
         .collect();
-    check_http_accuracy(&daemon, &backend, &mut conns);
+    check_http_accuracy(&daemon, &backend, &pg, &mut conns);
 }
 
 #[test]
@@ -457,5 +648,5 @@ fn http_counts_and_latencies_match_on_connections_older_than_the_daemon() {
         })
         .collect();
     let daemon = start_daemon(&backend);
-    check_http_accuracy(&daemon, &backend, &mut conns);
+    check_http_accuracy(&daemon, &backend, &pg, &mut conns);
 }
