@@ -93,6 +93,32 @@ fn other_process_costs(backend: &DemoBackend, rounds: usize) -> Result<([f64; 3]
     Ok((medians(&without), medians(&with)))
 }
 
+/// CPU seconds of the daemon's niced decoder thread (`probes.decode_nice`), which `/proc/stat`
+/// counts as nice time.
+fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", daemon.proc.pid())) else {
+        return 0.0;
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim() == "selfheal-decode")
+        })
+        .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
+        .map(|stat| {
+            // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            let fields: Vec<f64> = rest
+                .split_whitespace()
+                .map(|f| f.parse().unwrap_or(0.0))
+                .collect();
+            (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0))
+                / 100.0
+        })
+        .sum()
+}
+
 struct Load {
     requests: u64,
     errors: u64,
@@ -103,12 +129,13 @@ struct Load {
     cpu_us_per_request: f64,
 }
 
-/// CPU seconds the machine has spent busy, from `/proc/stat`: user, nice, system, irq and
-/// softirq time of all CPUs — the backend, PostgreSQL, the load generator, the daemon (its
-/// decoder thread is niced) and the kernel's work for them; the bench wants an otherwise idle
-/// machine. Per request, the difference with and without the daemon is what it adds to the
-/// cost of serving one, and the ratio is the capacity a CPU-bound machine loses: far steadier
-/// here than a saturation throughput.
+/// CPU seconds the machine has spent busy, from `/proc/stat`: user, system, irq and softirq
+/// time of all CPUs — the backend, PostgreSQL, the load generator, the daemon and the kernel's
+/// work for them. Niced time is left out so that a niced build beside the bench does not
+/// count; the daemon's own niced thread is added back by the caller ([`niced_daemon_seconds`]).
+/// Per request, the difference with and without the daemon is what it adds to the cost of
+/// serving one, and the ratio is the capacity a CPU-bound machine loses: far steadier here
+/// than a saturation throughput.
 fn busy_seconds() -> Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let line = stat.lines().next().unwrap_or_default();
@@ -118,7 +145,7 @@ fn busy_seconds() -> Result<f64> {
         .map(|f| f.parse().unwrap_or(0.0))
         .collect();
     // user nice system idle iowait irq softirq …; USER_HZ is 100 on Linux.
-    let busy = [0, 1, 2, 5, 6]
+    let busy = [0, 2, 5, 6]
         .iter()
         .map(|&i| fields.get(i).copied().unwrap_or(0.0))
         .sum::<f64>();
@@ -313,8 +340,11 @@ fn alternate(
                     .unwrap_or(0.0)
             };
             let cpu_before = cpu();
-            let result =
+            let niced_before = niced_daemon_seconds(&daemon);
+            let mut result =
                 load(backend, connections, duration, rate).context("load with the daemon")?;
+            result.cpu_us_per_request += (niced_daemon_seconds(&daemon) - niced_before) * 1e6
+                / result.requests.max(1) as f64;
             let cpu_percent = (cpu() - cpu_before) / duration.as_secs_f64() * 100.0;
             drop(daemon);
             row(
