@@ -288,7 +288,7 @@ pub fn monotonic_ns() -> u64 {
 }
 
 /// Opens a pidfd: readable once the process has exited, immune to pid reuse.
-fn pidfd_open(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
+pub(crate) fn pidfd_open(pid: u32) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is shared.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if fd < 0 {
