@@ -6,8 +6,10 @@
 //! session, a signal to a process that is not the one decided on).
 
 pub mod cgroup;
+pub mod docker;
 pub mod postgres;
 pub mod signal;
+pub mod systemd;
 
 use serde::Serialize;
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
@@ -24,15 +24,31 @@ struct State {
 
 /// One GET against the Engine API; returns the status and body.
 pub(crate) async fn get(socket: &Path, path: &str) -> Result<(http::StatusCode, Bytes), String> {
+    request(socket, http::Method::GET, path, None).await
+}
+
+/// One request against the Engine API (a JSON body when given); returns the status and body.
+pub(crate) async fn request(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+    json: Option<Vec<u8>>,
+) -> Result<(http::StatusCode, Bytes), String> {
     let stream = tokio::net::UnixStream::connect(socket)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    let request = http::Request::get(path)
-        .header(http::header::HOST, "docker")
-        .body(Empty::<Bytes>::new())
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "docker");
+    if json.is_some() {
+        builder = builder.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let request = builder
+        .body(Full::new(Bytes::from(json.unwrap_or_default())))
         .map_err(|e| format!("request: {e}"))?;
     let exchange = async move {
         let response = sender

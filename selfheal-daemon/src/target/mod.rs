@@ -6,8 +6,8 @@
 //! `TargetStarted` per process found and one `TargetExited` per process lost, and the shared
 //! [`TargetStatus`]. Must not: act on the target (that is the actuators' job).
 
-mod docker;
-mod systemd;
+pub(crate) mod docker;
+pub(crate) mod systemd;
 
 use std::{
     os::fd::{FromRawFd, OwnedFd},

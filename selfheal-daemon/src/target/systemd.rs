@@ -25,7 +25,7 @@ trait Service {
 }
 
 /// Connects to `system`, `user` (the session bus) or an explicit D-Bus address.
-pub(super) async fn connect(bus: &str) -> zbus::Result<Connection> {
+pub(crate) async fn connect(bus: &str) -> zbus::Result<Connection> {
     match bus {
         "system" => Connection::system().await,
         "user" => Connection::session().await,

@@ -1,7 +1,8 @@
 //! The actuators against the real thing: a v1 cgroup of this host (limits written, read back,
-//! a value the kernel refuses reported as refused) and a real PostgreSQL cluster with real
-//! `psql` clients as the target's sessions (a long statement cancelled, an idle transaction
-//! and a lock holder terminated, a superuser's session never touched, `ANALYZE`).
+//! a value the kernel refuses reported as refused), a real PostgreSQL cluster with real `psql`
+//! clients as the target's sessions (a long statement cancelled, an idle transaction and a
+//! lock holder terminated, a superuser's session never touched, `ANALYZE`), a unit of a real
+//! systemd over D-Bus and a container of a real Docker Engine (restarted, resized, killed).
 
 use std::{
     io::Write as _,
@@ -13,12 +14,16 @@ use std::{
 use selfheal_daemon::{
     actuators::{
         cgroup::{set_cpu_quota, set_memory_limit, CpuQuota},
+        docker,
         postgres::{self, Selector, SessionAction, SessionFilter},
-        ActionError,
+        systemd, ActionError,
     },
     probes::cgroup::Version,
 };
-use selfheal_e2e::{kill_cgroup, remove_cgroup, require_root, wait_for, PgCluster};
+use selfheal_e2e::{
+    docker::DockerEngine, kill_cgroup, remove_cgroup, require_root, systemd::SystemdUser, wait_for,
+    PgCluster,
+};
 
 /// A v1 `memory` + `cpu` cgroup pair holding one `sleep`, removed on drop.
 struct TestCgroup {
@@ -287,4 +292,142 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
         .block_on(postgres::analyze(&client, "a.b.c"))
         .expect_err("not a table name");
     assert!(matches!(err, ActionError::Unsafe(_)), "{err}");
+}
+
+#[test]
+fn a_systemd_unit_is_restarted_resized_and_killed_over_dbus() {
+    require_root();
+    const UNIT: &str = "backend.service";
+    let systemd = SystemdUser::start(&[(UNIT, "[Service]\nExecStart=/bin/sleep 3600\n")])
+        .expect("systemd --user");
+    systemd.unit_job("StartUnit", UNIT).expect("start");
+    let first = wait_for("the unit's main process", Duration::from_secs(10), || {
+        systemd.main_pid(UNIT).ok().filter(|pid| *pid != 0)
+    })
+    .expect("MainPID");
+    let bus = systemd.bus_address();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+
+    let effect = runtime
+        .block_on(systemd::restart(UNIT, &bus, Duration::from_secs(10)))
+        .expect("restart");
+    let second = systemd.main_pid(UNIT).expect("MainPID");
+    assert_ne!(second, first);
+    assert_eq!(
+        (effect.before, effect.after),
+        (format!("main pid {first}"), format!("main pid {second}"))
+    );
+
+    let effect = runtime
+        .block_on(systemd::set_limits(
+            UNIT,
+            &bus,
+            Some(Some(256 << 20)),
+            Some(Some(500_000)),
+        ))
+        .expect("set limits");
+    assert_eq!(effect.before, "MemoryMax=infinity CPUQuota=infinity");
+    assert_eq!(effect.after, "MemoryMax=268435456 CPUQuota=50%");
+    let path = "/org/freedesktop/systemd1/unit/backend_2eservice";
+    let memory_max = systemd
+        .busctl(&[
+            "get-property",
+            "org.freedesktop.systemd1",
+            path,
+            "org.freedesktop.systemd1.Service",
+            "MemoryMax",
+        ])
+        .expect("busctl");
+    assert_eq!(memory_max, "t 268435456", "systemd holds it");
+    let effect = runtime
+        .block_on(systemd::set_limits(UNIT, &bus, Some(None), None))
+        .expect("unlimit memory");
+    assert_eq!(effect.after, "MemoryMax=infinity CPUQuota=50%");
+
+    let effect = runtime
+        .block_on(systemd::kill_main(UNIT, &bus, 9))
+        .expect("kill");
+    assert_eq!(effect.before, format!("main pid {second}"));
+    wait_for("the killed process gone", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{second}")).exists()).then_some(())
+    })
+    .expect("gone");
+}
+
+#[test]
+fn a_container_is_restarted_resized_and_its_exit_read_through_the_engine_api() {
+    require_root();
+    let engine = DockerEngine::start().expect("dockerd");
+    engine
+        .import_busybox("selfheal-test:latest")
+        .expect("image");
+    let name = format!("selfheal-act-{}", std::process::id());
+    engine
+        .docker(&[
+            "run",
+            "-d",
+            "--name",
+            &name,
+            "selfheal-test:latest",
+            "/bin/sleep",
+            "3600",
+        ])
+        .expect("run");
+    let first = engine.pid(&name).expect("pid");
+    let socket = engine.socket();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+
+    // busybox sleep as PID 1 ignores SIGTERM: the engine kills it after the 1 s timeout.
+    let effect = runtime
+        .block_on(docker::restart(&socket, &name, Duration::from_secs(1)))
+        .expect("restart");
+    let second = engine.pid(&name).expect("new pid");
+    assert_ne!(second, first);
+    assert!(
+        effect
+            .before
+            .starts_with(&format!("running as pid {first} ")),
+        "{effect:?}"
+    );
+    assert!(
+        effect
+            .after
+            .starts_with(&format!("running as pid {second} ")),
+        "{effect:?}"
+    );
+
+    let effect = runtime
+        .block_on(docker::update(
+            &socket,
+            &name,
+            Some(128 << 20),
+            Some(500_000_000),
+        ))
+        .expect("update");
+    assert_eq!(effect.before, "memory unlimited, CPU unlimited");
+    assert_eq!(effect.after, "memory 134217728 bytes, 0.50 CPUs");
+    let memory = engine
+        .docker(&["inspect", "-f", "{{.HostConfig.Memory}}", &name])
+        .expect("inspect");
+    assert_eq!(memory.trim(), "134217728", "the engine holds it");
+    // The engine refuses a limit under its minimum (6 MB): a refused action, limits unchanged.
+    let err = runtime
+        .block_on(docker::update(&socket, &name, Some(1 << 20), None))
+        .expect_err("under the engine's minimum");
+    assert!(matches!(err, ActionError::Refused { .. }), "{err}");
+    let limits = runtime
+        .block_on(docker::inspect(&socket, &name))
+        .expect("inspect");
+    assert_eq!(limits.host_config.memory, 128 << 20);
+
+    engine.docker(&["kill", &name]).expect("kill");
+    let stopped = wait_for("the container stopped", Duration::from_secs(10), || {
+        runtime
+            .block_on(docker::inspect(&socket, &name))
+            .ok()
+            .filter(|i| !i.state.running)
+    })
+    .expect("stopped");
+    assert_eq!(stopped.state.exit_code, 137, "{stopped:?}");
+    assert!(!stopped.state.oom_killed);
 }
