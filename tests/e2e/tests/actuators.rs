@@ -296,8 +296,8 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
 
 #[test]
 fn a_systemd_unit_is_restarted_resized_and_killed_over_dbus() {
-    require_root();
     const UNIT: &str = "backend.service";
+    require_root();
     let systemd = SystemdUser::start(&[(UNIT, "[Service]\nExecStart=/bin/sleep 3600\n")])
         .expect("systemd --user");
     systemd.unit_job("StartUnit", UNIT).expect("start");
