@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod docker;
+pub mod gate;
 pub mod hook;
 pub mod postgres;
 pub mod signal;
