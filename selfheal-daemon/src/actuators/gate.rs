@@ -74,10 +74,10 @@ impl Default for GateConfig {
         Self {
             mode: Mode::Auto,
             modes: HashMap::new(),
-            cooldown: Duration::from_secs(60),
+            cooldown: Duration::from_mins(1),
             budget: 3,
-            window: Duration::from_secs(15 * 60),
-            circuit_reset_after: Duration::from_secs(60 * 60),
+            window: Duration::from_mins(15),
+            circuit_reset_after: Duration::from_hours(1),
         }
     }
 }
@@ -189,7 +189,9 @@ impl Gate {
             if open_for < self.config.circuit_reset_after {
                 return skip(Skip::CircuitOpen {
                     signature: request.signature.clone(),
-                    closes_in_secs: secs_up(self.config.circuit_reset_after - open_for),
+                    closes_in_secs: secs_up(
+                        self.config.circuit_reset_after.saturating_sub(open_for),
+                    ),
                 });
             }
             self.circuits.remove(&request.signature);
@@ -207,7 +209,7 @@ impl Gate {
             let since = now.saturating_duration_since(*last);
             if since < self.config.cooldown {
                 return skip(Skip::Cooldown {
-                    remaining_secs: secs_up(self.config.cooldown - since),
+                    remaining_secs: secs_up(self.config.cooldown.saturating_sub(since)),
                 });
             }
         }
