@@ -198,10 +198,20 @@ pub enum Capture {
     },
     /// A TCP connection of the target closed.
     Closed { sock: u64, ts_ns: u64 },
+    /// A process of the target exited (its last thread did): everything it read or wrote was
+    /// captured before, so its connections end here, in order with their data.
+    Exited { tgid: u32 },
 }
 
 /// The most connections tracked at once; beyond it new ones are refused and counted.
 const MAX_CONNECTIONS: usize = 65_536;
+
+/// Ticks of the capture task (1 s) a process that left the target keeps its connections,
+/// when no exit comes through the captures to end them in order (the exit probe is not
+/// attached, or the process left the target without exiting): long enough for its last
+/// captures, at most `probes.flush_interval_ms` (1 s) in the kernel's ring plus the queue,
+/// to be decoded first.
+const LEAVING_TICKS: u8 = 3;
 
 /// Data events on a connection whose protocol is still unknown before it is given up on.
 const MAX_UNDECIDED_EVENTS: u8 = 8;
@@ -290,6 +300,11 @@ pub struct Traffic {
     /// them open, by (tgid, fd), from procfs; each is used once, by the first capture on
     /// that fd (or by the connection already seen on it when the seed arrives late).
     seeded: HashMap<(u32, u32), Seed>,
+    /// The target's processes, as the tracker last said.
+    members: Vec<u32>,
+    /// Processes that are no longer members but still have connections, with the ticks left
+    /// before these are closed (see [`LEAVING_TICKS`]).
+    leaving: HashMap<u32, u8>,
 }
 
 impl Traffic {
@@ -314,6 +329,8 @@ impl Traffic {
             closed: ProblemTotals::default(),
             exported: ProblemTotals::default(),
             seeded: HashMap::new(),
+            members: Vec::new(),
+            leaving: HashMap::new(),
         }
     }
 
@@ -428,6 +445,25 @@ impl Traffic {
                     self.retire(old, out);
                 }
             }
+            Capture::Exited { tgid } => {
+                self.leaving.remove(&tgid);
+                self.retire_process(tgid, out);
+            }
+        }
+    }
+
+    /// Closes the connections of a process.
+    fn retire_process(&mut self, tgid: u32, out: &mut Decoded) {
+        let gone: Vec<u64> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.tgid == tgid)
+            .map(|(&sock, _)| sock)
+            .collect();
+        for sock in gone {
+            if let Some(old) = self.connections.remove(&sock) {
+                self.retire(old, out);
+            }
         }
     }
 
@@ -456,19 +492,40 @@ impl Traffic {
         self.metrics.capture_connections.set(tracked);
     }
 
-    /// Forgets the connections of processes that are no longer the target's.
-    pub fn retain_processes(&mut self, members: &[u32], out: &mut Decoded) {
+    /// The target's processes changed. The connections of a process that left are not closed
+    /// here: the tracker learns of an exit on another path than the captures, which may still
+    /// hold the process's last exchanges. They close with its exit in the captures, or
+    /// `LEAVING_TICKS` ticks later.
+    pub fn set_members(&mut self, members: &[u32]) {
         self.seeded.retain(|(tgid, _), _| members.contains(tgid));
-        let gone: Vec<u64> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| !members.contains(&c.tgid))
-            .map(|(&sock, _)| sock)
-            .collect();
-        for sock in gone {
-            if let Some(old) = self.connections.remove(&sock) {
-                self.retire(old, out);
+        self.members = members.to_vec();
+        self.leaving.retain(|tgid, _| !members.contains(tgid));
+        self.mark_leaving();
+    }
+
+    /// Starts the countdown of the processes that have connections and are not members.
+    fn mark_leaving(&mut self) {
+        for connection in self.connections.values() {
+            if !self.members.contains(&connection.tgid) {
+                self.leaving.entry(connection.tgid).or_insert(LEAVING_TICKS);
             }
+        }
+    }
+
+    /// One tick of the capture task: closes the connections of processes that left the target
+    /// `LEAVING_TICKS` ticks ago.
+    pub fn tick(&mut self, out: &mut Decoded) {
+        self.mark_leaving();
+        let mut expired = Vec::new();
+        for (&tgid, ticks) in &mut self.leaving {
+            *ticks = ticks.saturating_sub(1);
+            if *ticks == 0 {
+                expired.push(tgid);
+            }
+        }
+        for tgid in expired {
+            self.leaving.remove(&tgid);
+            self.retire_process(tgid, out);
         }
     }
 
@@ -751,8 +808,9 @@ fn sockets_of(
     }
 }
 
-/// Consumes captures until cancelled or the reader is gone; forgets the connections of
-/// processes that stop being the target's; hands what the decoders complete to `recorder`.
+/// Consumes captures until cancelled or the reader is gone; closes the connections of
+/// processes that stop being the target's (see [`Traffic::set_members`]); hands what the
+/// decoders complete to `recorder`.
 pub async fn run(
     mut captures: mpsc::Receiver<Vec<Capture>>,
     mut members: watch::Receiver<Vec<u32>>,
@@ -761,6 +819,9 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut traffic = Traffic::new(metrics.clone());
+    // The current members, without marking them seen: their first change below also starts
+    // the procfs scans.
+    traffic.set_members(&members.borrow().clone());
     let mut decoded = Decoded::default();
     // Connections older than the daemon (or than a process joining the target): their roles
     // from procfs, read on a blocking thread.
@@ -776,7 +837,7 @@ pub async fn run(
                     return;
                 }
                 let current = members.borrow_and_update().clone();
-                traffic.retain_processes(&current, &mut decoded);
+                traffic.set_members(&current);
                 scanned.retain(|tgid| current.contains(tgid));
                 for &tgid in &current {
                     if !scanned.contains(&tgid) {
@@ -803,6 +864,7 @@ pub async fn run(
                 None => return,
             },
             _ = tick.tick() => {
+                traffic.tick(&mut decoded);
                 traffic.export_problems();
                 let (requests, queries) = traffic.in_flight();
                 recorder.set_in_flight(requests, queries);
@@ -883,8 +945,59 @@ mod tests {
         assert!(metrics
             .encode()
             .contains("selfheal_capture_events_total{direction=\"send\",role=\"unknown\"} 1"));
-        traffic.retain_processes(&[2], &mut out);
+        traffic.set_members(&[2]);
+        assert_eq!(
+            traffic.connections.len(),
+            1,
+            "closed with the exit, not before"
+        );
+        traffic.handle(&Capture::Exited { tgid: 1 }, &mut out);
         assert!(traffic.connections.is_empty());
+    }
+
+    /// pgbench's last exchange: the tracker learns of the exit (and changes the members)
+    /// before the capture task has decoded the answers the process read just before it.
+    #[test]
+    fn a_process_that_left_keeps_its_connections_until_its_exit_is_decoded() {
+        let queries = |out: &Decoded| {
+            out.postgres
+                .iter()
+                .filter(|(_, e)| matches!(e, PgEvent::Query(_)))
+                .count()
+        };
+        let mut traffic = Traffic::new(Metrics::new());
+        let mut out = Decoded::default();
+        traffic.set_members(&[1]);
+        let query = b"Q\0\0\0\x0dSELECT 1\0";
+        let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
+        traffic.handle(&data(2, None, Direction::Sent, query), &mut out);
+        traffic.set_members(&[]);
+        traffic.handle(&data(2, None, Direction::Received, answer), &mut out);
+        assert_eq!(queries(&out), 1);
+        traffic.handle(&Capture::Exited { tgid: 1 }, &mut out);
+        assert!(traffic.connections.is_empty());
+        traffic.export_problems();
+        assert_eq!(traffic.closed.postgres.dropped, 0);
+        assert_eq!(traffic.closed.postgres.unmatched, 0);
+
+        // A process that left the target without its exit in the captures: its connections
+        // close LEAVING_TICKS ticks later, an unanswered query dropped and counted.
+        traffic.handle(&data(3, None, Direction::Sent, query), &mut out);
+        for _ in 1..LEAVING_TICKS {
+            traffic.tick(&mut out);
+            assert_eq!(traffic.connections.len(), 1);
+        }
+        traffic.tick(&mut out);
+        assert!(traffic.connections.is_empty());
+        assert_eq!(traffic.closed.postgres.dropped, 1);
+        // A member again before that: kept.
+        traffic.handle(&data(4, None, Direction::Sent, query), &mut out);
+        traffic.tick(&mut out);
+        traffic.set_members(&[1]);
+        for _ in 0..LEAVING_TICKS {
+            traffic.tick(&mut out);
+        }
+        assert_eq!(traffic.connections.len(), 1);
     }
 
     type Case<'a> = (Option<Role>, Direction, &'a [u8], Option<Protocol>);

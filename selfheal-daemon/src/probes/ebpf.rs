@@ -600,6 +600,9 @@ fn drain(
                         })
                         .inc();
                 }
+                // The decoders learn of it in order with the process's captures, all of which
+                // the ring held before its exit.
+                batch.push(Capture::Exited { tgid: exit.tgid });
             }
             Some(Record::Tcp(event)) => {
                 record_tcp(&event, metrics, &mut window.summary);
@@ -822,6 +825,7 @@ mod tests {
         assert_eq!(keeps(&capture(socks[7]), 4), keeps(&capture(socks[7]), 4));
         let closed = Capture::Closed { sock: 1, ts_ns: 0 };
         assert!(keeps(&closed, 16));
+        assert!(keeps(&Capture::Exited { tgid: 1 }, 16));
     }
 
     const FORMAT: &str = "name: inet_sock_set_state\nID: 2287\nformat:\n\

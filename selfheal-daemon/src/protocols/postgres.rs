@@ -31,19 +31,35 @@
 //!
 //! Every message carries its length, so a gap inside a message body is skipped and the
 //! message is read from its captured prefix (a `Parse` keeps its name and the start of its
-//! SQL, marked [`Statement::truncated`]). A gap past a message's end, an impossible length or
-//! type, or an implausible message loses a direction's framing ([`PgStats::desyncs`]); it
-//! skips whole syscalls ([`PgStats::skipped_bytes`]) until one starts with a plausible chain
-//! of messages (types, lengths and, where the capture holds them, bodies check out).
+//! SQL, marked [`Statement::truncated`]; a command tag cut short is not read). A gap past a
+//! message's end, an impossible length or type, or an implausible message loses a
+//! direction's framing ([`PgStats::desyncs`]); it skips whole syscalls
+//! ([`PgStats::skipped_bytes`]) until one starts with a plausible chain of messages (types,
+//! lengths and, where the capture holds them, bodies check out, as far as they go).
 //!
 //! - Frontend bytes that could not be read (after a loss) become one *unseen* batch that
 //!   absorbs the backend's answers up to the next `ReadyForQuery`, reporting a query for each
 //!   completion it sees, with the statement last named in that syscall (if any).
 //! - Backend bytes that could not be read (a large result read past the capture, the usual
-//!   case) are bridged by the client's behaviour: when the client starts a new batch, the
-//!   earlier ones have been read, so they are reported with [`Completion::Inferred`], ending
-//!   at the last backend syscall before it, and without transaction status. A pipelining
-//!   client can make that early; it is the price of not storing results.
+//!   case) hide how far the answers got. The client tells where to look again: the server
+//!   sends nothing unasked, so an answer starts a read, the first after the client sent what
+//!   it answers. A client reads an answer at least up to its completion before it sends
+//!   again (libpq all of it; tokio-postgres may leave the `ReadyForQuery`, or its last bytes,
+//!   for the next read, which recognises them), though it may send messages whose answers it
+//!   does not wait for (tokio-postgres closes statements so). Reads too short to tell are
+//!   kept (up to 16 bytes) and joined to the next.
+//! - Resynchronising, the parser decides which waiting messages the unread bytes answered.
+//!   Every batch sent after them is answered in full from here on; of the earlier (*stale*)
+//!   ones, it takes all as answered (the client read them before sending again) unless the
+//!   read's messages cannot start the next batch's answer, and then the read goes on with
+//!   the latest stale message it can answer. The read's message types are checked against
+//!   the waiting messages (a `CloseComplete` answers a `Close`, a simple query answers with a
+//!   completion before its `ReadyForQuery`, rows follow a description...); a read that fits
+//!   none is no place to resynchronise. Queries answered in the unread bytes are reported
+//!   with [`Completion::Inferred`], ending at the last backend syscall before the client
+//!   moved on, without transaction status unless their `ReadyForQuery` is read. So a
+//!   captured `ErrorResponse` is reported with its query whatever was lost before it; only
+//!   one whose header fell in a gap is lost.
 //! - A response that fits no waiting message ([`PgStats::unmatched`]) drops the current
 //!   batch and skips responses up to the next `ReadyForQuery`.
 
@@ -271,6 +287,8 @@ pub struct PgParser {
     front: Framer,
     /// Backend messages (the target receives them).
     back: Framer,
+    /// Short backend reads kept while its framing is lost.
+    carry: Carry,
     session: Session,
 }
 
@@ -290,6 +308,7 @@ impl PgParser {
                 ..Framer::default()
             },
             back: Framer::default(),
+            carry: Carry::default(),
             session: Session::default(),
         }
     }
@@ -314,18 +333,14 @@ impl PgParser {
     }
 
     /// The connection closed. Queries waiting for an answer that was not captured are
-    /// reported as inferred; others are dropped (counted). The parser can be reused.
+    /// reported as inferred; a simple query whose results completed but whose
+    /// `ReadyForQuery` did not come is reported as it stands; the others never got an
+    /// answer and are dropped (counted). The parser can be reused.
     pub fn close(&mut self, out: &mut Vec<PgEvent>) {
         if self.back.lost {
             self.session.infer_completed(out);
         } else {
-            let dropped = self
-                .session
-                .ops
-                .iter()
-                .filter(|op| op.kind.is_query())
-                .count();
-            self.session.stats.dropped += dropped as u64;
+            self.session.finish_answered(out);
         }
         self.session.flush_awaiting(None, out);
         let stats = self.session.stats;
@@ -355,7 +370,8 @@ impl PgParser {
         self.session
             .ops
             .iter()
-            .filter(|op| op.kind.is_query() && !op.produced)
+            // An op with an end hint was answered in bytes that could not be read.
+            .filter(|op| op.kind.is_query() && !op.produced && op.end_hint.is_none())
             .map(|op| InFlightQuery {
                 statement: op.statement.as_deref(),
                 start_ns: op.start_ns,
@@ -512,13 +528,76 @@ impl PgParser {
             }
         }
         if self.back.lost {
-            if plausible(&data[pos..], Side::Backend) {
-                self.back.resync();
-            } else {
-                self.session.stats.skipped_bytes += (data.len() - pos) as u64 + gap;
-                return;
-            }
+            self.resync_backend(&data[pos..], gap, ts, out);
+            return;
         }
+        self.read_backend(data, pos, gap, ts, out);
+    }
+
+    /// Backend framing is lost: looks for a message start at the start of the reads kept in
+    /// `carry`, oldest first, joined to this one, then of this one alone; goes on reading from
+    /// there, or skips the read (and keeps it, if short and whole).
+    fn resync_backend(&mut self, data: &[u8], gap: u64, ts: u64, out: &mut Vec<PgEvent>) {
+        for read in 0..self.carry.count {
+            let from = self.carry.reads[read].0;
+            let mut joined = Vec::with_capacity(self.carry.len - from + data.len());
+            joined.extend_from_slice(&self.carry.bytes[from..self.carry.len]);
+            joined.extend_from_slice(data);
+            let Some((start, first)) = self.session.resync_point(&joined) else {
+                continue;
+            };
+            let carry = std::mem::take(&mut self.carry);
+            let begin = from + start;
+            // The kept reads before this one stay unread.
+            self.session.lost_until_ns = match read.checked_sub(1) {
+                Some(previous) => carry.reads[previous].1,
+                None => carry.lost_before_ns,
+            };
+            // A tail's last byte, the transaction status, is the one before `begin`.
+            let tail_ts = if begin > carry.len {
+                ts
+            } else {
+                carry.ts_at(begin.saturating_sub(1))
+            };
+            self.back.resync();
+            self.session.realign(&joined, start, first, tail_ts, out);
+            let reread = carry.len.saturating_sub(begin);
+            self.session.stats.skipped_bytes = self
+                .session
+                .stats
+                .skipped_bytes
+                .saturating_sub(reread as u64);
+            for (bytes, at) in carry.reads_from(begin) {
+                self.feed_backend(bytes, 0, at, out);
+            }
+            self.feed_backend(&data[begin.saturating_sub(carry.len)..], gap, ts, out);
+            return;
+        }
+        if let Some((start, first)) = self.session.resync_point(data) {
+            self.carry = Carry::default();
+            self.back.resync();
+            self.session.realign(data, start, first, ts, out);
+            self.read_backend(data, start, gap, ts, out);
+            return;
+        }
+        self.session.stats.skipped_bytes += data.len() as u64 + gap;
+        if gap == 0 {
+            self.carry.keep(data, ts, self.session.lost_until_ns);
+        } else {
+            self.carry = Carry::default();
+        }
+        self.session.lost_until_ns = ts;
+    }
+
+    /// Reads backend messages from `data[pos..]`, then skips `gap`.
+    fn read_backend(
+        &mut self,
+        data: &[u8],
+        mut pos: usize,
+        gap: u64,
+        ts: u64,
+        out: &mut Vec<PgEvent>,
+    ) {
         loop {
             match self.back.next(data, &mut pos, ts, Side::Backend) {
                 Step::Frame(frame) => {
@@ -530,7 +609,7 @@ impl PgParser {
                 Step::NeedMore => break,
                 Step::Corrupt => {
                     self.session.stats.skipped_bytes += (data.len() - pos) as u64 + gap;
-                    self.lose_backend();
+                    self.lose_backend(ts);
                     return;
                 }
             }
@@ -540,14 +619,16 @@ impl PgParser {
             self.session.on_backend(&frame, ts, out);
         }
         if lost && self.session.stopped.is_none() {
-            self.lose_backend();
+            self.lose_backend(ts);
         }
     }
 
-    fn lose_backend(&mut self) {
+    /// Backend framing is lost in the read at `ts`.
+    fn lose_backend(&mut self, ts: u64) {
         self.session.stats.desyncs += 1;
         self.back.lose();
         self.session.backend_lost = true;
+        self.session.lost_until_ns = ts;
         // What was being skipped up to a ReadyForQuery is unknowable now.
         self.session.skipping = None;
     }
@@ -826,10 +907,16 @@ fn keeps_body(side: Side, ty: u8) -> bool {
     }
 }
 
-/// Whether a syscall starts at a message boundary: every header it holds is possible, and
-/// every body it holds whole checks out.
+/// Whether a syscall starts at a message boundary: every header it holds is possible (and,
+/// from the server, of a size the server sends), every body it holds whole checks out, and so
+/// does the captured start of a body that goes on past the capture.
 fn plausible(data: &[u8], side: Side) -> bool {
     if data.len() < 5 {
+        return false;
+    }
+    // Only at startup (authentication, key data, protocol negotiation) or inside a COPY's
+    // data: not where a server's answer starts.
+    if side == Side::Backend && matches!(data[0], b'R' | b'K' | b'v' | b'd' | b'c') {
         return false;
     }
     let mut pos = 0;
@@ -838,12 +925,12 @@ fn plausible(data: &[u8], side: Side) -> bool {
         let Some(len) = be_u32(&data[pos + 1..]) else {
             return false;
         };
-        if !header_ok(side, ty, len) {
+        if !header_ok(side, ty, len) || (side == Side::Backend && len > max_backend_len(ty)) {
             return false;
         }
         let end = pos + 1 + len as usize;
         let Some(body) = data.get(pos + 5..end) else {
-            return true;
+            return body_prefix_ok(side, ty, &data[pos + 5..], len - 4);
         };
         if !body_ok(side, ty, body) {
             return false;
@@ -853,37 +940,184 @@ fn plausible(data: &[u8], side: Side) -> bool {
     true
 }
 
+/// The longest message of a type that a read resynchronising after a loss may start with. A
+/// length read from the middle of other data (the text of a row or a command tag) is most
+/// often far larger, so this tells most false message starts apart: command tags are short,
+/// and a row, error or description of more than 1 MiB is rare enough that waiting for the
+/// next boundary (the start of the next answer) is the better bet.
+fn max_backend_len(ty: u8) -> u32 {
+    match ty {
+        b'C' => 4 + 256,
+        // A process id, a channel name and a payload of at most 8000 bytes.
+        b'A' => 4 + 4 + 8 * 1024 + 256,
+        _ => 1 << 20,
+    }
+}
+
+/// Where messages may start in `data`, a read while the backend framing is lost: at its
+/// start, or after the end of a `ReadyForQuery` that it starts with.
+fn message_starts(data: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let at_start = plausible(data, Side::Backend).then_some(0);
+    at_start
+        .into_iter()
+        .chain((1..=5).rev().filter(|&len| ready_tail(data, len)))
+}
+
+/// The most bytes of short backend reads kept while the framing is lost (see [`Carry`]).
+const CARRY_BYTES: usize = 16;
+
+/// Short, whole backend reads kept while the framing is lost. A client whose read buffer has
+/// little room left reads the start of an answer in pieces too short to tell a message start
+/// by (the last bytes of a `ReadyForQuery`, the first of a header); joined to the reads that
+/// follow, they tell. Fixed size: no heap.
+#[derive(Debug, Default)]
+struct Carry {
+    bytes: [u8; CARRY_BYTES],
+    len: usize,
+    /// Where each kept read starts in `bytes`, and when it happened, oldest first.
+    reads: [(usize, u64); CARRY_BYTES],
+    count: usize,
+    /// The session's `lost_until_ns` before the oldest kept read.
+    lost_before_ns: u64,
+}
+
+impl Carry {
+    /// Keeps a read, forgetting the oldest ones to make room; a read too long to keep (it was
+    /// judged by itself) forgets them all.
+    fn keep(&mut self, data: &[u8], ts: u64, lost_until_ns: u64) {
+        if data.is_empty() {
+            return;
+        }
+        if data.len() > CARRY_BYTES {
+            *self = Self::default();
+            return;
+        }
+        if self.count == 0 {
+            self.lost_before_ns = lost_until_ns;
+        }
+        while self.count > 0 && (self.len + data.len() > CARRY_BYTES || self.count == CARRY_BYTES) {
+            let dropped = if self.count > 1 {
+                self.reads[1].0
+            } else {
+                self.len
+            };
+            self.lost_before_ns = self.reads[0].1;
+            self.bytes.copy_within(dropped..self.len, 0);
+            self.len -= dropped;
+            self.reads.copy_within(1..self.count, 0);
+            self.count -= 1;
+            for read in &mut self.reads[..self.count] {
+                read.0 -= dropped;
+            }
+        }
+        self.bytes[self.len..self.len + data.len()].copy_from_slice(data);
+        self.reads[self.count] = (self.len, ts);
+        self.len += data.len();
+        self.count += 1;
+    }
+
+    /// When the read holding byte `at` happened.
+    fn ts_at(&self, at: usize) -> u64 {
+        self.reads[..self.count]
+            .iter()
+            .rev()
+            .find(|read| read.0 <= at)
+            .map_or(0, |read| read.1)
+    }
+
+    /// The kept bytes from `begin` on, read by read, with their times.
+    fn reads_from(&self, begin: usize) -> impl Iterator<Item = (&[u8], u64)> {
+        (0..self.count).filter_map(move |i| {
+            let (start, ts) = self.reads[i];
+            let end = self
+                .reads
+                .get(i + 1)
+                .filter(|_| i + 1 < self.count)
+                .map_or(self.len, |next| next.0);
+            let start = start.max(begin);
+            (start < end).then(|| (&self.bytes[start..end], ts))
+        })
+    }
+}
+
+/// Whether `data` starts with the last `len` (1 to 5) bytes of a `ReadyForQuery`, then a
+/// plausible chain of messages. A client that read an answer up to its completion may send
+/// its next query before it reads the rest, so the end of that answer's `ReadyForQuery`
+/// starts the next read.
+fn ready_tail(data: &[u8], len: usize) -> bool {
+    const READY: [u8; 5] = [b'Z', 0, 0, 0, 5];
+    (1..=5).contains(&len)
+        && data.len() > len
+        && data[..len - 1] == READY[6 - len..]
+        && TxStatus::from_byte(data[len - 1]).is_some()
+        && plausible(&data[len..], Side::Backend)
+}
+
+/// Whether the captured start of a body of `body_len` bytes checks out, as far as it goes
+/// (all of the body when `prefix.len() == body_len`; [`body_ok`] checks more then).
+fn body_prefix_ok(side: Side, ty: u8, prefix: &[u8], body_len: u32) -> bool {
+    let body_len = body_len as usize;
+    // A count of fields that makes the body exactly `fixed + count * each` bytes.
+    let sized = |count: Option<i16>, fixed: usize, each: usize| {
+        count.is_none_or(|n| n >= 0 && fixed + n as usize * each == body_len)
+    };
+    match (side, ty) {
+        (Side::Backend, b'D') => data_row_prefix_ok(prefix, body_len),
+        (Side::Backend, b'E' | b'N') => fields_prefix_ok(prefix, body_len),
+        (Side::Backend, b'S') => parameter_name_ok(prefix),
+        (Side::Backend, b'T') => row_description_prefix_ok(prefix, body_len),
+        (Side::Backend, b't') => sized(be_i16(prefix), 2, 4),
+        // Copy responses: the overall format (0 text, 1 binary), then one per column.
+        (Side::Backend, b'G' | b'H' | b'W') => {
+            prefix.first().is_none_or(|format| *format <= 1)
+                && sized(prefix.get(1..).and_then(be_i16), 3, 2)
+        }
+        (Side::Backend, b'V') => {
+            be_i32(prefix).is_none_or(|n| n >= -1 && 4 + n.max(0) as usize == body_len)
+        }
+        (Side::Backend, b'R') => be_u32(prefix).is_none_or(|code| code <= 12),
+        (Side::Backend, b'Z') => prefix
+            .first()
+            .is_none_or(|status| TxStatus::from_byte(*status).is_some()),
+        _ => true,
+    }
+}
+
+/// A `ParameterStatus` body starts with a parameter's name: a letter, then letters, digits,
+/// `_` or `.` up to its terminator.
+fn parameter_name_ok(prefix: &[u8]) -> bool {
+    let name = find_byte(0, prefix).map_or(prefix, |end| &prefix[..end]);
+    prefix.first().is_none_or(u8::is_ascii_alphabetic)
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.'))
+}
+
 fn body_ok(side: Side, ty: u8, body: &[u8]) -> bool {
+    if side == Side::Backend && !body_prefix_ok(side, ty, body, body.len() as u32) {
+        return false;
+    }
     let nul_terminated = body.last() == Some(&0);
     #[expect(
         clippy::naive_bytecount,
         reason = "a few bytes of one message, once per resync"
     )]
-    let nuls = || body.iter().filter(|b| **b == 0).count();
+    let nuls = |bytes: &[u8]| bytes.iter().filter(|b| **b == 0).count();
     match (side, ty) {
         (Side::Frontend, b'Q') | (Side::Backend, b'C') => nul_terminated,
-        (Side::Frontend, b'P' | b'B') => nuls() >= 2,
+        (Side::Frontend, b'P' | b'B') => nuls(body) >= 2,
         (Side::Frontend, b'E') => find_byte(0, body).is_some_and(|at| body.len() == at + 5),
         (Side::Frontend, b'D' | b'C') => {
             matches!(body.first(), Some(b'S' | b'P')) && nul_terminated
         }
-        (Side::Backend, b'Z') => body
-            .first()
-            .copied()
-            .and_then(TxStatus::from_byte)
-            .is_some(),
-        (Side::Backend, b'E' | b'N') => {
-            nul_terminated
-                && body
-                    .first()
-                    .is_some_and(|b| *b == 0 || b.is_ascii_alphabetic())
+        (Side::Backend, b'E' | b'N') => fields_ok(body),
+        (Side::Backend, b'S') => nul_terminated && nuls(body) == 2,
+        // A process id, then the channel and the payload.
+        (Side::Backend, b'A') => {
+            nul_terminated && body.get(4..).is_some_and(|strings| nuls(strings) == 2)
         }
-        (Side::Backend, b'S') => nul_terminated && nuls() == 2,
-        (Side::Backend, b'R') => be_u32(body).is_some_and(|code| code <= 12),
         (Side::Backend, b'D') => data_row_ok(body),
-        (Side::Backend, b'T') => {
-            be_i16(body).is_some_and(|n| n >= 0 && n as usize * 19 <= body.len())
-        }
+        (Side::Backend, b'V') => body.len() >= 4,
         _ => true,
     }
 }
@@ -912,6 +1146,192 @@ fn data_row_ok(body: &[u8]) -> bool {
         }
     }
     pos == body.len()
+}
+
+/// The captured start of a `DataRow` that goes on past the capture: the column lengths it
+/// holds fit in the body, and add up to it when all of them were captured.
+fn data_row_prefix_ok(prefix: &[u8], body_len: usize) -> bool {
+    let Some(columns) = be_i16(prefix) else {
+        return true;
+    };
+    if columns < 0 {
+        return false;
+    }
+    let mut pos = 2usize;
+    for _ in 0..columns {
+        let Some(len) = prefix.get(pos..).and_then(be_i32) else {
+            return true;
+        };
+        pos += 4;
+        match len {
+            -1 => {}
+            len if len >= 0 => pos += len as usize,
+            _ => return false,
+        }
+        if pos > body_len {
+            return false;
+        }
+    }
+    pos == body_len
+}
+
+/// The start of a `RowDescription`: a count of fields, each a name then 18 bytes that end
+/// with its format (0 text, 1 binary); the fields add up to the body when all were captured.
+fn row_description_prefix_ok(prefix: &[u8], body_len: usize) -> bool {
+    let Some(count) = be_i16(prefix) else {
+        return true;
+    };
+    if count < 0 || 2 + count as usize * 19 > body_len {
+        return false;
+    }
+    let mut pos = 2usize;
+    for _ in 0..count {
+        let Some(name) = prefix.get(pos..).and_then(|rest| find_byte(0, rest)) else {
+            return true;
+        };
+        pos += name + 1 + 18;
+        if pos > body_len {
+            return false;
+        }
+        match prefix.get(pos - 2..pos) {
+            Some([0, 0 | 1]) => {}
+            Some(_) => return false,
+            None => return true,
+        }
+    }
+    pos == body_len
+}
+
+/// The fields of an `ErrorResponse` or `NoticeResponse`: a letter and a string each, then a
+/// zero byte that ends the body.
+fn fields_ok(body: &[u8]) -> bool {
+    let mut pos = 0;
+    loop {
+        match body.get(pos) {
+            Some(0) => return pos + 1 == body.len(),
+            Some(code) if code.is_ascii_alphabetic() => match find_byte(0, &body[pos + 1..]) {
+                Some(at) => pos += at + 2,
+                None => return false,
+            },
+            _ => return false,
+        }
+    }
+}
+
+/// The captured start of error or notice fields, in a body of `body_len` bytes.
+fn fields_prefix_ok(prefix: &[u8], body_len: usize) -> bool {
+    let mut pos = 0;
+    while let Some(code) = prefix.get(pos) {
+        if *code == 0 {
+            return pos + 1 == body_len;
+        }
+        if !code.is_ascii_alphabetic() {
+            return false;
+        }
+        match find_byte(0, &prefix[pos + 1..]) {
+            Some(at) => pos += at + 2,
+            None => return true,
+        }
+    }
+    true
+}
+
+/// The most messages of a resynchronised read that [`fits`] checks.
+const MAX_ALIGN_MESSAGES: usize = 64;
+
+/// The types of the messages whose headers `data` holds, in `types` (as many as fit); how
+/// many.
+fn message_types(data: &[u8], types: &mut [u8]) -> usize {
+    let mut count = 0;
+    let mut pos = 0usize;
+    while count < types.len() && data.len().saturating_sub(pos) >= 5 {
+        let Some(len) = be_u32(&data[pos + 1..]) else {
+            break;
+        };
+        types[count] = data[pos];
+        count += 1;
+        pos = pos.saturating_add(1).saturating_add(len as usize);
+    }
+    count
+}
+
+/// What a backend message does to the waiting message it answers.
+enum Fit {
+    /// It answers it in part; more follows.
+    Stays,
+    /// It ends its answer.
+    Advances,
+    /// An error in the extended protocol: the server skips to the batch's `Sync`.
+    Skips,
+    /// It cannot answer it.
+    No,
+}
+
+/// Whether backend messages of `types` can answer the waiting messages from `ops[start]` on,
+/// in order: each message answers the first waiting one, as the server answers them. `mid`:
+/// the answer to `ops[start]` may have begun in bytes that were not read. Asynchronous
+/// messages (notices, parameter statuses, notifications) fit anywhere.
+fn fits(ops: &VecDeque<Op>, start: usize, mid: bool, types: &[u8]) -> bool {
+    let mut at = start;
+    // Of a simple query's current statement: its RowDescription came (rows may follow); a
+    // completion came (its ReadyForQuery may follow). Of a query: a COPY started (copy data
+    // may follow).
+    let (mut described, mut completed, mut copying) = (mid, mid, mid);
+    for &ty in types {
+        if matches!(ty, b'N' | b'S' | b'A') {
+            continue;
+        }
+        let Some(op) = ops.get(at) else {
+            return false;
+        };
+        let fit = match (op.kind, ty) {
+            (
+                OpKind::Parse | OpKind::Bind | OpKind::Describe | OpKind::Execute | OpKind::Close,
+                b'E',
+            ) => Fit::Skips,
+            (OpKind::Parse, b'1')
+            | (OpKind::Bind, b'2')
+            | (OpKind::Close, b'3')
+            | (OpKind::Describe, b'T' | b'n')
+            | (OpKind::Execute, b'C' | b'I' | b's')
+            | (OpKind::Sync | OpKind::Function | OpKind::Unknown, b'Z') => Fit::Advances,
+            (OpKind::Simple, b'Z') if completed => Fit::Advances,
+            (OpKind::Simple, b'T') => {
+                described = true;
+                Fit::Stays
+            }
+            (OpKind::Simple, b'D') if described => Fit::Stays,
+            (OpKind::Simple, b'C' | b'I' | b'E') => {
+                (described, completed, copying) = (false, true, false);
+                Fit::Stays
+            }
+            (OpKind::Execute | OpKind::Simple, b'G' | b'H' | b'W') => {
+                copying = true;
+                Fit::Stays
+            }
+            (OpKind::Execute | OpKind::Simple, b'd' | b'c') if copying => Fit::Stays,
+            (OpKind::Describe, b't')
+            | (OpKind::Execute, b'D')
+            | (OpKind::Sync | OpKind::Function, b'E')
+            | (OpKind::Function, b'V')
+            | (OpKind::Unknown, _) => Fit::Stays,
+            _ => Fit::No,
+        };
+        match fit {
+            Fit::Stays => {}
+            Fit::Advances => {
+                at += 1;
+                (described, completed, copying) = (false, false, false);
+            }
+            Fit::Skips => {
+                at = (at..ops.len())
+                    .find(|&i| ops[i].kind.ends_batch())
+                    .unwrap_or(ops.len());
+            }
+            Fit::No => return false,
+        }
+    }
+    true
 }
 
 /// A NUL-terminated string at `*pos` (the rest when the terminator is missing).
@@ -1135,6 +1555,12 @@ struct Op {
     /// An unseen batch got a `DataRow`: it held a query (a `RowDescription` may answer a
     /// `Describe`).
     results: bool,
+    /// When the last completion of a simple query arrived: its end if the connection closes
+    /// before the `ReadyForQuery` does.
+    answered_ns: Option<u64>,
+    /// The client sent a later batch while the backend bytes could not be read: the last
+    /// backend syscall before it, where this op's answer ended if it was in those bytes.
+    end_hint: Option<u64>,
 }
 
 /// Named statements, bounded, the oldest forgotten first. A fixed hasher keeps the parser
@@ -1188,7 +1614,11 @@ struct Session {
     /// The last `ReadyForQuery`: status and when.
     ready: Option<(TxStatus, u64)>,
     last_backend_ns: u64,
+    /// Backend framing was lost and no message has been read since.
     backend_lost: bool,
+    /// The last backend syscall whose bytes could not be read (framing lost in it, or
+    /// skipped while lost): messages sent after it have their whole answer ahead.
+    lost_until_ns: u64,
     /// The statement last named (by `Parse` or `Bind`) in the current frontend syscall.
     feed_statement: Option<Arc<Statement>>,
     /// Between a `CopyInResponse` and the end of the copy: the client sends data.
@@ -1330,8 +1760,21 @@ impl Session {
         out: &mut Vec<PgEvent>,
     ) {
         if self.backend_lost && self.ops.back().is_none_or(|op| op.kind.ends_batch()) {
-            // A new batch while the answers to the earlier ones were not readable: the client
-            // has read them (see the module documentation).
+            // A new batch while the answers to the earlier ones were not readable: a client
+            // that does not pipeline has read them. Whether it did is settled when the backend
+            // resynchronises (see `realign`); until then, remember where they would have ended.
+            let end_ns = self.last_backend_ns;
+            for op in self
+                .ops
+                .iter_mut()
+                .rev()
+                .take_while(|op| op.end_hint.is_none())
+            {
+                op.end_hint = Some(end_ns);
+            }
+        }
+        if self.ops.len() >= MAX_PENDING_OPS && self.backend_lost {
+            // The answers stay unreadable: report what waits as answered in them.
             self.infer_completed(out);
         }
         if self.ops.len() >= MAX_PENDING_OPS {
@@ -1355,28 +1798,135 @@ impl Session {
             completion: None,
             produced: false,
             results: false,
+            answered_ns: None,
+            end_hint: None,
         });
     }
 
-    /// Reports every waiting query as ended at the last backend syscall.
+    /// Reports every waiting query as answered in bytes that could not be read, ending where
+    /// the client moved on, else at the last backend syscall.
     fn infer_completed(&mut self, out: &mut Vec<PgEvent>) {
-        let end_ns = self.last_backend_ns;
-        let ops = std::mem::take(&mut self.ops);
-        for op in ops {
-            // An unseen batch is a query only if its answers showed one.
-            if !op.kind.is_query() || op.produced || (op.kind == OpKind::Unknown && !op.results) {
-                continue;
-            }
-            let completion = op.completion.unwrap_or(Completion::Inferred);
-            if completion == Completion::Inferred {
-                self.stats.inferred += 1;
-            }
-            let query = query_of(op, end_ns, completion);
-            self.awaiting.push(query);
-        }
+        self.infer_prefix(self.ops.len(), self.last_backend_ns, out);
         self.flush_awaiting(None, out);
         self.ready = None;
         self.skipping = None;
+    }
+
+    /// Reports the first `count` waiting messages as answered in bytes that could not be
+    /// read: their queries end at their end hint, else at `default_end_ns`, and each batch end
+    /// among them flushes the queries waiting for its (unread) `ReadyForQuery`.
+    fn infer_prefix(&mut self, count: usize, default_end_ns: u64, out: &mut Vec<PgEvent>) {
+        for _ in 0..count {
+            let Some(op) = self.ops.pop_front() else {
+                break;
+            };
+            let ends_batch = op.kind.ends_batch();
+            // An unseen batch is a query only if its answers showed one.
+            let query =
+                op.kind.is_query() && !op.produced && (op.kind != OpKind::Unknown || op.results);
+            if query {
+                let completion = op.completion.unwrap_or(Completion::Inferred);
+                if completion == Completion::Inferred {
+                    self.stats.inferred += 1;
+                }
+                let end_ns = op.end_hint.unwrap_or(default_end_ns);
+                let query = query_of(op, end_ns, completion);
+                self.complete(query, out);
+            }
+            if ends_batch {
+                self.flush_awaiting(None, out);
+            }
+        }
+    }
+
+    /// The connection closed with the backend in sync: a simple query whose last statement
+    /// completed is reported (ended there, without status); a query with no answer at all is
+    /// dropped, counted.
+    fn finish_answered(&mut self, out: &mut Vec<PgEvent>) {
+        while let Some(op) = self.ops.pop_front() {
+            match (op.kind, op.answered_ns, op.completion) {
+                (OpKind::Simple, Some(end_ns), Some(completion)) => {
+                    let query = query_of(op, end_ns, completion);
+                    self.complete(query, out);
+                }
+                // An unseen batch held a query only if its answers showed one.
+                (kind, ..)
+                    if kind.is_query()
+                        && !op.produced
+                        && (kind != OpKind::Unknown || op.results) =>
+                {
+                    self.stats.dropped += 1;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Where the backend can resynchronise in `data`, a read after a loss: the offset of the
+    /// first message (after the end of a `ReadyForQuery`, or 0), and the index of the first
+    /// waiting message that the read answers (see [`Session::alignment`]). `None` when the
+    /// read does not start at a message, or its messages fit no waiting ones: the client's
+    /// next message will give a better start.
+    fn resync_point(&self, data: &[u8]) -> Option<(usize, usize)> {
+        message_starts(data).find_map(|tail| {
+            let mut types = [0u8; MAX_ALIGN_MESSAGES];
+            let mut count = 0;
+            if tail > 0 {
+                types[0] = b'Z';
+                count = 1;
+            }
+            count += message_types(&data[tail..], &mut types[count..]);
+            self.alignment(&types[..count]).map(|first| (tail, first))
+        })
+    }
+
+    /// The backend resynchronises on the read `data` after a loss, after the `tail` last bytes
+    /// of a `ReadyForQuery` (or at its start), the read answering `ops[first]` first: reports
+    /// the waiting messages before it as answered in the unread bytes (see the module
+    /// documentation).
+    fn realign(&mut self, data: &[u8], tail: usize, first: usize, ts: u64, out: &mut Vec<PgEvent>) {
+        self.infer_prefix(first, self.lost_until_ns, out);
+        if self.ops.is_empty() {
+            self.flush_awaiting(None, out);
+        }
+        if first > 0 {
+            self.ready = None;
+        }
+        self.skipping = None;
+        if tail > 0 {
+            // The tail's last byte is the transaction status.
+            let frame = Frame {
+                ty: b'Z',
+                body: &data[tail - 1..tail],
+                start_ns: ts,
+            };
+            self.on_backend(&frame, ts, out);
+        }
+    }
+
+    /// The index of the first waiting message that a resynchronised read answering `types`
+    /// starts on (see the module documentation). Every batch sent after the last unread
+    /// backend bytes is answered whole ahead; the earlier (*stale*) ones may have been
+    /// answered in those bytes, entirely or in part. Preferred, in order: the read starts
+    /// the first later batch's answer (the stale ones were all answered, as when a client
+    /// reads every answer before sending again); else it goes on with the latest stale
+    /// message it fits. `None` when nothing fits.
+    fn alignment(&self, types: &[u8]) -> Option<usize> {
+        let fresh = self
+            .ops
+            .iter()
+            .position(|op| op.start_ns > self.lost_until_ns)
+            .unwrap_or(self.ops.len());
+        // The first fresh batch starts at `fresh` only if a stale batch ended just before.
+        let first_fresh = (fresh..=self.ops.len())
+            .find(|&at| at == 0 || self.ops[at - 1].kind.ends_batch())
+            .unwrap_or(self.ops.len());
+        if fits(&self.ops, first_fresh, false, types) {
+            return Some(first_fresh);
+        }
+        (0..first_fresh)
+            .rev()
+            .find(|&at| fits(&self.ops, at, true, types))
     }
 
     fn flush_awaiting(&mut self, tx_status: Option<TxStatus>, out: &mut Vec<PgEvent>) {
@@ -1450,8 +2000,15 @@ impl Session {
         match ty {
             b'E' => self.on_error(parse_error(body), ts, out),
             b'C' => {
-                let (command, rows) = command_tag(body);
-                self.on_completion(Completion::Command, Some(command), rows, ts, out);
+                // A tag cut by the capture (no terminator) is not read: neither its command
+                // nor its count would be right.
+                let (command, rows) = if body.last() == Some(&0) {
+                    let (command, rows) = command_tag(body);
+                    (Some(command), rows)
+                } else {
+                    (None, None)
+                };
+                self.on_completion(Completion::Command, command, rows, ts, out);
             }
             b'I' => self.on_completion(Completion::EmptyQuery, None, None, ts, out),
             b's' => self.on_completion(Completion::Suspended, None, None, ts, out),
@@ -1526,6 +2083,7 @@ impl Session {
                 if op.completion != Some(Completion::Error) {
                     op.completion = Some(completion);
                 }
+                op.answered_ns = Some(ts);
             }
             OpKind::Execute => {
                 if let Some(mut op) = self.ops.pop_front() {
@@ -1554,6 +2112,7 @@ impl Session {
             OpKind::Simple => {
                 op.error = Some(error);
                 op.completion = Some(Completion::Error);
+                op.answered_ns = Some(ts);
             }
             OpKind::Unknown => {
                 let rows = op.data_rows;

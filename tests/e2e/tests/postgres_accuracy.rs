@@ -1,6 +1,6 @@
 //! The daemon's PostgreSQL numbers are the backend's real queries: under a known HTTP load,
 //! its per-fingerprint query counts equal what `pg_stat_statements` counted for the same
-//! statements, exactly, on pool connections that were open before the daemon started; a
+//! statements, exactly, on pool connections that were open before the daemon started; every
 //! failing query shows with its SQLSTATE, and a refused password with its own.
 
 use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
@@ -473,47 +473,76 @@ fn query_counts_match_pg_stat_statements_and_errors_show_their_sqlstate() {
         "each statement has its own entry (labels cut to the same text join statements):\n{shown}"
     );
 
-    // Errors: none but the injected ones, each with its SQLSTATE. Every injected error is
-    // reported, or its loss is accounted for: a query answered while the backend direction
-    // was resynchronising (after a result larger than the capture, or when joining a pool
-    // connection mid-way) completes by inference, without its ErrorResponse, and each such
-    // resynchronisation is counted in selfheal_protocol_problems_total{problem="desync"}.
-    // KNOWN GAP (issue 3): exact error attribution across a resync is still to do.
-    let metrics = daemon.metrics().expect("metrics");
-    let desyncs = |text: &str| {
+    // Errors: exactly the injected ones, each with its SQLSTATE. The decoder loses the
+    // framing of the answers now and then (a result larger than the 512 bytes captured of a
+    // read hides where its last messages start; those queries complete by inference), but it
+    // finds it again at the next answer and attributes that answer to the right query, even
+    // when the client sent more (an unawaited Close) in between: no error is lost, no answer
+    // is left unmatched and no query is dropped.
+    let problems = |text: &str, problem: &str| {
         metric_value(
             text,
             "selfheal_protocol_problems_total",
-            &[("protocol", "postgres"), ("problem", "desync")],
+            &[("protocol", "postgres"), ("problem", problem)],
         )
     };
-    let desynced = (desyncs(&metrics) - desyncs(&metrics_0)).round() as u64;
+    // The decoders' counters are exported once a second: wait until they have settled.
+    wait_stable(
+        "the decoders' problem counters",
+        Duration::from_secs(10),
+        Duration::from_millis(1500),
+        || {
+            let text = daemon.metrics()?;
+            Ok(["desync", "unmatched", "dropped"].map(|p| problems(&text, p)))
+        },
+        |_| true,
+    )
+    .expect("problem counters");
+    let metrics = daemon.metrics().expect("metrics");
+    let moved = |problem: &str| {
+        (problems(&metrics, problem) - problems(&metrics_0, problem)).round() as u64
+    };
+    println!(
+        "decoder problems in the measured run: {} desyncs, {} unmatched, {} dropped",
+        moved("desync"),
+        moved("unmatched"),
+        moved("dropped")
+    );
+    assert_eq!(
+        (moved("unmatched"), moved("dropped")),
+        (0, 0),
+        "every answer matched to its query, no query dropped\nlosses:\n{}",
+        daemon.losses()
+    );
     let view = query_view(&daemon).expect("queries");
     let delta = daemon_delta(&daemon_0, &view);
     let mut reported = 0;
     for (id, tracked) in &delta {
         if names(&tracked.fingerprint, &bad_fingerprint) {
-            reported = tracked.errors;
+            reported += tracked.errors;
             println!(
-                "injected errors: {BAD_QUERIES}, reported with 42P01: {}, decoder resyncs: {desynced}",
+                "injected errors: {BAD_QUERIES}, reported with 42P01: {}",
                 tracked.errors
             );
-            assert!(
-                tracked.errors > 0 && tracked.errors + desynced >= BAD_QUERIES,
-                "errors of {id} {tracked:?}: {} reported, {desynced} resyncs cannot explain the \
-                 rest\nlosses:\n{}",
-                tracked.errors,
+            assert_eq!(
+                (tracked.count, tracked.errors),
+                (BAD_QUERIES, BAD_QUERIES),
+                "every injected query of {id} failed and was reported as failed: {tracked:?}\nlosses:\n{}",
                 daemon.losses()
             );
             assert_eq!(
                 tracked.sqlstates,
-                BTreeMap::from([("42P01".to_owned(), tracked.errors)]),
+                BTreeMap::from([("42P01".to_owned(), BAD_QUERIES)]),
                 "SQLSTATEs of {id} {tracked:?}"
             );
         } else {
             assert_eq!(tracked.errors, 0, "no errors in {id} {tracked:?}");
         }
     }
+    assert_eq!(
+        reported, BAD_QUERIES,
+        "the injected errors are all reported"
+    );
     let errors_42p01 = |text: &str| {
         metric_value(
             text,
@@ -523,7 +552,7 @@ fn query_counts_match_pg_stat_statements_and_errors_show_their_sqlstate() {
     };
     assert_eq!(
         (errors_42p01(&metrics) - errors_42p01(&metrics_0)).round() as u64,
-        reported,
+        BAD_QUERIES,
         "selfheal_postgres_query_errors_total{{sqlstate_class=\"42\",sqlstate=\"42P01\"}}"
     );
     let auth_28p01 = |text: &str| {

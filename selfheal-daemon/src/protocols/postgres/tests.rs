@@ -108,7 +108,7 @@ pub(in crate::protocols) fn execute(portal: &str, max_rows: u32) -> Vec<u8> {
     msg(b'E', &body)
 }
 
-fn close(kind: u8, name: &str) -> Vec<u8> {
+pub(in crate::protocols) fn close(kind: u8, name: &str) -> Vec<u8> {
     let mut body = vec![kind];
     body.extend(cstring(name));
     msg(b'C', &body)
@@ -1172,4 +1172,315 @@ fn command_tags_and_error_fields() {
     );
     let truncated = parse_error(b"SERR");
     assert_eq!(truncated.severity, "ERR");
+}
+
+/// A row of one text column `width` bytes wide.
+fn wide_row(width: usize) -> Vec<u8> {
+    data_row(&[Some(&vec![b'r'; width])])
+}
+
+/// The answer to tokio-postgres' Bind/Execute/Sync of a four-row result: 533 bytes, so a
+/// 512-byte capture ends in the last row and the gap holds the `CommandComplete` and
+/// `ReadyForQuery` headers.
+fn four_wide_rows() -> Vec<u8> {
+    let mut answer = vec![simple(b'2')];
+    answer.extend((0..4).map(|_| wide_row(116)));
+    answer.push(command_complete("SELECT 4"));
+    answer.push(ready(b'I'));
+    cat(&answer)
+}
+
+const NO_SUCH_TABLE: &str = "SELECT * FROM no_such_table";
+
+fn no_such_table() -> Vec<u8> {
+    error_response(
+        "ERROR",
+        "42P01",
+        "relation \"no_such_table\" does not exist",
+    )
+}
+
+/// Captured as in the end-to-end test (tokio-postgres through a pool, 512-byte capture): a
+/// result read past the capture loses the backend framing; the client then closes the
+/// statement without waiting for the answer (`Close`, `Sync`) and sends a failing simple
+/// query. The next read holds the close's answer, then the error. The close must not be taken
+/// as answered in the lost bytes, or its `ReadyForQuery` ends the failing query first.
+#[test]
+fn an_error_after_a_lost_answer_and_an_unawaited_close_keeps_its_sqlstate() {
+    let answer = four_wide_rows();
+    assert_eq!(answer.len(), 533);
+    let conversation = vec![
+        sys(
+            Out,
+            cat(&[bind("", "s1", &[Some(b"1")]), execute("", 0), sync()]),
+            10,
+        ),
+        sys(In, &answer, 20),
+        sys(Out, cat(&[close(b'S', "s1"), sync()]), 30),
+        sys(Out, query(NO_SUCH_TABLE), 40),
+        sys(In, cat(&[simple(b'3'), ready(b'I'), no_such_table()]), 50),
+        sys(In, ready(b'I'), 60),
+    ];
+    let mut parser = PgParser::new();
+    let events = feed_capped(&mut parser, &conversation, 512);
+    let queries = queries(&events);
+    assert_eq!(queries.len(), 2, "{events:?}");
+    assert_eq!(
+        (
+            queries[0].completion,
+            queries[0].end_ns,
+            queries[0].tx_status
+        ),
+        (Completion::Inferred, 20, None)
+    );
+    assert_eq!(queries[1].completion, Completion::Error);
+    assert_eq!(sql(queries[1]), NO_SUCH_TABLE);
+    assert_eq!(
+        queries[1].error.as_ref().map(|e| &*e.sqlstate),
+        Some("42P01")
+    );
+    assert_eq!(
+        (queries[1].end_ns, queries[1].tx_status),
+        (60, Some(TxStatus::Idle))
+    );
+    let stats = parser.stats();
+    assert_eq!((stats.desyncs, stats.unmatched, stats.inferred), (1, 0, 1));
+}
+
+/// The same, the capture ending inside the `CommandComplete` (its tag cut, so not read) and
+/// the gap holding the `ReadyForQuery`: the close's answer and the whole error answer come in
+/// the next read.
+#[test]
+fn a_tag_cut_by_the_capture_is_not_read_and_the_next_error_is_kept() {
+    let mut answer = vec![simple(b'2')];
+    answer.extend((0..4).map(|_| wide_row(112)));
+    answer.push(command_complete("SELECT 4"));
+    answer.push(ready(b'I'));
+    let answer = cat(&answer);
+    // 5 + 4 * 123 = 497: the capture ends 1 byte before the tag ends.
+    assert_eq!(answer.len(), 497 + 14 + 6);
+    let conversation = vec![
+        sys(
+            Out,
+            cat(&[bind("", "s1", &[Some(b"1")]), execute("", 0), sync()]),
+            10,
+        ),
+        sys(In, &answer, 20),
+        sys(Out, cat(&[close(b'S', "s1"), sync()]), 30),
+        sys(Out, query(NO_SUCH_TABLE), 40),
+        sys(
+            In,
+            cat(&[simple(b'3'), ready(b'I'), no_such_table(), ready(b'T')]),
+            50,
+        ),
+    ];
+    let mut parser = PgParser::new();
+    let events = feed_capped(&mut parser, &conversation, 510);
+    let queries = queries(&events);
+    assert_eq!(queries.len(), 2, "{events:?}");
+    assert_eq!(
+        (queries[0].completion, queries[0].end_ns, queries[0].rows),
+        (Completion::Command, 20, 4),
+        "ended by its CommandComplete, rows counted"
+    );
+    assert_eq!(queries[0].command, None, "the cut tag is not guessed");
+    assert_eq!(
+        queries[1].error.as_ref().map(|e| &*e.sqlstate),
+        Some("42P01")
+    );
+    assert_eq!(queries[1].tx_status, Some(TxStatus::InTransaction));
+    assert_eq!(parser.stats().unmatched, 0);
+}
+
+/// tokio-postgres ends a query at its `CommandComplete` and may send the next one before it
+/// reads the `ReadyForQuery`: the next read then starts with the rest of it (all of it, or
+/// its last 1 to 5 bytes when the previous read stopped inside it). That rest belongs to the
+/// query whose answer was lost, not to the failing one.
+#[test]
+fn the_rest_of_a_ready_for_query_read_after_the_next_query_is_the_earlier_ones() {
+    let answer = four_wide_rows();
+    for left in 1..=6 {
+        let (first, rest) = answer.split_at(answer.len() - left);
+        let conversation = vec![
+            sys(
+                Out,
+                cat(&[bind("", "s1", &[Some(b"1")]), execute("", 0), sync()]),
+                10,
+            ),
+            sys(In, first, 20),
+            sys(Out, query(NO_SUCH_TABLE), 30),
+            sys(In, cat(&[rest.to_vec(), no_such_table(), ready(b'I')]), 40),
+        ];
+        let mut parser = PgParser::new();
+        let events = feed_capped(&mut parser, &conversation, 512);
+        let queries = queries(&events);
+        assert_eq!(queries.len(), 2, "{left} bytes left: {events:?}");
+        assert_eq!(
+            (queries[0].completion, queries[0].end_ns),
+            (Completion::Inferred, 20),
+            "{left} bytes left"
+        );
+        assert_eq!(
+            queries[0].tx_status,
+            Some(TxStatus::Idle),
+            "{left} bytes left: the rest of the ReadyForQuery ends the first query's batch"
+        );
+        assert_eq!(
+            (
+                queries[1].error.as_ref().map(|e| &*e.sqlstate),
+                queries[1].end_ns
+            ),
+            (Some("42P01"), 40),
+            "{left} bytes left"
+        );
+        assert_eq!(parser.stats().unmatched, 0, "{left} bytes left");
+    }
+}
+
+/// libpq (pgbench, psql) reads a whole answer before it sends again: after a result read
+/// past the capture, the next query's answer starts the next read.
+#[test]
+fn an_error_after_a_lost_simple_result_keeps_its_sqlstate() {
+    let mut rows = vec![row_description(&["id", "payload"])];
+    for i in 0..200u32 {
+        rows.push(data_row(&[Some(&i.to_be_bytes()), Some(&[b'p'; 40])]));
+    }
+    rows.push(command_complete("SELECT 200"));
+    rows.push(ready(b'I'));
+    let answer = cat(&rows);
+    let (first_read, second_read) = answer.split_at(8192);
+    let conversation = vec![
+        sys(Out, query("SELECT id, payload FROM big"), 1),
+        sys(In, first_read, 2),
+        sys(In, second_read, 3),
+        sys(Out, query(NO_SUCH_TABLE), 10),
+        sys(In, cat(&[no_such_table(), ready(b'I')]), 11),
+    ];
+    let mut parser = PgParser::new();
+    let events = feed_capped(&mut parser, &conversation, 512);
+    let queries = queries(&events);
+    assert_eq!(queries.len(), 2, "{events:?}");
+    assert_eq!(
+        (queries[0].completion, queries[0].end_ns),
+        (Completion::Inferred, 3)
+    );
+    assert_eq!(
+        queries[1].error.as_ref().map(|e| &*e.sqlstate),
+        Some("42P01")
+    );
+    assert_eq!(parser.stats().unmatched, 0);
+}
+
+/// A pipelining client sends the next batch before reading the earlier answers: when the
+/// read that resynchronises can only continue the earlier batch, it does, and the later
+/// batch's error is still its own.
+#[test]
+fn a_resynchronised_read_that_continues_an_earlier_batch_is_matched_to_it() {
+    let mut first = vec![simple(b'1'), simple(b'2'), row_description(&["x"])];
+    first.extend((0..8).map(|_| wide_row(100)));
+    let first = cat(&first);
+    let tail = cat(&[
+        wide_row(100),
+        command_complete("SELECT 9"),
+        ready(b'I'),
+        no_such_table(),
+        ready(b'I'),
+    ]);
+    let conversation = vec![
+        sys(
+            Out,
+            cat(&[
+                parse("", LEAD_SQL, &[]),
+                bind("", "", &[]),
+                describe(b'P', ""),
+                execute("", 0),
+                sync(),
+            ]),
+            10,
+        ),
+        sys(Out, query(NO_SUCH_TABLE), 11),
+        // The capture ends inside a row and the gap hides where the next one starts.
+        sys(In, &first[..first.len() - 60], 20),
+        sys(In, &first[first.len() - 60..], 21),
+        // The next read starts at a row boundary: the rest of the first answer.
+        sys(In, tail, 30),
+    ];
+    let mut parser = PgParser::new();
+    let events = feed_capped(&mut parser, &conversation, 300);
+    let queries = queries(&events);
+    assert_eq!(queries.len(), 2, "{events:?}");
+    assert_eq!(
+        (queries[0].completion, queries[0].end_ns, queries[0].rows),
+        (Completion::Command, 30, 9)
+    );
+    assert_eq!(
+        queries[1].error.as_ref().map(|e| &*e.sqlstate),
+        Some("42P01")
+    );
+    assert_eq!(parser.stats().unmatched, 0);
+}
+
+#[test]
+fn resynchronising_recognises_message_starts_and_rejects_text() {
+    use Side::Backend;
+    // The middle of a command tag ("SELECT 3") read as a RowDescription of 540 MB.
+    assert!(!plausible(b"T 3\0Z\0\0\0\x05I", Backend));
+    // The middle of a row's text read as a row of 0x7273_7475 bytes.
+    assert!(!plausible(b"Drstuvwxyz", Backend));
+    // An error whose body the capture cut: its fields, as far as they go, are fields.
+    let error = no_such_table();
+    assert!(plausible(&error[..20], Backend));
+    let mut bad_field = error.clone();
+    bad_field[5] = b'#';
+    assert!(!plausible(&bad_field, Backend));
+    assert!(!plausible(&bad_field[..20], Backend));
+    // A row cut by the capture whose column lengths overrun it.
+    let mut row = wide_row(100);
+    assert!(plausible(&row[..50], Backend));
+    row[7..11].copy_from_slice(&200i32.to_be_bytes());
+    assert!(!plausible(&row[..50], Backend));
+    // The end of a ReadyForQuery, then messages.
+    let mut rest = b"\0\x05I".to_vec();
+    rest.extend(no_such_table());
+    assert_eq!(message_starts(&rest).collect::<Vec<_>>(), [3]);
+    assert_eq!(
+        message_starts(&rest[..4]).count(),
+        0,
+        "nothing after it to check"
+    );
+    assert_eq!(message_starts(b"\0\x05Xabcdefgh").count(), 0);
+    // Where no answer starts: authentication, COPY data.
+    assert!(!plausible(&auth(0, &[]), Backend));
+    assert!(!plausible(&msg(b'd', b"1\tx\n"), Backend));
+}
+
+#[test]
+fn close_reports_a_simple_query_whose_results_completed() {
+    let mut parser = PgParser::new();
+    let mut out = Vec::new();
+    let q = query("SELECT 1");
+    parser.feed(Out, &q, q.len(), 1, &mut out);
+    // The connection closes between the CommandComplete and the ReadyForQuery.
+    let answer = cat(&[
+        row_description(&["x"]),
+        data_row(&[Some(b"1")]),
+        command_complete("SELECT 1"),
+    ]);
+    parser.feed(In, &answer, answer.len(), 2, &mut out);
+    let q = query("SELECT pg_sleep(10)");
+    parser.feed(Out, &q, q.len(), 3, &mut out);
+    assert!(out.is_empty());
+    parser.close(&mut out);
+    let queries = queries(&out);
+    assert_eq!(queries.len(), 1, "{out:?}");
+    assert_eq!(
+        (
+            queries[0].completion,
+            queries[0].end_ns,
+            queries[0].rows,
+            queries[0].tx_status
+        ),
+        (Completion::Command, 2, 1, None)
+    );
+    assert_eq!(parser.stats().dropped, 1, "the unanswered one");
 }
