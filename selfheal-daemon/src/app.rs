@@ -236,7 +236,7 @@ async fn decode(
         .name("selfheal-decode".to_owned())
         .spawn(move || {
             // SAFETY: `setpriority` reads no memory; `who = 0` is the calling thread on Linux.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+            if nice != 0 && unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
                 tracing::warn!(nice, error = %std::io::Error::last_os_error(), "cannot lower the decoder thread's priority");
             }
             match tokio::runtime::Builder::new_current_thread()

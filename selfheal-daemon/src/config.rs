@@ -280,9 +280,10 @@ pub struct ProbesConfig {
     /// ring is full; process exits always do.
     pub flush_interval_ms: u64,
     /// Nice value of the thread that decodes captured traffic (0–19). Above 0, the target's
-    /// threads preempt the decoder whenever they need a CPU the decoder holds; if the
-    /// decoder then falls behind, it samples connections (counted) instead of taking CPU
-    /// from the target. Exits, TCP events and the API keep normal priority.
+    /// threads preempt the decoder whenever they need a CPU the decoder holds; when the CPUs
+    /// are saturated the decoder then falls behind and samples connections (counted as
+    /// `sampled_out`) instead of taking CPU from the target. 0, the default, keeps counts
+    /// exact under load. Exits, TCP events and the API keep normal priority either way.
     pub decode_nice: i32,
 }
 
@@ -294,7 +295,7 @@ impl Default for ProbesConfig {
             payload_bytes: 0,
             payload_queue: 16_384,
             flush_interval_ms: 10,
-            decode_nice: 10,
+            decode_nice: 0,
         }
     }
 }

@@ -93,8 +93,8 @@ fn other_process_costs(backend: &DemoBackend, rounds: usize) -> Result<([f64; 3]
     Ok((medians(&without), medians(&with)))
 }
 
-/// CPU seconds of the daemon's niced decoder thread (`probes.decode_nice`), which `/proc/stat`
-/// counts as nice time.
+/// CPU seconds of the daemon's threads running niced (the decoder when `probes.decode_nice`
+/// is above 0), which `/proc/stat` counts as nice time.
 fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", daemon.proc.pid())) else {
         return 0.0;
@@ -107,14 +107,19 @@ fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
         })
         .filter_map(|task| std::fs::read_to_string(task.path().join("stat")).ok())
         .map(|stat| {
-            // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+            // Fields after the command's closing parenthesis: utime and stime are 14 and 15 of
+            // proc(5), nice is 19.
             let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
             let fields: Vec<f64> = rest
                 .split_whitespace()
                 .map(|f| f.parse().unwrap_or(0.0))
                 .collect();
-            (fields.get(11).copied().unwrap_or(0.0) + fields.get(12).copied().unwrap_or(0.0))
-                / 100.0
+            let field = |i: usize| fields.get(i).copied().unwrap_or(0.0);
+            if field(16) > 0.0 {
+                (field(11) + field(12)) / 100.0
+            } else {
+                0.0
+            }
         })
         .sum()
 }
