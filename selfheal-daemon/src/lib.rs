@@ -4,6 +4,7 @@
 //! See ARCHITECTURE.md for the map of these modules and their invariants.
 
 pub mod agents;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod bus;
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod probes;
 pub mod protocols;
+pub mod state;
 pub mod store;
 pub mod target;
 pub mod telemetry;
