@@ -1,25 +1,28 @@
 //! The admin HTTP server: `GET /api/v1/system/health`, `GET /metrics` (both open) and, behind
-//! the bearer token, `GET /api/v1/system/{metrics,queries,traces}`.
+//! the bearer token, `GET /api/v1/system/{metrics,queries,traces}`, the alerts
+//! (`GET alerts`, `GET alerts/{id}`, `POST alerts/{id}/acknowledge`,
+//! `POST alerts/{id}/resolve`) and silences (`GET`/`POST silences`,
+//! `DELETE silences/{id}`).
 //!
 //! Owns: the routes, the bearer-token check (constant time), the admin token's resolution
 //! (`SELFHEAL_ADMIN_TOKEN`, `admin.token_file`, or one generated in the state directory),
 //! the JSON envelope (`{"success": true, "data": …}` or `{"success": false, "error": …}`),
 //! and the response types, which are built for the API rather than borrowed from internal
-//! structs. Also a bus subscriber that keeps the view of firing alerts the health endpoint
-//! reports. Must not: change anything yet, or log or return the token.
+//! structs. Must not: log or return the token, or change anything but through the alert
+//! manager.
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, PoisonError, RwLock},
+    sync::{Arc, PoisonError},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
-    extract::{rejection::QueryRejection, Query, Request, State},
+    body::Bytes,
+    extract::{rejection::QueryRejection, Path, Query, Request, State},
     http::{header, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{delete, get, post},
     Json, Router,
 };
 use serde::Serialize;
@@ -27,23 +30,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     agents::{AgentHandle, AgentState},
-    bus::{Bus, Event, ExitStatus, Severity, Source, TargetState},
+    alerts::{
+        views::{
+            ActiveAlertView, AlertDetailView, AlertListView, AlertView, AlertsQuery, ChangeBody,
+            SilenceBody, SilenceView,
+        },
+        Action, AlertError, AlertManager,
+    },
+    bus::{ExitStatus, Severity, Source, TargetState},
     config::{AdminConfig, Secret},
     target::SharedStatus,
     telemetry::Metrics,
     traffic::{MetricsQuery, TrafficView},
 };
-
-/// Alerts that are firing now, by rule, as the monitor published them.
-pub type FiringAlerts = Arc<RwLock<BTreeMap<String, FiringAlert>>>;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct FiringAlert {
-    pub rule: String,
-    pub severity: Severity,
-    pub message: String,
-    pub since_unix_ms: u64,
-}
 
 /// What the handlers read.
 pub struct ApiState {
@@ -51,7 +50,7 @@ pub struct ApiState {
     pub target: SharedStatus,
     pub agents: Vec<AgentHandle>,
     pub metrics: Metrics,
-    pub alerts: FiringAlerts,
+    pub alerts: AlertManager,
     /// `attached`, or why the eBPF probes are not in use.
     pub ebpf: String,
     /// The bearer token of the protected endpoints.
@@ -97,7 +96,8 @@ struct HealthView {
     version: &'static str,
     uptime_seconds: u64,
     target: TargetView,
-    alerts: Vec<FiringAlert>,
+    /// Active alerts (firing or acknowledged), newest first.
+    alerts: Vec<ActiveAlertView>,
     agents: Vec<AgentView>,
     probes: ProbesView,
 }
@@ -154,13 +154,8 @@ async fn health(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    let alerts: Vec<FiringAlert> = state
-        .alerts
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .values()
-        .cloned()
-        .collect();
+    let active = state.alerts.active();
+    let alerts: Vec<ActiveAlertView> = active.iter().map(ActiveAlertView::from).collect();
     let agents: Vec<AgentView> = state
         .agents
         .iter()
@@ -180,7 +175,7 @@ async fn health(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
         })
         .collect();
     let status = if target.state != TargetState::Running
-        || alerts.iter().any(|a| a.severity == Severity::Critical)
+        || active.iter().any(|a| a.severity == Severity::Critical)
     {
         Overall::Critical
     } else if !alerts.is_empty() || agents.iter().any(|a| a.state == AgentState::Restarting) {
@@ -293,6 +288,154 @@ async fn traces(State(state): State<Arc<ApiState>>) -> Response {
     ok(state.traffic.traces_view()).into_response()
 }
 
+/// The API's answer to an alert manager error: 404, 409, or 503 when the database failed.
+fn alert_error(err: &AlertError) -> Response {
+    match err {
+        AlertError::NotFound { .. } | AlertError::SilenceNotFound { .. } => {
+            error(StatusCode::NOT_FOUND, err.to_string())
+        }
+        AlertError::NotAllowed { .. } | AlertError::SilenceEnded { .. } => {
+            error(StatusCode::CONFLICT, err.to_string())
+        }
+        AlertError::Db(_) | AlertError::State(_) => {
+            tracing::error!(error = %crate::app::error_chain(err), "an alert request failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::app::error_chain(err),
+            )
+        }
+    }
+}
+
+/// A path id: a positive integer, else `None` (a 404: no such alert can exist).
+fn path_id(text: &str) -> Option<i64> {
+    text.parse::<i64>().ok().filter(|id| *id > 0)
+}
+
+/// `GET /api/v1/system/alerts?state=&severity=&platform=&history=&limit=&offset=`.
+async fn list_alerts(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<AlertsQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let filter = match query.filter() {
+        Ok(filter) => filter,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match state.alerts.list(filter.clone()).await {
+        Ok(page) => ok(AlertListView::new(&page, &filter)).into_response(),
+        Err(err) => alert_error(&err),
+    }
+}
+
+/// `GET /api/v1/system/alerts/{id}`: the alert, its history, audit and notifications.
+async fn alert_detail(State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
+    let Some(id) = path_id(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no alert {id:?}"));
+    };
+    match state.alerts.detail(id).await {
+        Ok((detail, silences)) => ok(AlertDetailView::new(&detail, &silences)).into_response(),
+        Err(err) => alert_error(&err),
+    }
+}
+
+async fn change_alert(state: &ApiState, id: &str, action: Action, body: &Bytes) -> Response {
+    let Some(id) = path_id(id) else {
+        return error(StatusCode::NOT_FOUND, format!("no alert {id:?}"));
+    };
+    let (by, note) = match ChangeBody::parse(body) {
+        Ok(parsed) => parsed,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match state.alerts.change(id, action, by, note).await {
+        Ok(alert) => ok(AlertView::new(&alert, &[])).into_response(),
+        Err(err) => alert_error(&err),
+    }
+}
+
+/// `POST /api/v1/system/alerts/{id}/acknowledge` with an optional `{"by", "note"}`.
+async fn acknowledge_alert(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    change_alert(&state, &id, Action::Acknowledge, &body).await
+}
+
+/// `POST /api/v1/system/alerts/{id}/resolve` with an optional `{"by", "note"}`.
+async fn resolve_alert(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    change_alert(&state, &id, Action::Resolve, &body).await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SilencesQuery {
+    all: Option<bool>,
+}
+
+/// `GET /api/v1/system/silences` (active ones; `?all=true` for every one kept).
+async fn list_silences(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<SilencesQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let now = state.alerts.now_ms();
+    match state.alerts.silences(query.all.unwrap_or(false)).await {
+        Ok(silences) => ok(silences
+            .iter()
+            .map(|s| SilenceView::new(s, now))
+            .collect::<Vec<_>>())
+        .into_response(),
+        Err(err) => alert_error(&err),
+    }
+}
+
+/// `POST /api/v1/system/silences` with `{"matchers": {...}, "duration": "2h", "by", "comment"}`.
+async fn create_silence(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let now = state.alerts.now_ms();
+    let (matchers, ends_ms, by, comment) = match SilenceBody::parse(&body, now) {
+        Ok(parsed) => parsed,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match state.alerts.silence(matchers, ends_ms, by, comment).await {
+        Ok(silence) => (
+            StatusCode::CREATED,
+            ok(SilenceView::new(&silence, state.alerts.now_ms())),
+        )
+            .into_response(),
+        Err(err) => alert_error(&err),
+    }
+}
+
+/// `DELETE /api/v1/system/silences/{id}`: ends the silence now.
+async fn expire_silence(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(id) = path_id(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no silence {id:?}"));
+    };
+    let (by, _) = match ChangeBody::parse(&body) {
+        Ok(parsed) => parsed,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match state.alerts.expire_silence(id, by).await {
+        Ok(silence) => ok(SilenceView::new(&silence, state.alerts.now_ms())).into_response(),
+        Err(err) => alert_error(&err),
+    }
+}
+
 /// Refuses a request without `Authorization: Bearer <token>`.
 async fn require_token(
     State(state): State<Arc<ApiState>>,
@@ -333,6 +476,18 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/system/metrics", get(traffic_metrics))
         .route("/api/v1/system/queries", get(queries))
         .route("/api/v1/system/traces", get(traces))
+        .route("/api/v1/system/alerts", get(list_alerts))
+        .route("/api/v1/system/alerts/{id}", get(alert_detail))
+        .route(
+            "/api/v1/system/alerts/{id}/acknowledge",
+            post(acknowledge_alert),
+        )
+        .route("/api/v1/system/alerts/{id}/resolve", post(resolve_alert))
+        .route(
+            "/api/v1/system/silences",
+            get(list_silences).post(create_silence),
+        )
+        .route("/api/v1/system/silences/{id}", delete(expire_silence))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/api/v1/system/health", get(health))
@@ -442,42 +597,6 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
-}
-
-/// Keeps [`FiringAlerts`] in step with the monitor's alert events.
-pub async fn track_alerts(bus: Bus, alerts: FiringAlerts, cancel: CancellationToken) {
-    let mut events = bus.subscribe();
-    loop {
-        let event = tokio::select! {
-            () = cancel.cancelled() => return,
-            event = events.recv() => event,
-        };
-        match event {
-            Some(Event::Alert {
-                rule,
-                severity,
-                firing,
-                message,
-            }) => {
-                let mut map = alerts.write().unwrap_or_else(PoisonError::into_inner);
-                if firing {
-                    map.insert(
-                        rule.clone(),
-                        FiringAlert {
-                            rule,
-                            severity,
-                            message,
-                            since_unix_ms: unix_ms(SystemTime::now()),
-                        },
-                    );
-                } else {
-                    map.remove(&rule);
-                }
-            }
-            Some(_) => {}
-            None => return,
-        }
-    }
 }
 
 #[cfg(test)]

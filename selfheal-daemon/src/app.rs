@@ -6,7 +6,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -14,10 +14,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agents, api,
+    agents,
+    alerts::{self, AlertManager},
+    api,
     bus::Bus,
     config::Config,
     probes::{capture, ebpf, os},
+    state::{self, DbOptions, StateError},
     store::{self, LoadOutcome, StoreHandle},
     target::{self, Tracker},
     telemetry::Metrics,
@@ -46,6 +49,8 @@ pub enum AppError {
     Token(#[from] api::TokenError),
     #[error("the metrics store config is invalid")]
     Store(#[from] store::StoreConfigError),
+    #[error("the state database cannot be used")]
+    State(#[from] StateError),
 }
 
 /// Creates the state directory (mode 0700) if it is missing.
@@ -108,6 +113,26 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
             tracing::info!(path = %path.display(), "admin token file");
         }
     }
+    let (db, db_thread, opened) = state::open(
+        &DbOptions {
+            path: config.state.db_path(),
+            busy_timeout: Duration::from_millis(config.state.busy_timeout_ms),
+        },
+        metrics.clone(),
+    )?;
+    tracing::info!(
+        path = %config.state.db_path().display(),
+        schema_version = opened.version,
+        previous_version = opened.from_version,
+        "state database open"
+    );
+    let alert_manager = AlertManager::start(
+        db.clone(),
+        alerts::Settings::from_config(&config.alerts, &config.notifications),
+        alerts::system_clock(),
+        metrics.clone(),
+    )
+    .await?;
     let (store, snapshot_path) = open_store(&config)?;
     let traffic_view = TrafficView::new(
         store.clone(),
@@ -146,13 +171,12 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         members: members_tx,
     };
     let handles = agents::handles(&config);
-    let alerts: api::FiringAlerts = Arc::new(RwLock::new(std::collections::BTreeMap::new()));
     let api_state = Arc::new(api::ApiState {
         started: Instant::now(),
         target: target_status.clone(),
         agents: handles.clone(),
         metrics: metrics.clone(),
-        alerts: alerts.clone(),
+        alerts: alert_manager.clone(),
         ebpf: ebpf_state,
         token,
         traffic: traffic_view,
@@ -186,9 +210,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         }
     };
     tracing::info!(%address, "admin API listening");
-    let (served, (), (), (), (), (), (), ()) = tokio::join!(
+    let (served, (), (), (), (), (), (), (), ()) = tokio::join!(
         api::serve(listener, api_state, cancel.clone()),
-        api::track_alerts(bus.clone(), alerts, cancel.clone()),
+        alerts::run(alert_manager, bus.clone(), cancel.clone()),
+        state::retention::run(db, config.state.retention_days, cancel.clone()),
         tracker.run(cancel.clone()),
         os::run(
             interval,
@@ -216,6 +241,14 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         ),
         probe,
     );
+    // Every handle to the database went with the tasks above; its thread ends after the
+    // operation in hand (each is committed on its own, so waiting is tidiness, not safety).
+    if tokio::time::timeout(Duration::from_secs(5), db_thread.finished())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the state database thread did not finish within 5 s");
+    }
     served.map_err(AppError::Serve)
 }
 

@@ -155,9 +155,13 @@ pub enum Event {
         status: HealthStatus,
         reason: String,
     },
-    /// A rule started or stopped firing.
+    /// A rule's condition holds (`firing`) or has cleared. The alert manager keys alerts by
+    /// rule and labels; a rule may say "cleared" for a key that is not firing (after a restart
+    /// it cannot know), which changes nothing.
     Alert {
         rule: String,
+        /// Bounded labels that tell alerts of one rule apart (`platform`, `check`).
+        labels: std::collections::BTreeMap<String, String>,
         severity: Severity,
         firing: bool,
         message: String,

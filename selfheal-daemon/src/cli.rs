@@ -1,13 +1,29 @@
-//! The command line: `selfheal run --config FILE`, `selfheal check-config FILE`.
+//! The command line: `selfheal run --config FILE`, `selfheal check-config FILE`, and the
+//! clients of the admin API: `selfheal alerts`, `selfheal ack ID`, `selfheal resolve ID`.
 //!
-//! Usage errors and bad configs exit with 64 (`EX_USAGE`), every problem listed.
+//! Usage errors and bad configs exit with 64 (`EX_USAGE`), every problem listed. The API
+//! clients exit 0 when the daemon did what was asked, 1 when it refused (the reason is
+//! printed), and 69 (`EX_UNAVAILABLE`) when it cannot be reached.
 
-use std::path::PathBuf;
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, Env};
 
 /// Exit status for bad usage or a bad config (`EX_USAGE` of sysexits.h).
 pub const EXIT_USAGE: u8 = 64;
+/// Exit status when the daemon answered with a refusal (unknown id, transition not allowed).
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit status when the daemon's admin API cannot be reached (`EX_UNAVAILABLE`).
+pub const EXIT_UNAVAILABLE: u8 = 69;
+
+/// Where the API clients look for the config when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/selfheal/selfheal.toml";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -33,4 +49,475 @@ pub enum Command {
         /// The TOML config file.
         file: PathBuf,
     },
+    /// List alerts (the active ones unless told otherwise).
+    Alerts {
+        /// firing, acknowledged, resolved, active or all.
+        #[arg(long)]
+        state: Option<String>,
+        /// critical, warning or info.
+        #[arg(long)]
+        severity: Option<String>,
+        #[arg(long)]
+        platform: Option<String>,
+        /// Every alert kept, resolved ones included, newest first.
+        #[arg(long)]
+        history: bool,
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        offset: Option<u32>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Acknowledge an alert: someone is on it (its notifications stop repeating).
+    Ack {
+        id: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Resolve an alert by hand.
+    Resolve {
+        id: String,
+        #[command(flatten)]
+        change: ChangeArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+}
+
+/// How the API clients find the daemon.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The daemon's config, for `admin.listen`, `admin.token_file` and `state.dir`
+    /// [default: /etc/selfheal/selfheal.toml when it exists].
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The admin API's address, such as 127.0.0.1:9797 [default: admin.listen].
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// A file holding the bearer token [default: `SELFHEAL_ADMIN_TOKEN`, else
+    /// `admin.token_file`, else `state.dir/admin.token`].
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Print the API's JSON `data` instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Who acknowledges or resolves, and why: recorded in the audit.
+#[derive(Debug, Clone, Args)]
+pub struct ChangeArgs {
+    /// Recorded as the actor [default: cli:<your user name>].
+    #[arg(long)]
+    pub by: Option<String>,
+    /// A note for the audit.
+    #[arg(long)]
+    pub note: Option<String>,
+}
+
+/// Where and how to reach the API.
+struct Client {
+    base: String,
+    token: String,
+    json: bool,
+    agent: ureq::Agent,
+}
+
+/// A failure of a client command, with its exit status.
+#[derive(Debug)]
+struct Failure {
+    status: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            status: EXIT_USAGE,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs an API client command; its exit status. `run` and `check-config` are not clients.
+pub fn run_client(command: Command, env: &Env) -> u8 {
+    let outcome = match command {
+        Command::Alerts {
+            state,
+            severity,
+            platform,
+            history,
+            limit,
+            offset,
+            api,
+        } => Client::new(&api, env).and_then(|client| {
+            let mut query: Vec<(&str, String)> = Vec::new();
+            let mut add = |name, value: Option<String>| {
+                if let Some(value) = value {
+                    query.push((name, value));
+                }
+            };
+            add("state", state);
+            add("severity", severity);
+            add("platform", platform);
+            add("history", history.then(|| "true".to_owned()));
+            add("limit", limit.map(|n| n.to_string()));
+            add("offset", offset.map(|n| n.to_string()));
+            let data = client.get("/api/v1/system/alerts", &query)?;
+            client.print(&data, print_alerts);
+            Ok(())
+        }),
+        Command::Ack { id, change, api } => change_alert(&api, env, &id, "acknowledge", &change),
+        Command::Resolve { id, change, api } => change_alert(&api, env, &id, "resolve", &change),
+        Command::Run { .. } | Command::CheckConfig { .. } => {
+            Err(Failure::usage("not an API client command".to_owned()))
+        }
+    };
+    match outcome {
+        Ok(()) => 0,
+        Err(failure) => {
+            eprintln!("selfheal: {}", failure.message);
+            failure.status
+        }
+    }
+}
+
+fn change_alert(
+    api: &ApiArgs,
+    env: &Env,
+    id: &str,
+    action: &str,
+    change: &ChangeArgs,
+) -> Result<(), Failure> {
+    let client = Client::new(api, env)?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Failure::usage(format!(
+            "{id:?} is not an alert id (a number)"
+        )));
+    }
+    let by = change.by.clone().unwrap_or_else(default_actor);
+    let body = serde_json::json!({
+        "by": by,
+        "note": change.note.clone().unwrap_or_default(),
+    });
+    let data = client.post(&format!("/api/v1/system/alerts/{id}/{action}"), &body)?;
+    client.print(&data, |data| {
+        let done = if action == "acknowledge" {
+            "acknowledged"
+        } else {
+            "resolved"
+        };
+        println!(
+            "alert {} {done} by {} ({}: {})",
+            data["id"],
+            by,
+            data["rule"].as_str().unwrap_or("?"),
+            data["message"].as_str().unwrap_or("")
+        );
+    });
+    Ok(())
+}
+
+/// `cli:<user name>`, or `cli` when the user has no name.
+fn default_actor() -> String {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| "cli".to_owned(), |user| format!("cli:{}", user.name))
+}
+
+impl Client {
+    fn new(args: &ApiArgs, env: &Env) -> Result<Self, Failure> {
+        // The config is read only for what the flags and the environment leave open.
+        let needed = args.addr.is_none()
+            || (args.token_file.is_none() && env.get("SELFHEAL_ADMIN_TOKEN").is_none());
+        let config_path = args.config.clone().or_else(|| {
+            let default = PathBuf::from(DEFAULT_CONFIG);
+            (needed && default.exists()).then_some(default)
+        });
+        let config = match &config_path {
+            Some(path) => Some(config::load(path, env).map_err(|err| {
+                let mut message = err.to_string();
+                match &err {
+                    config::ConfigError::Invalid { problems, .. } => {
+                        for problem in problems {
+                            let _ = write!(message, "\n  {problem}");
+                        }
+                    }
+                    config::ConfigError::Read { source, .. } => {
+                        let _ = write!(message, "\n  {source}");
+                    }
+                }
+                Failure::usage(message)
+            })?),
+            None => None,
+        };
+        let admin = config.as_ref().map(|c| c.admin.clone()).unwrap_or_default();
+        let state_dir = config.as_ref().map_or_else(
+            || config::StateConfig::default().dir,
+            |c| c.state.dir.clone(),
+        );
+        let addr = args.addr.clone().unwrap_or_else(|| admin.listen.clone());
+        let token = if let Some(path) = &args.token_file {
+            read_token(path)?
+        } else if let Some(token) = env.get("SELFHEAL_ADMIN_TOKEN") {
+            token.trim().to_owned()
+        } else if let Some(path) = &admin.token_file {
+            read_token(path)?
+        } else {
+            read_token(&state_dir.join("admin.token"))?
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        Ok(Self {
+            base: format!("http://{addr}"),
+            token,
+            json: args.json,
+            agent,
+        })
+    }
+
+    fn get(&self, path: &str, query: &[(&str, String)]) -> Result<serde_json::Value, Failure> {
+        let mut request = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .header("Authorization", &format!("Bearer {}", self.token));
+        for (name, value) in query {
+            request = request.query(*name, value);
+        }
+        self.answer(path, request.call())
+    }
+
+    fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, Failure> {
+        let request = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", &format!("Bearer {}", self.token));
+        self.answer(path, request.send_json(body))
+    }
+
+    /// The `data` of a successful answer; a refusal (exit 1) or an unreachable daemon (69).
+    fn answer(
+        &self,
+        path: &str,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<serde_json::Value, Failure> {
+        let unreachable = |err: &dyn std::fmt::Display| Failure {
+            status: EXIT_UNAVAILABLE,
+            message: format!(
+                "the daemon's admin API at {} cannot be reached: {err}",
+                self.base
+            ),
+        };
+        let mut response = response.map_err(|err| unreachable(&err))?;
+        let status = response.status();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|err| unreachable(&err))?;
+        let body: serde_json::Value = serde_json::from_str(&text).map_err(|_| Failure {
+            status: EXIT_REFUSED,
+            message: format!("{path} answered {status} with something that is not JSON: {text}"),
+        })?;
+        if status.is_success() && body["success"] == true {
+            Ok(body["data"].clone())
+        } else {
+            Err(Failure {
+                status: EXIT_REFUSED,
+                message: format!(
+                    "the daemon refused ({}): {}",
+                    status.as_u16(),
+                    body["error"].as_str().unwrap_or(&text)
+                ),
+            })
+        }
+    }
+
+    fn print(&self, data: &serde_json::Value, human: impl FnOnce(&serde_json::Value)) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(data).unwrap_or_else(|_| data.to_string())
+            );
+        } else {
+            human(data);
+        }
+    }
+}
+
+fn read_token(path: &Path) -> Result<String, Failure> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        Failure::usage(format!(
+            "cannot read the admin token from {}: {err} (run as the daemon's user, or pass \
+             --token-file or SELFHEAL_ADMIN_TOKEN)",
+            path.display()
+        ))
+    })?;
+    Ok(text.trim().to_owned())
+}
+
+/// `5s`, `3m`, `2h`, `4d`: how long ago `at_ms` was.
+fn ago(now_ms: i64, at_ms: i64) -> String {
+    let secs = (now_ms - at_ms).max(0) / 1000;
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 2 * 86_400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn print_alerts(data: &serde_json::Value) {
+    let alerts = data["alerts"].as_array().map_or(&[][..], Vec::as_slice);
+    if alerts.is_empty() {
+        println!("no alerts match (total {})", data["total"]);
+        return;
+    }
+    let now = crate::state::now_ms();
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    let rows: Vec<[String; 8]> = alerts
+        .iter()
+        .map(|a| {
+            [
+                a["id"].to_string(),
+                text(&a["state"]),
+                text(&a["severity"]),
+                text(&a["key"]),
+                text(&a["platform"]),
+                a["count"].to_string(),
+                ago(now, a["first_seen_unix_ms"].as_i64().unwrap_or(now)),
+                text(&a["message"]),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID", "STATE", "SEVERITY", "KEY", "PLATFORM", "COUNT", "AGE", "MESSAGE",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        println!("{out}");
+    };
+    line(&header.map(str::to_owned));
+    for row in &rows {
+        line(row);
+    }
+    println!(
+        "{} of {} alert(s), from offset {}",
+        rows.len(),
+        data["total"],
+        data["offset"]
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_short() {
+        assert_eq!(ago(10_000, 5_000), "5s");
+        assert_eq!(ago(600_000, 0), "10m");
+        assert_eq!(ago(3 * 3_600_000, 0), "3h");
+        assert_eq!(ago(5 * 86_400_000, 0), "5d");
+        assert_eq!(ago(0, 5_000), "0s");
+    }
+
+    #[test]
+    fn the_client_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "selfheal",
+            "ack",
+            "12",
+            "--by",
+            "me",
+            "--note",
+            "on it",
+            "--addr",
+            "127.0.0.1:1",
+            "--json",
+        ])
+        .expect("parses");
+        let Command::Ack { id, change, api } = cli.command else {
+            panic!("ack")
+        };
+        assert_eq!(id, "12");
+        assert_eq!(change.by.as_deref(), Some("me"));
+        assert_eq!(change.note.as_deref(), Some("on it"));
+        assert_eq!(api.addr.as_deref(), Some("127.0.0.1:1"));
+        assert!(api.json);
+        let cli = Cli::try_parse_from(["selfheal", "alerts", "--history", "--limit", "5"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Alerts {
+                history: true,
+                limit: Some(5),
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["selfheal", "resolve"]).is_err());
+    }
+
+    #[test]
+    fn an_unreachable_daemon_exits_69_and_a_bad_id_64() {
+        let dir = tempfile::tempdir().expect("dir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "0123456789abcdef0123").expect("token");
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("port")
+            .port();
+        let api = ApiArgs {
+            config: None,
+            addr: Some(format!("127.0.0.1:{port}")),
+            token_file: Some(token),
+            json: false,
+        };
+        let change = ChangeArgs {
+            by: None,
+            note: None,
+        };
+        let env = Env::default();
+        assert_eq!(
+            run_client(
+                Command::Ack {
+                    id: "3".into(),
+                    change: change.clone(),
+                    api: api.clone()
+                },
+                &env
+            ),
+            EXIT_UNAVAILABLE
+        );
+        assert_eq!(
+            run_client(
+                Command::Resolve {
+                    id: "x1".into(),
+                    change,
+                    api
+                },
+                &env
+            ),
+            EXIT_USAGE
+        );
+    }
 }

@@ -126,6 +126,8 @@ pub struct Config {
     #[serde(default)]
     pub redis: RedisConfig,
     #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
     pub notifications: NotificationsConfig,
     #[serde(default)]
     pub diagnostic: DiagnosticConfig,
@@ -252,12 +254,51 @@ impl Default for AdminConfig {
 pub struct StateConfig {
     /// Directory of the state database and metric snapshots.
     pub dir: PathBuf,
+    /// The state database (SQLite); `dir/state.db` when unset.
+    pub db_path: Option<PathBuf>,
+    /// Resolved alerts, their history and notifications, audit rows and ended silences older
+    /// than this are deleted by the daily cleanup.
+    pub retention_days: u32,
+    /// How long a write waits for a lock held by another process (a backup, the `sqlite3`
+    /// shell) before failing.
+    pub busy_timeout_ms: u64,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("/var/lib/selfheal"),
+            db_path: None,
+            retention_days: 90,
+            busy_timeout_ms: 5000,
+        }
+    }
+}
+
+impl StateConfig {
+    /// Where the state database is.
+    pub fn db_path(&self) -> PathBuf {
+        crate::state::db_path(&self.dir, self.db_path.as_deref())
+    }
+}
+
+/// The alert manager: throttling and grouping of notifications.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// At most one trigger notification per alert key (rule + labels) in this many seconds;
+    /// 0 notifies every firing.
+    pub notify_interval_secs: u64,
+    /// An alert that fires within this many seconds of an active alert of the same group
+    /// (platform, else the rule's first part) joins its group.
+    pub group_window_secs: u64,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            notify_interval_secs: 3600,
+            group_window_secs: 300,
         }
     }
 }
@@ -838,6 +879,31 @@ impl Config {
             "state.dir",
             "must be an absolute path",
         );
+        check(
+            self.state.db_path.as_deref().is_none_or(Path::is_absolute),
+            "state.db_path",
+            "must be an absolute path",
+        );
+        check(
+            (1..=36_500).contains(&self.state.retention_days),
+            "state.retention_days",
+            "must be between 1 and 36500",
+        );
+        check(
+            (1..=600_000).contains(&self.state.busy_timeout_ms),
+            "state.busy_timeout_ms",
+            "must be between 1 and 600000",
+        );
+        check(
+            self.alerts.notify_interval_secs <= 30 * 86_400,
+            "alerts.notify_interval_secs",
+            "must be at most 2592000 (30 days)",
+        );
+        check(
+            self.alerts.group_window_secs <= 86_400,
+            "alerts.group_window_secs",
+            "must be at most 86400 (a day)",
+        );
 
         let ring = self.probes.ring_buffer_bytes;
         check(
@@ -1108,6 +1174,40 @@ mod tests {
         assert!((config.monitor.cpu_threshold_percent - 80.0).abs() < f64::EPSILON);
         assert!(AGENT_NAMES.iter().all(|a| config.agents.enabled(a)));
         assert!(!config.repair.self_healing);
+        assert_eq!(
+            config.state.db_path(),
+            PathBuf::from("/var/lib/selfheal/state.db")
+        );
+        assert_eq!(config.state.retention_days, 90);
+        assert_eq!(config.alerts.notify_interval_secs, 3600);
+    }
+
+    #[test]
+    fn state_and_alerts_keys_are_checked_with_their_key_paths() {
+        let found = problems(
+            "[target]\npid = 1\n[state]\ndb_path = \"relative.db\"\nretention_days = 0\n\
+             busy_timeout_ms = 0\nkeep = 1\n[alerts]\nnotify_interval_secs = 99999999\n\
+             group_window_secs = 100000\n",
+        );
+        for expected in [
+            "state.keep: unknown field",
+            "state.db_path: must be an absolute path",
+            "state.retention_days: must be between 1 and 36500",
+            "state.busy_timeout_ms: must be between 1 and 600000",
+            "alerts.notify_interval_secs: must be at most 2592000 (30 days)",
+            "alerts.group_window_secs: must be at most 86400 (a day)",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{expected} not in {found:#?}"
+            );
+        }
+        let config = parse(
+            "[target]\npid = 1\n[state]\ndb_path = \"/data/selfheal.db\"\n",
+            &Env::default(),
+        )
+        .expect("valid");
+        assert_eq!(config.state.db_path(), PathBuf::from("/data/selfheal.db"));
     }
 
     #[test]

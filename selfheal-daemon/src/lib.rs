@@ -5,6 +5,7 @@
 
 pub mod actuators;
 pub mod agents;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod bus;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod probes;
 pub mod protocols;
+pub mod state;
 pub mod store;
 pub mod target;
 pub mod telemetry;

@@ -1,5 +1,6 @@
 //! The `selfheal` binary: parse the command line, load the config (or exit 64 with every
-//! problem), run the daemon until SIGTERM or SIGINT, then drain.
+//! problem), run the daemon until SIGTERM or SIGINT, then drain; or run one of the admin API's
+//! client commands (`alerts`, `ack`, `resolve`, in `cli`).
 
 use std::process::ExitCode;
 
@@ -48,6 +49,9 @@ fn main() -> ExitCode {
                 Err(err) => return report_config_error(&err),
             };
             run(config)
+        }
+        command @ (Command::Alerts { .. } | Command::Ack { .. } | Command::Resolve { .. }) => {
+            ExitCode::from(selfheal_daemon::cli::run_client(command, &env))
         }
     }
 }

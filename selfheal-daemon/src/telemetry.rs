@@ -32,6 +32,30 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// A state DB operation (a fixed name per call site: `alerts_signal`, `retention`).
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    /// A table of the state DB.
+    pub table: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SeverityLabel {
+    /// `critical`, `warning` or `info`.
+    pub severity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChannelLabel {
+    /// A notification channel: `slack`, `pagerduty`, `email`.
+    pub channel: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabel {
     pub probe: &'static str,
 }
@@ -183,6 +207,13 @@ pub struct Metrics {
     pub bus_lagged: Counter,
     pub agent_up: Family<AgentLabel, Gauge>,
     pub agent_restarts: Family<AgentLabel, Counter>,
+    pub state_errors: Family<OpLabel, Counter>,
+    pub state_retention_runs: Counter,
+    pub state_retention_deleted: Family<TableLabel, Counter>,
+    pub alerts_active: Family<SeverityLabel, Gauge>,
+    pub alerts_fired: Family<SeverityLabel, Counter>,
+    pub alerts_notifications_enqueued: Family<ChannelLabel, Counter>,
+    pub alerts_notifications_suppressed: Family<ReasonLabel, Counter>,
     pub daemon_cpu_seconds: Counter<f64, AtomicU64>,
     pub daemon_memory_rss_bytes: Gauge,
     daemon_cpu_seen: Arc<AtomicU64>,
@@ -512,6 +543,48 @@ impl Metrics {
             "Times the agent's task was restarted after a crash or on request",
             agent_restarts.clone(),
         );
+        let state_errors = Family::<OpLabel, Counter>::default();
+        registry.register(
+            "selfheal_state_errors",
+            "State database operations that failed, by operation (the daemon logs each and carries on)",
+            state_errors.clone(),
+        );
+        let state_retention_runs = Counter::default();
+        registry.register(
+            "selfheal_state_retention_runs",
+            "Retention cleanups of the state database that completed",
+            state_retention_runs.clone(),
+        );
+        let state_retention_deleted = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "selfheal_state_retention_deleted_rows",
+            "Rows the retention cleanup deleted from the state database, by table",
+            state_retention_deleted.clone(),
+        );
+        let alerts_active = Family::<SeverityLabel, Gauge>::default();
+        registry.register(
+            "selfheal_alerts_active",
+            "Alerts firing or acknowledged, by severity",
+            alerts_active.clone(),
+        );
+        let alerts_fired = Family::<SeverityLabel, Counter>::default();
+        registry.register(
+            "selfheal_alerts_fired",
+            "New alerts (not counting repeats of an active alert), by severity",
+            alerts_fired.clone(),
+        );
+        let alerts_notifications_enqueued = Family::<ChannelLabel, Counter>::default();
+        registry.register(
+            "selfheal_alerts_notifications_enqueued",
+            "Notifications written to the outbox, by channel",
+            alerts_notifications_enqueued.clone(),
+        );
+        let alerts_notifications_suppressed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "selfheal_alerts_notifications_suppressed",
+            "Trigger notifications not enqueued, by reason (throttled, silenced)",
+            alerts_notifications_suppressed.clone(),
+        );
         let daemon_cpu_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
             "selfheal_daemon_cpu_seconds",
@@ -578,6 +651,13 @@ impl Metrics {
             bus_lagged,
             agent_up,
             agent_restarts,
+            state_errors,
+            state_retention_runs,
+            state_retention_deleted,
+            alerts_active,
+            alerts_fired,
+            alerts_notifications_enqueued,
+            alerts_notifications_suppressed,
             daemon_cpu_seconds,
             daemon_memory_rss_bytes,
             daemon_cpu_seen: Arc::new(AtomicU64::new(0f64.to_bits())),

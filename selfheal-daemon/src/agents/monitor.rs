@@ -5,18 +5,24 @@
 //! their thresholds for `consecutive_samples` samples in a row. A firing threshold rule clears
 //! only after as many samples below the threshold less a 10 % hysteresis band, so a value
 //! hovering at the line does not flap.
+//!
+//! A rule's first decision after the agent starts is always published, "cleared" included:
+//! the alert manager keeps alerts across restarts, and an alert restored from the state DB
+//! must be resolved when its condition turns out to be gone. A "cleared" for a key that is not
+//! firing changes nothing there.
 
 use std::collections::BTreeMap;
 
 use super::{AgentContext, AgentError};
-use crate::bus::{Event, HealthStatus, Severity};
+use crate::bus::{Event, HealthStatus, Severity, TargetState};
 
 /// A threshold rule with `for`-style counting and hysteresis.
 #[derive(Debug, Default)]
 pub(super) struct Threshold {
     over: u32,
     under: u32,
-    firing: bool,
+    /// `None` until the first decision since the agent started.
+    firing: Option<bool>,
 }
 
 /// What a sample did to a rule.
@@ -40,11 +46,11 @@ impl Threshold {
             self.over = 0;
             self.under = 0;
         }
-        if !self.firing && self.over >= needed {
-            self.firing = true;
+        if self.firing != Some(true) && self.over >= needed {
+            self.firing = Some(true);
             Change::Fired
-        } else if self.firing && self.under >= needed {
-            self.firing = false;
+        } else if self.firing != Some(false) && self.under >= needed {
+            self.firing = Some(false);
             Change::Cleared
         } else {
             Change::None
@@ -59,6 +65,21 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let mut host_memory_bytes = 0u64;
     let mut firing: BTreeMap<&'static str, Severity> = BTreeMap::new();
     let mut health = HealthStatus::Healthy;
+    // A target that runs now has not exited: this clears a `target.exited` alert restored
+    // from before a restart of the daemon (or of this agent).
+    let running = ctx
+        .target
+        .read()
+        .is_ok_and(|status| status.state == TargetState::Running);
+    if running {
+        ctx.publish(Event::Alert {
+            rule: "target.exited".to_owned(),
+            labels: BTreeMap::new(),
+            severity: Severity::Critical,
+            firing: false,
+            message: "target running".to_owned(),
+        });
+    }
     loop {
         let event = ctx.next().await?;
         let mut alert =
@@ -70,6 +91,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                 }
                 ctx.publish(Event::Alert {
                     rule: rule.to_owned(),
+                    labels: BTreeMap::new(),
                     severity,
                     firing: on,
                     message,
@@ -85,7 +107,8 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                     format!("target process {pid} exited ({})", status.reason()),
                 );
             }
-            Event::TargetStarted { pid, restarts, .. } if restarts > 0 => {
+            // Also the first start: it clears an alert restored from before a restart.
+            Event::TargetStarted { pid, .. } => {
                 alert(
                     &ctx,
                     "target.exited",
@@ -194,6 +217,19 @@ mod tests {
         assert_eq!(rule.observe(50.0, 85.0, 3), Change::None);
         assert_eq!(rule.observe(50.0, 85.0, 3), Change::None);
         assert_eq!(rule.observe(50.0, 85.0, 3), Change::Cleared);
+    }
+
+    #[test]
+    fn the_first_decision_is_published_even_when_it_is_cleared() {
+        let mut rule = Threshold::default();
+        assert_eq!(rule.observe(10.0, 85.0, 2), Change::None);
+        assert_eq!(rule.observe(10.0, 85.0, 2), Change::Cleared);
+        // Once decided, staying under says nothing more.
+        for _ in 0..5 {
+            assert_eq!(rule.observe(10.0, 85.0, 2), Change::None);
+        }
+        assert_eq!(rule.observe(90.0, 85.0, 2), Change::None);
+        assert_eq!(rule.observe(90.0, 85.0, 2), Change::Fired);
     }
 
     #[test]

@@ -754,6 +754,8 @@ pub struct Daemon {
     pub proc: Proc,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The config file it runs with.
+    pub config: PathBuf,
     /// The admin API's bearer token, when the harness chose it ([`Daemon::start`] does).
     pub token: Option<String>,
 }
@@ -829,11 +831,21 @@ impl Daemon {
         if let Some(token) = &token {
             command.env("SELFHEAL_ADMIN_TOKEN", token);
         }
-        let proc = Proc::spawn_logged("selfheal", command, &dir.path().join("selfheal.log"))?;
+        // A restarted daemon keeps the log of the one before as selfheal.log.1 (.2, ...).
+        let log = dir.path().join("selfheal.log");
+        if log.exists() {
+            let rotated = (1..1000)
+                .map(|n| dir.path().join(format!("selfheal.log.{n}")))
+                .find(|p| !p.exists())
+                .unwrap_or_else(|| dir.path().join("selfheal.log.old"));
+            std::fs::rename(&log, rotated)?;
+        }
+        let proc = Proc::spawn_logged("selfheal", command, &log)?;
         let mut daemon = Self {
             proc,
             admin,
             dir,
+            config: config.to_owned(),
             token,
         };
         let outcome = wait_for(
@@ -856,6 +868,55 @@ impl Daemon {
             bail!("selfheal exited ({status}) before answering:\n{log}");
         }
         Ok(daemon)
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash or the OOM killer would (no shutdown of its
+    /// own), and waits until it is gone.
+    pub fn kill(&mut self) -> Result<()> {
+        self.proc.signal(Signal::SIGKILL)?;
+        let status = self.proc.wait_timeout(Duration::from_secs(10))?;
+        if status.code().is_some() {
+            bail!("the daemon exited by itself ({status}) before the SIGKILL");
+        }
+        Ok(())
+    }
+
+    /// Starts `selfheal run` again on the same config, state directory, admin address and
+    /// token (a running daemon is stopped first), and waits for its health endpoint.
+    pub fn restart(self) -> Result<Self> {
+        let Self {
+            mut proc,
+            admin,
+            dir,
+            config,
+            token,
+        } = self;
+        proc.stop();
+        proc.log = None;
+        drop(proc);
+        Self::spawn(&config, admin, dir, token)
+    }
+
+    /// The status and the whole JSON body of an authenticated `POST path` with a JSON
+    /// `body`, whatever the status.
+    pub fn api_post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<(u16, serde_json::Value)> {
+        let token = self.token.as_deref().ok_or_else(|| {
+            anyhow!("this daemon was started without a harness token (use Daemon::start)")
+        })?;
+        let mut response = http()
+            .post(format!("http://{}{path}", self.admin))
+            .header("Authorization", &format!("Bearer {token}"))
+            .send_json(body)
+            .with_context(|| format!("POST {path}"))?;
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string()?;
+        let body = serde_json::from_str(&text)
+            .with_context(|| format!("POST {path} answered something not JSON: {text}"))?;
+        Ok((status, body))
     }
 
     /// `data` of `GET /api/v1/system/health`.
