@@ -134,6 +134,18 @@ pub fn open_connection(options: &DbOptions) -> Result<(Connection, Opened), Stat
         path: path.clone(),
         source,
     };
+    // Alert history and the audit are root's business wherever `db_path` points: the file is
+    // created here, 0600, rather than by SQLite under the umask; SQLite gives its -wal and
+    // -shm files the database's mode. A failure here shows in the open just after.
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path);
+    }
     let mut connection = Connection::open(path).map_err(open_error)?;
     configure(&connection, options.busy_timeout).map_err(open_error)?;
     let opened = schema::migrate(&mut connection, path)?;
@@ -278,7 +290,8 @@ mod tests {
     }
 
     #[test]
-    fn the_database_is_in_wal_mode_with_foreign_keys() {
+    fn the_database_is_private_in_wal_mode_with_foreign_keys() {
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("dir");
         let (connection, _) = open_connection(&options(dir.path())).expect("open");
         let mode: String = connection
@@ -293,6 +306,16 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .expect("synchronous");
         assert_eq!(synchronous, 2, "FULL");
+        connection
+            .execute_batch("CREATE TABLE t (x INTEGER); INSERT INTO t VALUES (1)")
+            .expect("write");
+        for file in ["state.db", "state.db-wal", "state.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(file))
+                .expect(file)
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file} is private");
+        }
     }
 
     #[test]
