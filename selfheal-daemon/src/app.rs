@@ -291,7 +291,11 @@ async fn decode(
     match spawned {
         Ok(thread) => {
             cancel.cancelled().await;
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            if let Ok(Err(_)) = tokio::task::spawn_blocking(move || thread.join()).await {
+                tracing::error!(
+                    "the decoder thread had panicked: captured traffic was not decoded after that"
+                );
+            }
         }
         Err(err) => {
             tracing::error!(error = %err, "cannot start the decoder thread; captured traffic is not decoded");

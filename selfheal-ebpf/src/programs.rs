@@ -45,9 +45,13 @@ static TARGET_TGIDS: HashMap<u32, u32> = HashMap::with_max_entries(1024, 0);
 #[map]
 static TARGET_SET: Array<TargetSet> = Array::with_max_entries(1, 0);
 
-/// Whether `tgid` belongs to the target.
+/// Whether `tgid` belongs to the target. Never 0: the idle task, `current` in interrupt
+/// context, would otherwise match the set's empty slots.
 #[inline(always)]
 pub(crate) fn is_target(tgid: u32) -> bool {
+    if tgid == 0 {
+        return false;
+    }
     let Some(set) = TARGET_SET.get_ptr(0) else {
         return false;
     };
