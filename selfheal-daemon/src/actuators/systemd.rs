@@ -3,44 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use zbus::{
-    proxy::CacheProperties,
-    zvariant::{OwnedObjectPath, Value},
-    Connection,
-};
+use zbus::{proxy::CacheProperties, zvariant::Value, Connection};
 
 use super::{ActionError, Effect};
-use crate::target::systemd::connect;
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Manager",
-    default_service = "org.freedesktop.systemd1",
-    default_path = "/org/freedesktop/systemd1"
-)]
-trait Manager {
-    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
-    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
-    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
-    fn set_unit_properties(
-        &self,
-        name: &str,
-        runtime: bool,
-        properties: &[(&str, Value<'_>)],
-    ) -> zbus::Result<()>;
-}
-
-#[zbus::proxy(
-    interface = "org.freedesktop.systemd1.Service",
-    default_service = "org.freedesktop.systemd1"
-)]
-trait Service {
-    #[zbus(property, name = "MainPID")]
-    fn main_pid(&self) -> zbus::Result<u32>;
-    #[zbus(property, name = "MemoryMax")]
-    fn memory_max(&self) -> zbus::Result<u64>;
-    #[zbus(property, name = "CPUQuotaPerSecUSec")]
-    fn cpu_quota_per_sec_usec(&self) -> zbus::Result<u64>;
-}
+use crate::target::systemd::{connect, ManagerProxy, ServiceProxy};
 
 /// systemd's "no limit" for both properties.
 const INFINITY: u64 = u64::MAX;

@@ -1,8 +1,12 @@
-//! systemd over D-Bus: a unit's main process.
+//! systemd over D-Bus: a unit's main process, and the proxies the actuators use to act on it.
 //!
 //! Property caching is off: a cached `MainPID` would hide a restart.
 
-use zbus::{proxy::CacheProperties, zvariant::OwnedObjectPath, Connection};
+use zbus::{
+    proxy::CacheProperties,
+    zvariant::{OwnedObjectPath, Value},
+    Connection,
+};
 
 use super::TargetError;
 
@@ -11,17 +15,30 @@ use super::TargetError;
     default_service = "org.freedesktop.systemd1",
     default_path = "/org/freedesktop/systemd1"
 )]
-trait Manager {
+pub(crate) trait Manager {
     fn get_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
+    fn set_unit_properties(
+        &self,
+        name: &str,
+        runtime: bool,
+        properties: &[(&str, Value<'_>)],
+    ) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
     interface = "org.freedesktop.systemd1.Service",
     default_service = "org.freedesktop.systemd1"
 )]
-trait Service {
+pub(crate) trait Service {
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> zbus::Result<u32>;
+    #[zbus(property, name = "MemoryMax")]
+    fn memory_max(&self) -> zbus::Result<u64>;
+    #[zbus(property, name = "CPUQuotaPerSecUSec")]
+    fn cpu_quota_per_sec_usec(&self) -> zbus::Result<u64>;
 }
 
 /// Connects to `system`, `user` (the session bus) or an explicit D-Bus address.
