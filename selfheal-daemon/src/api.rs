@@ -1,8 +1,8 @@
 //! The admin HTTP server: `GET /api/v1/system/health`, `GET /metrics` (both open) and, behind
 //! the bearer token, `GET /api/v1/system/{metrics,queries,traces}`, the alerts
 //! (`GET alerts`, `GET alerts/{id}`, `POST alerts/{id}/acknowledge`,
-//! `POST alerts/{id}/resolve`) and silences (`GET`/`POST silences`,
-//! `DELETE silences/{id}`).
+//! `POST alerts/{id}/resolve`), silences (`GET`/`POST silences`, `DELETE silences/{id}`),
+//! the integration checks (`GET integrations`, `POST checks/run`).
 //!
 //! Owns: the routes, the bearer-token check (constant time), the admin token's resolution
 //! (`SELFHEAL_ADMIN_TOKEN`, `admin.token_file`, or one generated in the state directory),
@@ -38,6 +38,10 @@ use crate::{
         Action, AlertError, AlertManager,
     },
     bus::{ExitStatus, Severity, Source, TargetState},
+    checks::{
+        views::{IntegrationView, IntegrationsView, RunBody, RunView},
+        CheckError, Checks,
+    },
     config::{AdminConfig, Secret},
     target::SharedStatus,
     telemetry::Metrics,
@@ -56,6 +60,7 @@ pub struct ApiState {
     /// The bearer token of the protected endpoints.
     pub token: Secret,
     pub traffic: TrafficView,
+    pub checks: Checks,
 }
 
 #[derive(Serialize)]
@@ -436,6 +441,45 @@ async fn expire_silence(
     }
 }
 
+/// `GET /api/v1/system/integrations`: every check with its status and figures.
+async fn integrations(State(state): State<Arc<ApiState>>) -> Response {
+    match state.checks.integrations().await {
+        Ok(checks) => ok(IntegrationsView::new(
+            checks.into_iter().map(IntegrationView::from).collect(),
+        ))
+        .into_response(),
+        Err(err) => {
+            tracing::error!(error = %crate::app::error_chain(&err), "the integrations view failed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::app::error_chain(&err),
+            )
+        }
+    }
+}
+
+/// `POST /api/v1/system/checks/run` with an optional `{"name": …}`: runs the check (every
+/// check without a name) now and answers with the results.
+async fn run_checks(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
+    let body: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RunBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(err) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {err}")),
+        }
+    };
+    match state.checks.run_now(body.name.as_deref()).await {
+        Ok(results) => ok(results
+            .into_iter()
+            .map(|(spec, latest)| RunView::new(&spec, latest))
+            .collect::<Vec<_>>())
+        .into_response(),
+        Err(err @ CheckError::NotFound { .. }) => error(StatusCode::NOT_FOUND, err.to_string()),
+        Err(err @ CheckError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, err.to_string()),
+    }
+}
+
 /// Refuses a request without `Authorization: Bearer <token>`.
 async fn require_token(
     State(state): State<Arc<ApiState>>,
@@ -488,6 +532,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(list_silences).post(create_silence),
         )
         .route("/api/v1/system/silences/{id}", delete(expire_silence))
+        .route("/api/v1/system/integrations", get(integrations))
+        .route("/api/v1/system/checks/run", post(run_checks))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/api/v1/system/health", get(health))

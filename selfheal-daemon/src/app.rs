@@ -18,6 +18,7 @@ use crate::{
     alerts::{self, AlertManager},
     api,
     bus::Bus,
+    checks::{self, Checks},
     config::Config,
     probes::{capture, ebpf, os},
     state::{self, DbOptions, StateError},
@@ -133,6 +134,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         metrics.clone(),
     )
     .await?;
+    let (checks, checks_runner) =
+        Checks::new(checks::specs(&config), db.clone(), alerts::system_clock());
+    tracing::info!(checks = checks.len(), "integration checks configured");
     let (store, snapshot_path) = open_store(&config)?;
     let traffic_view = TrafficView::new(
         store.clone(),
@@ -180,6 +184,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         ebpf: ebpf_state,
         token,
         traffic: traffic_view,
+        checks,
     });
     let shared = agents::Shared {
         config: config.clone(),
@@ -210,10 +215,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         }
     };
     tracing::info!(%address, "admin API listening");
-    let (served, (), (), (), (), (), (), (), ()) = tokio::join!(
+    let (served, (), (), (), (), (), (), (), (), ()) = tokio::join!(
         api::serve(listener, api_state, cancel.clone()),
         alerts::run(alert_manager, bus.clone(), cancel.clone()),
         state::retention::run(db, config.state.retention_days, cancel.clone()),
+        checks_runner.run(bus.clone(), metrics.clone(), cancel.clone()),
         tracker.run(cancel.clone()),
         os::run(
             interval,

@@ -118,6 +118,74 @@ pub struct TcpSummary {
     pub max_connect_ms: f64,
 }
 
+/// An integration check's status, as the seeds define them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckStatus {
+    /// It answered as expected, in time.
+    Healthy,
+    /// It answered as expected but slowly (over its `slow_ms`), or a database near its
+    /// connection limit.
+    Degraded,
+    /// It did not answer, or answered wrong.
+    Down,
+    /// Never run, disabled, or misconfigured (missing credentials).
+    Unknown,
+}
+
+impl CheckStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Degraded => "degraded",
+            Self::Down => "down",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "healthy" => Self::Healthy,
+            "degraded" => Self::Degraded,
+            "down" => Self::Down,
+            "unknown" => Self::Unknown,
+            _ => return None,
+        })
+    }
+
+    /// Healthy or degraded: the dependency works.
+    pub fn is_up(self) -> bool {
+        matches!(self, Self::Healthy | Self::Degraded)
+    }
+}
+
+/// Why a check that worked is degraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Degraded {
+    /// Slower than its `slow_ms`.
+    Slow,
+    /// A PostgreSQL server with connections in use over `max_connections_percent`.
+    Connections,
+}
+
+/// One run of an integration check.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub check: String,
+    pub kind: &'static str,
+    pub platform: Option<String>,
+    pub status: CheckStatus,
+    pub degraded: Option<Degraded>,
+    /// Down runs in a row, this one included (0 after a run that worked).
+    pub consecutive_failures: u32,
+    /// The check's alert threshold (`alert_after_failures`).
+    pub alert_after_failures: u32,
+    pub response_ms: Option<f64>,
+    /// Why it is down or degraded.
+    pub message: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
@@ -150,6 +218,8 @@ pub enum Event {
     ProcessSample(ProcessSample),
     HostSample(HostSample),
     TcpSummary(TcpSummary),
+    /// An integration check ran.
+    Check(CheckReport),
     /// The monitor's view of overall health changed.
     Health {
         status: HealthStatus,
@@ -232,6 +302,7 @@ impl Event {
             Self::ProcessSample(_) => "process_sample",
             Self::HostSample(_) => "host_sample",
             Self::TcpSummary(_) => "tcp_summary",
+            Self::Check(_) => "check",
             Self::Health { .. } => "health",
             Self::Alert { .. } => "alert",
             Self::Diagnosis { .. } => "diagnosis",

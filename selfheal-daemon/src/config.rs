@@ -499,7 +499,13 @@ pub struct PlatformConfig {
     pub hosts: Vec<String>,
     #[serde(default)]
     pub path_prefixes: Vec<String>,
+    /// Checked like an `http` check named `<name> health` (unless a configured http check
+    /// already has this URL).
     pub health_url: Option<String>,
+    #[serde(default = "defaults::check_interval_ms")]
+    pub health_interval_ms: u64,
+    #[serde(default = "defaults::check_timeout_ms")]
+    pub health_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -528,6 +534,30 @@ pub struct CheckConfig {
     pub platform: Option<String>,
     #[serde(default = "defaults::enabled")]
     pub enabled: bool,
+    /// A run that succeeds slower than this is `degraded` (default: half of `timeout_ms`).
+    pub slow_ms: Option<u64>,
+    /// Failed runs in a row before the check's alert fires.
+    #[serde(default = "defaults::alert_after_failures")]
+    pub alert_after_failures: u32,
+    /// `http`: the status expected (default: any 2xx).
+    pub expect_status: Option<u16>,
+    /// `http`: text the body must contain.
+    pub body_contains: Option<String>,
+    /// `http`: a field of the JSON body (dotted path, `checks.db`) that must be present and
+    /// neither `false` nor `null`, or equal `json_value` when that is set.
+    pub json_field: Option<String>,
+    pub json_value: Option<String>,
+    /// `http`: request headers; a value `env:NAME` is read from the environment at start
+    /// (a provider's API key), and a check whose variable is unset is `unknown`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The headers with `env:` values resolved (`None`: the variable is unset).
+    #[serde(skip)]
+    pub resolved_headers: BTreeMap<String, Option<Secret>>,
+    /// `postgres`: connections in use above this share of `max_connections` make the check
+    /// `degraded`.
+    #[serde(default = "defaults::max_connections_percent")]
+    pub max_connections_percent: f64,
 }
 
 mod defaults {
@@ -550,6 +580,12 @@ mod defaults {
     }
     pub(super) const fn enabled() -> bool {
         true
+    }
+    pub(super) const fn alert_after_failures() -> u32 {
+        3
+    }
+    pub(super) const fn max_connections_percent() -> f64 {
+        80.0
     }
 }
 
@@ -772,6 +808,19 @@ impl Config {
             &mut self.notifications.pagerduty_routing_key,
         );
         secret("ANTHROPIC_API_KEY", &mut self.diagnostic.anthropic_api_key);
+        for check in &mut self.checks {
+            check.resolved_headers = check
+                .headers
+                .iter()
+                .map(|(name, value)| {
+                    let resolved = match value.strip_prefix("env:") {
+                        Some(variable) => env.get(variable.trim()).map(Secret::new),
+                        None => Some(Secret::new(value.clone())),
+                    };
+                    (name.clone(), resolved)
+                })
+                .collect();
+        }
         if let Some(raw) = env.get("ALERT_EMAIL_TO") {
             self.notifications.email_to = raw
                 .split(',')
@@ -1097,6 +1146,71 @@ impl Config {
                     "names no platform of [[platforms]]",
                 );
             }
+            if let Some(slow) = c.slow_ms {
+                check(
+                    slow > 0 && slow <= c.timeout_ms,
+                    &at("slow_ms"),
+                    "must be positive and at most timeout_ms",
+                );
+            }
+            check(
+                (1..=100).contains(&c.alert_after_failures),
+                &at("alert_after_failures"),
+                "must be between 1 and 100",
+            );
+            check(
+                c.max_connections_percent > 0.0 && c.max_connections_percent <= 100.0,
+                &at("max_connections_percent"),
+                "must be above 0 and at most 100",
+            );
+            if let Some(status) = c.expect_status {
+                check(
+                    (100..=599).contains(&status),
+                    &at("expect_status"),
+                    "must be an HTTP status (100-599)",
+                );
+            }
+            let http_only = c.expect_status.is_some()
+                || c.body_contains.is_some()
+                || c.json_field.is_some()
+                || c.json_value.is_some()
+                || !c.headers.is_empty();
+            check(
+                c.kind == CheckKind::Http || !http_only,
+                &at("kind"),
+                "expect_status, body_contains, json_field, json_value and headers apply to http checks only",
+            );
+            check(
+                c.json_value.is_none() || c.json_field.is_some(),
+                &at("json_value"),
+                "needs json_field",
+            );
+            for (name, value) in &c.headers {
+                check(
+                    http::HeaderName::from_bytes(name.as_bytes()).is_ok(),
+                    &at(&format!("headers.{name}")),
+                    "is not a valid header name",
+                );
+                check(
+                    value.starts_with("env:") || http::HeaderValue::from_str(value).is_ok(),
+                    &at(&format!("headers.{name}")),
+                    "is not a valid header value",
+                );
+            }
+        }
+        for (i, platform) in self.platforms.iter().enumerate() {
+            let at = |key: &str| format!("platforms[{i}].{key}");
+            check(
+                (1000..=86_400_000).contains(&platform.health_interval_ms),
+                &at("health_interval_ms"),
+                "must be between 1000 and 86400000",
+            );
+            check(
+                platform.health_timeout_ms > 0
+                    && platform.health_timeout_ms < platform.health_interval_ms,
+                &at("health_timeout_ms"),
+                "must be positive and shorter than health_interval_ms",
+            );
         }
         problems
     }

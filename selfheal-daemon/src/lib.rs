@@ -9,6 +9,7 @@ pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod bus;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod probes;

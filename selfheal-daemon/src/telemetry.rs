@@ -56,6 +56,19 @@ pub struct ChannelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabel {
+    /// A configured check's name (bounded by the config).
+    pub check: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckRunLabel {
+    pub check: String,
+    /// `healthy`, `degraded`, `down` or `unknown`.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabel {
     pub probe: &'static str,
 }
@@ -210,6 +223,10 @@ pub struct Metrics {
     pub state_errors: Family<OpLabel, Counter>,
     pub state_retention_runs: Counter,
     pub state_retention_deleted: Family<TableLabel, Counter>,
+    pub check_runs: Family<CheckRunLabel, Counter>,
+    pub check_duration_seconds: HistogramFamily<CheckLabel>,
+    pub check_up: Family<CheckLabel, Gauge>,
+    pub checks_stale: Gauge,
     pub alerts_active: Family<SeverityLabel, Gauge>,
     pub alerts_fired: Family<SeverityLabel, Counter>,
     pub alerts_notifications_enqueued: Family<ChannelLabel, Counter>,
@@ -561,6 +578,31 @@ impl Metrics {
             "Rows the retention cleanup deleted from the state database, by table",
             state_retention_deleted.clone(),
         );
+        let check_runs = Family::<CheckRunLabel, Counter>::default();
+        registry.register(
+            "selfheal_check_runs",
+            "Runs of the integration checks, by check and status",
+            check_runs.clone(),
+        );
+        let check_duration_seconds: HistogramFamily<CheckLabel> =
+            Family::new_with_constructor(http_histogram);
+        registry.register(
+            "selfheal_check_duration_seconds",
+            "Response time of the integration checks' runs that got an answer, by check",
+            check_duration_seconds.clone(),
+        );
+        let check_up = Family::<CheckLabel, Gauge>::default();
+        registry.register(
+            "selfheal_check_up",
+            "1 when the check's last run worked (healthy or degraded), 0 when it was down",
+            check_up.clone(),
+        );
+        let checks_stale = Gauge::default();
+        registry.register(
+            "selfheal_checks_stale",
+            "Enabled checks that have not run in twice their interval",
+            checks_stale.clone(),
+        );
         let alerts_active = Family::<SeverityLabel, Gauge>::default();
         registry.register(
             "selfheal_alerts_active",
@@ -654,6 +696,10 @@ impl Metrics {
             state_errors,
             state_retention_runs,
             state_retention_deleted,
+            check_runs,
+            check_duration_seconds,
+            check_up,
+            checks_stale,
             alerts_active,
             alerts_fired,
             alerts_notifications_enqueued,

@@ -6,15 +6,24 @@
 //! only after as many samples below the threshold less a 10 % hysteresis band, so a value
 //! hovering at the line does not flap.
 //!
+//! Integration checks (labels `check` and, when it has one, `platform`): `check.down`
+//! (critical) after `alert_after_failures` failed runs in a row, cleared by the first run that
+//! works; `check.slow` (warning) after as many slow runs in a row, cleared by a run in time;
+//! `db.connections_high` (warning) after as many runs of a PostgreSQL check with connections
+//! over its `max_connections_percent`, cleared by a run under it.
+//!
 //! A rule's first decision after the agent starts is always published, "cleared" included:
 //! the alert manager keeps alerts across restarts, and an alert restored from the state DB
 //! must be resolved when its condition turns out to be gone. A "cleared" for a key that is not
 //! firing changes nothing there.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{AgentContext, AgentError};
-use crate::bus::{Event, HealthStatus, Severity, TargetState};
+use crate::{
+    alerts::{alert_key, Labels},
+    bus::{CheckReport, Degraded, Event, HealthStatus, Severity, TargetState},
+};
 
 /// A threshold rule with `for`-style counting and hysteresis.
 #[derive(Debug, Default)]
@@ -58,12 +67,118 @@ impl Threshold {
     }
 }
 
+/// A rule over runs of one check: fires after `needed` matching runs in a row.
+#[derive(Debug, Default)]
+struct CheckRule {
+    count: u32,
+    /// `None` until the first decision since the agent started.
+    firing: Option<bool>,
+}
+
+impl CheckRule {
+    /// `matched`: this run shows the condition; `cleared`: this run shows it gone (a run that
+    /// does neither, such as a failed run for a slowness rule, keeps the count).
+    fn observe(&mut self, matched: bool, cleared: bool, needed: u32) -> Change {
+        if matched {
+            self.count = self.count.saturating_add(1);
+        } else if cleared {
+            self.count = 0;
+        }
+        if self.firing != Some(true) && matched && self.count >= needed {
+            self.firing = Some(true);
+            Change::Fired
+        } else if self.firing != Some(false) && cleared {
+            self.firing = Some(false);
+            Change::Cleared
+        } else {
+            Change::None
+        }
+    }
+}
+
+/// The rules of one check.
+#[derive(Debug, Default)]
+struct CheckRules {
+    down: CheckRule,
+    slow: CheckRule,
+    connections: CheckRule,
+}
+
+/// The alert changes a check's run makes: `(rule, severity, firing, message)`.
+fn check_changes(
+    rules: &mut CheckRules,
+    report: &CheckReport,
+) -> Vec<(&'static str, Severity, bool, String)> {
+    let mut changes = Vec::new();
+    let name = &report.check;
+    let up = report.status.is_up();
+    let needed = report.alert_after_failures.max(1);
+    let why = report.message.as_deref().unwrap_or("no detail");
+    // Failures are counted by the runner (they survive a restart through the health log).
+    let down = report.consecutive_failures >= needed;
+    match rules.down.observe(down, up, 1) {
+        Change::Fired => changes.push((
+            "check.down",
+            Severity::Critical,
+            true,
+            format!(
+                "check {name} failed {} times in a row: {why}",
+                report.consecutive_failures
+            ),
+        )),
+        Change::Cleared => changes.push((
+            "check.down",
+            Severity::Critical,
+            false,
+            format!("check {name} works again"),
+        )),
+        Change::None => {}
+    }
+    let slow = report.degraded == Some(Degraded::Slow);
+    match rules.slow.observe(slow, up && !slow, needed) {
+        Change::Fired => changes.push((
+            "check.slow",
+            Severity::Warning,
+            true,
+            format!("check {name} slow {needed} times in a row: {why}"),
+        )),
+        Change::Cleared => changes.push((
+            "check.slow",
+            Severity::Warning,
+            false,
+            format!("check {name} answers in time again"),
+        )),
+        Change::None => {}
+    }
+    if report.kind == "postgres" {
+        let crowded = report.degraded == Some(Degraded::Connections);
+        match rules.connections.observe(crowded, up && !crowded, needed) {
+            Change::Fired => changes.push((
+                "db.connections_high",
+                Severity::Warning,
+                true,
+                format!("database of check {name}: {why}"),
+            )),
+            Change::Cleared => changes.push((
+                "db.connections_high",
+                Severity::Warning,
+                false,
+                format!("database of check {name}: connections back under the limit"),
+            )),
+            Change::None => {}
+        }
+    }
+    changes
+}
+
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let monitor = ctx.config.monitor.clone();
     let mut memory = Threshold::default();
     let mut cpu = Threshold::default();
     let mut host_memory_bytes = 0u64;
-    let mut firing: BTreeMap<&'static str, Severity> = BTreeMap::new();
+    // Firing alerts by key (rule and labels): what the overall health is computed from.
+    let mut firing: BTreeMap<String, Severity> = BTreeMap::new();
+    let mut check_rules: HashMap<String, CheckRules> = HashMap::new();
     let mut health = HealthStatus::Healthy;
     // A target that runs now has not exited: this clears a `target.exited` alert restored
     // from before a restart of the daemon (or of this agent).
@@ -82,21 +197,29 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     }
     loop {
         let event = ctx.next().await?;
-        let mut alert =
-            |ctx: &AgentContext, rule: &'static str, severity, on: bool, message: String| {
-                if on {
-                    firing.insert(rule, severity);
-                } else {
-                    firing.remove(rule);
-                }
-                ctx.publish(Event::Alert {
-                    rule: rule.to_owned(),
-                    labels: BTreeMap::new(),
-                    severity,
-                    firing: on,
-                    message,
-                });
-            };
+        let mut labelled = |ctx: &AgentContext,
+                            rule: &'static str,
+                            labels: Labels,
+                            severity,
+                            on: bool,
+                            message: String| {
+            let key = alert_key(rule, &labels);
+            if on {
+                firing.insert(key, severity);
+            } else {
+                firing.remove(&key);
+            }
+            ctx.publish(Event::Alert {
+                rule: rule.to_owned(),
+                labels,
+                severity,
+                firing: on,
+                message,
+            });
+        };
+        let mut alert = |ctx: &AgentContext, rule, severity, on, message| {
+            labelled(ctx, rule, Labels::new(), severity, on, message);
+        };
         match event {
             Event::TargetExited { pid, status, .. } => {
                 alert(
@@ -175,6 +298,16 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                     Change::None => {}
                 }
             }
+            Event::Check(report) => {
+                let rules = check_rules.entry(report.check.clone()).or_default();
+                let mut labels = Labels::from([("check".to_owned(), report.check.clone())]);
+                if let Some(platform) = &report.platform {
+                    labels.insert("platform".to_owned(), platform.clone());
+                }
+                for (rule, severity, on, message) in check_changes(rules, &report) {
+                    labelled(&ctx, rule, labels.clone(), severity, on, message);
+                }
+            }
             _ => continue,
         }
         let now = match firing.values().max() {
@@ -189,7 +322,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
             } else {
                 format!(
                     "firing: {}",
-                    firing.keys().copied().collect::<Vec<_>>().join(", ")
+                    firing.keys().cloned().collect::<Vec<_>>().join(", ")
                 )
             };
             ctx.publish(Event::Health {
@@ -203,6 +336,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::CheckStatus;
 
     #[test]
     fn fires_after_consecutive_samples_and_clears_with_hysteresis() {
@@ -230,6 +364,79 @@ mod tests {
         }
         assert_eq!(rule.observe(90.0, 85.0, 2), Change::None);
         assert_eq!(rule.observe(90.0, 85.0, 2), Change::Fired);
+    }
+
+    fn report(kind: &'static str, status: CheckStatus, failures: u32) -> CheckReport {
+        CheckReport {
+            check: "crm".to_owned(),
+            kind,
+            platform: Some("crm.io".to_owned()),
+            status,
+            degraded: match status {
+                CheckStatus::Degraded if kind == "postgres" => Some(Degraded::Connections),
+                CheckStatus::Degraded => Some(Degraded::Slow),
+                _ => None,
+            },
+            consecutive_failures: failures,
+            alert_after_failures: 3,
+            response_ms: None,
+            message: Some("answered 503".to_owned()),
+        }
+    }
+
+    fn rules_of(changes: &[(&'static str, Severity, bool, String)]) -> Vec<(&'static str, bool)> {
+        changes.iter().map(|c| (c.0, c.2)).collect()
+    }
+
+    #[test]
+    fn a_check_alerts_after_its_failures_in_a_row_and_clears_on_the_first_success() {
+        let mut rules = CheckRules::default();
+        // The first decision after start: the check works, so anything restored clears.
+        let first = check_changes(&mut rules, &report("http", CheckStatus::Healthy, 0));
+        assert_eq!(
+            rules_of(&first),
+            [("check.down", false), ("check.slow", false)]
+        );
+        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 1)).is_empty());
+        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 2)).is_empty());
+        let fired = check_changes(&mut rules, &report("http", CheckStatus::Down, 3));
+        assert_eq!(rules_of(&fired), [("check.down", true)]);
+        assert_eq!(fired[0].1, Severity::Critical);
+        assert_eq!(
+            fired[0].3,
+            "check crm failed 3 times in a row: answered 503"
+        );
+        // Still failing: nothing new.
+        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 4)).is_empty());
+        let cleared = check_changes(&mut rules, &report("http", CheckStatus::Healthy, 0));
+        assert_eq!(rules_of(&cleared), [("check.down", false)]);
+    }
+
+    #[test]
+    fn slowness_and_crowded_databases_alert_after_as_many_runs() {
+        let mut rules = CheckRules::default();
+        // Degraded twice, a failure in between (keeps the count), degraded a third time. The
+        // first run worked and was not slow: the first decisions of those rules.
+        let first = check_changes(&mut rules, &report("postgres", CheckStatus::Degraded, 0));
+        assert_eq!(
+            rules_of(&first),
+            [("check.down", false), ("check.slow", false)]
+        );
+        assert!(
+            check_changes(&mut rules, &report("postgres", CheckStatus::Degraded, 0)).is_empty()
+        );
+        assert!(check_changes(&mut rules, &report("postgres", CheckStatus::Down, 1)).is_empty());
+        let fired = check_changes(&mut rules, &report("postgres", CheckStatus::Degraded, 0));
+        assert_eq!(rules_of(&fired), [("db.connections_high", true)]);
+        let cleared = check_changes(&mut rules, &report("postgres", CheckStatus::Healthy, 0));
+        assert_eq!(rules_of(&cleared), [("db.connections_high", false)]);
+
+        let mut rules = CheckRules::default();
+        for _ in 0..2 {
+            check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0));
+        }
+        let fired = check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0));
+        assert_eq!(rules_of(&fired), [("check.slow", true)]);
     }
 
     #[test]

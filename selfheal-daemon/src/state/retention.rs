@@ -5,7 +5,7 @@
 //! What "older" means, per table: a resolved alert whose resolution is older (with its events
 //! and notifications; an active alert is kept whatever its age, with its history); an audit
 //! row by its time; a notification that is no longer pending by its creation; a silence by its
-//! end. A later slice that adds a table adds its rule here.
+//! end; a health log row by its time. A later slice that adds a table adds its rule here.
 
 use std::time::Duration;
 
@@ -28,17 +28,19 @@ pub struct Deleted {
     pub audit: u64,
     pub outbox: u64,
     pub silences: u64,
+    pub health_log: u64,
 }
 
 impl Deleted {
     /// Each table with its count, for the log and the counter.
-    pub fn by_table(&self) -> [(&'static str, u64); 5] {
+    pub fn by_table(&self) -> [(&'static str, u64); 6] {
         [
             ("alerts", self.alerts),
             ("alert_events", self.alert_events),
             ("audit", self.audit),
             ("outbox", self.outbox),
             ("silences", self.silences),
+            ("health_log", self.health_log),
         ]
     }
 
@@ -74,6 +76,7 @@ pub fn cleanup(
     )?;
     let audit = tx.execute("DELETE FROM audit WHERE at_ms < ?1", params![cutoff])?;
     let silences = tx.execute("DELETE FROM silences WHERE ends_ms < ?1", params![cutoff])?;
+    let health_log = tx.execute("DELETE FROM health_log WHERE at_ms < ?1", params![cutoff])?;
     tx.commit()?;
     Ok(Deleted {
         alerts: count(alerts),
@@ -81,6 +84,7 @@ pub fn cleanup(
         audit: count(audit),
         outbox: count(outbox),
         silences: count(silences),
+        health_log: count(health_log),
     })
 }
 
@@ -114,6 +118,7 @@ pub async fn run(db: StateDb, retention_days: u32, cancel: CancellationToken) {
                     audit = deleted.audit,
                     outbox = deleted.outbox,
                     silences = deleted.silences,
+                    health_log = deleted.health_log,
                     "state retention cleanup done"
                 );
             }
@@ -184,14 +189,26 @@ mod tests {
             "",
         )
         .expect("old silence");
+        for at in [old, T0 - 10 * DAY_MS] {
+            crate::checks::log::record(
+                &c,
+                "crm",
+                at,
+                crate::bus::CheckStatus::Healthy,
+                Some(3.0),
+                None,
+            )
+            .expect("health log");
+        }
         let before = [
             count(&c, "alerts"),
             count(&c, "alert_events"),
             count(&c, "audit"),
             count(&c, "outbox"),
             count(&c, "silences"),
+            count(&c, "health_log"),
         ];
-        assert_eq!(before, [3, 6, 3, 6, 1]);
+        assert_eq!(before, [3, 6, 3, 6, 1, 2]);
 
         let deleted = cleanup(&mut c, T0, 90).expect("cleanup");
         assert_eq!(
@@ -202,9 +219,10 @@ mod tests {
                 audit: 3,
                 outbox: 3,
                 silences: 1,
+                health_log: 1,
             }
         );
-        assert_eq!(deleted.total(), 11);
+        assert_eq!(deleted.total(), 12);
         let rules: Vec<String> = c
             .prepare("SELECT rule FROM alerts ORDER BY id")
             .expect("prepare")
@@ -215,6 +233,7 @@ mod tests {
         assert_eq!(rules, ["old.active", "recent"]);
         assert_eq!(count(&c, "alert_events"), 3);
         assert_eq!(count(&c, "outbox"), 3);
+        assert_eq!(count(&c, "health_log"), 1);
         // Nothing more to do the next day; a longer retention would have kept everything.
         assert_eq!(cleanup(&mut c, T0 + DAY_MS, 90).expect("again").total(), 0);
     }

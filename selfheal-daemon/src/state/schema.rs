@@ -104,6 +104,20 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX silences_by_end ON silences (ends_ms);
     ",
+    // 2: the health log: one row per run of an integration check, what its figures (success
+    //    rate, uptime, response times, last error) are computed from.
+    r"
+    CREATE TABLE health_log (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        check_name   TEXT    NOT NULL,
+        at_ms        INTEGER NOT NULL,
+        status       TEXT    NOT NULL CHECK (status IN ('healthy', 'degraded', 'down', 'unknown')),
+        response_ms  REAL,
+        error        TEXT
+    );
+    CREATE INDEX health_log_by_check ON health_log (check_name, at_ms);
+    CREATE INDEX health_log_by_time ON health_log (at_ms);
+    ",
 ];
 
 /// The schema version this build writes.
@@ -191,8 +205,36 @@ mod tests {
         assert_eq!(version(&connection), VERSION);
         assert_eq!(
             tables(&connection),
-            ["alert_events", "alerts", "audit", "outbox", "silences"]
+            [
+                "alert_events",
+                "alerts",
+                "audit",
+                "health_log",
+                "outbox",
+                "silences"
+            ]
         );
+    }
+
+    #[test]
+    fn a_file_of_the_first_release_gains_the_health_log_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("state.db");
+        let mut connection = Connection::open(&path).expect("open");
+        migrate_with(&mut connection, &path, &MIGRATIONS[..1]).expect("version 1");
+        connection
+            .execute(
+                "INSERT INTO silences (matchers, starts_ms, ends_ms, created_by, comment) VALUES ('{}', 1, 2, 'me', 'kept')",
+                [],
+            )
+            .expect("insert");
+        let opened = migrate(&mut connection, &path).expect("upgrade");
+        assert_eq!((opened.from_version, opened.version), (1, VERSION));
+        assert!(tables(&connection).contains(&"health_log".to_owned()));
+        let comment: String = connection
+            .query_row("SELECT comment FROM silences", [], |r| r.get(0))
+            .expect("row");
+        assert_eq!(comment, "kept");
     }
 
     #[test]
@@ -226,11 +268,11 @@ mod tests {
         let mut connection = Connection::open(&path).expect("open");
         migrate(&mut connection, &path).expect("current");
         let mut next: Vec<&str> = MIGRATIONS.to_vec();
-        next.push("CREATE TABLE health_log (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);");
+        next.push("CREATE TABLE later (id INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL);");
         let opened = migrate_with(&mut connection, &path, &next).expect("next");
         assert_eq!(opened.from_version, VERSION);
         assert_eq!(version(&connection), VERSION + 1);
-        assert!(tables(&connection).contains(&"health_log".to_owned()));
+        assert!(tables(&connection).contains(&"later".to_owned()));
     }
 
     #[test]

@@ -105,6 +105,8 @@ mod tests {
             hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
             path_prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
             health_url: None,
+            health_interval_ms: 30_000,
+            health_timeout_ms: 5_000,
         }
     }
 

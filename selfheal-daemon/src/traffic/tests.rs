@@ -25,6 +25,8 @@ fn view(config: &TrafficConfig) -> (TrafficView, Recorder, Metrics) {
         hosts: vec!["api.tackle.io".to_owned()],
         path_prefixes: vec!["/api/v1/tackle".to_owned()],
         health_url: None,
+        health_interval_ms: 30_000,
+        health_timeout_ms: 5_000,
     }]);
     let view = TrafficView::new(store, platforms, config.slowest_requests);
     let metrics = Metrics::new();
