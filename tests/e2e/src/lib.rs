@@ -312,29 +312,7 @@ impl PgCluster {
             let path = Path::new(&cluster.data()).join("pg_hba.conf");
             std::fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))?;
         }
-        let mut options_arg = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
-            cluster.dir.path().display()
-        );
-        if options.pg_stat_statements {
-            options_arg.push_str(
-                " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=top",
-            );
-        }
-        let log = cluster.dir.path().join("postgres.log");
-        cluster.run_as_postgres(
-            "pg_ctl",
-            &[
-                "-D",
-                &cluster.data(),
-                "-o",
-                &options_arg,
-                "-l",
-                &log.display().to_string(),
-                "-w",
-                "start",
-            ],
-        )?;
+        cluster.start_server()?;
         if options.pg_stat_statements {
             cluster.psql("CREATE EXTENSION pg_stat_statements")?;
         }
@@ -346,6 +324,40 @@ impl PgCluster {
             cluster.psql(&format!("CREATE DATABASE {PG_ROLE} OWNER {PG_ROLE}"))?;
         }
         Ok(cluster)
+    }
+
+    /// Starts the server (again, after [`Self::stop_server`]) and waits until it accepts
+    /// connections.
+    pub fn start_server(&self) -> Result<()> {
+        let mut options_arg = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.path().display()
+        );
+        if self.options.pg_stat_statements {
+            options_arg.push_str(
+                " -c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.track=top",
+            );
+        }
+        let log = self.dir.path().join("postgres.log");
+        self.run_as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options_arg,
+                "-l",
+                &log.display().to_string(),
+                "-w",
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server (fast shutdown: sessions are disconnected), keeping the cluster.
+    pub fn stop_server(&self) -> Result<()> {
+        self.run_as_postgres("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"])
     }
 
     fn data(&self) -> String {
