@@ -183,12 +183,13 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         alerts: alert_manager.clone(),
         ebpf: ebpf_state,
         token,
-        traffic: traffic_view,
+        traffic: traffic_view.clone(),
         checks,
     });
     let shared = agents::Shared {
         config: config.clone(),
         target: target_status.clone(),
+        traffic: traffic_view.clone(),
         bus: bus.clone(),
         metrics: metrics.clone(),
     };

@@ -358,6 +358,16 @@ pub struct MonitorConfig {
     pub cpu_threshold_percent: f64,
     /// Samples in a row over a threshold before an alert fires (and under it before it clears).
     pub consecutive_samples: u32,
+    /// Share of 5xx answers (percent) over the window above which a platform's error-rate
+    /// alert is a warning ...
+    pub error_rate_warning_percent: f64,
+    /// ... and above which it is critical.
+    pub error_rate_critical_percent: f64,
+    /// The trailing window the request and query rules read, every `interval_ms`.
+    pub traffic_window_secs: u64,
+    /// Fewer requests (or queries) than this in the window say nothing about latency or
+    /// errors: the rules count such a sample as healthy.
+    pub min_requests: u64,
 }
 
 impl Default for MonitorConfig {
@@ -369,6 +379,10 @@ impl Default for MonitorConfig {
             memory_threshold_percent: 85.0,
             cpu_threshold_percent: 80.0,
             consecutive_samples: 3,
+            error_rate_warning_percent: 1.0,
+            error_rate_critical_percent: 5.0,
+            traffic_window_secs: 60,
+            min_requests: 20,
         }
     }
 }
@@ -506,6 +520,12 @@ pub struct PlatformConfig {
     pub health_interval_ms: u64,
     #[serde(default = "defaults::check_timeout_ms")]
     pub health_timeout_ms: u64,
+    /// This platform's `monitor.api_response_threshold_ms`, when it differs.
+    pub api_response_threshold_ms: Option<u64>,
+    /// This platform's `monitor.error_rate_warning_percent`, when it differs.
+    pub error_rate_warning_percent: Option<f64>,
+    /// This platform's `monitor.error_rate_critical_percent`, when it differs.
+    pub error_rate_critical_percent: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1012,6 +1032,51 @@ impl Config {
             "monitor.consecutive_samples",
             "must be between 1 and 1000",
         );
+        let percent_ok = |p: f64| p > 0.0 && p <= 100.0;
+        check(
+            percent_ok(monitor.error_rate_warning_percent),
+            "monitor.error_rate_warning_percent",
+            "must be in (0, 100]",
+        );
+        check(
+            percent_ok(monitor.error_rate_critical_percent)
+                && monitor.error_rate_critical_percent >= monitor.error_rate_warning_percent,
+            "monitor.error_rate_critical_percent",
+            "must be in (0, 100] and at least error_rate_warning_percent",
+        );
+        check(
+            (10..=86_400).contains(&monitor.traffic_window_secs),
+            "monitor.traffic_window_secs",
+            "must be between 10 and 86400",
+        );
+        for (i, platform) in self.platforms.iter().enumerate() {
+            let at = |key: &str| format!("platforms[{i}].{key}");
+            if let Some(ms) = platform.api_response_threshold_ms {
+                check(ms > 0, &at("api_response_threshold_ms"), "must be positive");
+            }
+            let warning = platform
+                .error_rate_warning_percent
+                .unwrap_or(monitor.error_rate_warning_percent);
+            let critical = platform
+                .error_rate_critical_percent
+                .unwrap_or(monitor.error_rate_critical_percent);
+            if platform.error_rate_warning_percent.is_some() {
+                check(
+                    percent_ok(warning),
+                    &at("error_rate_warning_percent"),
+                    "must be in (0, 100]",
+                );
+            }
+            if platform.error_rate_critical_percent.is_some()
+                || platform.error_rate_warning_percent.is_some()
+            {
+                check(
+                    percent_ok(critical) && critical >= warning,
+                    &at("error_rate_critical_percent"),
+                    "must be in (0, 100] and at least the platform's warning percent",
+                );
+            }
+        }
 
         for problem in self.store.problems() {
             // Each reads `key: message`.

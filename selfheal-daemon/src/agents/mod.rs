@@ -28,6 +28,7 @@ use crate::{
     config::Config,
     target::SharedStatus,
     telemetry::{AgentLabel, Metrics},
+    traffic::TrafficView,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,8 @@ impl AgentHandle {
 pub struct AgentContext {
     pub config: Arc<Config>,
     pub target: SharedStatus,
+    /// The decoded traffic: what the monitor's request and query rules read.
+    pub traffic: TrafficView,
     bus: Bus,
     events: Subscriber,
     handle: AgentHandle,
@@ -175,6 +178,7 @@ async fn run_agent(name: &'static str, ctx: AgentContext) -> Result<(), AgentErr
 pub struct Shared {
     pub config: Arc<Config>,
     pub target: SharedStatus,
+    pub traffic: TrafficView,
     pub bus: Bus,
     pub metrics: Metrics,
 }
@@ -235,6 +239,7 @@ async fn supervise<F, Fut>(
         let ctx = AgentContext {
             config: shared.config.clone(),
             target: shared.target.clone(),
+            traffic: shared.traffic.clone(),
             bus: shared.bus.clone(),
             events: shared.bus.subscribe(),
             handle: handle.clone(),
@@ -316,9 +321,12 @@ mod tests {
         let config = parse("[target]\npid = 1\n", &Env::default()).expect("config");
         let metrics = Metrics::new();
         let target = crate::target::new_status(&crate::config::TargetSelector::Pid(1));
+        let store =
+            crate::store::StoreHandle::new(crate::store::StoreConfig::default()).expect("store");
         Shared {
             config: Arc::new(config),
             target,
+            traffic: TrafficView::new(store, crate::traffic::Platforms::new(&[]), 20),
             bus: Bus::new(metrics.clone()),
             metrics,
         }

@@ -12,17 +12,30 @@
 //! `db.connections_high` (warning) after as many runs of a PostgreSQL check with connections
 //! over its `max_connections_percent`, cleared by a run under it.
 //!
+//! Traffic (every `interval_ms`, over the trailing `traffic_window_secs`, per platform with the
+//! platform's own thresholds where set): `http.latency_high` (warning) when p95 is over
+//! `api_response_threshold_ms`; `http.error_rate` when the share of 5xx answers is over
+//! `error_rate_warning_percent` (warning) or `error_rate_critical_percent` (critical; the one
+//! alert changes severity); `db.query_slow` (warning) when the p95 of all the target's queries
+//! is over `db_query_threshold_ms`. A window with fewer than `min_requests` requests (or
+//! queries) counts as healthy. Each needs `consecutive_samples` in a row, with hysteresis.
+//!
 //! A rule's first decision after the agent starts is always published, "cleared" included:
 //! the alert manager keeps alerts across restarts, and an alert restored from the state DB
 //! must be resolved when its condition turns out to be gone. A "cleared" for a key that is not
 //! firing changes nothing there.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use super::{AgentContext, AgentError};
 use crate::{
     alerts::{alert_key, Labels},
     bus::{CheckReport, Degraded, Event, HealthStatus, Severity, TargetState},
+    config::{Config, MonitorConfig},
+    traffic::{TrafficHealth, OTHER},
 };
 
 /// A threshold rule with `for`-style counting and hysteresis.
@@ -171,6 +184,151 @@ fn check_changes(
     changes
 }
 
+/// One alert change: `(rule, labels, severity, firing, message)`.
+type AlertChange = (&'static str, Labels, Severity, bool, String);
+
+/// The request and query rules' state.
+#[derive(Debug, Default)]
+struct TrafficRules {
+    platforms: HashMap<String, PlatformRules>,
+    queries: Threshold,
+}
+
+#[derive(Debug, Default)]
+struct PlatformRules {
+    latency: Threshold,
+    errors_warning: Threshold,
+    errors_critical: Threshold,
+}
+
+/// The alert changes one evaluation of the traffic makes.
+fn traffic_changes(
+    rules: &mut TrafficRules,
+    config: &Config,
+    health: &TrafficHealth,
+) -> Vec<AlertChange> {
+    let monitor: &MonitorConfig = &config.monitor;
+    let needed = monitor.consecutive_samples;
+    let mut changes = Vec::new();
+    // Every configured platform is evaluated, with or without traffic, so an alert restored
+    // from before a restart clears when its platform is quiet.
+    let mut names: Vec<&str> = config.platforms.iter().map(|p| p.name.as_str()).collect();
+    names.push(OTHER);
+    for (name, _) in &health.platforms {
+        if !names.contains(&name.as_str()) {
+            names.push(name);
+        }
+    }
+    for name in names {
+        let figures = health
+            .platforms
+            .iter()
+            .find(|(platform, _)| platform == name)
+            .map(|(_, figures)| figures);
+        let platform = config.platforms.iter().find(|p| p.name == name);
+        let requests = figures.map_or(0, |f| f.requests);
+        let enough = requests >= monitor.min_requests;
+        let labels = Labels::from([("platform".to_owned(), name.to_owned())]);
+        let state = rules.platforms.entry(name.to_owned()).or_default();
+
+        let threshold_ms = platform
+            .and_then(|p| p.api_response_threshold_ms)
+            .unwrap_or(monitor.api_response_threshold_ms) as f64;
+        let p95 = figures
+            .and_then(|f| f.p95_ms)
+            .filter(|_| enough)
+            .unwrap_or(0.0);
+        match state.latency.observe(p95, threshold_ms, needed) {
+            Change::Fired => changes.push((
+                "http.latency_high",
+                labels.clone(),
+                Severity::Warning,
+                true,
+                format!(
+                    "{name}: p95 {p95:.0} ms over the last {} s ({requests} requests), over {threshold_ms:.0} ms",
+                    monitor.traffic_window_secs
+                ),
+            )),
+            Change::Cleared => changes.push((
+                "http.latency_high",
+                labels.clone(),
+                Severity::Warning,
+                false,
+                format!("{name}: p95 back to {p95:.0} ms"),
+            )),
+            Change::None => {}
+        }
+
+        let warning = platform
+            .and_then(|p| p.error_rate_warning_percent)
+            .unwrap_or(monitor.error_rate_warning_percent);
+        let critical = platform
+            .and_then(|p| p.error_rate_critical_percent)
+            .unwrap_or(monitor.error_rate_critical_percent);
+        let rate = figures
+            .filter(|_| enough)
+            .map_or(0.0, |f| f.error_rate * 100.0);
+        let warned = state.errors_warning.observe(rate, warning, needed);
+        let escalated = state.errors_critical.observe(rate, critical, needed);
+        if warned != Change::None || escalated != Change::None {
+            let severity = if state.errors_critical.firing == Some(true) {
+                Some(Severity::Critical)
+            } else if state.errors_warning.firing == Some(true) {
+                Some(Severity::Warning)
+            } else {
+                None
+            };
+            let errors = figures.map_or(0, |f| f.errors);
+            match severity {
+                Some(severity) => changes.push((
+                    "http.error_rate",
+                    labels.clone(),
+                    severity,
+                    true,
+                    format!(
+                        "{name}: {rate:.1}% of {requests} requests answered 5xx ({errors}) over the last {} s, over {}%",
+                        monitor.traffic_window_secs,
+                        if severity == Severity::Critical { critical } else { warning }
+                    ),
+                )),
+                None if warned == Change::Cleared => changes.push((
+                    "http.error_rate",
+                    labels.clone(),
+                    Severity::Warning,
+                    false,
+                    format!("{name}: error rate back to {rate:.1}%"),
+                )),
+                None => {}
+            }
+        }
+    }
+
+    let enough = health.queries >= monitor.min_requests;
+    let p95 = health.query_p95_ms.filter(|_| enough).unwrap_or(0.0);
+    let threshold = monitor.db_query_threshold_ms as f64;
+    match rules.queries.observe(p95, threshold, needed) {
+        Change::Fired => changes.push((
+            "db.query_slow",
+            Labels::new(),
+            Severity::Warning,
+            true,
+            format!(
+                "the target's queries: p95 {p95:.1} ms over the last {} s ({} queries), over {threshold:.0} ms",
+                monitor.traffic_window_secs, health.queries
+            ),
+        )),
+        Change::Cleared => changes.push((
+            "db.query_slow",
+            Labels::new(),
+            Severity::Warning,
+            false,
+            format!("the target's queries: p95 back to {p95:.1} ms"),
+        )),
+        Change::None => {}
+    }
+    changes
+}
+
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let monitor = ctx.config.monitor.clone();
     let mut memory = Threshold::default();
@@ -179,7 +337,12 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     // Firing alerts by key (rule and labels): what the overall health is computed from.
     let mut firing: BTreeMap<String, Severity> = BTreeMap::new();
     let mut check_rules: HashMap<String, CheckRules> = HashMap::new();
-    let mut health = HealthStatus::Healthy;
+    let mut traffic_rules = TrafficRules::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(monitor.interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate: skip it, the store has nothing of this run yet.
+    tick.tick().await;
+    let mut health_status = HealthStatus::Healthy;
     // A target that runs now has not exited: this clears a `target.exited` alert restored
     // from before a restart of the daemon (or of this agent).
     let running = ctx
@@ -196,7 +359,10 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
         });
     }
     loop {
-        let event = ctx.next().await?;
+        let event = tokio::select! {
+            _ = tick.tick() => None,
+            event = ctx.next() => Some(event?),
+        };
         let mut labelled = |ctx: &AgentContext,
                             rule: &'static str,
                             labels: Labels,
@@ -219,6 +385,22 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
         };
         let mut alert = |ctx: &AgentContext, rule, severity, on, message| {
             labelled(ctx, rule, Labels::new(), severity, on, message);
+        };
+        let Some(event) = event else {
+            let traffic = ctx.traffic.clone();
+            let window = monitor.traffic_window_secs;
+            // Reading the store takes its lock and sums sketches: off the runtime's workers.
+            let health = tokio::task::spawn_blocking(move || traffic.health(window))
+                .await
+                .unwrap_or_default();
+            let config = ctx.config.clone();
+            for (rule, labels, severity, on, message) in
+                traffic_changes(&mut traffic_rules, &config, &health)
+            {
+                labelled(&ctx, rule, labels, severity, on, message);
+            }
+            publish_health(&ctx, &firing, &mut health_status);
+            continue;
         };
         match event {
             Event::TargetExited { pid, status, .. } => {
@@ -310,26 +492,35 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
             }
             _ => continue,
         }
-        let now = match firing.values().max() {
-            Some(Severity::Critical) => HealthStatus::Critical,
-            Some(_) => HealthStatus::Degraded,
-            None => HealthStatus::Healthy,
+        publish_health(&ctx, &firing, &mut health_status);
+    }
+}
+
+/// Publishes the overall health when the firing alerts change it.
+fn publish_health(
+    ctx: &AgentContext,
+    firing: &BTreeMap<String, Severity>,
+    health: &mut HealthStatus,
+) {
+    let now = match firing.values().max() {
+        Some(Severity::Critical) => HealthStatus::Critical,
+        Some(_) => HealthStatus::Degraded,
+        None => HealthStatus::Healthy,
+    };
+    if now != *health {
+        *health = now;
+        let reason = if firing.is_empty() {
+            "no rule is firing".to_owned()
+        } else {
+            format!(
+                "firing: {}",
+                firing.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
         };
-        if now != health {
-            health = now;
-            let reason = if firing.is_empty() {
-                "no rule is firing".to_owned()
-            } else {
-                format!(
-                    "firing: {}",
-                    firing.keys().cloned().collect::<Vec<_>>().join(", ")
-                )
-            };
-            ctx.publish(Event::Health {
-                status: health,
-                reason,
-            });
-        }
+        ctx.publish(Event::Health {
+            status: now,
+            reason,
+        });
     }
 }
 
@@ -437,6 +628,168 @@ mod tests {
         }
         let fired = check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0));
         assert_eq!(rules_of(&fired), [("check.slow", true)]);
+    }
+
+    fn traffic_config() -> Config {
+        crate::config::parse(
+            r#"
+[target]
+pid = 1
+[monitor]
+consecutive_samples = 2
+min_requests = 10
+[[platforms]]
+name = "shop"
+hosts = ["shop.example"]
+[[platforms]]
+name = "crm"
+hosts = ["crm.example"]
+api_response_threshold_ms = 2000
+error_rate_critical_percent = 50.0
+"#,
+            &crate::config::Env::default(),
+        )
+        .expect("config")
+    }
+
+    fn figures(requests: u64, errors: u64, p95_ms: f64) -> crate::traffic::Figures {
+        crate::traffic::Figures {
+            requests,
+            errors,
+            error_rate: errors as f64 / requests.max(1) as f64,
+            p95_ms: Some(p95_ms),
+            ..crate::traffic::Figures::default()
+        }
+    }
+
+    fn traffic(platforms: &[(&str, u64, u64, f64)], queries: u64, query_p95: f64) -> TrafficHealth {
+        TrafficHealth {
+            platforms: platforms
+                .iter()
+                .map(|(name, requests, errors, p95)| {
+                    ((*name).to_owned(), figures(*requests, *errors, *p95))
+                })
+                .collect(),
+            queries,
+            query_p95_ms: Some(query_p95),
+        }
+    }
+
+    /// `(rule, platform label, severity, firing)` of each change.
+    fn summary(changes: &[AlertChange]) -> Vec<(&'static str, String, Severity, bool)> {
+        changes
+            .iter()
+            .map(|(rule, labels, severity, on, _)| {
+                (
+                    *rule,
+                    labels.get("platform").cloned().unwrap_or_default(),
+                    *severity,
+                    *on,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steady_healthy_traffic_only_ever_says_cleared_once() {
+        let config = traffic_config();
+        let mut rules = TrafficRules::default();
+        let healthy = traffic(
+            &[("shop", 1000, 2, 40.0), ("crm", 500, 0, 900.0)],
+            3000,
+            5.0,
+        );
+        assert!(traffic_changes(&mut rules, &config, &healthy).is_empty());
+        let first = summary(&traffic_changes(&mut rules, &config, &healthy));
+        // Two rules for each platform (and `other`), one for the queries: all cleared.
+        assert_eq!(first.len(), 7, "{first:?}");
+        assert!(first.iter().all(|c| !c.3), "{first:?}");
+        for _ in 0..20 {
+            assert!(traffic_changes(&mut rules, &config, &healthy).is_empty());
+        }
+    }
+
+    #[test]
+    fn latency_errors_and_slow_queries_fire_per_platform_with_their_thresholds() {
+        let config = traffic_config();
+        let mut rules = TrafficRules::default();
+        let quiet = traffic(&[], 0, 0.0);
+        for _ in 0..2 {
+            traffic_changes(&mut rules, &config, &quiet);
+        }
+        // shop: p95 600 ms (over 500), 3% errors (warning); crm: 900 ms (under its 2000),
+        // 10% errors (over 1%, under its critical 50%); queries p95 150 ms (over 100).
+        let bad = traffic(
+            &[("shop", 100, 3, 600.0), ("crm", 100, 10, 900.0)],
+            50,
+            150.0,
+        );
+        assert!(traffic_changes(&mut rules, &config, &bad).is_empty());
+        let fired = summary(&traffic_changes(&mut rules, &config, &bad));
+        assert_eq!(
+            fired,
+            [
+                (
+                    "http.latency_high",
+                    "shop".to_owned(),
+                    Severity::Warning,
+                    true
+                ),
+                (
+                    "http.error_rate",
+                    "shop".to_owned(),
+                    Severity::Warning,
+                    true
+                ),
+                ("http.error_rate", "crm".to_owned(), Severity::Warning, true),
+                ("db.query_slow", String::new(), Severity::Warning, true),
+            ]
+        );
+        // shop's errors pass 5%: the same alert turns critical.
+        let worse = traffic(
+            &[("shop", 100, 8, 600.0), ("crm", 100, 10, 900.0)],
+            50,
+            150.0,
+        );
+        assert!(traffic_changes(&mut rules, &config, &worse).is_empty());
+        let escalated = summary(&traffic_changes(&mut rules, &config, &worse));
+        assert_eq!(
+            escalated,
+            [(
+                "http.error_rate",
+                "shop".to_owned(),
+                Severity::Critical,
+                true
+            )]
+        );
+        // Too few requests say nothing: counted as healthy, so everything clears.
+        let few = traffic(&[("shop", 5, 5, 9000.0), ("crm", 9, 9, 9000.0)], 9, 900.0);
+        traffic_changes(&mut rules, &config, &few);
+        let cleared = summary(&traffic_changes(&mut rules, &config, &few));
+        assert_eq!(
+            cleared,
+            [
+                (
+                    "http.latency_high",
+                    "shop".to_owned(),
+                    Severity::Warning,
+                    false
+                ),
+                (
+                    "http.error_rate",
+                    "shop".to_owned(),
+                    Severity::Warning,
+                    false
+                ),
+                (
+                    "http.error_rate",
+                    "crm".to_owned(),
+                    Severity::Warning,
+                    false
+                ),
+                ("db.query_slow", String::new(), Severity::Warning, false),
+            ]
+        );
     }
 
     #[test]

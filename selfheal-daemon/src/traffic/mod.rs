@@ -24,8 +24,8 @@ use std::{
 pub use platform::{Platforms, OTHER};
 pub use record::{Recorder, HTTP_DURATION, HTTP_REQUESTS, QUERY_DURATION, QUERY_ERRORS};
 pub use views::{
-    parse_window, MetricsQuery, MetricsSeriesView, MetricsView, QueriesView, TracesView, ViewError,
-    MAX_ANSWER_POINTS, MAX_SERIES_POINTS,
+    parse_window, Figures, MetricsQuery, MetricsSeriesView, MetricsView, QueriesView, TracesView,
+    TrafficHealth, ViewError, MAX_ANSWER_POINTS, MAX_SERIES_POINTS,
 };
 
 use crate::{

@@ -107,6 +107,9 @@ mod tests {
             health_url: None,
             health_interval_ms: 30_000,
             health_timeout_ms: 5_000,
+            api_response_threshold_ms: None,
+            error_rate_warning_percent: None,
+            error_rate_critical_percent: None,
         }
     }
 

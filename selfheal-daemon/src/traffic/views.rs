@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, time::SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    record::{HTTP_DURATION, HTTP_REQUESTS},
+    record::{HTTP_DURATION, HTTP_REQUESTS, QUERY_DURATION},
     RecentQuery, Tables, Trace, TrafficView, SLOWEST_GENERATION_NS,
 };
 use crate::store::{
@@ -164,7 +164,53 @@ struct RouteAcc {
     sketch: MergedSketch,
 }
 
+/// What the monitor's traffic rules read: each platform's figures over a window, and the
+/// target's queries all together.
+#[derive(Debug, Default)]
+pub struct TrafficHealth {
+    pub platforms: Vec<(String, Figures)>,
+    pub queries: u64,
+    pub query_p95_ms: Option<f64>,
+}
+
 impl TrafficView {
+    /// The figures of the last `window_secs` for the monitor.
+    pub fn health(&self, window_secs: u64) -> TrafficHealth {
+        let query = MetricsQuery {
+            platform: None,
+            window: Some(format!("{window_secs}s")),
+            step: None,
+        };
+        let platforms = match self.metrics_view(&query) {
+            Ok(view) => view
+                .platforms
+                .into_iter()
+                .map(|p| (p.platform, p.figures))
+                .collect(),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read the traffic figures for the monitor");
+                Vec::new()
+            }
+        };
+        let to_ms = store::unix_ms(SystemTime::now()) + 1;
+        let from_ms = to_ms - i64::try_from(window_secs * 1000).unwrap_or(i64::MAX);
+        let mut sketch = MergedSketch::default();
+        self.store().read(|store: &Store| {
+            for info in store.select(&Selector::name(QUERY_DURATION)) {
+                if let Some(Aggregate::Distribution(distribution)) =
+                    summarize(store, info.id, from_ms, to_ms)
+                {
+                    sketch.merge(&distribution.sketch);
+                }
+            }
+        });
+        TrafficHealth {
+            platforms,
+            queries: sketch.count(),
+            query_p95_ms: sketch.quantile(0.95).map(round_ms),
+        }
+    }
+
     /// `GET /api/v1/system/metrics`.
     pub fn metrics_view(&self, query: &MetricsQuery) -> Result<MetricsView, ViewError> {
         let window_secs = parse_window(query.window.as_deref().unwrap_or("5m"))?;
