@@ -28,6 +28,10 @@ const PACKAGES: &[(&str, &str)] = &[
         "the private Docker Engine of the container end-to-end test",
     ),
     ("busybox-static", "the root filesystem of that test's image"),
+    (
+        "redis-server",
+        "the Redis of the integration checks' end-to-end test",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

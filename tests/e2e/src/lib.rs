@@ -526,6 +526,51 @@ impl Drop for PgCluster {
     }
 }
 
+/// A throwaway `redis-server` on a free loopback port, with a password, nothing persisted;
+/// stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    pub password: String,
+    proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start(password: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("selfheal-redis-").tempdir()?;
+        let port = free_port()?;
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--requirepass", password, "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null());
+        let log = dir.path().join("redis.log");
+        let proc = Proc::spawn_logged("redis-server", command, &log)
+            .context("cannot start redis-server: run `cargo xtask setup`")?;
+        wait_for("redis-server to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })?;
+        Ok(Self {
+            port,
+            password: password.to_owned(),
+            proc,
+            _dir: dir,
+        })
+    }
+
+    /// `redis://:password@127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://:{}@127.0.0.1:{}", self.password, self.port)
+    }
+
+    /// Stops the server (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        self.proc.stop();
+    }
+}
+
 /// A table lock held by a psql session ([`PgCluster::lock_table`]); dropping it ends the
 /// session, which releases the lock too.
 pub struct TableLock {

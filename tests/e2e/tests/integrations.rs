@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use selfheal_e2e::{free_port, require_root, wait_for, Daemon, DemoBackend, PgCluster};
+use selfheal_e2e::{
+    free_port, require_root, wait_for, Daemon, DemoBackend, PgCluster, RedisServer,
+};
 use serde_json::{json, Value};
 
 fn check<'a>(integrations: &'a Value, name: &str) -> &'a Value {
@@ -242,4 +244,67 @@ timeout_ms = 500
     assert_eq!(postgres["message"], Value::Null, "{postgres}");
     // The last error stays on record.
     assert!(postgres["last_error"].is_string(), "{postgres}");
+}
+
+/// A Redis check against a real `redis-server` with a password: the right password is
+/// healthy, a wrong one is down with the server's refusal (and not the password); the server
+/// stops: the check is down with the connection error.
+#[test]
+fn redis_checks_against_a_real_server() {
+    require_root();
+    let mut redis = RedisServer::start("e2e-redis-pass").expect("redis-server");
+    let daemon = Daemon::start(&format!(
+        r#"[target]
+pid = {pid}
+
+[redis]
+url = "{url}"
+
+[[checks]]
+name = "redis-wrong-password"
+kind = "redis"
+url = "redis://:not-the-password@127.0.0.1:{port}"
+interval_ms = 1000
+timeout_ms = 500
+"#,
+        pid = std::process::id(),
+        url = redis.url(),
+        port = redis.port,
+    ))
+    .expect("daemon");
+    let data = wait_for("both redis checks ran", Duration::from_secs(20), || {
+        let data = daemon.api("/api/v1/system/integrations").ok()?;
+        (data["healthy"] == 1 && data["down"] == 1).then_some(data)
+    })
+    .expect("ran");
+    // `REDIS_URL`'s check is implicit: named `redis`, every 30 s.
+    let implied = check(&data, "redis");
+    assert_eq!(implied["origin"], "redis", "{implied}");
+    assert_eq!(implied["status"], "healthy", "{implied}");
+    assert_eq!(implied["interval_ms"], 30_000, "{implied}");
+    assert_eq!(
+        implied["endpoint"],
+        format!("redis://127.0.0.1:{}", redis.port),
+        "{implied}"
+    );
+    let wrong = check(&data, "redis-wrong-password");
+    let message = wrong["last_error"].as_str().unwrap_or_default();
+    assert!(message.starts_with("AUTH refused: \"-WRONGPASS"), "{wrong}");
+    let text = data.to_string();
+    assert!(
+        !text.contains("e2e-redis-pass") && !text.contains("not-the-password"),
+        "a password leaked: {data}"
+    );
+
+    redis.stop();
+    let (status, ran) = daemon
+        .api_post("/api/v1/system/checks/run", &json!({"name": "redis"}))
+        .expect("run");
+    assert_eq!(status, 200, "{ran}");
+    assert_eq!(ran["data"][0]["status"], "down", "{ran}");
+    let message = ran["data"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("cannot connect: ") && message.contains("onnection refused"),
+        "{ran}"
+    );
 }
