@@ -11,6 +11,7 @@ pub mod app;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod notify;
 pub mod probes;
 pub mod protocols;
 pub mod state;
