@@ -20,6 +20,7 @@ use crate::{
     bus::Bus,
     checks::{self, Checks},
     config::Config,
+    notify::{self, Notifier},
     probes::{capture, ebpf, os},
     state::{self, DbOptions, StateError},
     store::{self, LoadOutcome, StoreHandle},
@@ -137,6 +138,30 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let (checks, checks_runner) =
         Checks::new(checks::specs(&config), db.clone(), alerts::system_clock());
     tracing::info!(checks = checks.len(), "integration checks configured");
+    // Delivery degrades rather than stops the daemon: without it, notifications wait in the
+    // outbox for a restart that can send them.
+    let notifier = match Notifier::new(
+        &config.notifications,
+        notify::Settings::from_config(&config.notifications),
+        db.clone(),
+        alerts::system_clock(),
+        metrics.clone(),
+    ) {
+        Ok(notifier) => Some(notifier),
+        Err(err) => {
+            tracing::error!(error = %error_chain(&err), "notification delivery cannot start; notifications stay in the outbox");
+            None
+        }
+    };
+    let delivery = {
+        let enqueued = alert_manager.enqueued();
+        let cancel = cancel.clone();
+        async move {
+            if let Some(notifier) = notifier {
+                notify::run(notifier, enqueued, cancel).await;
+            }
+        }
+    };
     let (store, snapshot_path) = open_store(&config)?;
     let traffic_view = TrafficView::new(
         store.clone(),
@@ -216,9 +241,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         }
     };
     tracing::info!(%address, "admin API listening");
-    let (served, (), (), (), (), (), (), (), (), ()) = tokio::join!(
+    let (served, (), (), (), (), (), (), (), (), (), ()) = tokio::join!(
         api::serve(listener, api_state, cancel.clone()),
         alerts::run(alert_manager, bus.clone(), cancel.clone()),
+        delivery,
         state::retention::run(db, config.state.retention_days, cancel.clone()),
         checks_runner.run(bus.clone(), metrics.clone(), cancel.clone()),
         tracker.run(cancel.clone()),

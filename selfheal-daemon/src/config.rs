@@ -462,15 +462,71 @@ pub struct RedisConfig {
     pub url: Option<Secret>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The notification channels and their delivery. A channel is on when its key is set
+/// (`slack_webhook_url`, `pagerduty_routing_key`, `email_to`, `webhook_url`).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotificationsConfig {
-    /// `SLACK_WEBHOOK_URL`.
+    /// `SLACK_WEBHOOK_URL`: a Slack incoming webhook.
     pub slack_webhook_url: Option<Secret>,
     /// `PAGERDUTY_API_KEY`: the Events API v2 routing key.
     pub pagerduty_routing_key: Option<Secret>,
-    /// `ALERT_EMAIL_TO` (comma-separated in the environment).
+    /// Where PagerDuty events are posted.
+    pub pagerduty_url: String,
+    /// `ALERT_EMAIL_TO` (comma-separated in the environment): the recipients.
     pub email_to: Vec<String>,
+    /// The sender of the emails (`selfheal@example.com` or `selfheal <selfheal@example.com>`).
+    pub email_from: Option<String>,
+    /// The SMTP relay.
+    pub smtp_host: Option<String>,
+    pub smtp_port: u16,
+    /// `none`, `starttls` (required, not opportunistic) or `tls` (implicit TLS, port 465).
+    pub smtp_tls: SmtpTls,
+    pub smtp_username: Option<String>,
+    /// `SMTP_PASSWORD`.
+    pub smtp_password: Option<Secret>,
+    /// `ALERT_WEBHOOK_URL`: a generic JSON webhook that receives the stored payload as is.
+    pub webhook_url: Option<Secret>,
+    /// Headers added to each webhook request (an `Authorization` token, say); the values are
+    /// secrets.
+    pub webhook_headers: BTreeMap<String, Secret>,
+    /// Each delivery attempt (one HTTP request, one SMTP transaction) ends by this.
+    pub timeout_ms: u64,
+    /// A notification still failing this long after it was enqueued is given up (`failed`).
+    pub give_up_after_secs: u64,
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        Self {
+            slack_webhook_url: None,
+            pagerduty_routing_key: None,
+            pagerduty_url: "https://events.pagerduty.com/v2/enqueue".to_owned(),
+            email_to: Vec::new(),
+            email_from: None,
+            smtp_host: None,
+            smtp_port: 587,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: None,
+            smtp_password: None,
+            webhook_url: None,
+            webhook_headers: BTreeMap::new(),
+            timeout_ms: 10_000,
+            give_up_after_secs: 86_400,
+        }
+    }
+}
+
+/// How the email notifier secures its SMTP connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain text: only for a relay on this host.
+    None,
+    /// STARTTLS, required: a relay that does not offer it is an error.
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Tls,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -841,6 +897,8 @@ impl Config {
                 })
                 .collect();
         }
+        secret("SMTP_PASSWORD", &mut self.notifications.smtp_password);
+        secret("ALERT_WEBHOOK_URL", &mut self.notifications.webhook_url);
         if let Some(raw) = env.get("ALERT_EMAIL_TO") {
             self.notifications.email_to = raw
                 .split(',')
@@ -1123,6 +1181,13 @@ impl Config {
             "must be at least 16 characters",
         );
 
+        problems.extend(self.notifications.problems());
+        let mut check = |ok: bool, path: &str, message: &str| {
+            if !ok {
+                problems.push(Problem::new(path, message));
+            }
+        };
+
         let mut names = HashSet::new();
         for (i, platform) in self.platforms.iter().enumerate() {
             let at = |key: &str| format!("platforms[{i}].{key}");
@@ -1286,6 +1351,127 @@ impl Config {
             .listen
             .parse()
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9797)))
+    }
+}
+
+impl NotificationsConfig {
+    /// The problems of `[notifications]`, each with its key path.
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, path: &str, message: &str| {
+            if !ok {
+                problems.push(Problem::new(format!("notifications.{path}"), message));
+            }
+        };
+        // URLs are secrets (a Slack webhook's path is its key): messages never repeat them.
+        let url_ok = |url: Option<&Secret>| url.is_none_or(|u| is_http_url(u.expose()));
+        check(
+            url_ok(self.slack_webhook_url.as_ref()),
+            "slack_webhook_url",
+            "must be an http:// or https:// URL",
+        );
+        check(
+            url_ok(self.webhook_url.as_ref()),
+            "webhook_url",
+            "must be an http:// or https:// URL",
+        );
+        check(
+            is_http_url(&self.pagerduty_url),
+            "pagerduty_url",
+            "must be an http:// or https:// URL",
+        );
+        check(
+            self.pagerduty_routing_key
+                .as_ref()
+                .is_none_or(|k| !k.expose().trim().is_empty()),
+            "pagerduty_routing_key",
+            "must not be empty",
+        );
+        for (name, value) in &self.webhook_headers {
+            check(
+                http::HeaderName::from_bytes(name.as_bytes()).is_ok(),
+                &format!("webhook_headers.{name}"),
+                "is not a valid HTTP header name",
+            );
+            check(
+                http::HeaderValue::from_str(value.expose()).is_ok(),
+                &format!("webhook_headers.{name}"),
+                "the value is not a valid HTTP header value",
+            );
+        }
+        if !self.webhook_headers.is_empty() {
+            check(
+                self.webhook_url.is_some(),
+                "webhook_headers",
+                "set without webhook_url",
+            );
+        }
+        for (i, to) in self.email_to.iter().enumerate() {
+            check(
+                to.parse::<lettre::message::Mailbox>().is_ok(),
+                &format!("email_to[{i}]"),
+                "must be an email address",
+            );
+        }
+        if let Some(from) = &self.email_from {
+            check(
+                from.parse::<lettre::message::Mailbox>().is_ok(),
+                "email_from",
+                "must be an email address, optionally with a name: \"selfheal <selfheal@example.com>\"",
+            );
+        }
+        if !self.email_to.is_empty() {
+            check(
+                self.smtp_host.is_some(),
+                "smtp_host",
+                "required when email_to is set",
+            );
+            check(
+                self.email_from.is_some(),
+                "email_from",
+                "required when email_to is set",
+            );
+        }
+        if let Some(host) = &self.smtp_host {
+            check(
+                !host.trim().is_empty() && !host.contains(['/', ' ', ':']),
+                "smtp_host",
+                "must be a host name or an IPv4 address (the port is smtp_port)",
+            );
+        }
+        check(self.smtp_port != 0, "smtp_port", "must not be 0");
+        if !self.email_to.is_empty() {
+            check(
+                self.smtp_username.is_some() == self.smtp_password.is_some(),
+                if self.smtp_username.is_some() {
+                    "smtp_password"
+                } else {
+                    "smtp_username"
+                },
+                "smtp_username and smtp_password (or SMTP_PASSWORD) go together",
+            );
+            let local = self.smtp_host.as_deref().is_some_and(|h| {
+                h == "localhost"
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            });
+            check(
+                self.smtp_tls != SmtpTls::None || self.smtp_password.is_none() || local,
+                "smtp_tls",
+                "\"none\" would send the SMTP password in clear text to a remote host; use \"starttls\" or \"tls\"",
+            );
+        }
+        check(
+            (100..=120_000).contains(&self.timeout_ms),
+            "timeout_ms",
+            "must be between 100 and 120000",
+        );
+        check(
+            (60..=30 * 86_400).contains(&self.give_up_after_secs),
+            "give_up_after_secs",
+            "must be between 60 and 2592000 (30 days)",
+        );
+        problems
     }
 }
 
@@ -1474,8 +1660,13 @@ mod tests {
             ("DATABASE_URL", "postgres://u:secret@localhost/db"),
             ("ALERT_EMAIL_TO", "a@x.io, b@x.io"),
         ]);
-        let config =
-            parse("[target]\npid = 7\n[monitor]\ninterval_ms = 3000\n", &env).expect("valid");
+        // Email needs its relay and sender from the file.
+        let config = parse(
+            "[target]\npid = 7\n[monitor]\ninterval_ms = 3000\n[notifications]\n\
+             smtp_host = \"mail.x.io\"\nemail_from = \"selfheal@x.io\"\n",
+            &env,
+        )
+        .expect("valid");
         assert_eq!(config.monitor.interval_ms, 1000);
         assert!((config.monitor.cpu_threshold_percent - 95.5).abs() < f64::EPSILON);
         assert!(!config.agents.enabled("security"));
@@ -1485,6 +1676,80 @@ mod tests {
         assert!(
             !format!("{config:?}").contains("secret"),
             "secrets must not be printed"
+        );
+    }
+
+    #[test]
+    fn notification_keys_are_checked_with_their_key_paths() {
+        let env = Env::from_pairs([
+            ("SMTP_PASSWORD", "hunter2"),
+            ("ALERT_WEBHOOK_URL", "ftp://hooks.example.com/secret-token"),
+        ]);
+        let found = parse(
+            "[target]\npid = 1\n[notifications]\nemail_to = [\"ops@x.io\", \"not an address\"]\n\
+             smtp_host = \"mail.x.io\"\nsmtp_tls = \"none\"\nslack_webhook_url = \"hooks.slack.com/T/B/K\"\n\
+             pagerduty_url = \"nowhere\"\ntimeout_ms = 0\ngive_up_after_secs = 1\n\
+             webhook_headers = { \"bad header\" = \"x\" }\n",
+            &env,
+        )
+        .expect_err("invalid")
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+        for expected in [
+            "notifications.slack_webhook_url: must be an http:// or https:// URL",
+            "notifications.webhook_url: must be an http:// or https:// URL",
+            "notifications.pagerduty_url: must be an http:// or https:// URL",
+            "notifications.webhook_headers.bad header: is not a valid HTTP header name",
+            "notifications.email_to[1]: must be an email address",
+            "notifications.email_from: required when email_to is set",
+            "notifications.smtp_username: smtp_username and smtp_password",
+            "notifications.smtp_tls: \"none\" would send the SMTP password in clear text",
+            "notifications.timeout_ms: must be between 100 and 120000",
+            "notifications.give_up_after_secs: must be between 60",
+        ] {
+            assert!(
+                found.iter().any(|p| p.starts_with(expected)),
+                "{expected} not in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), 10, "{found:#?}");
+        let text = format!("{found:?}");
+        for secret in ["hunter2", "secret-token", "T/B/K"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+
+        let env = Env::from_pairs([
+            ("SMTP_PASSWORD", "hunter2"),
+            ("ALERT_WEBHOOK_URL", "https://hooks.example.com/x"),
+            ("ALERT_EMAIL_TO", "ops@x.io"),
+        ]);
+        let config = parse(
+            "[target]\npid = 1\n[notifications]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = 2525\n\
+             smtp_tls = \"none\"\nsmtp_username = \"selfheal\"\n\
+             email_from = \"selfheal <selfheal@x.io>\"\n",
+            &env,
+        )
+        .expect("valid");
+        let n = &config.notifications;
+        assert_eq!(
+            n.smtp_password.as_ref().map(Secret::expose),
+            Some("hunter2")
+        );
+        assert_eq!(
+            n.webhook_url.as_ref().map(Secret::expose),
+            Some("https://hooks.example.com/x")
+        );
+        assert_eq!(n.pagerduty_url, "https://events.pagerduty.com/v2/enqueue");
+        assert_eq!((n.smtp_port, n.smtp_tls), (2525, SmtpTls::None));
+        assert_eq!((n.timeout_ms, n.give_up_after_secs), (10_000, 86_400));
+        let missing = problems("[target]\npid = 1\n[notifications]\nemail_to = [\"ops@x.io\"]\n");
+        assert_eq!(
+            missing,
+            [
+                "notifications.smtp_host: required when email_to is set",
+                "notifications.email_from: required when email_to is set"
+            ]
         );
     }
 

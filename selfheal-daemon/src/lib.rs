@@ -12,6 +12,7 @@ pub mod bus;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod notify;
 pub mod probes;
 pub mod protocols;
 pub mod state;

@@ -38,8 +38,13 @@ fn main() -> ExitCode {
             Err(err) => report_config_error(&err),
         },
         Command::Run { config } => {
-            let filter = tracing_subscriber::EnvFilter::try_from_env("SELFHEAL_LOG")
+            let mut filter = tracing_subscriber::EnvFilter::try_from_env("SELFHEAL_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            // reqwest logs each new connection's whole URL at debug level, and a webhook's URL
+            // is its secret: that module stays at info whatever SELFHEAL_LOG asks.
+            if let Ok(cap) = "reqwest::connect=info".parse() {
+                filter = filter.add_directive(cap);
+            }
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)

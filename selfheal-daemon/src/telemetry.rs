@@ -51,7 +51,7 @@ pub struct SeverityLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ChannelLabel {
-    /// A notification channel: `slack`, `pagerduty`, `email`.
+    /// A notification channel: `slack`, `pagerduty`, `email`, `webhook`.
     pub channel: &'static str,
 }
 
@@ -66,6 +66,15 @@ pub struct CheckRunLabel {
     pub check: String,
     /// `healthy`, `degraded`, `down` or `unknown`.
     pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabel {
+    /// A notification channel: `slack`, `pagerduty`, `email`, `webhook` (`other` for an
+    /// outbox row of a channel this build does not know).
+    pub channel: &'static str,
+    /// `delivered`, `retry` (failed, tried again later) or `failed` (given up).
+    pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -164,6 +173,13 @@ fn query_histogram() -> Histogram {
     ])
 }
 
+/// Notification deliveries: 10 ms to 60 s (the longest `notifications.timeout_ms` is 120 s).
+fn delivery_histogram() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
 /// All metrics. Cheap to clone: every field is a handle to shared state.
 #[derive(Clone)]
 pub struct Metrics {
@@ -231,6 +247,9 @@ pub struct Metrics {
     pub alerts_fired: Family<SeverityLabel, Counter>,
     pub alerts_notifications_enqueued: Family<ChannelLabel, Counter>,
     pub alerts_notifications_suppressed: Family<ReasonLabel, Counter>,
+    pub notify_deliveries: Family<DeliveryLabel, Counter>,
+    pub notify_pending: Family<ChannelLabel, Gauge>,
+    pub notify_delivery_duration_seconds: HistogramFamily<ChannelLabel>,
     pub daemon_cpu_seconds: Counter<f64, AtomicU64>,
     pub daemon_memory_rss_bytes: Gauge,
     daemon_cpu_seen: Arc<AtomicU64>,
@@ -627,6 +646,25 @@ impl Metrics {
             "Trigger notifications not enqueued, by reason (throttled, silenced)",
             alerts_notifications_suppressed.clone(),
         );
+        let notify_deliveries = Family::<DeliveryLabel, Counter>::default();
+        registry.register(
+            "selfheal_notify_deliveries",
+            "Notification delivery attempts, by channel and result (delivered, retry, failed)",
+            notify_deliveries.clone(),
+        );
+        let notify_pending = Family::<ChannelLabel, Gauge>::default();
+        registry.register(
+            "selfheal_notify_pending",
+            "Notifications in the outbox waiting for delivery, by channel",
+            notify_pending.clone(),
+        );
+        let notify_delivery_duration_seconds: HistogramFamily<ChannelLabel> =
+            Family::new_with_constructor(delivery_histogram);
+        registry.register(
+            "selfheal_notify_delivery_duration_seconds",
+            "Time of one delivery attempt (an HTTP request or an SMTP transaction), by channel",
+            notify_delivery_duration_seconds.clone(),
+        );
         let daemon_cpu_seconds = Counter::<f64, AtomicU64>::default();
         registry.register(
             "selfheal_daemon_cpu_seconds",
@@ -704,6 +742,9 @@ impl Metrics {
             alerts_fired,
             alerts_notifications_enqueued,
             alerts_notifications_suppressed,
+            notify_deliveries,
+            notify_pending,
+            notify_delivery_duration_seconds,
             daemon_cpu_seconds,
             daemon_memory_rss_bytes,
             daemon_cpu_seen: Arc::new(AtomicU64::new(0f64.to_bits())),

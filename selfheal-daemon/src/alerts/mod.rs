@@ -42,6 +42,7 @@ use std::{
 };
 
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -176,7 +177,7 @@ pub struct Settings {
     pub notify_interval_ms: i64,
     /// An alert joins the group of an active alert of its group key that fired this recently.
     pub group_window_ms: i64,
-    /// The configured notification channels (`slack`, `pagerduty`, `email`).
+    /// The configured notification channels (`slack`, `pagerduty`, `email`, `webhook`).
     pub channels: Vec<&'static str>,
 }
 
@@ -191,6 +192,9 @@ impl Settings {
         }
         if !notifications.email_to.is_empty() {
             channels.push("email");
+        }
+        if notifications.webhook_url.is_some() {
+            channels.push("webhook");
         }
         Self {
             notify_interval_ms: i64::try_from(alerts.notify_interval_secs)
@@ -407,6 +411,9 @@ struct Inner {
     /// Numbers the snapshots in the order the database thread took them, so one that arrives
     /// late (its task was scheduled after a later change's) does not replace a newer one.
     sequence: Arc<AtomicU64>,
+    /// Signalled (`notify_waiters`) after a change that enqueued notifications, so the
+    /// delivery worker does not wait for its next poll.
+    enqueued: Arc<Notify>,
 }
 
 /// The active alerts as one database operation left them.
@@ -447,6 +454,7 @@ impl AlertManager {
                     alerts: Vec::new(),
                 }),
                 sequence,
+                enqueued: Arc::new(Notify::new()),
             }),
         };
         if !active.alerts.is_empty() {
@@ -551,10 +559,19 @@ impl AlertManager {
         self.count_notified(notified);
     }
 
+    /// What the delivery worker waits on besides its poll: signalled after every change that
+    /// enqueued notifications (once committed).
+    pub fn enqueued(&self) -> Arc<Notify> {
+        self.inner.enqueued.clone()
+    }
+
     fn count_notified(&self, notified: &Notified) {
         let metrics = &self.inner.metrics;
         match notified {
-            Notified::Enqueued(_) => {
+            Notified::Enqueued(n) => {
+                if *n > 0 {
+                    self.inner.enqueued.notify_waiters();
+                }
                 for channel in &self.inner.settings.channels {
                     metrics
                         .alerts_notifications_enqueued

@@ -537,12 +537,21 @@ pub struct RedisServer {
 
 impl RedisServer {
     pub fn start(password: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("selfheal-redis-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("selfheal-redis-")
+            .tempdir()?;
         let port = free_port()?;
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--requirepass", password, "--save", "", "--appendonly", "no"])
+            .args([
+                "--requirepass",
+                password,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(dir.path())
             .stdin(Stdio::null());

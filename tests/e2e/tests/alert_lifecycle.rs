@@ -1,9 +1,11 @@
 //! The alert manager end to end: a SIGKILL of the demo backend raises a real `target.exited`
 //! alert, seen through the API and through the `selfheal` CLI; the CLI acknowledges it; the
 //! backend's return resolves it by itself; a second crash within the hour opens a second alert
-//! whose notification is throttled; then the daemon itself is killed with SIGKILL and restarted on the
-//! same state directory, and every alert, its history, the audit and the notification outbox
-//! are exactly as before; the surviving alert is then resolved through the CLI.
+//! whose notification is throttled; the first alert's trigger, acknowledgement and resolution
+//! reach a Slack receiver on the loopback, once each, in order; then the daemon itself is
+//! killed with SIGKILL and restarted on the same state directory, and every alert, its history,
+//! the audit and the notification outbox are exactly as before (nothing delivered is sent
+//! again); the surviving alert is then resolved through the CLI.
 
 use std::{process::Command, time::Duration};
 
@@ -11,6 +13,7 @@ use nix::sys::signal::Signal;
 use selfheal_e2e::{
     bin, free_port, require_root, sample, wait_for, Daemon, DemoBackend, PgCluster,
 };
+use selfheal_receivers::HttpRecorder;
 use serde_json::{json, Value};
 
 /// Runs `selfheal ARGS --addr <daemon>` with the daemon's token; exit code, stdout, stderr.
@@ -50,13 +53,14 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     let pg = PgCluster::start().expect("postgres");
     let port = free_port().expect("port");
     let backend = DemoBackend::start(&pg.url(), port).expect("demo backend");
-    // The Slack URL only gives the outbox a channel: delivery is not part of this version, so
-    // nothing is sent to it.
+    // A Slack incoming webhook on the loopback; its path is the secret part of the URL.
+    let slack = HttpRecorder::start().expect("slack receiver");
     let mut daemon = Daemon::start(&format!(
         "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[monitor]\ninterval_ms = 500\n\n\
-         [notifications]\nslack_webhook_url = \"http://127.0.0.1:9/hooks/never-sent\"\n\n\
+         [notifications]\nslack_webhook_url = \"{}\"\n\n\
          [alerts]\nnotify_interval_secs = 3600\n",
-        backend.selector()
+        backend.selector(),
+        slack.url("/services/T0/B0/never-shown")
     ))
     .expect("daemon");
     daemon
@@ -183,9 +187,34 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     assert_eq!(second["last_notified_unix_ms"], Value::Null, "{second}");
     assert_eq!(second["group"]["id"], id2, "{second}");
 
-    let d1 = daemon
-        .api(&format!("/api/v1/system/alerts/{id1}"))
-        .expect("detail 1");
+    // The first alert's three notifications were delivered, in order, once each.
+    let d1 = wait_for(
+        "the first alert's notifications delivered",
+        Duration::from_secs(10),
+        || {
+            let d1 = daemon.api(&format!("/api/v1/system/alerts/{id1}")).ok()?;
+            (strings(&d1["notifications"], "state") == ["delivered"; 3]).then_some(d1)
+        },
+    )
+    .expect("detail 1");
+    let texts: Vec<String> = slack
+        .requests()
+        .iter()
+        .map(|r| {
+            assert_eq!(r.path, "/services/T0/B0/never-shown");
+            r.json().expect("JSON")["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(texts.len(), 3, "{texts:#?}");
+    for (text, word) in texts.iter().zip(["firing", "acknowledged", "resolved"]) {
+        assert!(
+            text.starts_with(&format!("[selfheal] CRITICAL target.exited {word}")),
+            "{texts:#?}"
+        );
+    }
     assert_eq!(d1["alert"]["resolved_by"], "rule", "{d1}");
     assert_eq!(d1["alert"]["acknowledged_by"], "e2e", "{d1}");
     assert_eq!(
@@ -204,12 +233,8 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
         strings(&d1["notifications"], "channel"),
         ["slack", "slack", "slack"]
     );
-    assert_eq!(
-        strings(&d1["notifications"], "state"),
-        ["pending", "pending", "pending"]
-    );
     assert!(
-        !d1.to_string().contains("never-sent"),
+        !d1.to_string().contains("never-shown"),
         "the webhook URL is a secret: {d1}"
     );
     let d2 = daemon
@@ -260,6 +285,8 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
             .expect("detail 1"),
         d1
     );
+    // The restarted daemon's worker sent nothing again.
+    assert_eq!(slack.count(), 3);
     assert_eq!(
         daemon
             .api(&format!("/api/v1/system/alerts/{id2}"))
