@@ -201,7 +201,8 @@ pub fn specs(config: &Config) -> Vec<Spec> {
     let mut specs: Vec<Spec> = config.checks.iter().map(Spec::from_check).collect();
     let configured_url = |specs: &[Spec], kind: CheckKind, url: &str| {
         specs.iter().any(|s| {
-            s.kind == kind
+            s.origin == Origin::Configured
+                && s.kind == kind
                 && match &s.target {
                     Target::Http(h) => h.url.expose() == url,
                     Target::Postgres(u) | Target::Redis(u) => u.expose() == url,

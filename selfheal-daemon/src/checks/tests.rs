@@ -40,6 +40,11 @@ name = "shop"
 hosts = ["shop.example"]
 health_url = "http://127.0.0.1:2/health"
 
+[[platforms]]
+name = "crm-eu"
+hosts = ["eu.crm.example"]
+health_url = "http://127.0.0.1:1/health"
+
 [[checks]]
 name = "shop-api"
 kind = "http"
@@ -59,10 +64,18 @@ headers = { Authorization = "env:PROVIDER_TOKEN", X-Plain = "yes" }
     );
     let specs = specs(&all);
     let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-    // The shop's health URL is already checked by `shop-api`: no second check.
+    // The shop's health URL is already checked by `shop-api`: no second check. Two platforms
+    // sharing a URL get a check each, so each platform's alert carries its name.
     assert_eq!(
         names,
-        ["shop-api", "provider", "crm health", "database", "redis"]
+        [
+            "shop-api",
+            "provider",
+            "crm health",
+            "crm-eu health",
+            "database",
+            "redis"
+        ]
     );
     let crm = &specs[2];
     assert_eq!(crm.origin, Origin::PlatformHealth);
@@ -76,8 +89,8 @@ headers = { Authorization = "env:PROVIDER_TOKEN", X-Plain = "yes" }
         specs[1].endpoint(),
         "https://api.provider.example/v1/status"
     );
-    assert_eq!(specs[3].endpoint(), "postgres://127.0.0.1:5432/app");
-    assert_eq!(specs[4].endpoint(), "redis://127.0.0.1:6379/0");
+    assert_eq!(specs[4].endpoint(), "postgres://127.0.0.1:5432/app");
+    assert_eq!(specs[5].endpoint(), "redis://127.0.0.1:6379/0");
     // The provider's token variable is unset: the check cannot run, and says why.
     let why = specs[1].misconfigured.as_deref().expect("misconfigured");
     assert!(why.contains("PROVIDER_TOKEN"), "{why}");

@@ -47,6 +47,8 @@ impl Request {
 
 struct Shared {
     requests: Log<Request>,
+    /// The requests answered with a 2xx status: what a sender may count as delivered.
+    accepted: Log<Request>,
     answer: Mutex<(u16, String)>,
     /// While true, requests are recorded but not answered.
     held: tokio::sync::watch::Sender<bool>,
@@ -71,6 +73,7 @@ impl HttpRecorder {
     pub fn start_answering(status: u16, body: &str) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             requests: Log::new("requests"),
+            accepted: Log::new("accepted requests"),
             answer: Mutex::new((status, body.to_owned())),
             held: tokio::sync::watch::Sender::new(false),
         });
@@ -111,6 +114,11 @@ impl HttpRecorder {
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<Request> {
         self.shared.requests.snapshot()
+    }
+
+    /// The requests answered with a 2xx status, in the order they were answered.
+    pub fn accepted(&self) -> Vec<Request> {
+        self.shared.accepted.snapshot()
     }
 
     /// How many requests arrived (answered or being answered).
@@ -167,7 +175,7 @@ async fn answer(
     else {
         return Ok(status(StatusCode::BAD_REQUEST, "cannot read the body"));
     };
-    shared.requests.push(Request {
+    let request = Request {
         method: parts.method.to_string(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().map(str::to_owned),
@@ -182,7 +190,8 @@ async fn answer(
             })
             .collect(),
         body: body.to_vec(),
-    });
+    };
+    shared.requests.push(request.clone());
     let mut held = shared.held.subscribe();
     // The sender lives in `shared`, which this task holds: the channel cannot close.
     let _ = held.wait_for(|held| !*held).await;
@@ -192,6 +201,9 @@ async fn answer(
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
     let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if code.is_success() {
+        shared.accepted.push(request);
+    }
     Ok(status(code, &text))
 }
 
