@@ -368,6 +368,9 @@ pub struct MonitorConfig {
     /// Fewer requests (or queries) than this in the window say nothing about latency or
     /// errors: the rules count such a sample as healthy.
     pub min_requests: u64,
+    /// A request waiting this long with no response of any kind sent since it arrived means
+    /// the target is not answering.
+    pub not_answering_secs: u64,
 }
 
 impl Default for MonitorConfig {
@@ -383,6 +386,7 @@ impl Default for MonitorConfig {
             error_rate_critical_percent: 5.0,
             traffic_window_secs: 60,
             min_requests: 20,
+            not_answering_secs: 30,
         }
     }
 }
@@ -1101,6 +1105,11 @@ impl Config {
                 && monitor.error_rate_critical_percent >= monitor.error_rate_warning_percent,
             "monitor.error_rate_critical_percent",
             "must be in (0, 100] and at least error_rate_warning_percent",
+        );
+        check(
+            (1..=86_400).contains(&monitor.not_answering_secs),
+            "monitor.not_answering_secs",
+            "must be between 1 and 86400",
         );
         check(
             (10..=86_400).contains(&monitor.traffic_window_secs),

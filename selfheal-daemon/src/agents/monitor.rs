@@ -19,6 +19,9 @@
 //! alert changes severity); `db.query_slow` (warning) when the p95 of all the target's queries
 //! is over `db_query_threshold_ms`. A window with fewer than `min_requests` requests (or
 //! queries) counts as healthy. Each needs `consecutive_samples` in a row, with hysteresis.
+//! `target.not_answering` (critical) when a request has waited over `not_answering_secs` and
+//! the target has started no response to anyone since it arrived (a hung target, not one slow
+//! request; a service whose only traffic is one long stream looks the same).
 //!
 //! A rule's first decision after the agent starts is always published, "cleared" included:
 //! the alert manager keeps alerts across restarts, and an alert restored from the state DB
@@ -192,6 +195,7 @@ type AlertChange = (&'static str, Labels, Severity, bool, String);
 struct TrafficRules {
     platforms: HashMap<String, PlatformRules>,
     queries: Threshold,
+    not_answering: Threshold,
 }
 
 #[derive(Debug, Default)]
@@ -301,6 +305,29 @@ fn traffic_changes(
                 None => {}
             }
         }
+    }
+
+    let waited = health.unanswered_for_secs.unwrap_or(0.0);
+    let limit = monitor.not_answering_secs as f64;
+    match rules.not_answering.observe(waited, limit, needed) {
+        Change::Fired => changes.push((
+            "target.not_answering",
+            Labels::new(),
+            Severity::Critical,
+            true,
+            format!(
+                "the target has answered nothing for {waited:.0} s: {} requests waiting (over {limit:.0} s)",
+                health.unanswered
+            ),
+        )),
+        Change::Cleared => changes.push((
+            "target.not_answering",
+            Labels::new(),
+            Severity::Critical,
+            false,
+            "the target answers again".to_owned(),
+        )),
+        Change::None => {}
     }
 
     let enough = health.queries >= monitor.min_requests;
@@ -672,6 +699,8 @@ error_rate_critical_percent = 50.0
                 .collect(),
             queries,
             query_p95_ms: Some(query_p95),
+            unanswered: 0,
+            unanswered_for_secs: None,
         }
     }
 
@@ -701,8 +730,9 @@ error_rate_critical_percent = 50.0
         );
         assert!(traffic_changes(&mut rules, &config, &healthy).is_empty());
         let first = summary(&traffic_changes(&mut rules, &config, &healthy));
-        // Two rules for each platform (and `other`), one for the queries: all cleared.
-        assert_eq!(first.len(), 7, "{first:?}");
+        // Two rules for each platform (and `other`), one for a hung target, one for the
+        // queries: all cleared.
+        assert_eq!(first.len(), 8, "{first:?}");
         assert!(first.iter().all(|c| !c.3), "{first:?}");
         for _ in 0..20 {
             assert!(traffic_changes(&mut rules, &config, &healthy).is_empty());
@@ -790,6 +820,35 @@ error_rate_critical_percent = 50.0
                 ("db.query_slow", String::new(), Severity::Warning, false),
             ]
         );
+    }
+
+    #[test]
+    fn a_hung_target_is_not_answering() {
+        let config = traffic_config();
+        let mut rules = TrafficRules::default();
+        let mut hung = traffic(&[], 0, 0.0);
+        hung.unanswered = 4;
+        hung.unanswered_for_secs = Some(45.0);
+        assert!(traffic_changes(&mut rules, &config, &hung)
+            .iter()
+            .all(|c| c.0 != "target.not_answering"));
+        let fired = traffic_changes(&mut rules, &config, &hung);
+        let hang = fired
+            .iter()
+            .find(|c| c.0 == "target.not_answering")
+            .expect("fired");
+        assert_eq!((hang.2, hang.3), (Severity::Critical, true));
+        assert_eq!(
+            hang.4,
+            "the target has answered nothing for 45 s: 4 requests waiting (over 30 s)"
+        );
+        // Waiting, but not that long (a slow request among answered ones reads as 0).
+        let answering = traffic(&[], 0, 0.0);
+        traffic_changes(&mut rules, &config, &answering);
+        let cleared = traffic_changes(&mut rules, &config, &answering);
+        assert!(cleared
+            .iter()
+            .any(|c| c.0 == "target.not_answering" && !c.3));
     }
 
     #[test]

@@ -145,6 +145,8 @@ struct Tables {
     realtime_offset_ns: i64,
     /// The newest monotonic timestamp seen.
     now_ns: u64,
+    /// When the target last started an HTTP response (monotonic ns; 0: never seen).
+    last_response_ns: u64,
 }
 
 impl Tables {
@@ -160,6 +162,7 @@ impl Tables {
             recent_queries: VecDeque::with_capacity(RECENT),
             in_flight: Vec::new(),
             queries_in_flight: 0,
+            last_response_ns: 0,
             realtime_offset_ns: 0,
             now_ns: 0,
         }

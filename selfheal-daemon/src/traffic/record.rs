@@ -219,6 +219,7 @@ impl Recorder {
             })
             .observe(seconds);
 
+        tables.last_response_ns = tables.last_response_ns.max(exchange.response_start_ns);
         let at_ms = tables.unix_ms(exchange.response_start_ns);
         let store = view.store();
         let labels = [

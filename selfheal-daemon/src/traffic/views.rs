@@ -171,6 +171,10 @@ pub struct TrafficHealth {
     pub platforms: Vec<(String, Figures)>,
     pub queries: u64,
     pub query_p95_ms: Option<f64>,
+    /// Requests in flight that arrived after the target's last response.
+    pub unanswered: usize,
+    /// How long the oldest of them has waited: the target has answered nothing since.
+    pub unanswered_for_secs: Option<f64>,
 }
 
 impl TrafficView {
@@ -204,10 +208,27 @@ impl TrafficView {
                 }
             }
         });
+        let (unanswered, unanswered_for_secs) = {
+            let tables = self.lock();
+            let now_ns = tables.now_ns.max(super::record::monotonic_ns());
+            let waiting: Vec<u64> = tables
+                .in_flight
+                .iter()
+                .map(|request| request.start_ns)
+                .filter(|&start| start > tables.last_response_ns)
+                .collect();
+            let oldest = waiting.iter().min().copied();
+            (
+                waiting.len(),
+                oldest.map(|start| now_ns.saturating_sub(start) as f64 * 1e-9),
+            )
+        };
         TrafficHealth {
             platforms,
             queries: sketch.count(),
             query_p95_ms: sketch.quantile(0.95).map(round_ms),
+            unanswered,
+            unanswered_for_secs,
         }
     }
 

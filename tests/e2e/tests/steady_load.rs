@@ -3,7 +3,8 @@
 //! second, raises no alert at all — while every rule had data to judge (each platform's
 //! requests are in the store, every check ran). Then the backend answers 500 to every API
 //! request: the platforms' `http.error_rate` alerts fire, critical, from the same traffic
-//! rules, so the quiet before was not a rule that never looks.
+//! rules, so the quiet before was not a rule that never looks. Last, the backend hangs:
+//! `target.not_answering` fires, and clears when it answers again.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -128,7 +129,7 @@ fn a_healthy_backend_under_steady_load_raises_no_alert() {
     let port = free_port().expect("port");
     let backend = DemoBackend::start(&pg.url(), port).expect("demo backend");
     let extra = format!(
-        "\n[monitor]\ninterval_ms = 1000\n\n[database]\nurl = \"{}\"\n{}",
+        "\n[monitor]\ninterval_ms = 1000\nnot_answering_secs = 5\n\n[database]\nurl = \"{}\"\n{}",
         pg.url(),
         PLATFORMS.replace("HEALTH", &backend.url("/health"))
     );
@@ -245,4 +246,49 @@ fn a_healthy_backend_under_steady_load_raises_no_alert() {
         let message = alert["message"].as_str().unwrap_or_default();
         assert!(message.contains("answered 5xx"), "{alert}");
     }
+
+    // The backend hangs: requests wait and nothing is answered.
+    backend.fault("clear").expect("clear the 500s");
+    backend.fault("hang").expect("hang");
+    let waiting: Vec<std::net::TcpStream> = ["leadsite.io", "tackle.io", "videosite.io"]
+        .iter()
+        .map(|host| unanswered(address, host))
+        .collect();
+    let hung = wait_for(
+        "the target.not_answering alert",
+        Duration::from_secs(30),
+        || {
+            all_alerts(&daemon)
+                .into_iter()
+                .find(|a| a["rule"] == "target.not_answering" && a["state"] == "firing")
+        },
+    )
+    .expect("not answering");
+    assert_eq!(hung["severity"], "critical", "{hung}");
+    let message = hung["message"].as_str().unwrap_or_default();
+    assert!(message.contains("3 requests waiting"), "{hung}");
+    backend.fault("clear").expect("clear the hang");
+    wait_for(
+        "target.not_answering resolved",
+        Duration::from_secs(30),
+        || {
+            all_alerts(&daemon)
+                .into_iter()
+                .find(|a| a["id"] == hung["id"] && a["state"] == "resolved")
+        },
+    )
+    .expect("answering again");
+    drop(waiting);
+}
+
+/// Sends a request on a new connection and leaves it waiting for its answer.
+fn unanswered(address: std::net::SocketAddr, host: &str) -> std::net::TcpStream {
+    use std::io::Write as _;
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    write!(
+        stream,
+        "GET /api/v1/campaigns HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n"
+    )
+    .expect("send");
+    stream
 }
