@@ -936,6 +936,30 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Runs the `selfheal` CLI with `args` against this daemon (`--addr`, and its token in
+    /// `SELFHEAL_ADMIN_TOKEN`): exit code, stdout, stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.cli_at(&self.admin.to_string(), args)
+    }
+
+    /// [`Daemon::cli`] with another `--addr` (an address nothing listens on, say).
+    pub fn cli_at(&self, addr: &str, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(bin("selfheal"))
+            .args(args)
+            .args(["--addr", addr])
+            .env(
+                "SELFHEAL_ADMIN_TOKEN",
+                self.token.as_deref().unwrap_or_default(),
+            )
+            .output()
+            .expect("run the selfheal CLI");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     /// Kills the daemon with SIGKILL, as a crash or the OOM killer would (no shutdown of its
     /// own), and waits until it is gone.
     pub fn kill(&mut self) -> Result<()> {

@@ -16,28 +16,6 @@ use selfheal_e2e::{
 use selfheal_receivers::HttpRecorder;
 use serde_json::{json, Value};
 
-/// Runs `selfheal ARGS --addr <daemon>` with the daemon's token; exit code, stdout, stderr.
-fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String, String) {
-    cli_at(daemon, &daemon.admin.to_string(), args)
-}
-
-fn cli_at(daemon: &Daemon, addr: &str, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(bin("selfheal"))
-        .args(args)
-        .args(["--addr", addr])
-        .env(
-            "SELFHEAL_ADMIN_TOKEN",
-            daemon.token.as_deref().expect("harness token"),
-        )
-        .output()
-        .expect("run the selfheal CLI");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
-
 fn strings<'a>(items: &'a Value, field: &str) -> Vec<&'a str> {
     items
         .as_array()
@@ -113,7 +91,7 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     assert_eq!(refused["success"], false);
 
     // The CLI shows it, as text and as the API's JSON.
-    let (code, out, err) = cli(&daemon, &["alerts"]);
+    let (code, out, err) = daemon.cli(&["alerts"]);
     assert_eq!(code, 0, "{out}{err}");
     let row = out
         .lines()
@@ -122,7 +100,7 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     for word in ["firing", "critical", "target.exited", "SIGKILL"] {
         assert!(row.contains(word), "{word} not in {row:?}");
     }
-    let (code, out, err) = cli(&daemon, &["alerts", "--json"]);
+    let (code, out, err) = daemon.cli(&["alerts", "--json"]);
     assert_eq!(code, 0, "{err}");
     let from_cli: Value = serde_json::from_str(&out).expect("JSON");
     assert_eq!(
@@ -131,19 +109,17 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     );
 
     // Acknowledged through the CLI; a second acknowledgement and an unknown id are refused.
-    let (code, out, err) = cli(
-        &daemon,
-        &["ack", &id1_text, "--by", "e2e", "--note", "looking into it"],
-    );
+    let (code, out, err) =
+        daemon.cli(&["ack", &id1_text, "--by", "e2e", "--note", "looking into it"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains(&format!("alert {id1} acknowledged by e2e")),
         "{out}"
     );
-    let (code, _, err) = cli(&daemon, &["ack", &id1_text]);
+    let (code, _, err) = daemon.cli(&["ack", &id1_text]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("409") && err.contains("acknowledged"), "{err}");
-    let (code, _, err) = cli(&daemon, &["ack", "999999"]);
+    let (code, _, err) = daemon.cli(&["ack", "999999"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("404"), "{err}");
     assert_eq!(listed("?state=acknowledged"), 1);
@@ -164,7 +140,7 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     assert!(daemon.health().expect("health")["alerts"]
         .as_array()
         .is_some_and(Vec::is_empty));
-    let (code, _, err) = cli(&daemon, &["resolve", &id1_text]);
+    let (code, _, err) = daemon.cli(&["resolve", &id1_text]);
     assert_eq!(code, 1, "resolving a resolved alert is refused: {err}");
     assert!(err.contains("409"), "{err}");
     let (status, refused) = daemon
@@ -335,12 +311,12 @@ fn alerts_are_raised_acknowledged_resolved_and_survive_a_sigkill_of_the_daemon()
     assert_eq!(history["total"], 2);
     assert_eq!(history["alerts"].as_array().map(Vec::len), Some(1));
     assert_eq!(history["alerts"][0]["id"], id2);
-    let (code, out, _) = cli(&daemon, &["alerts"]);
+    let (code, out, _) = daemon.cli(&["alerts"]);
     assert_eq!(code, 0);
     assert!(out.starts_with("no alerts match"), "{out}");
 
     // A daemon that is not there: exit 69.
     let nowhere = format!("127.0.0.1:{}", free_port().expect("port"));
-    let (code, _, err) = cli_at(&daemon, &nowhere, &["alerts"]);
+    let (code, _, err) = daemon.cli_at(&nowhere, &["alerts"]);
     assert_eq!(code, 69, "{err}");
 }

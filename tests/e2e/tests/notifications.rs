@@ -10,9 +10,9 @@
 //!   alerts and every undelivered notification are still there, and once the receivers
 //!   recover each notification is delivered exactly once.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
-use selfheal_e2e::{bin, free_port, require_root, wait_for, Daemon, DemoBackend, PgCluster};
+use selfheal_e2e::{free_port, require_root, wait_for, Daemon, DemoBackend, PgCluster};
 use selfheal_receivers::{HttpRecorder, SmtpFailure, SmtpRecorder};
 use serde_json::Value;
 
@@ -93,23 +93,6 @@ fn active(daemon: &Daemon) -> Vec<Value> {
         .ok()
         .and_then(|data| data["alerts"].as_array().cloned())
         .unwrap_or_default()
-}
-
-fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
-    let output = Command::new(bin("selfheal"))
-        .args(args)
-        .args(["--addr", &daemon.admin.to_string()])
-        .env(
-            "SELFHEAL_ADMIN_TOKEN",
-            daemon.token.as_deref().expect("harness token"),
-        )
-        .output()
-        .expect("run the selfheal CLI");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned()
-            + &String::from_utf8_lossy(&output.stderr),
-    )
 }
 
 /// Waits until the check has failed `n` times in a row.
@@ -194,8 +177,8 @@ fn a_failing_health_url_notifies_each_channel_once_and_closes_the_page() {
     assert_eq!(receivers.accepted(), [1, 1, 1, 1]);
 
     // Acknowledged through the CLI: each channel hears of it.
-    let (code, out) = cli(&daemon, &["ack", &id.to_string(), "--by", "ana"]);
-    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = daemon.cli(&["ack", &id.to_string(), "--by", "ana"]);
+    assert_eq!(code, 0, "{out}{err}");
     assert_eq!(receivers.wait_accepted(2), [2, 2, 2, 2]);
     let pd = receivers.pagerduty.accepted()[1].json().expect("pd json");
     assert_eq!(pd["event_action"], "acknowledge", "{pd}");
@@ -241,8 +224,8 @@ fn a_failing_health_url_notifies_each_channel_once_and_closes_the_page() {
     let second_id = second["id"].as_i64().expect("id");
     assert_ne!(second_id, id);
     failed_runs(&daemon, check, 6);
-    let (code, out) = cli(&daemon, &["resolve", &second_id.to_string(), "--by", "ana"]);
-    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = daemon.cli(&["resolve", &second_id.to_string(), "--by", "ana"]);
+    assert_eq!(code, 0, "{out}{err}");
     let detail = daemon
         .api(&format!("/api/v1/system/alerts/{second_id}"))
         .expect("detail");
