@@ -601,7 +601,11 @@ async fn run_one(
             () = tokio::time::sleep_until(next) => None,
             request = requests.recv() => request,
         };
-        let probed = probe::run(spec, client).await;
+        // A run in progress does not hold up shutdown.
+        let probed = tokio::select! {
+            () = cancel.cancelled() => return,
+            probed = probe::run(spec, client) => probed,
+        };
         let now = checks.now();
         let latest = {
             let mut latest = slot.latest.lock().unwrap_or_else(PoisonError::into_inner);

@@ -578,3 +578,39 @@ async fn a_check_that_stops_running_is_stale() {
         .is_stale(spec, &latest, ran_at + 2 * interval + 1));
     running.stop().await;
 }
+
+#[tokio::test]
+async fn a_hung_check_delays_no_other() {
+    // A server that accepts and never answers: the `hung` check waits its whole timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_address = silent.local_addr().expect("address");
+    let _holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let (web, _server) = web(Arc::new(AtomicU16::new(200))).await;
+    let text = [
+        http(
+            "hung",
+            &format!("http://{silent_address}/"),
+            "timeout_ms = 5000",
+        ),
+        http("fast", &format!("http://{web}/ok"), ""),
+    ]
+    .concat();
+    let running = start(&config(&text, &[]), tempfile::tempdir().expect("dir"));
+    // The hung check's first run is under way (it starts with the runner); the fast one runs
+    // on demand, twice, and answers while the hung one has still not finished its first.
+    for _ in 0..2 {
+        let results = running.checks.run_now(Some("fast")).await.expect("run");
+        assert_eq!(results[0].1.status, CheckStatus::Healthy);
+    }
+    let hung = running.checks.inner.slots[0].latest();
+    assert_eq!(hung.last_run_ms, None, "{hung:?}");
+    assert_eq!(hung.message.as_deref(), Some("not run yet"));
+    running.stop().await;
+}
