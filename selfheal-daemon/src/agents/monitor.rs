@@ -833,13 +833,13 @@ error_rate_critical_percent = 50.0
             .iter()
             .all(|c| c.0 != "target.not_answering"));
         let fired = traffic_changes(&mut rules, &config, &hung);
-        let hang = fired
+        let alert = fired
             .iter()
             .find(|c| c.0 == "target.not_answering")
             .expect("fired");
-        assert_eq!((hang.2, hang.3), (Severity::Critical, true));
+        assert_eq!((alert.2, alert.3), (Severity::Critical, true));
         assert_eq!(
-            hang.4,
+            alert.4,
             "the target has answered nothing for 45 s: 4 requests waiting (over 30 s)"
         );
         // Waiting, but not that long (a slow request among answered ones reads as 0).

@@ -108,6 +108,23 @@ impl DockerEngine {
             .map(|_| ())
     }
 
+    /// Imports the busybox image (as `selfheal-test:latest`) and runs container `name`
+    /// sleeping for an hour; its process id. busybox `sleep` as PID 1 ignores SIGTERM, so a
+    /// `docker restart -t 1` kills it after the second.
+    pub fn start_sleeper(&self, name: &str) -> Result<u32> {
+        self.import_busybox("selfheal-test:latest")?;
+        self.docker(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "selfheal-test:latest",
+            "/bin/sleep",
+            "3600",
+        ])?;
+        self.pid(name)
+    }
+
     /// `State.Pid` of a container (0 when it is not running).
     pub fn pid(&self, container: &str) -> Result<u32> {
         let out = self.docker(&["inspect", "-f", "{{.State.Pid}}", container])?;

@@ -1227,6 +1227,50 @@ fn pids_below(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// A v1 `memory` + `cpu` cgroup pair (this machine's layout) named `selfheal-test-<label>-<pid>`
+/// holding one process; its processes are killed and the pair removed on drop.
+pub struct V1Cgroup {
+    pub name: String,
+}
+
+impl V1Cgroup {
+    /// Creates the pair and moves `pid` into both. Fails (saying so) on a host without the v1
+    /// memory controller.
+    pub fn create(label: &str, pid: u32) -> Result<Self> {
+        let this = Self {
+            name: format!("selfheal-test-{label}-{}", std::process::id()),
+        };
+        let memory = this.dir("memory");
+        if !memory
+            .parent()
+            .is_some_and(|p| p.join("memory.limit_in_bytes").exists())
+        {
+            bail!("this test needs the cgroup v1 memory controller at /sys/fs/cgroup/memory");
+        }
+        for controller in ["memory", "cpu"] {
+            let dir = this.dir(controller);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+                .with_context(|| format!("moving {pid} into {}", dir.display()))?;
+        }
+        Ok(this)
+    }
+
+    /// The pair's directory of `controller` (`memory` or `cpu`).
+    pub fn dir(&self, controller: &str) -> PathBuf {
+        PathBuf::from("/sys/fs/cgroup")
+            .join(controller)
+            .join(&self.name)
+    }
+}
+
+impl Drop for V1Cgroup {
+    fn drop(&mut self) {
+        kill_cgroup(&self.name);
+        remove_cgroup(&self.name);
+    }
+}
+
 /// SIGKILLs every process in cgroup `group` and below, in every hierarchy, until none is left.
 pub fn kill_cgroup(group: &str) {
     for _ in 0..100 {

@@ -21,50 +21,32 @@ use selfheal_daemon::{
     probes::cgroup::Version,
 };
 use selfheal_e2e::{
-    docker::DockerEngine, kill_cgroup, remove_cgroup, require_root, systemd::SystemdUser, wait_for,
-    PgCluster,
+    docker::DockerEngine, require_root, systemd::SystemdUser, wait_for, PgCluster, V1Cgroup,
 };
 
 /// A v1 `memory` + `cpu` cgroup pair holding one `sleep`, removed on drop.
 struct TestCgroup {
-    name: String,
     sleeper: Child,
+    cgroup: V1Cgroup,
 }
 
 impl TestCgroup {
     fn create() -> Self {
-        let name = format!("selfheal-test-act-{}", std::process::id());
         let sleeper = Command::new("sleep").arg("120").spawn().expect("sleep");
-        let this = Self { name, sleeper };
-        let memory = this.dir("memory");
-        assert!(
-            memory
-                .parent()
-                .is_some_and(|p| p.join("memory.limit_in_bytes").exists()),
-            "this test needs the cgroup v1 memory controller at /sys/fs/cgroup/memory"
-        );
-        for controller in ["memory", "cpu"] {
-            let dir = this.dir(controller);
-            std::fs::create_dir_all(&dir).expect("cgroup");
-            std::fs::write(dir.join("cgroup.procs"), this.sleeper.id().to_string())
-                .expect("move the process in");
-        }
-        this
+        let cgroup = V1Cgroup::create("act", sleeper.id()).expect("v1 cgroup");
+        Self { sleeper, cgroup }
     }
 
     fn dir(&self, controller: &str) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup")
-            .join(controller)
-            .join(&self.name)
+        self.cgroup.dir(controller)
     }
 }
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
+        // Then the cgroup pair goes (its own drop).
         let _ = self.sleeper.kill();
         let _ = self.sleeper.wait();
-        kill_cgroup(&self.name);
-        remove_cgroup(&self.name);
     }
 }
 
@@ -358,22 +340,8 @@ fn a_systemd_unit_is_restarted_resized_and_killed_over_dbus() {
 fn a_container_is_restarted_resized_and_its_exit_read_through_the_engine_api() {
     require_root();
     let engine = DockerEngine::start().expect("dockerd");
-    engine
-        .import_busybox("selfheal-test:latest")
-        .expect("image");
     let name = format!("selfheal-act-{}", std::process::id());
-    engine
-        .docker(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "selfheal-test:latest",
-            "/bin/sleep",
-            "3600",
-        ])
-        .expect("run");
-    let first = engine.pid(&name).expect("pid");
+    let first = engine.start_sleeper(&name).expect("a sleeping container");
     let socket = engine.socket();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
 

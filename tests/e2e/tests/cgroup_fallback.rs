@@ -2,57 +2,24 @@
 //! cgroup's memory limit, usage and CPU throttling reach `/metrics`, the monitor raises and
 //! clears a memory alert, and a kill is still seen, through the pidfd.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use selfheal_e2e::{
-    free_port, kill_cgroup, remove_cgroup, require_root, sample, wait_for, Daemon, DemoBackend,
-    PgCluster,
+    free_port, require_root, sample, wait_for, Daemon, DemoBackend, PgCluster, V1Cgroup,
 };
 
 const LIMIT: u64 = 256 << 20;
 
-/// A v1 `memory` + `cpu` cgroup pair (this machine's layout), removed on drop.
-struct TestCgroup {
-    name: String,
-}
-
-impl TestCgroup {
-    fn create(pid: u32) -> Self {
-        let name = format!("selfheal-test-cg-{}", std::process::id());
-        let this = Self { name };
-        let memory = this.dir("memory");
-        let cpu = this.dir("cpu");
-        assert!(
-            memory
-                .parent()
-                .is_some_and(|p| p.join("memory.limit_in_bytes").exists()),
-            "this test needs the cgroup v1 memory controller at /sys/fs/cgroup/memory"
-        );
-        std::fs::create_dir_all(&memory).expect("memory cgroup");
-        std::fs::create_dir_all(&cpu).expect("cpu cgroup");
-        std::fs::write(memory.join("memory.limit_in_bytes"), LIMIT.to_string())
-            .expect("memory limit");
-        std::fs::write(cpu.join("cpu.cfs_period_us"), "100000").expect("cfs period");
-        std::fs::write(cpu.join("cpu.cfs_quota_us"), "20000").expect("20 % CPU quota");
-        for dir in [&memory, &cpu] {
-            std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("move the backend in");
-        }
-        this
-    }
-
-    fn dir(&self, controller: &str) -> PathBuf {
-        PathBuf::from("/sys/fs/cgroup")
-            .join(controller)
-            .join(&self.name)
-    }
-}
-
-impl Drop for TestCgroup {
-    fn drop(&mut self) {
-        kill_cgroup(&self.name);
-        remove_cgroup(&self.name);
-    }
+/// The backend in a v1 cgroup pair with a memory limit and a 20 % CPU quota.
+fn limited_cgroup(pid: u32) -> V1Cgroup {
+    let cgroup = V1Cgroup::create("cg", pid).expect("v1 cgroup");
+    let memory = cgroup.dir("memory");
+    let cpu = cgroup.dir("cpu");
+    std::fs::write(memory.join("memory.limit_in_bytes"), LIMIT.to_string()).expect("memory limit");
+    std::fs::write(cpu.join("cpu.cfs_period_us"), "100000").expect("cfs period");
+    std::fs::write(cpu.join("cpu.cfs_quota_us"), "20000").expect("20 % CPU quota");
+    cgroup
 }
 
 #[test]
@@ -60,7 +27,7 @@ fn a_cgroup_target_without_ebpf_reports_limits_throttling_alerts_and_exits() {
     require_root();
     let pg = PgCluster::start().expect("postgres");
     let backend = DemoBackend::start(&pg.url(), free_port().expect("port")).expect("demo backend");
-    let cgroup = TestCgroup::create(backend.proc.pid());
+    let cgroup = limited_cgroup(backend.proc.pid());
     let daemon = Daemon::start(&format!(
         "[target]\ncgroup = \"{}\"\npoll_interval_ms = 100\n\n[probes]\nebpf = false\n\n\
          [monitor]\ninterval_ms = 300\nmemory_threshold_percent = 30.0\nconsecutive_samples = 2\n",

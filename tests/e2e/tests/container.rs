@@ -10,22 +10,8 @@ use selfheal_e2e::{docker::DockerEngine, require_root, wait_for, Daemon};
 fn a_container_is_found_through_the_engine_api_and_followed_across_restarts() {
     require_root();
     let engine = DockerEngine::start().expect("dockerd");
-    engine
-        .import_busybox("selfheal-test:latest")
-        .expect("image");
     let name = format!("selfheal-backend-{}", std::process::id());
-    engine
-        .docker(&[
-            "run",
-            "-d",
-            "--name",
-            &name,
-            "selfheal-test:latest",
-            "/bin/sleep",
-            "3600",
-        ])
-        .expect("run");
-    let first = engine.pid(&name).expect("pid");
+    let first = engine.start_sleeper(&name).expect("a sleeping container");
     assert_ne!(first, 0);
 
     let daemon = Daemon::start(&format!(

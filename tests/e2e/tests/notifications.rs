@@ -6,7 +6,7 @@
 //!   notification per channel; it keeps failing: nothing more; `selfheal ack` sends the
 //!   acknowledgements; it recovers: the resolutions. A second failure within the hour opens a
 //!   new alert whose trigger is throttled; `selfheal resolve` closes it without a word sent.
-//! - every receiver fails while two alerts fire; the daemon is SIGKILLed and restarted: both
+//! - every receiver fails while two alerts fire; the daemon is killed (SIGKILL) and restarted: both
 //!   alerts and every undelivered notification are still there, and once the receivers
 //!   recover each notification is delivered exactly once.
 
