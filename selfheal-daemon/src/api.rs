@@ -466,7 +466,15 @@ async fn run_checks(State(state): State<Arc<ApiState>>, body: Bytes) -> Response
     } else {
         match serde_json::from_slice(&body) {
             Ok(body) => body,
-            Err(err) => return error(StatusCode::BAD_REQUEST, format!("invalid body: {err}")),
+            Err(err) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "invalid body: expected {{}} or {{\"name\": \"<check>\"}} ({})",
+                        err.to_string().replace("struct RunBody", "an object")
+                    ),
+                )
+            }
         }
     };
     match state.checks.run_now(body.name.as_deref()).await {

@@ -138,6 +138,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let (checks, checks_runner) =
         Checks::new(checks::specs(&config), db.clone(), alerts::system_clock());
     tracing::info!(checks = checks.len(), "integration checks configured");
+    for signal in checks.orphaned(&alert_manager.active()) {
+        tracing::info!(rule = %signal.rule, labels = ?signal.labels, "resolving the alert of a check that no longer runs");
+        alert_manager.signal(signal).await;
+    }
     // Delivery degrades rather than stops the daemon: without it, notifications wait in the
     // outbox for a restart that can send them.
     let notifier = match Notifier::new(

@@ -1137,10 +1137,17 @@ impl Config {
             if platform.error_rate_critical_percent.is_some()
                 || platform.error_rate_warning_percent.is_some()
             {
+                let inherited = if platform.error_rate_critical_percent.is_none() {
+                    " (inherited from monitor.error_rate_critical_percent)"
+                } else {
+                    ""
+                };
                 check(
                     percent_ok(critical) && critical >= warning,
                     &at("error_rate_critical_percent"),
-                    "must be in (0, 100] and at least the platform's warning percent",
+                    &format!(
+                        "{critical}{inherited} must be in (0, 100] and at least the platform's warning percent {warning}"
+                    ),
                 );
             }
         }
@@ -1206,6 +1213,11 @@ impl Config {
                 "must not be empty",
             );
             check(
+                is_label_safe(&platform.name),
+                &at("name"),
+                "must be at most 100 characters without quotes, backslashes or control characters (it is a metric label)",
+            );
+            check(
                 names.insert(platform.name.as_str()),
                 &at("name"),
                 "duplicate platform name",
@@ -1234,6 +1246,11 @@ impl Config {
             let at = |key: &str| format!("checks[{i}].{key}");
             check(!c.name.trim().is_empty(), &at("name"), "must not be empty");
             check(
+                is_label_safe(&c.name),
+                &at("name"),
+                "must be at most 100 characters without quotes, backslashes or control characters (it is a metric label)",
+            );
+            check(
                 check_names.insert(c.name.as_str()),
                 &at("name"),
                 "duplicate check name",
@@ -1246,11 +1263,14 @@ impl Config {
                 ),
                 CheckKind::Postgres => check(
                     c.url.as_ref().is_some_and(|u| {
-                        u.expose().starts_with("postgres://")
-                            || u.expose().starts_with("postgresql://")
+                        (u.expose().starts_with("postgres://")
+                            || u.expose().starts_with("postgresql://"))
+                            && u.expose()
+                                .parse::<tokio_postgres::Config>()
+                                .is_ok_and(|parsed| !parsed.get_hosts().is_empty())
                     }),
                     &at("url"),
-                    "a postgres check needs a postgres:// url",
+                    "a postgres check needs a valid postgres://user@host:port/database url",
                 ),
                 CheckKind::Redis => check(
                     c.url
@@ -1261,8 +1281,14 @@ impl Config {
                 ),
                 CheckKind::Tcp => check(
                     c.address.as_deref().is_some_and(|a| {
-                        a.rsplit_once(':')
-                            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+                        a.parse::<SocketAddr>().is_ok()
+                            || a.rsplit_once(':').is_some_and(|(host, port)| {
+                                port.parse::<u16>().is_ok_and(|p| p > 0)
+                                    && !host.is_empty()
+                                    && host.chars().all(|ch| {
+                                        ch.is_ascii_alphanumeric() || ch == '.' || ch == '-'
+                                    })
+                            })
                     }),
                     &at("address"),
                     "a tcp check needs an address such as 127.0.0.1:5432",
@@ -1307,6 +1333,32 @@ impl Config {
                     (100..=599).contains(&status),
                     &at("expect_status"),
                     "must be an HTTP status (100-599)",
+                );
+            }
+            check(
+                c.kind == CheckKind::Tcp || c.address.is_none(),
+                &at("address"),
+                "applies to tcp checks only",
+            );
+            check(
+                c.kind != CheckKind::Tcp || c.url.is_none(),
+                &at("url"),
+                "a tcp check takes address, not url",
+            );
+            check(
+                c.kind == CheckKind::Postgres
+                    || (c.max_connections_percent - defaults::max_connections_percent()).abs()
+                        < f64::EPSILON,
+                &at("max_connections_percent"),
+                "applies to postgres checks only",
+            );
+            for (name, value) in &c.headers {
+                check(
+                    value
+                        .strip_prefix("env:")
+                        .is_none_or(|variable| !variable.trim().is_empty()),
+                    &at(&format!("headers.{name}")),
+                    "env: needs a variable name (env:PROVIDER_TOKEN)",
                 );
             }
             let http_only = c.expect_status.is_some()
@@ -1490,6 +1542,15 @@ fn parse_bool(raw: &str) -> Option<bool> {
         "0" | "false" | "no" | "off" => Some(false),
         _ => None,
     }
+}
+
+/// Usable as a metric label value and in an alert key: no quotes, backslashes or control
+/// characters (the OpenMetrics text would need escapes some scrapers get wrong), not too long.
+fn is_label_safe(text: &str) -> bool {
+    text.chars().count() <= 100
+        && !text
+            .chars()
+            .any(|c| c == '"' || c == '\\' || c.is_control())
 }
 
 fn is_http_url(url: &str) -> bool {

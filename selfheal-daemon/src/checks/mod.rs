@@ -395,6 +395,31 @@ impl Checks {
         self.inner.slots.is_empty()
     }
 
+    /// "Cleared" signals for the active check alerts (`check` label) of checks that are no
+    /// longer configured, disabled, or cannot run: nothing would ever clear them otherwise.
+    pub fn orphaned(&self, active: &[crate::alerts::Alert]) -> Vec<crate::alerts::Signal> {
+        active
+            .iter()
+            .filter_map(|alert| {
+                let check = alert.labels.get("check")?;
+                let runs = self.inner.slots.iter().any(|slot| {
+                    &slot.spec.name == check
+                        && slot.spec.enabled
+                        && slot.spec.misconfigured.is_none()
+                });
+                (!runs).then(|| crate::alerts::Signal {
+                    rule: alert.rule.clone(),
+                    labels: alert.labels.clone(),
+                    severity: alert.severity,
+                    message: format!(
+                        "check {check} is no longer configured, is disabled or cannot run"
+                    ),
+                    firing: false,
+                })
+            })
+            .collect()
+    }
+
     /// True when `spec` is enabled and runnable but has not run in twice its interval.
     fn is_stale(&self, spec: &Spec, latest: &Latest, now_ms: i64) -> bool {
         if !spec.enabled || spec.misconfigured.is_some() {
@@ -527,7 +552,9 @@ impl Runner {
         match restored {
             Ok(lasts) => {
                 for (slot, last) in inner.slots.iter().zip(lasts) {
-                    if let (Some(last), true) = (last, slot.spec.enabled) {
+                    // A check that cannot run now shows why, not what it found before.
+                    let runs = slot.spec.enabled && slot.spec.misconfigured.is_none();
+                    if let (Some(last), true) = (last, runs) {
                         let mut latest = slot.latest.lock().unwrap_or_else(PoisonError::into_inner);
                         latest.status = last.status;
                         latest.last_run_ms = Some(last.at_ms);
@@ -544,6 +571,13 @@ impl Runner {
         for slot in &inner.slots {
             if let Some(why) = &slot.spec.misconfigured {
                 tracing::warn!(check = %slot.spec.name, reason = %why, "check cannot run");
+                // Down as far as an alert on `selfheal_check_up == 0` is concerned.
+                metrics
+                    .check_up
+                    .get_or_create(&CheckLabel {
+                        check: slot.spec.name.clone(),
+                    })
+                    .set(0);
             }
         }
         let loops = inner

@@ -167,10 +167,15 @@ async fn attempt(
             for (name, value) in &http.headers {
                 request = request.header(name.as_str(), value.expose());
             }
-            let mut response = request
-                .send()
-                .await
-                .map_err(|e| ProbeError::Http(error_chain(&e.without_url())))?;
+            let mut response = request.send().await.map_err(|e| {
+                let connect = e.is_connect();
+                let text = error_chain(&e.without_url());
+                if connect {
+                    ProbeError::Connect(text)
+                } else {
+                    ProbeError::Http(text)
+                }
+            })?;
             let elapsed = started.elapsed();
             let status = response.status();
             let expected_ok = match http.expect_status {
@@ -268,9 +273,14 @@ fn check_json(text: &str, field: &str, expected: Option<&str>) -> Result<(), Pro
     if ok {
         Ok(())
     } else {
+        // The body's value, bounded: it goes into alerts, logs and the health log.
+        let mut found: String = value.to_string().chars().take(100).collect();
+        if found.len() < value.to_string().len() {
+            found.push('…');
+        }
         Err(ProbeError::FieldValue {
             field: field.to_owned(),
-            found: value.to_string(),
+            found,
             expected: expected.map_or_else(
                 || "present, not false or null".to_owned(),
                 |e| format!("{e:?}"),
@@ -414,7 +424,8 @@ fn redis_reply(reply: &str) -> String {
     format!("{text:?}")
 }
 
-fn percent_decode(text: &str) -> String {
+/// `%XX` sequences decoded (a URL's user and password); anything else kept.
+pub(crate) fn percent_decode(text: &str) -> String {
     let hex = |b: u8| char::from(b).to_digit(16);
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

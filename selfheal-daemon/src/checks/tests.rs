@@ -135,7 +135,22 @@ kind = "http"
 url = "http://127.0.0.1/"
 json_value = "ok"
 expect_status = 42
-headers = { "bad header" = "x" }
+headers = { "bad header" = "x", X-Key = "env:" }
+address = "127.0.0.1:80"
+[[checks]]
+name = "we\"ird"
+kind = "postgres"
+url = "postgres://app@127.0.0.1:99999/app"
+[[checks]]
+name = "port"
+kind = "tcp"
+address = ":80"
+url = "http://127.0.0.1/"
+max_connections_percent = 50
+[[platforms]]
+name = "shop"
+hosts = ["shop.example"]
+error_rate_warning_percent = 6.0
 "#;
     let problems = parse(text, &Env::default()).expect_err("invalid");
     let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
@@ -147,12 +162,101 @@ headers = { "bad header" = "x" }
         "checks[1].json_value",
         "checks[1].expect_status",
         "checks[1].headers.bad header",
+        "checks[1].headers.X-Key",
+        "checks[1].address",
+        "checks[2].name",
+        "checks[2].url",
+        "checks[3].address",
+        "checks[3].url",
+        "checks[3].max_connections_percent",
+        "platforms[0].error_rate_critical_percent",
     ] {
         assert!(
             paths.contains(&expected),
             "{expected} missing from {paths:?}"
         );
     }
+    let inherited = problems
+        .iter()
+        .find(|p| p.path == "platforms[0].error_rate_critical_percent")
+        .expect("inherited critical");
+    assert!(
+        inherited
+            .message
+            .contains("5 (inherited from monitor.error_rate_critical_percent)"),
+        "{inherited}"
+    );
+}
+
+#[test]
+fn alerts_of_checks_that_no_longer_run_are_cleared_at_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let metrics = Metrics::new();
+    let (db, _thread, _) = state::open(
+        &DbOptions {
+            path: dir.path().join(state::DB_FILE),
+            busy_timeout: Duration::from_secs(1),
+        },
+        metrics,
+    )
+    .expect("open");
+    let config = config(
+        &[
+            http("crm", "http://127.0.0.1:9/", ""),
+            http("off", "http://127.0.0.1:9/", "enabled = false"),
+            http(
+                "nokey",
+                "http://127.0.0.1:9/",
+                "headers = { X-Key = \"env:MISSING_KEY\" }",
+            ),
+        ]
+        .concat(),
+        &[],
+    );
+    let (checks, _runner) = Checks::new(specs(&config), db, system_clock());
+    let alert = |rule: &str, check: &str| crate::alerts::Alert {
+        id: 1,
+        key: String::new(),
+        rule: rule.to_owned(),
+        labels: crate::alerts::Labels::from([("check".to_owned(), check.to_owned())]),
+        platform: None,
+        group_key: "check".to_owned(),
+        group_id: 1,
+        severity: crate::bus::Severity::Critical,
+        state: crate::alerts::AlertState::Firing,
+        message: String::new(),
+        count: 1,
+        first_seen_ms: 0,
+        last_seen_ms: 0,
+        acknowledged_at_ms: None,
+        acknowledged_by: None,
+        resolved_at_ms: None,
+        resolved_by: None,
+        last_notified_ms: None,
+    };
+    let active = [
+        alert("check.down", "crm"),
+        alert("check.down", "gone"),
+        alert("check.slow", "off"),
+        alert("check.down", "nokey"),
+        alert("target.exited", "crm"),
+    ];
+    let cleared: Vec<(String, String)> = checks
+        .orphaned(&active)
+        .into_iter()
+        .map(|s| {
+            assert!(!s.firing);
+            (s.rule, s.labels["check"].clone())
+        })
+        .collect();
+    assert_eq!(
+        cleared,
+        [
+            ("check.down".to_owned(), "gone".to_owned()),
+            ("check.slow".to_owned(), "off".to_owned()),
+            ("check.down".to_owned(), "nokey".to_owned()),
+        ]
+    );
 }
 
 /// A web server with `/ok`, `/slow` (300 ms), `/json` (`{"status": …}`), `/flaky` (answers

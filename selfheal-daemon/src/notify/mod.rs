@@ -29,6 +29,7 @@ mod webhook;
 #[cfg(test)]
 mod tests;
 
+use base64::Engine as _;
 use std::{
     hash::{BuildHasher as _, Hasher as _},
     pin::pin,
@@ -195,6 +196,15 @@ impl Redactor {
                 // user:password@host
                 if let Some((userinfo, _)) = authority.as_str().rsplit_once('@') {
                     self.add(userinfo);
+                    // The client sends it as `Authorization: Basic base64(user:password)`,
+                    // which a receiver may echo in an error body.
+                    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                    let decoded = format!(
+                        "{}:{}",
+                        crate::checks::probe::percent_decode(user),
+                        crate::checks::probe::percent_decode(password)
+                    );
+                    self.add(&base64::engine::general_purpose::STANDARD.encode(decoded));
                 }
             }
         }

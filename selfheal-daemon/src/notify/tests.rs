@@ -281,9 +281,16 @@ fn timestamps_dedup_keys_and_redaction() {
     let redactor = Redactor::from_config(&config);
     let text = redactor.redact(&format!(
         "POST https://hooks.slack.com{SLACK_PATH} failed; {SLACK_PATH}; key {ROUTING_KEY}; \
-         u:pw-in-url; k=qsecret"
+         u:pw-in-url; k=qsecret; echoed auth=Basic dTpwdy1pbi11cmw="
     ));
-    for secret in [SLACK_PATH, ROUTING_KEY, "pw-in-url", "qsecret"] {
+    // `dTpwdy1pbi11cmw=` is base64 of `u:pw-in-url`, as the Authorization header carries it.
+    for secret in [
+        SLACK_PATH,
+        ROUTING_KEY,
+        "pw-in-url",
+        "qsecret",
+        "dTpwdy1pbi11cmw=",
+    ] {
         assert!(!text.contains(secret), "{secret} in {text}");
     }
     assert!(text.contains("***"), "{text}");
