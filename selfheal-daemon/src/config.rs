@@ -486,6 +486,10 @@ pub struct NotificationsConfig {
     pub smtp_port: u16,
     /// `none`, `starttls` (required, not opportunistic) or `tls` (implicit TLS, port 465).
     pub smtp_tls: SmtpTls,
+    /// A PEM bundle of certificates trusted for the relay in addition to the web PKI roots (an
+    /// internal relay with a private CA); only with `smtp_tls` `starttls` or `tls`. Read when
+    /// the email channel is set up.
+    pub smtp_ca_file: Option<PathBuf>,
     pub smtp_username: Option<String>,
     /// `SMTP_PASSWORD`.
     pub smtp_password: Option<Secret>,
@@ -511,6 +515,7 @@ impl Default for NotificationsConfig {
             smtp_host: None,
             smtp_port: 587,
             smtp_tls: SmtpTls::Starttls,
+            smtp_ca_file: None,
             smtp_username: None,
             smtp_password: None,
             webhook_url: None,
@@ -1501,6 +1506,18 @@ impl NotificationsConfig {
             );
         }
         check(self.smtp_port != 0, "smtp_port", "must not be 0");
+        if let Some(path) = &self.smtp_ca_file {
+            check(
+                self.smtp_tls != SmtpTls::None,
+                "smtp_ca_file",
+                "only used with smtp_tls = \"starttls\" or \"tls\"",
+            );
+            check(
+                path.is_absolute(),
+                "smtp_ca_file",
+                "must be an absolute path",
+            );
+        }
         if !self.email_to.is_empty() {
             check(
                 self.smtp_username.is_some() == self.smtp_password.is_some(),
@@ -1821,6 +1838,38 @@ mod tests {
                 "notifications.email_from: required when email_to is set"
             ]
         );
+    }
+
+    #[test]
+    fn smtp_ca_file_needs_tls_and_an_absolute_path() {
+        let found = problems(
+            "[target]\npid = 1\n[notifications]\nsmtp_tls = \"none\"\n\
+             smtp_ca_file = \"relay-ca.pem\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "notifications.smtp_ca_file: only used with smtp_tls = \"starttls\" or \"tls\"",
+                "notifications.smtp_ca_file: must be an absolute path",
+            ]
+        );
+        for tls in ["starttls", "tls"] {
+            let config = parse(
+                &format!(
+                    "[target]\npid = 1\n[notifications]\nsmtp_tls = \"{tls}\"\n\
+                     smtp_ca_file = \"/etc/selfheal/relay-ca.pem\"\n"
+                ),
+                &Env::default(),
+            )
+            .expect(tls);
+            // Validation reads no file: this one need not exist (the email channel reads it).
+            assert_eq!(
+                config.notifications.smtp_ca_file.as_deref(),
+                Some(Path::new("/etc/selfheal/relay-ca.pem"))
+            );
+        }
+        let config = parse("[target]\npid = 1\n", &Env::default()).expect("valid");
+        assert_eq!(config.notifications.smtp_ca_file, None);
     }
 
     #[test]

@@ -1,26 +1,31 @@
 //! Email: one plain-text message per notification to every `notifications.email_to`, from
 //! `email_from`, through the SMTP relay `smtp_host:smtp_port` (lettre's tokio transport over
-//! rustls: `smtp_tls` is `starttls` (required), `tls` (implicit) or `none`; AUTH with
-//! `smtp_username` / `smtp_password` when set). A new connection per message: notifications
-//! are rare, and a pooled connection the relay closed meanwhile would only fail the next one.
-//! A permanent SMTP answer (5xx: a refused sender or recipient, bad credentials) fails the
-//! row at once; anything else (4xx, unreachable, timed out) is retried.
+//! rustls with ring: `smtp_tls` is `starttls` (required: a relay that does not offer it gets
+//! nothing, not even the AUTH), `tls` (implicit) or `none`; AUTH with `smtp_username` /
+//! `smtp_password` when set). The relay's certificate must chain to a web PKI root
+//! (webpki-roots) or to a certificate of `smtp_ca_file`, and name `smtp_host`; a certificate
+//! that does not is a failed attempt, retried like an unreachable relay. A new connection per
+//! message: notifications are rare, and a pooled connection the relay closed meanwhile would
+//! only fail the next one. A permanent SMTP answer (5xx: a refused sender or recipient, bad
+//! credentials) fails the row at once; anything else (4xx, unreachable, timed out, TLS) is
+//! retried.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, path::Path, time::Duration};
 
 use lettre::{
     message::{header::ContentType, Mailbox},
     transport::smtp::{
         authentication::Credentials,
-        client::{Tls, TlsParameters},
+        client::{Certificate, Tls, TlsParameters},
         extension::ClientId,
     },
     AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor,
 };
+use rustls_pki_types::{pem::PemObject as _, CertificateDer};
 
 use super::{
     payload::{rfc3339, Kind, Payload},
-    Failure, NotifyError,
+    CaFileError, Failure, NotifyError,
 };
 use crate::config::{NotificationsConfig, SmtpTls};
 
@@ -58,10 +63,34 @@ impl Mailer {
                 key: "email_to",
                 source,
             })?;
-        let tls = |host: &str| {
-            TlsParameters::new(host.to_owned()).map_err(|source| NotifyError::SmtpTls {
-                host: host.to_owned(),
+        // Trusted in addition to the web PKI roots; read only when TLS will use them.
+        let ca_file = config
+            .smtp_ca_file
+            .as_deref()
+            .filter(|_| config.smtp_tls != SmtpTls::None);
+        let roots = match ca_file {
+            Some(path) => load_roots(path).map_err(|source| NotifyError::SmtpCaFile {
+                path: path.to_owned(),
                 source,
+            })?,
+            None => Vec::new(),
+        };
+        let tls = |host: &str| {
+            let mut parameters = TlsParameters::builder(host.to_owned());
+            for root in &roots {
+                parameters = parameters.add_root_certificate(root.clone());
+            }
+            // rustls explicitly, whatever other backend a feature might bring in.
+            parameters.build_rustls().map_err(|source| match ca_file {
+                // The web PKI roots always load: what fails is one of the file's.
+                Some(path) => NotifyError::SmtpCaFile {
+                    path: path.to_owned(),
+                    source: CaFileError::Unusable(source),
+                },
+                None => NotifyError::SmtpTls {
+                    host: host.to_owned(),
+                    source,
+                },
             })
         };
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
@@ -160,4 +189,20 @@ impl Mailer {
             }
         }
     }
+}
+
+/// The certificates of the PEM bundle at `path` (other sections, such as a key, are skipped).
+fn load_roots(path: &Path) -> Result<Vec<Certificate>, CaFileError> {
+    let pem = std::fs::read(path).map_err(CaFileError::Read)?;
+    let certificates = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CaFileError::Pem)?;
+    if certificates.is_empty() {
+        return Err(CaFileError::NoCertificate);
+    }
+    certificates
+        .into_iter()
+        .map(|der| Certificate::from_der(der.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(CaFileError::Unusable)
 }

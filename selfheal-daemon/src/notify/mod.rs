@@ -97,6 +97,26 @@ pub enum NotifyError {
     },
     #[error("notifications.webhook_headers.{name} cannot be sent as an HTTP header")]
     Header { name: String },
+    #[error("cannot use notifications.smtp_ca_file {}", path.display())]
+    SmtpCaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: CaFileError,
+    },
+}
+
+/// What is wrong with `notifications.smtp_ca_file`, found when the email channel is set up
+/// (config validation reads no files).
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    #[error("cannot read it")]
+    Read(#[source] std::io::Error),
+    #[error("it is not valid PEM")]
+    Pem(#[source] rustls_pki_types::pem::Error),
+    #[error("it holds no certificate (no BEGIN CERTIFICATE section)")]
+    NoCertificate,
+    #[error("a certificate in it cannot be used as a trust anchor")]
+    Unusable(#[source] lettre::transport::smtp::Error),
 }
 
 /// Why an attempt failed, in words free of secrets once through the [`Redactor`].
@@ -268,7 +288,11 @@ pub(crate) struct Round {
 
 impl Notifier {
     /// Sets up the channels that `config` turns on. Only what validation lets through
-    /// reaches here, so an error is a bug or a broken TLS library, not a bad config.
+    /// reaches here, so an error is a bug or a broken TLS library, not a bad config — except
+    /// for `smtp_ca_file`, which is first read here: a file that cannot be read or holds no
+    /// usable certificate is [`NotifyError::SmtpCaFile`], and the daemon then delivers
+    /// nothing (notifications wait in the outbox) rather than send email to a relay it
+    /// cannot verify.
     pub fn new(
         config: &NotificationsConfig,
         settings: Settings,

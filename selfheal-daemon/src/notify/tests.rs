@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use selfheal_receivers::{HttpRecorder, SmtpFailure, SmtpRecorder};
+use selfheal_receivers::{HttpRecorder, SmtpFailure, SmtpRecorder, TestPki};
 
 use super::*;
 use crate::{
@@ -508,6 +508,8 @@ async fn email_goes_to_every_recipient_with_subject_body_and_credentials() {
     assert_eq!(notifier.round(Channel::Email).await.delivered, 1);
     let mails = recorder.messages();
     let mail = &mails[0];
+    // `smtp_tls = "none"`, to a loopback relay: in clear, as configured.
+    assert!(!mail.tls);
     assert_eq!(mail.from, "selfheal@example.com");
     assert_eq!(mail.to, ["ops@example.com", "oncall@example.com"]);
     assert_eq!(
@@ -604,6 +606,216 @@ async fn an_smtp_451_is_retried_and_the_message_sent_once_it_passes() {
     assert_eq!(recorder.messages().len(), 1);
     let row = stored(&db).await.remove(0);
     assert_eq!((row.state.as_str(), row.attempts), ("delivered", 3));
+}
+
+/// Which TLS a relay speaks in the tests below.
+#[derive(Debug, Clone, Copy)]
+enum RelayTls {
+    StartTls,
+    Implicit,
+}
+
+/// A relay with a certificate from a fresh test CA, and that CA written to a file.
+fn tls_relay(f: &Fixture, mode: RelayTls) -> (SmtpRecorder, std::path::PathBuf) {
+    let pki = TestPki::localhost().expect("pki");
+    let recorder = match mode {
+        RelayTls::StartTls => SmtpRecorder::start_starttls(&pki.cert_pem, &pki.key_pem),
+        RelayTls::Implicit => SmtpRecorder::start_implicit_tls(&pki.cert_pem, &pki.key_pem),
+    }
+    .expect("recorder");
+    let ca_file = f.dir.path().join("relay-ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).expect("CA file");
+    (recorder, ca_file)
+}
+
+/// `smtp_tls` with the CA file: the email arrives over TLS, credentials included.
+async fn email_is_delivered_over_tls(mode: RelayTls, smtp_tls: SmtpTls) {
+    let f = Fixture::new();
+    let (recorder, ca_file) = tls_relay(&f, mode);
+    recorder.require_credentials(Some(("selfheal", SMTP_PASSWORD)));
+    let config = NotificationsConfig {
+        smtp_tls,
+        smtp_ca_file: Some(ca_file),
+        ..email_config(&recorder)
+    };
+    let (db, _thread) = f.open();
+    let manager = f.manager(&db, &config).await;
+    let notifier = f.notifier(&db, &config, Duration::from_secs(1));
+    manager
+        .signal(fire("target.exited", &[], Severity::Critical, "exited"))
+        .await;
+    let round = notifier.round(Channel::Email).await;
+    assert_eq!(round.delivered, 1, "{mode:?}: {:#?}", stored(&db).await);
+    let mails = recorder.messages();
+    assert_eq!(mails.len(), 1);
+    let mail = &mails[0];
+    assert!(mail.tls, "{mode:?}: the mail came in clear");
+    assert_eq!(
+        mail.header("subject").as_deref(),
+        Some("[selfheal] CRITICAL target.exited firing")
+    );
+    assert_eq!(mail.to, ["ops@example.com", "oncall@example.com"]);
+    let auth = mail.auth.as_ref().expect("authenticated");
+    assert!(auth.tls && auth.accepted, "{auth:?}");
+    assert_eq!(
+        (auth.username.as_str(), auth.password.as_str()),
+        ("selfheal", SMTP_PASSWORD)
+    );
+    // No AUTH was tried before TLS, and nothing failed on the way.
+    let auths = recorder.authentications();
+    assert!(auths.iter().all(|a| a.tls), "{auths:?}");
+    assert!(recorder.tls_failures().is_empty());
+    let row = stored(&db).await.remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("delivered", 1));
+}
+
+#[tokio::test]
+async fn email_over_starttls_trusts_the_ca_file_and_authenticates_inside_tls() {
+    email_is_delivered_over_tls(RelayTls::StartTls, SmtpTls::Starttls).await;
+}
+
+#[tokio::test]
+async fn email_over_implicit_tls_trusts_the_ca_file_and_authenticates_inside_tls() {
+    email_is_delivered_over_tls(RelayTls::Implicit, SmtpTls::Tls).await;
+}
+
+#[tokio::test]
+async fn a_relay_certificate_from_an_unknown_ca_is_refused_and_retried() {
+    let f = Fixture::new();
+    let (recorder, _ca_file) = tls_relay(&f, RelayTls::StartTls);
+    // Without smtp_ca_file, only the web PKI roots are trusted.
+    let config = NotificationsConfig {
+        smtp_tls: SmtpTls::Starttls,
+        ..email_config(&recorder)
+    };
+    let (db, _thread) = f.open();
+    let manager = f.manager(&db, &config).await;
+    let notifier = f.notifier(&db, &config, Duration::from_secs(1));
+    manager
+        .signal(fire("target.exited", &[], Severity::Critical, "exited"))
+        .await;
+    let round = notifier.round(Channel::Email).await;
+    assert!(round.stopped && round.delivered == 0, "{round:?}");
+    let row = stored(&db).await.remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 1));
+    assert!(row.next_attempt_ms > T0, "{row:?}");
+    let error = row.last_error.expect("error");
+    assert!(
+        error.starts_with("SMTP: ")
+            && error.contains("certificate")
+            && error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    assert!(!error.contains(SMTP_PASSWORD), "{error}");
+    recorder
+        .wait_for_tls_failures(1, WAIT)
+        .await
+        .expect("the handshake was tried and failed");
+    assert!(recorder.authentications().is_empty());
+    assert_eq!(recorder.transactions(), 0);
+    assert!(recorder.messages().is_empty());
+    assert_eq!(f.deliveries("email", "retry"), 1);
+}
+
+#[tokio::test]
+async fn starttls_is_required_a_relay_without_it_gets_nothing_in_clear() {
+    let f = Fixture::new();
+    // A plain-text relay: EHLO does not offer STARTTLS.
+    let recorder = SmtpRecorder::start().expect("recorder");
+    let config = NotificationsConfig {
+        smtp_tls: SmtpTls::Starttls,
+        ..email_config(&recorder)
+    };
+    let (db, _thread) = f.open();
+    let manager = f.manager(&db, &config).await;
+    let notifier = f.notifier(&db, &config, Duration::from_secs(1));
+    manager
+        .signal(fire("target.exited", &[], Severity::Critical, "exited"))
+        .await;
+    assert!(notifier.round(Channel::Email).await.stopped);
+    let row = stored(&db).await.remove(0);
+    assert_eq!((row.state.as_str(), row.attempts), ("pending", 1));
+    let error = row.last_error.expect("error");
+    assert!(error.contains("STARTTLS"), "{error}");
+    assert!(!error.contains(SMTP_PASSWORD), "{error}");
+    // Neither the credentials nor the message went out.
+    assert!(recorder.authentications().is_empty());
+    assert_eq!(recorder.transactions(), 0);
+    assert!(recorder.messages().is_empty());
+}
+
+#[tokio::test]
+async fn an_unusable_smtp_ca_file_fails_the_email_setup_with_its_reason() {
+    let f = Fixture::new();
+    let pki = TestPki::localhost().expect("pki");
+    let recorder = SmtpRecorder::start().expect("recorder");
+    let (db, _thread) = f.open();
+    let dir = f.dir.path();
+    let cases = [
+        ("missing.pem", None, "cannot read it"),
+        (
+            "key-only.pem",
+            Some(pki.key_pem.clone()),
+            "holds no certificate",
+        ),
+        ("empty.pem", Some(String::new()), "holds no certificate"),
+        (
+            "bad-base64.pem",
+            Some("-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n".to_owned()),
+            "is not valid PEM",
+        ),
+        (
+            "not-a-certificate.pem",
+            Some("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".to_owned()),
+            "cannot be used as a trust anchor",
+        ),
+    ];
+    for (name, contents, reason) in cases {
+        let path = dir.join(name);
+        if let Some(contents) = contents {
+            std::fs::write(&path, contents).expect("write");
+        }
+        let config = NotificationsConfig {
+            smtp_tls: SmtpTls::Starttls,
+            smtp_ca_file: Some(path.clone()),
+            ..email_config(&recorder)
+        };
+        let settings = Settings::from_config(&config);
+        let Err(error) = Notifier::new(
+            &config,
+            settings,
+            db.clone(),
+            f.clock.clone(),
+            f.metrics.clone(),
+        ) else {
+            panic!("{name}: the notifier was set up");
+        };
+        assert!(
+            matches!(&error, NotifyError::SmtpCaFile { path: p, .. } if *p == path),
+            "{name}: {error:?}"
+        );
+        let text = describe(&error);
+        assert!(
+            text.starts_with(&format!(
+                "cannot use notifications.smtp_ca_file {}: ",
+                path.display()
+            )) && text.contains(reason),
+            "{name}: {text}"
+        );
+    }
+    // With smtp_tls = "none" the file is not read (validation refuses that pairing anyway).
+    let config = NotificationsConfig {
+        smtp_ca_file: Some(dir.join("missing.pem")),
+        ..email_config(&recorder)
+    };
+    assert!(Notifier::new(
+        &config,
+        Settings::from_config(&config),
+        db.clone(),
+        f.clock.clone(),
+        f.metrics.clone(),
+    )
+    .is_ok());
 }
 
 #[tokio::test]

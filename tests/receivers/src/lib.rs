@@ -7,7 +7,11 @@
 //!   Stands in for a Slack incoming webhook, the PagerDuty Events API or a generic webhook.
 //! - [`SmtpRecorder`]: a minimal SMTP server (greeting, EHLO/HELO, AUTH PLAIN and LOGIN,
 //!   MAIL, RCPT, DATA with dot-unstuffing, RSET, NOOP, QUIT) recording each message's
-//!   envelope, data and the credentials it was sent with; it can answer 451 to MAIL or DATA.
+//!   envelope, data, the credentials it was sent with and whether it came over TLS; it can
+//!   answer 451 to MAIL or DATA. Plain text, or with a certificate: STARTTLS (advertised,
+//!   then the session starts over on TLS) or TLS from the first byte.
+//! - [`TestPki`]: a CA and a `localhost`/`127.0.0.1` certificate it signed, generated at test
+//!   time (rcgen), for the TLS receivers and the clients that must trust them.
 //!
 //! Each receiver runs on a thread of its own with its own tokio runtime, so it works the same
 //! from `#[tokio::test]` (whatever the test's runtime flavor) and from synchronous code such
@@ -21,7 +25,9 @@
 mod http;
 mod log;
 mod smtp;
+mod tls;
 
 pub use http::{HttpRecorder, Request};
 pub use log::WaitTimeout;
 pub use smtp::{Credentials, Mail, SmtpFailure, SmtpRecorder};
+pub use tls::TestPki;

@@ -1,19 +1,24 @@
-//! The SMTP recorder: a minimal, real SMTP server (RFC 5321 without TLS) that records each
-//! message's envelope and data.
+//! The SMTP recorder: a minimal, real SMTP server (RFC 5321; optionally with STARTTLS, RFC
+//! 3207, or implicit TLS, RFC 8314) that records each message's envelope and data, and
+//! whether it arrived over TLS.
 
 use std::{
+    io::Cursor,
     net::SocketAddr,
     sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use base64::{engine::general_purpose::STANDARD, Engine as _};
-use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::TcpStream,
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, BufReader,
 };
+use tokio_rustls::TlsAcceptor;
 
-use crate::log::{Background, Log, WaitTimeout};
+use crate::{
+    log::{Background, Log, WaitTimeout},
+    tls,
+};
 
 /// A command line longer than this ends the session (RFC 5321 allows 512 octets).
 const MAX_LINE: u64 = 4096;
@@ -29,6 +34,8 @@ pub struct Credentials {
     pub password: String,
     /// False when the recorder required other credentials and answered 535.
     pub accepted: bool,
+    /// The exchange ran inside TLS (implicit, or after STARTTLS).
+    pub tls: bool,
 }
 
 /// One message as accepted after DATA.
@@ -44,6 +51,8 @@ pub struct Mail {
     pub data: Vec<u8>,
     /// The credentials the session authenticated with, if any.
     pub auth: Option<Credentials>,
+    /// The message came over TLS (implicit, or after STARTTLS and a new EHLO).
+    pub tls: bool,
 }
 
 impl Mail {
@@ -99,18 +108,31 @@ struct Settings {
     required: Option<(String, String)>,
 }
 
+/// How a session's connection is secured.
+enum Security {
+    /// Plain text throughout; STARTTLS is not advertised and answered 454.
+    Plain,
+    /// Plain text until the client sends STARTTLS (advertised in EHLO).
+    StartTls(TlsAcceptor),
+    /// TLS from the first byte.
+    Implicit(TlsAcceptor),
+}
+
 struct Shared {
     mails: Log<Mail>,
     auths: Log<Credentials>,
     /// Every MAIL FROM, refused or not: how many deliveries were tried.
     transactions: Log<String>,
+    /// Why each TLS handshake that did not complete failed, as the server saw it.
+    tls_failures: Log<String>,
+    security: Security,
     settings: Mutex<Settings>,
 }
 
 /// A minimal SMTP server on `127.0.0.1:0`: greeting, EHLO/HELO, AUTH PLAIN and AUTH LOGIN
 /// (advertised and accepted unless told otherwise), MAIL FROM, RCPT TO, DATA (dot-unstuffed),
-/// RSET, NOOP, QUIT. No TLS: the notifier under test uses `smtp_tls = "none"`. Stops when
-/// dropped.
+/// RSET, NOOP, QUIT; with [`SmtpRecorder::start_starttls`] also STARTTLS, and with
+/// [`SmtpRecorder::start_implicit_tls`] TLS from the first byte. Stops when dropped.
 pub struct SmtpRecorder {
     shared: Arc<Shared>,
     address: SocketAddr,
@@ -118,11 +140,31 @@ pub struct SmtpRecorder {
 }
 
 impl SmtpRecorder {
+    /// Plain text only: STARTTLS is neither advertised nor accepted.
     pub fn start() -> std::io::Result<Self> {
+        Self::start_with(Security::Plain)
+    }
+
+    /// Advertises STARTTLS in EHLO and, after `220 Ready to start TLS`, continues the session
+    /// over TLS with `cert_pem` (the chain, leaf first) and `key_pem` (see
+    /// [`crate::TestPki`]); the client must then say EHLO again. Mail is accepted without TLS
+    /// too: the client decides, and [`Mail::tls`] records what it did.
+    pub fn start_starttls(cert_pem: &str, key_pem: &str) -> std::io::Result<Self> {
+        Self::start_with(Security::StartTls(tls::acceptor(cert_pem, key_pem)?))
+    }
+
+    /// TLS from the first byte (SMTPS, "implicit TLS"), with `cert_pem` and `key_pem`.
+    pub fn start_implicit_tls(cert_pem: &str, key_pem: &str) -> std::io::Result<Self> {
+        Self::start_with(Security::Implicit(tls::acceptor(cert_pem, key_pem)?))
+    }
+
+    fn start_with(security: Security) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             mails: Log::new("messages"),
             auths: Log::new("authentications"),
             transactions: Log::new("transactions"),
+            tls_failures: Log::new("failed TLS handshakes"),
+            security,
             settings: Mutex::new(Settings {
                 failure: None,
                 mechanisms: vec!["PLAIN".to_owned(), "LOGIN".to_owned()],
@@ -184,6 +226,21 @@ impl SmtpRecorder {
         self.shared.transactions.len()
     }
 
+    /// Why each TLS handshake that did not complete failed (a client that does not trust the
+    /// certificate aborts it), in order.
+    pub fn tls_failures(&self) -> Vec<String> {
+        self.shared.tls_failures.snapshot()
+    }
+
+    /// Waits until at least `n` TLS handshakes failed; all their errors.
+    pub async fn wait_for_tls_failures(
+        &self,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<String>, WaitTimeout> {
+        self.shared.tls_failures.wait_for(n, timeout).await
+    }
+
     /// Waits until at least `n` messages were accepted; all of them.
     pub async fn wait_for_messages(
         &self,
@@ -220,15 +277,33 @@ async fn accept(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let session = if let Security::Implicit(acceptor) = &shared.security {
+                match acceptor.accept(stream).await {
+                    Ok(stream) => Session::new(Box::new(stream), true, shared.clone()),
+                    Err(error) => {
+                        shared.tls_failures.push(error.to_string());
+                        return;
+                    }
+                }
+            } else {
+                Session::new(Box::new(stream), false, shared.clone())
+            };
             // A client that goes away mid-session is the client's business.
-            let _ = Session::new(stream, shared).run().await;
+            let _ = session.run().await;
         });
     }
 }
 
+/// A session's connection: TCP, or TLS over it.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Connection for T {}
+
 struct Session {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    /// Reads through the buffer; writes go straight to the connection.
+    stream: BufReader<Box<dyn Connection>>,
+    /// The connection is TLS.
+    tls: bool,
     shared: Arc<Shared>,
     helo: Option<String>,
     auth: Option<Credentials>,
@@ -254,11 +329,10 @@ fn decode(text: &str) -> Option<String> {
 }
 
 impl Session {
-    fn new(stream: TcpStream, shared: Arc<Shared>) -> Self {
-        let (read, write) = stream.into_split();
+    fn new(stream: Box<dyn Connection>, tls: bool, shared: Arc<Shared>) -> Self {
         Self {
-            reader: BufReader::new(read),
-            writer: write,
+            stream: BufReader::new(stream),
+            tls,
             shared,
             helo: None,
             auth: None,
@@ -268,14 +342,16 @@ impl Session {
     }
 
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        self.writer.write_all(text.as_bytes()).await?;
-        self.writer.write_all(b"\r\n").await
+        self.stream.write_all(text.as_bytes()).await?;
+        self.stream.write_all(b"\r\n").await?;
+        // TLS holds records back until flushed.
+        self.stream.flush().await
     }
 
     /// One line without its CRLF (or LF); `None` at the end of the stream or past the limit.
     async fn line(&mut self, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
         let mut line = Vec::new();
-        let n = (&mut self.reader)
+        let n = (&mut self.stream)
             .take(limit)
             .read_until(b'\n', &mut line)
             .await?;
@@ -315,6 +391,9 @@ impl Session {
                     let mechanisms = self.settings().mechanisms.join(" ");
                     self.reply("250-selfheal-receivers greets you").await?;
                     self.reply("250-8BITMIME").await?;
+                    if self.starttls_offered() {
+                        self.reply("250-STARTTLS").await?;
+                    }
                     if !mechanisms.is_empty() {
                         self.reply(&format!("250-AUTH {mechanisms}")).await?;
                     }
@@ -371,7 +450,17 @@ impl Session {
                     self.reply("221 2.0.0 Bye").await?;
                     return Ok(());
                 }
-                "STARTTLS" => self.reply("454 4.7.0 TLS not available").await?,
+                "STARTTLS" => {
+                    if !argument.trim().is_empty() {
+                        self.reply("501 5.5.4 syntax: STARTTLS").await?;
+                    } else if self.tls {
+                        self.reply("503 5.5.1 TLS already active").await?;
+                    } else if !self.starttls_offered() {
+                        self.reply("454 4.7.0 TLS not available").await?;
+                    } else if !self.starttls().await? {
+                        return Ok(());
+                    }
+                }
                 _ => self.reply("502 5.5.2 command not recognized").await?,
             }
         }
@@ -381,6 +470,41 @@ impl Session {
     fn reset(&mut self) {
         self.from = None;
         self.to.clear();
+    }
+
+    fn starttls_offered(&self) -> bool {
+        !self.tls && matches!(self.shared.security, Security::StartTls(_))
+    }
+
+    /// Answers STARTTLS and upgrades the connection; false when the handshake failed and the
+    /// session must end. As RFC 3207 requires, the session starts over: no EHLO, no AUTH.
+    async fn starttls(&mut self) -> std::io::Result<bool> {
+        let Security::StartTls(acceptor) = &self.shared.security else {
+            return Ok(false);
+        };
+        let acceptor = acceptor.clone();
+        self.reply("220 2.0.0 Ready to start TLS").await?;
+        // Whatever the client sent after STARTTLS in plain text is dropped with the buffer:
+        // it could have been injected by someone on the path (CVE-2011-0411).
+        let plain = std::mem::replace(
+            &mut self.stream,
+            BufReader::new(Box::new(Cursor::new(Vec::new()))),
+        )
+        .into_inner();
+        match acceptor.accept(plain).await {
+            Ok(stream) => {
+                self.stream = BufReader::new(Box::new(stream));
+                self.tls = true;
+                self.helo = None;
+                self.auth = None;
+                self.reset();
+                Ok(true)
+            }
+            Err(error) => {
+                self.shared.tls_failures.push(error.to_string());
+                Ok(false)
+            }
+        }
     }
 
     /// Reads the message after DATA; false when the session must end.
@@ -409,6 +533,7 @@ impl Session {
             to: std::mem::take(&mut self.to),
             data,
             auth: self.auth.clone(),
+            tls: self.tls,
         };
         self.shared.mails.push(mail);
         self.reply("250 2.0.0 Ok: queued").await?;
@@ -430,6 +555,9 @@ impl Session {
             .split_once(' ')
             .map_or((argument, None), |(m, i)| (m, Some(i.to_owned())));
         let mechanism = mechanism.to_ascii_uppercase();
+        if self.helo.is_none() {
+            return self.reply("503 5.5.1 EHLO or HELO first").await;
+        }
         if self.auth.as_ref().is_some_and(|a| a.accepted) {
             return self.reply("503 5.5.1 already authenticated").await;
         }
@@ -463,6 +591,7 @@ impl Session {
             username,
             password,
             accepted,
+            tls: self.tls,
         };
         self.shared.auths.push(credentials.clone());
         if accepted {
@@ -480,6 +609,7 @@ mod tests {
     use std::io::{BufRead as _, BufReader, Write as _};
 
     use super::*;
+    use crate::TestPki;
 
     /// A scripted client: sends each line and checks the reply's code.
     struct Client {
@@ -530,11 +660,14 @@ mod tests {
         c.send("DATA", "354");
         c.send("Subject: hi\r\n\r\nline one\r\n..dotted\r\n.", "250");
         c.send("NOOP", "250");
+        // A plain recorder offers no TLS.
+        c.send("STARTTLS", "454");
         c.send("QUIT", "221");
         let mails = recorder
             .wait_for_messages_blocking(1, Duration::from_secs(5))
             .expect("one");
         let mail = &mails[0];
+        assert!(!mail.tls);
         assert_eq!(mail.helo, "tester");
         assert_eq!(mail.from, "selfheal@x.io");
         assert_eq!(mail.to, ["a@x.io", "b@x.io"]);
@@ -585,5 +718,231 @@ mod tests {
             ),
             ("LOGIN", "right", true)
         );
+    }
+
+    /// A scripted client for the TLS tests, on TCP then TLS.
+    struct TlsClient {
+        stream: tokio::io::BufReader<Box<dyn Connection>>,
+    }
+
+    /// A client config trusting `ca_pem` alone.
+    fn connector(ca_pem: &str) -> tokio_rustls::TlsConnector {
+        use tokio_rustls::rustls::{
+            self,
+            pki_types::{pem::PemObject as _, CertificateDer},
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).expect("CA PEM"))
+            .expect("CA");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    fn localhost() -> tokio_rustls::rustls::pki_types::ServerName<'static> {
+        tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").expect("name")
+    }
+
+    impl TlsClient {
+        fn new(stream: Box<dyn Connection>) -> Self {
+            Self {
+                stream: tokio::io::BufReader::new(stream),
+            }
+        }
+
+        /// Every line of a (possibly multi-line) reply.
+        async fn reply(&mut self) -> Vec<String> {
+            let mut lines = Vec::new();
+            loop {
+                let mut line = String::new();
+                self.stream.read_line(&mut line).await.expect("read");
+                let line = line.trim_end().to_owned();
+                let last = line.len() < 4 || line.as_bytes()[3] != b'-';
+                lines.push(line);
+                if last {
+                    return lines;
+                }
+            }
+        }
+
+        async fn send(&mut self, line: &str, code: &str) -> Vec<String> {
+            self.stream
+                .write_all(format!("{line}\r\n").as_bytes())
+                .await
+                .expect("write");
+            self.stream.flush().await.expect("flush");
+            let reply = self.reply().await;
+            let last = reply.last().cloned().unwrap_or_default();
+            assert!(last.starts_with(code), "{line:?} → {reply:?}");
+            reply
+        }
+
+        /// Hands the connection to TLS (after STARTTLS's 220), trusting `ca_pem`.
+        async fn upgrade(self, ca_pem: &str) -> std::io::Result<Self> {
+            let stream = connector(ca_pem)
+                .connect(localhost(), self.stream.into_inner())
+                .await?;
+            Ok(Self::new(Box::new(stream)))
+        }
+
+        async fn send_mail(&mut self, subject: &str) {
+            self.send("MAIL FROM:<selfheal@x.io>", "250").await;
+            self.send("RCPT TO:<a@x.io>", "250").await;
+            self.send("DATA", "354").await;
+            self.send(&format!("Subject: {subject}\r\n\r\nbody\r\n."), "250")
+                .await;
+        }
+    }
+
+    fn has_starttls(reply: &[String]) -> bool {
+        reply.iter().any(|l| l.get(4..) == Some("STARTTLS"))
+    }
+
+    #[tokio::test]
+    async fn starttls_upgrades_the_session_which_starts_over_on_tls() {
+        let pki = TestPki::localhost().expect("pki");
+        let recorder = SmtpRecorder::start_starttls(&pki.cert_pem, &pki.key_pem).expect("start");
+        let tcp = tokio::net::TcpStream::connect(recorder.address())
+            .await
+            .expect("connect");
+        let mut c = TlsClient::new(Box::new(tcp));
+        assert!(c.reply().await[0].starts_with("220"));
+        let ehlo = c.send("EHLO tester", "250").await;
+        assert!(has_starttls(&ehlo), "{ehlo:?}");
+        c.send("STARTTLS now", "501").await;
+        let ready = c.send("STARTTLS", "220").await;
+        assert_eq!(ready, ["220 2.0.0 Ready to start TLS"]);
+        let mut c = c.upgrade(&pki.ca_pem).await.expect("handshake");
+        // The session starts over: the EHLO before TLS does not count.
+        c.send("MAIL FROM:<selfheal@x.io>", "503").await;
+        let plain = STANDARD.encode("\0ana\0s3cret");
+        c.send(&format!("AUTH PLAIN {plain}"), "503").await;
+        let ehlo = c.send("EHLO tester-tls", "250").await;
+        assert!(!has_starttls(&ehlo), "{ehlo:?}");
+        c.send("STARTTLS", "503").await;
+        c.send(&format!("AUTH PLAIN {plain}"), "235").await;
+        c.send_mail("over tls").await;
+        c.send("QUIT", "221").await;
+
+        // The same recorder takes plain mail too, and says so.
+        let tcp = tokio::net::TcpStream::connect(recorder.address())
+            .await
+            .expect("connect");
+        let mut plain_client = TlsClient::new(Box::new(tcp));
+        plain_client.reply().await;
+        plain_client.send("EHLO tester", "250").await;
+        plain_client.send_mail("in clear").await;
+        plain_client.send("QUIT", "221").await;
+
+        let mails = recorder
+            .wait_for_messages(2, Duration::from_secs(5))
+            .await
+            .expect("two");
+        assert_eq!(mails[0].header("subject").as_deref(), Some("over tls"));
+        assert!(mails[0].tls);
+        assert_eq!(mails[0].helo, "tester-tls");
+        let auth = mails[0].auth.as_ref().expect("auth");
+        assert!(auth.tls && auth.accepted, "{auth:?}");
+        assert_eq!(
+            (auth.username.as_str(), auth.password.as_str()),
+            ("ana", "s3cret")
+        );
+        assert_eq!(mails[1].header("subject").as_deref(), Some("in clear"));
+        assert!(!mails[1].tls);
+        assert_eq!(mails[1].auth, None);
+        assert!(recorder.tls_failures().is_empty());
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_starts_with_the_handshake() {
+        let pki = TestPki::localhost().expect("pki");
+        let recorder =
+            SmtpRecorder::start_implicit_tls(&pki.cert_pem, &pki.key_pem).expect("start");
+        let tcp = tokio::net::TcpStream::connect(recorder.address())
+            .await
+            .expect("connect");
+        let tls = connector(&pki.ca_pem)
+            .connect(localhost(), tcp)
+            .await
+            .expect("handshake");
+        let mut c = TlsClient::new(Box::new(tls));
+        assert!(c.reply().await[0].starts_with("220"));
+        let ehlo = c.send("EHLO tester", "250").await;
+        assert!(!has_starttls(&ehlo), "{ehlo:?}");
+        c.send("STARTTLS", "503").await;
+        c.send_mail("implicit").await;
+        c.send("QUIT", "221").await;
+        let mails = recorder
+            .wait_for_messages(1, Duration::from_secs(5))
+            .await
+            .expect("one");
+        assert!(mails[0].tls);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_trust_the_certificate_gets_no_session() {
+        let pki = TestPki::localhost().expect("pki");
+        let other = TestPki::localhost().expect("another CA");
+        let recorder = SmtpRecorder::start_starttls(&pki.cert_pem, &pki.key_pem).expect("start");
+        let tcp = tokio::net::TcpStream::connect(recorder.address())
+            .await
+            .expect("connect");
+        let mut c = TlsClient::new(Box::new(tcp));
+        c.reply().await;
+        c.send("EHLO tester", "250").await;
+        c.send("STARTTLS", "220").await;
+        let Err(error) = c.upgrade(&other.ca_pem).await else {
+            panic!("a certificate from an unknown CA was accepted");
+        };
+        // Both CAs have the same name: the signature, not the name, gives the other one away.
+        assert!(
+            error.to_string().contains("invalid peer certificate"),
+            "{error}"
+        );
+        let failures = recorder
+            .wait_for_tls_failures(1, Duration::from_secs(5))
+            .await
+            .expect("the server saw it fail");
+        assert_eq!(failures.len(), 1);
+        assert_eq!(recorder.transactions(), 0);
+
+        // Implicit TLS: the same, before any SMTP.
+        let implicit =
+            SmtpRecorder::start_implicit_tls(&pki.cert_pem, &pki.key_pem).expect("start");
+        let tcp = tokio::net::TcpStream::connect(implicit.address())
+            .await
+            .expect("connect");
+        assert!(connector(&other.ca_pem)
+            .connect(localhost(), tcp)
+            .await
+            .is_err());
+        implicit
+            .wait_for_tls_failures(1, Duration::from_secs(5))
+            .await
+            .expect("the server saw it fail");
+    }
+
+    #[test]
+    fn a_bad_certificate_or_key_is_an_error_at_start() {
+        let pki = TestPki::localhost().expect("pki");
+        for (cert, key) in [
+            ("", pki.key_pem.as_str()),
+            (pki.cert_pem.as_str(), ""),
+            (
+                pki.cert_pem.as_str(),
+                "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            ),
+        ] {
+            let error = SmtpRecorder::start_starttls(cert, key)
+                .err()
+                .expect("refused");
+            assert_eq!(error.kind(), std::io::ErrorKind::InvalidInput, "{error}");
+        }
     }
 }
