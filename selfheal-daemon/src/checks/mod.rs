@@ -641,6 +641,28 @@ async fn run_one(
             probed = probe::run(spec, client) => probed,
         };
         let now = checks.now();
+        // The health log first: whoever sees the new state finds its row there too.
+        let name = spec.name.clone();
+        let error = (probed.status == CheckStatus::Down)
+            .then(|| probed.message.clone())
+            .flatten();
+        let recorded = checks
+            .inner
+            .db
+            .call("checks_record", move |c| {
+                log::record(
+                    c,
+                    &name,
+                    now,
+                    probed.status,
+                    probed.response_ms,
+                    error.as_deref(),
+                )
+            })
+            .await;
+        if let Err(error) = recorded {
+            tracing::warn!(check = %spec.name, error = %error_chain(&error), "cannot write the health log");
+        }
         let latest = {
             let mut latest = slot.latest.lock().unwrap_or_else(PoisonError::into_inner);
             latest.consecutive_failures = if probed.status == CheckStatus::Down {
@@ -687,27 +709,6 @@ async fn run_one(
             response_ms: probed.response_ms,
             message: probed.message.clone(),
         }));
-        let name = spec.name.clone();
-        let error = (probed.status == CheckStatus::Down)
-            .then(|| probed.message.clone())
-            .flatten();
-        let recorded = checks
-            .inner
-            .db
-            .call("checks_record", move |c| {
-                log::record(
-                    c,
-                    &name,
-                    now,
-                    probed.status,
-                    probed.response_ms,
-                    error.as_deref(),
-                )
-            })
-            .await;
-        if let Err(error) = recorded {
-            tracing::warn!(check = %spec.name, error = %error_chain(&error), "cannot write the health log");
-        }
         if let Some(reply) = reply {
             let _ = reply.send(latest);
         }
