@@ -135,7 +135,9 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
     println!("  admin API (health):  http://{ADMIN}/api/v1/system/health");
     println!("  Prometheus metrics:  http://{ADMIN}/metrics");
     println!("  traffic views:       TOKEN=$(sudo cat {DEMO_TOKEN}); curl -H \"Authorization: Bearer $TOKEN\" 'http://{ADMIN}/api/v1/system/metrics?window=5m'");
-    println!("                       (also /api/v1/system/queries and /api/v1/system/traces)");
+    println!(
+        "                       (also /api/v1/system/queries, traces, alerts and integrations)"
+    );
     println!("  demo backend:        http://127.0.0.1:{BACKEND_PORT}  (e.g. curl -H 'Host: api.tackle.io' http://127.0.0.1:{BACKEND_PORT}/api/v1/tackle/deals)");
     println!("  break it:            curl -X POST 'http://127.0.0.1:{BACKEND_PORT}/__fault/crash?mode=abort'  (the demo restarts it)");
     println!("  PostgreSQL:          {}", pg.url());

@@ -554,7 +554,9 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(dir.path())
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // Redis logs to stdout: into the log file with stderr, not the test's output.
+            .stdout(Stdio::null());
         let log = dir.path().join("redis.log");
         let proc = Proc::spawn_logged("redis-server", command, &log)
             .context("cannot start redis-server: run `cargo xtask setup`")?;
