@@ -705,8 +705,14 @@ pub fn parse(text: &str, env: &Env) -> Result<Config, Vec<Problem>> {
     };
     let mut problems = Vec::new();
     let mut removed = HashSet::new();
-    // Serde stops at the first error. To list them all, drop each offending key and try
-    // again; the loop ends when the rest parses or an error cannot be pinned to a key.
+    // Array elements dropped for a missing required key: the original index of each element
+    // left, per array, so later paths (`checks[1]` of what is left) name the file's element.
+    let mut kept: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    // Top-level sections that were missing (and are parsed as empty to find the rest).
+    let mut missing_sections = Vec::new();
+    // Serde stops at the first error. To list them all, drop each offending key (or the array
+    // element missing a required key) and try again; the loop ends when the rest parses or an
+    // error cannot be pinned to a key.
     let config = loop {
         match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table.clone())) {
             Ok(config) => break Some(config),
@@ -714,32 +720,104 @@ pub fn parse(text: &str, env: &Env) -> Result<Config, Vec<Problem>> {
                 let path = err.path().to_string();
                 let message = clean_message(&err.inner().to_string());
                 if let Some(field) = missing_field(&message) {
-                    let full = join_path(&path, field);
+                    let full = original_path(&kept, &join_path(&path, field));
                     // The key was dropped because it was bad: that problem is listed already.
                     if !removed.contains(&full) {
                         problems.push(Problem::new(full, "required key is missing"));
                     }
-                    break None;
+                    if path.is_empty() || path == "." {
+                        // A missing section: parse the rest with it empty.
+                        if missing_sections.contains(&field.to_owned()) || table.contains_key(field)
+                        {
+                            break None;
+                        }
+                        missing_sections.push(field.to_owned());
+                        table.insert(field.to_owned(), toml::Value::Table(toml::Table::new()));
+                        continue;
+                    }
+                    if !drop_element(&mut table, &mut kept, &path) || problems.len() > 100 {
+                        break None;
+                    }
+                    continue;
                 }
                 // For an unknown key the path already ends with the key itself.
                 let key_path = path;
-                problems.push(Problem::new(key_path.clone(), message));
+                problems.push(Problem::new(original_path(&kept, &key_path), message));
                 if key_path == "." || !remove_path(&mut table, &key_path) || problems.len() > 100 {
                     break None;
                 }
-                removed.insert(key_path);
+                removed.insert(original_path(&kept, &key_path));
             }
         }
     };
     let Some(mut config) = config else {
         return Err(problems);
     };
-    problems.extend(config.apply_env(env));
-    problems.extend(config.validate());
+    let found: Vec<Problem> = config
+        .apply_env(env)
+        .into_iter()
+        .chain(config.validate())
+        .map(|problem| Problem {
+            path: original_path(&kept, &problem.path),
+            ..problem
+        })
+        // A missing section's own problems are the missing section.
+        .filter(|problem| {
+            !missing_sections
+                .iter()
+                .any(|section| problem.path.split(['.', '[']).next() == Some(section.as_str()))
+        })
+        .collect();
+    problems.extend(found);
     if problems.is_empty() {
         Ok(config)
     } else {
         Err(problems)
+    }
+}
+
+/// Drops the array element at `path` (`checks[2]`, as the current table numbers it) and
+/// notes which original elements are left; false when `path` is not an array element.
+fn drop_element(
+    table: &mut toml::Table,
+    kept: &mut BTreeMap<String, Vec<usize>>,
+    path: &str,
+) -> bool {
+    if path.contains('.') {
+        return false;
+    }
+    let (key, Some(index)) = split_index(path) else {
+        return false;
+    };
+    let Some(toml::Value::Array(items)) = table.get_mut(key) else {
+        return false;
+    };
+    if index >= items.len() {
+        return false;
+    }
+    let originals = kept
+        .entry(key.to_owned())
+        .or_insert_with(|| (0..items.len()).collect());
+    items.remove(index);
+    originals.remove(index);
+    true
+}
+
+/// `path` with the index of each array whose elements were dropped turned back into the
+/// index of the element in the file.
+fn original_path(kept: &BTreeMap<String, Vec<usize>>, path: &str) -> String {
+    let Some((head, rest)) = path.split_once('[') else {
+        return path.to_owned();
+    };
+    let Some(originals) = kept.get(head) else {
+        return path.to_owned();
+    };
+    let Some((index, tail)) = rest.split_once(']') else {
+        return path.to_owned();
+    };
+    match index.parse::<usize>().ok().and_then(|i| originals.get(i)) {
+        Some(original) => format!("{head}[{original}]{tail}"),
+        None => path.to_owned(),
     }
 }
 
@@ -1612,6 +1690,59 @@ mod tests {
         assert!(found
             .iter()
             .any(|p| p.to_string() == "env SELFHEAL_ADMIN_TOKEN: must be at least 16 characters"));
+    }
+
+    #[test]
+    fn a_missing_required_key_does_not_hide_the_other_problems() {
+        let found = problems(
+            r#"
+[monitor]
+not_answering_secs = "30"
+[notifications]
+email_to = "ops@example.com"
+[[platforms]]
+name = "shop"
+hosts = ["shop.example"]
+health_interval_ms = -5
+[[checks]]
+name = "no-kind"
+url = "http://127.0.0.1/"
+[[checks]]
+kind = "tcp"
+address = "127.0.0.1:1"
+[[checks]]
+name = "third"
+kind = "tcp"
+address = "127.0.0.1:1"
+timeout_ms = "5s"
+[[checks]]
+name = "fourth"
+kind = "smtp"
+"#,
+        );
+        let paths: Vec<&str> = found
+            .iter()
+            .map(|p| p.split(": ").next().unwrap_or_default())
+            .collect();
+        for expected in [
+            "target",
+            "monitor.not_answering_secs",
+            "notifications.email_to",
+            "platforms[0].health_interval_ms",
+            "checks[0].kind",
+            "checks[1].name",
+            // Indexes stay the file's, though the elements before were set aside.
+            "checks[2].timeout_ms",
+            "checks[3].kind",
+        ] {
+            assert!(paths.contains(&expected), "{expected} not in {found:#?}");
+        }
+        // The missing section is one problem, not also "no selector".
+        assert_eq!(
+            paths.iter().filter(|p| p.starts_with("target")).count(),
+            1,
+            "{found:#?}"
+        );
     }
 
     #[test]
