@@ -125,6 +125,15 @@ pub async fn resolve(selector: &TargetSelector) -> Result<Resolved, TargetError>
     }
 }
 
+/// A process's start time (clock ticks after boot): with the pid, what tells a process from a
+/// later one that reused its pid.
+fn start_time(pid: u32) -> Option<u64> {
+    procfs::process::Process::new(i32::try_from(pid).ok()?)
+        .and_then(|process| process.stat())
+        .ok()
+        .map(|stat| stat.starttime)
+}
+
 fn alive(pid: u32) -> Result<(), TargetError> {
     // A zombie still has a /proc entry but is gone for our purposes.
     let process = procfs::process::Process::new(pid as i32)
@@ -320,6 +329,11 @@ const KERNEL_RECORD_GRACE: Duration = Duration::from_millis(50);
 impl Tracker {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut seen_exit = false;
+        // The process that just exited, with its start time: an engine or manager may still
+        // name it for a while (Docker's inspect reports the old `State.Pid` while the old
+        // PID 1 of the container waits in the kernel for its namespace to empty), and a
+        // process the kernel has seen exit must not be taken for the restarted target.
+        let mut exited: Option<(u32, Option<u64>)> = None;
         loop {
             let resolved = tokio::select! {
                 () = cancel.cancelled() => return,
@@ -335,15 +349,26 @@ impl Tracker {
                     }
                 }
             };
+            if exited
+                .is_some_and(|(pid, started)| pid == resolved.pid && start_time(pid) == started)
+            {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(self.poll_interval) => continue,
+                }
+            }
             // It may have exited between resolution and here: then resolve again.
             let Ok(pidfd) = pidfd_open(resolved.pid) else {
                 continue;
             };
             self.started(&resolved, seen_exit);
             seen_exit = true;
+            let pid = resolved.pid;
+            let started = start_time(pid);
             if !self.watch(resolved, &pidfd, &cancel).await {
                 return;
             }
+            exited = Some((pid, started));
         }
     }
 
