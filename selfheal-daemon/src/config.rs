@@ -455,8 +455,13 @@ pub struct RepairConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// `DATABASE_URL`: the target's `PostgreSQL`, for checks and session repairs.
+    /// `DATABASE_URL`: the target's `PostgreSQL`, for checks and session repairs. Its
+    /// `sslmode` (`disable`, `prefer` by default, `require`) decides whether TLS is used.
     pub url: Option<Secret>,
+    /// A PEM bundle of certificates trusted for the database server in addition to the web PKI
+    /// roots, for the `database` check and the session actuator; absolute. Read at each
+    /// connection.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -643,6 +648,10 @@ pub struct CheckConfig {
     /// `degraded`.
     #[serde(default = "defaults::max_connections_percent")]
     pub max_connections_percent: f64,
+    /// `postgres`: a PEM bundle of certificates trusted for the server in addition to the web
+    /// PKI roots (a private CA, a self-signed server); absolute. Read at each connection: a file
+    /// that cannot be used makes the run `down`, saying why.
+    pub ca_file: Option<PathBuf>,
 }
 
 mod defaults {
@@ -1324,6 +1333,15 @@ impl Config {
             }
         }
 
+        if let Some(path) = &self.database.ca_file {
+            // Without database.url it is unused, like the rest of the section.
+            check(
+                path.is_absolute(),
+                "database.ca_file",
+                "must be an absolute path",
+            );
+        }
+
         let mut check_names = HashSet::new();
         for (i, c) in self.checks.iter().enumerate() {
             let at = |key: &str| format!("checks[{i}].{key}");
@@ -1353,7 +1371,8 @@ impl Config {
                                 .is_ok_and(|parsed| !parsed.get_hosts().is_empty())
                     }),
                     &at("url"),
-                    "a postgres check needs a valid postgres://user@host:port/database url",
+                    "a postgres check needs a valid postgres://user@host:port/database url \
+                     (sslmode, when set: disable, prefer or require)",
                 ),
                 CheckKind::Redis => check(
                     c.url
@@ -1459,6 +1478,18 @@ impl Config {
                 &at("json_value"),
                 "needs json_field",
             );
+            if let Some(path) = &c.ca_file {
+                check(
+                    c.kind == CheckKind::Postgres,
+                    &at("ca_file"),
+                    "applies to postgres checks only",
+                );
+                check(
+                    path.is_absolute(),
+                    &at("ca_file"),
+                    "must be an absolute path",
+                );
+            }
             for (name, value) in &c.headers {
                 check(
                     http::HeaderName::from_bytes(name.as_bytes()).is_ok(),
@@ -2001,6 +2032,44 @@ kind = "smtp"
         }
         let config = parse("[target]\npid = 1\n", &Env::default()).expect("valid");
         assert_eq!(config.notifications.smtp_ca_file, None);
+    }
+
+    #[test]
+    fn ca_files_are_absolute_and_for_postgres_checks_only() {
+        let found = problems(
+            "[target]\npid = 1\n[database]\nca_file = \"db-ca.pem\"\n\
+             [[checks]]\nname = \"db\"\nkind = \"postgres\"\n\
+             url = \"postgres://app@db.internal/app?sslmode=require\"\nca_file = \"db-ca.pem\"\n\
+             [[checks]]\nname = \"web\"\nkind = \"http\"\nurl = \"https://x.io/\"\n\
+             ca_file = \"/etc/selfheal/web-ca.pem\"\n\
+             [[checks]]\nname = \"strict\"\nkind = \"postgres\"\n\
+             url = \"postgres://app@db.internal/app?sslmode=verify-full\"\n",
+        );
+        assert_eq!(
+            found,
+            [
+                "database.ca_file: must be an absolute path",
+                "checks[0].ca_file: must be an absolute path",
+                "checks[1].ca_file: applies to postgres checks only",
+                "checks[2].url: a postgres check needs a valid postgres://user@host:port/database \
+                 url (sslmode, when set: disable, prefer or require)",
+            ]
+        );
+        let config = parse(
+            "[target]\npid = 1\n[database]\nurl = \"postgres://app@db.internal/app\"\n\
+             ca_file = \"/etc/selfheal/db-ca.pem\"\n\
+             [[checks]]\nname = \"replica\"\nkind = \"postgres\"\n\
+             url = \"postgres://app@replica.internal/app?sslmode=require\"\n\
+             ca_file = \"/etc/selfheal/db-ca.pem\"\n",
+            &Env::default(),
+        )
+        .expect("valid");
+        // Validation reads no file: this one need not exist (the connection reads it).
+        assert_eq!(
+            config.database.ca_file.as_deref(),
+            Some(Path::new("/etc/selfheal/db-ca.pem"))
+        );
+        assert_eq!(config.checks[0].ca_file, config.database.ca_file);
     }
 
     #[test]

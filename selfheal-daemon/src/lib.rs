@@ -19,4 +19,5 @@ pub mod state;
 pub mod store;
 pub mod target;
 pub mod telemetry;
+pub mod tls;
 pub mod traffic;

@@ -6,12 +6,19 @@
 //! non-client backends, and the daemon's own session, are excluded in the query itself. The
 //! effect is read back from `pg_stat_activity`: a cancelled statement is no longer running, a
 //! terminated session is gone, within a deadline; otherwise the action failed.
+//!
+//! The connection uses TLS as the URL's `sslmode` says, through the connector of
+//! [`crate::tls`] (the web PKI roots plus `database.ca_file`), as the `database` check does.
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use super::{ActionError, Effect};
+use crate::{
+    app::error_chain,
+    tls::{postgres_connector, CaFile},
+};
 
 /// Which of the target's sessions an action may touch; at least one field must be set.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -80,12 +87,16 @@ impl Session {
     }
 }
 
-/// Connects to PostgreSQL at `url` (a libpq-style URL or key=value string); the connection
-/// runs on a task of its own until the client is dropped.
-pub async fn connect(url: &str) -> Result<Client, ActionError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+/// Connects to PostgreSQL at `url` (a libpq-style URL or key=value string), trusting the
+/// certificates of `ca_file` (read now: `database.ca_file`) besides the web PKI roots when TLS
+/// is used; the connection runs on a task of its own until the client is dropped.
+pub async fn connect(url: &str, ca_file: Option<&CaFile>) -> Result<Client, ActionError> {
+    let tls =
+        postgres_connector(ca_file).map_err(|err| ActionError::Postgres(error_chain(&err)))?;
+    // The chain: a TLS failure's reason (an unknown issuer, a wrong name) is in the sources.
+    let (client, connection) = tokio_postgres::connect(url, tls)
         .await
-        .map_err(|err| ActionError::Postgres(err.to_string()))?;
+        .map_err(|err| ActionError::Postgres(error_chain(&err)))?;
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, "actuator's PostgreSQL connection ended");

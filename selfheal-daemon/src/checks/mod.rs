@@ -30,6 +30,7 @@ use crate::{
     config::{CheckConfig, CheckKind, Config, Secret},
     state::StateDb,
     telemetry::{CheckLabel, CheckRunLabel, Metrics},
+    tls::CaFile,
 };
 
 pub use probe::PostgresFigures;
@@ -40,8 +41,17 @@ pub enum Target {
     Http(HttpTarget),
     /// `host:port`.
     Tcp(String),
-    Postgres(Secret),
+    Postgres(PostgresTarget),
     Redis(Secret),
+}
+
+/// What a PostgreSQL check connects to, and how it trusts the server's certificate.
+#[derive(Debug, Clone)]
+pub struct PostgresTarget {
+    /// Its `sslmode` decides whether TLS is used (see [`crate::tls`]).
+    pub url: Secret,
+    /// Trusted besides the web PKI roots; read at each run.
+    pub ca_file: Option<CaFile>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,13 +112,14 @@ impl Spec {
     pub fn endpoint(&self) -> String {
         match &self.target {
             Target::Tcp(address) => address.clone(),
-            Target::Http(HttpTarget { url, .. }) | Target::Postgres(url) | Target::Redis(url) => {
-                redact_url(url.expose())
-            }
+            Target::Http(HttpTarget { url, .. })
+            | Target::Postgres(PostgresTarget { url, .. })
+            | Target::Redis(url) => redact_url(url.expose()),
         }
     }
 
-    fn from_check(check: &CheckConfig) -> Self {
+    /// `index` is the check's place in `[[checks]]`, for the key path in errors.
+    fn from_check(index: usize, check: &CheckConfig) -> Self {
         let timeout = Duration::from_millis(check.timeout_ms);
         let url = || check.url.clone().unwrap_or_else(|| Secret::new(""));
         let mut misconfigured = None;
@@ -141,7 +152,13 @@ impl Spec {
                 })
             }
             CheckKind::Tcp => Target::Tcp(check.address.clone().unwrap_or_default()),
-            CheckKind::Postgres => Target::Postgres(url()),
+            CheckKind::Postgres => Target::Postgres(PostgresTarget {
+                url: url(),
+                ca_file: check.ca_file.clone().map(|path| CaFile {
+                    key: format!("checks[{index}].ca_file"),
+                    path,
+                }),
+            }),
             CheckKind::Redis => Target::Redis(url()),
         };
         Self {
@@ -195,17 +212,25 @@ pub fn redact_url(url: &str) -> String {
 }
 
 /// Every check of the config: `[[checks]]` in order, then one per platform `health_url`
-/// (named `<platform> health`), then `database` and `redis` from their URLs. An implicit check
-/// is left out when a configured check of its kind already has its URL, or its name is taken.
+/// (named `<platform> health`), then `database` (with `database.ca_file`) and `redis` from
+/// their URLs. An implicit check is left out when a configured check of its kind already has
+/// its URL, or its name is taken.
 pub fn specs(config: &Config) -> Vec<Spec> {
-    let mut specs: Vec<Spec> = config.checks.iter().map(Spec::from_check).collect();
+    let mut specs: Vec<Spec> = config
+        .checks
+        .iter()
+        .enumerate()
+        .map(|(index, check)| Spec::from_check(index, check))
+        .collect();
     let configured_url = |specs: &[Spec], kind: CheckKind, url: &str| {
         specs.iter().any(|s| {
             s.origin == Origin::Configured
                 && s.kind == kind
                 && match &s.target {
                     Target::Http(h) => h.url.expose() == url,
-                    Target::Postgres(u) | Target::Redis(u) => u.expose() == url,
+                    Target::Postgres(PostgresTarget { url: u, .. }) | Target::Redis(u) => {
+                        u.expose() == url
+                    }
                     Target::Tcp(_) => false,
                 }
         })
@@ -242,7 +267,13 @@ pub fn specs(config: &Config) -> Vec<Spec> {
             "database".to_owned(),
             CheckKind::Postgres,
             Origin::Database,
-            Target::Postgres(url.clone()),
+            Target::Postgres(PostgresTarget {
+                url: url.clone(),
+                ca_file: config.database.ca_file.clone().map(|path| CaFile {
+                    key: "database.ca_file".to_owned(),
+                    path,
+                }),
+            }),
         );
         add(&mut specs, spec, url.expose());
     }

@@ -1,5 +1,6 @@
 //! One run of one check: HTTP(S), TCP connect, PostgreSQL (`SELECT 1` and the connection
-//! figures) and Redis (`PING` over RESP).
+//! figures, over TLS as the URL's `sslmode` says, with the connector of [`crate::tls`]) and
+//! Redis (`PING` over RESP).
 //!
 //! Errors say what went wrong without the URL: a URL may carry a password or an API key.
 
@@ -11,10 +12,11 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{Spec, Target};
+use super::{PostgresTarget, Spec, Target};
 use crate::{
     app::error_chain,
     bus::{CheckStatus, Degraded},
+    tls::{postgres_connector, CaFile},
 };
 
 /// The most of an HTTP body read to look for `body_contains` or `json_field`.
@@ -79,6 +81,9 @@ enum ProbeError {
     },
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// The TLS side of the connection cannot be set up (a bad `ca_file`): the error chain.
+    #[error("{0}")]
+    TlsSetup(String),
     #[error("{0}")]
     Postgres(String),
     #[error("{0}")]
@@ -227,8 +232,8 @@ async fn attempt(
                 postgres: None,
             })
         }
-        Target::Postgres(url) => {
-            let figures = postgres(url.expose()).await?;
+        Target::Postgres(PostgresTarget { url, ca_file }) => {
+            let figures = postgres(url.expose(), ca_file.as_ref()).await?;
             Ok(Answer {
                 elapsed: started.elapsed(),
                 postgres: Some(figures),
@@ -304,9 +309,11 @@ SELECT
   count(*) FILTER (WHERE wait_event_type = 'Lock')
 FROM pg_stat_activity";
 
-/// Connects, runs `SELECT 1`, reads the session figures, disconnects.
-async fn postgres(url: &str) -> Result<PostgresFigures, ProbeError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+/// Connects (reading `ca_file` first), runs `SELECT 1`, reads the session figures,
+/// disconnects.
+async fn postgres(url: &str, ca_file: Option<&CaFile>) -> Result<PostgresFigures, ProbeError> {
+    let tls = postgres_connector(ca_file).map_err(|e| ProbeError::TlsSetup(error_chain(&e)))?;
+    let (client, connection) = tokio_postgres::connect(url, tls)
         .await
         .map_err(|e| ProbeError::Connect(postgres_error(&e)))?;
     let work = async move {

@@ -117,6 +117,100 @@ headers = { Authorization = "env:PROVIDER_TOKEN" }
 }
 
 #[test]
+fn postgres_checks_carry_their_ca_file_named_by_its_key() {
+    let config = config(
+        r#"
+[database]
+ca_file = "/etc/selfheal/db-ca.pem"
+
+[[checks]]
+name = "web"
+kind = "http"
+url = "http://127.0.0.1:2/health"
+
+[[checks]]
+name = "replica"
+kind = "postgres"
+url = "postgres://app@127.0.0.1:5433/app?sslmode=require"
+ca_file = "/etc/selfheal/replica-ca.pem"
+"#,
+        &[("DATABASE_URL", "postgres://app:secret@127.0.0.1:5432/app")],
+    );
+    let specs = specs(&config);
+    let ca_files: Vec<(&str, Option<CaFile>)> = specs
+        .iter()
+        .filter_map(|spec| match &spec.target {
+            Target::Postgres(postgres) => Some((spec.name.as_str(), postgres.ca_file.clone())),
+            _ => None,
+        })
+        .collect();
+    let ca_file = |key: &str, path: &str| {
+        Some(CaFile {
+            key: key.to_owned(),
+            path: path.into(),
+        })
+    };
+    assert_eq!(
+        ca_files,
+        [
+            (
+                "replica",
+                ca_file("checks[1].ca_file", "/etc/selfheal/replica-ca.pem")
+            ),
+            (
+                "database",
+                ca_file("database.ca_file", "/etc/selfheal/db-ca.pem")
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_check_whose_ca_file_cannot_be_used_is_down_saying_why() {
+    let dir = tempfile::tempdir().expect("dir");
+    let missing = dir.path().join("missing.pem");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").expect("write");
+    let config = config(
+        &format!(
+            "[database]\nca_file = \"{}\"\n\
+             [[checks]]\nname = \"replica\"\nkind = \"postgres\"\n\
+             url = \"postgres://app:secret@127.0.0.1:9/app?sslmode=require\"\n\
+             ca_file = \"{}\"\n",
+            missing.display(),
+            empty.display()
+        ),
+        &[("DATABASE_URL", "postgres://app:secret@127.0.0.1:9/app")],
+    );
+    let client = reqwest::Client::new();
+    let specs = specs(&config);
+    let replica = probe::run(&specs[0], &client).await;
+    assert_eq!(replica.status, CheckStatus::Down);
+    assert_eq!(
+        replica.message.as_deref(),
+        Some(
+            format!(
+                "cannot use checks[0].ca_file {}: it holds no certificate (no BEGIN CERTIFICATE \
+                 section)",
+                empty.display()
+            )
+            .as_str()
+        )
+    );
+    let database = probe::run(&specs[1], &client).await;
+    assert_eq!(database.status, CheckStatus::Down);
+    let message = database.message.expect("a message");
+    assert!(
+        message.starts_with(&format!(
+            "cannot use database.ca_file {}: cannot read it: ",
+            missing.display()
+        )),
+        "{message}"
+    );
+    assert!(!message.contains("secret"), "{message}");
+}
+
+#[test]
 fn bad_check_options_are_reported_with_their_paths() {
     let text = r#"
 [target]

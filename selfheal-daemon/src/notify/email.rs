@@ -10,7 +10,7 @@
 //! credentials) fails the row at once; anything else (4xx, unreachable, timed out, TLS) is
 //! retried.
 
-use std::{fmt::Write as _, path::Path, time::Duration};
+use std::{fmt::Write as _, time::Duration};
 
 use lettre::{
     message::{header::ContentType, Mailbox},
@@ -21,13 +21,15 @@ use lettre::{
     },
     AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor,
 };
-use rustls_pki_types::{pem::PemObject as _, CertificateDer};
 
 use super::{
     payload::{rfc3339, Kind, Payload},
-    CaFileError, Failure, NotifyError,
+    Failure, NotifyError,
 };
-use crate::config::{NotificationsConfig, SmtpTls};
+use crate::{
+    config::{NotificationsConfig, SmtpTls},
+    tls::read_ca_file,
+};
 
 pub(crate) struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
@@ -69,29 +71,30 @@ impl Mailer {
             .as_deref()
             .filter(|_| config.smtp_tls != SmtpTls::None);
         let roots = match ca_file {
-            Some(path) => load_roots(path).map_err(|source| NotifyError::SmtpCaFile {
+            Some(path) => read_ca_file(path).map_err(|source| NotifyError::SmtpCaFile {
                 path: path.to_owned(),
                 source,
             })?,
             None => Vec::new(),
         };
+        // The file's certificates passed the check rustls makes of a root: what fails from here
+        // on is the TLS setup itself, not the file.
+        let smtp_tls = |source| NotifyError::SmtpTls {
+            host: host.clone(),
+            source,
+        };
+        let roots = roots
+            .into_iter()
+            .map(|der| Certificate::from_der(der.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(smtp_tls)?;
         let tls = |host: &str| {
             let mut parameters = TlsParameters::builder(host.to_owned());
             for root in &roots {
                 parameters = parameters.add_root_certificate(root.clone());
             }
             // rustls explicitly, whatever other backend a feature might bring in.
-            parameters.build_rustls().map_err(|source| match ca_file {
-                // The web PKI roots always load: what fails is one of the file's.
-                Some(path) => NotifyError::SmtpCaFile {
-                    path: path.to_owned(),
-                    source: CaFileError::Unusable(source),
-                },
-                None => NotifyError::SmtpTls {
-                    host: host.to_owned(),
-                    source,
-                },
-            })
+            parameters.build_rustls().map_err(smtp_tls)
         };
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
             .port(config.smtp_port)
@@ -189,20 +192,4 @@ impl Mailer {
             }
         }
     }
-}
-
-/// The certificates of the PEM bundle at `path` (other sections, such as a key, are skipped).
-fn load_roots(path: &Path) -> Result<Vec<Certificate>, CaFileError> {
-    let pem = std::fs::read(path).map_err(CaFileError::Read)?;
-    let certificates = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(CaFileError::Pem)?;
-    if certificates.is_empty() {
-        return Err(CaFileError::NoCertificate);
-    }
-    certificates
-        .into_iter()
-        .map(|der| Certificate::from_der(der.to_vec()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(CaFileError::Unusable)
 }

@@ -101,22 +101,8 @@ pub enum NotifyError {
     SmtpCaFile {
         path: std::path::PathBuf,
         #[source]
-        source: CaFileError,
+        source: crate::tls::CaFileError,
     },
-}
-
-/// What is wrong with `notifications.smtp_ca_file`, found when the email channel is set up
-/// (config validation reads no files).
-#[derive(Debug, thiserror::Error)]
-pub enum CaFileError {
-    #[error("cannot read it")]
-    Read(#[source] std::io::Error),
-    #[error("it is not valid PEM")]
-    Pem(#[source] rustls_pki_types::pem::Error),
-    #[error("it holds no certificate (no BEGIN CERTIFICATE section)")]
-    NoCertificate,
-    #[error("a certificate in it cannot be used as a trust anchor")]
-    Unusable(#[source] lettre::transport::smtp::Error),
 }
 
 /// Why an attempt failed, in words free of secrets once through the [`Redactor`].

@@ -1,5 +1,6 @@
 //! The harness of the end-to-end tests, shared with `cargo xtask demo`: a throwaway
-//! PostgreSQL cluster (optionally with `pg_stat_statements` and a password-checked role), the
+//! PostgreSQL cluster (optionally with `pg_stat_statements`, a password-checked role, and TLS
+//! required over TCP), the
 //! demo backend, the `selfheal` daemon and its admin API, a load generator ([`load`]), a reader
 //! of `/metrics` ([`openmetrics`]), and helpers to wait for conditions with a deadline. Every process is owned by a guard that stops it on drop, so a
 //! failing test leaves nothing running.
@@ -16,6 +17,7 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use selfheal_receivers::TestPki;
 
 pub mod docker;
 pub mod load;
@@ -251,6 +253,12 @@ pub struct PgOptions {
     /// password is refused with SQLSTATE 28P01. `postgres` stays trusted everywhere, so
     /// [`PgCluster::url`] and [`PgCluster::psql`] work as without it.
     pub password_role: bool,
+    /// Serve TLS with a certificate for `localhost` and `127.0.0.1` signed by a CA made for
+    /// the cluster ([`PgCluster::ca_file`]), and refuse every TCP connection without it
+    /// (`hostssl` lines only, `hostnossl ... reject`); the Unix socket stays plain and trusted.
+    /// [`PgCluster::psql`] still works: libpq's default `sslmode=prefer` encrypts without
+    /// verifying.
+    pub tls: bool,
 }
 
 /// The role (and database) of [`PgOptions::password_role`].
@@ -266,6 +274,8 @@ pub struct PgCluster {
     bin: PathBuf,
     user: User,
     options: PgOptions,
+    /// The CA and the server's certificate, with [`PgOptions::tls`].
+    pki: Option<TestPki>,
 }
 
 impl PgCluster {
@@ -281,12 +291,13 @@ impl PgCluster {
         let dir = tempfile::Builder::new().prefix("selfheal-pg-").tempdir()?;
         nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
         let port = free_port()?;
-        let cluster = Self {
+        let mut cluster = Self {
             port,
             dir,
             bin,
             user,
             options,
+            pki: None,
         };
         cluster.run_as_postgres(
             "initdb",
@@ -301,14 +312,23 @@ impl PgCluster {
                 "--no-sync",
             ],
         )?;
-        if options.password_role {
+        if options.tls {
+            cluster.pki = Some(cluster.write_tls()?);
+        }
+        if options.password_role || options.tls {
             // The first matching line wins: the role must give its password over TCP; every
-            // other login, and everything on the Unix socket, stays trusted.
-            let hba = format!(
-                "local all all trust\n\
-                 host all {PG_ROLE} 127.0.0.1/32 scram-sha-256\n\
-                 host all all 127.0.0.1/32 trust\n"
-            );
+            // other login, and everything on the Unix socket, stays trusted. With TLS, a TCP
+            // line matches TLS connections only, and a plain one is rejected outright.
+            let host = if options.tls { "hostssl" } else { "host" };
+            let mut lines = vec!["local all all trust".to_owned()];
+            if options.password_role {
+                lines.push(format!("{host} all {PG_ROLE} 127.0.0.1/32 scram-sha-256"));
+            }
+            lines.push(format!("{host} all all 127.0.0.1/32 trust"));
+            if options.tls {
+                lines.push("hostnossl all all all reject".to_owned());
+            }
+            let hba = lines.join("\n") + "\n";
             let path = Path::new(&cluster.data()).join("pg_hba.conf");
             std::fs::write(&path, hba).with_context(|| format!("writing {}", path.display()))?;
         }
@@ -324,6 +344,55 @@ impl PgCluster {
             cluster.psql(&format!("CREATE DATABASE {PG_ROLE} OWNER {PG_ROLE}"))?;
         }
         Ok(cluster)
+    }
+
+    /// A new test PKI: the server's certificate and key in the data directory (the key owned by
+    /// `postgres`, mode 0600, as the server demands), `ssl = on` in `postgresql.conf`, and the
+    /// CA's certificate as `ca.pem` beside the data directory, for the clients.
+    fn write_tls(&self) -> Result<TestPki> {
+        use std::{
+            io::Write as _,
+            os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+        };
+
+        let pki = TestPki::localhost().context("making the test PKI")?;
+        let data = PathBuf::from(self.data());
+        for (name, pem, mode) in [
+            ("server.crt", &pki.cert_pem, 0o644),
+            ("server.key", &pki.key_pem, 0o600),
+        ] {
+            let path = data.join(name);
+            // Created with its mode: the key is never readable by others, even for a moment.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .and_then(|mut file| file.write_all(pem.as_bytes()))
+                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))?;
+            nix::unistd::chown(&path, Some(self.user.uid), Some(self.user.gid))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        let conf = data.join("postgresql.conf");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .and_then(|mut file| {
+                file.write_all(
+                    b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+                )
+            })
+            .with_context(|| format!("writing {}", conf.display()))?;
+        let ca = self.dir.path().join("ca.pem");
+        std::fs::write(&ca, &pki.ca_pem).with_context(|| format!("writing {}", ca.display()))?;
+        Ok(pki)
+    }
+
+    /// The CA certificate (PEM) a client must trust to verify the server, with
+    /// [`PgOptions::tls`].
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.pki.as_ref().map(|_| self.dir.path().join("ca.pem"))
     }
 
     /// Starts the server (again, after [`Self::stop_server`]) and waits until it accepts

@@ -147,7 +147,7 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
     .expect("schema");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let client = runtime
-        .block_on(postgres::connect(&pg.url()))
+        .block_on(postgres::connect(&pg.url(), None))
         .expect("actuator connects");
     let target = SessionFilter {
         application_name: Some("backend".to_owned()),

@@ -4,11 +4,14 @@
 //! URL answers 503, the port is closed, and after three failed runs in a row each raises one
 //! `check.down` alert;
 //! the cluster is started again: both checks are healthy and the alerts resolve by themselves.
+//! A cluster that requires TLS: verified against the test CA of `ca_file` (a check's and
+//! `database.ca_file`), refused without it (an unknown issuer), and refused in plain text.
 
 use std::time::Duration;
 
+use selfheal_daemon::{actuators::postgres, tls::CaFile};
 use selfheal_e2e::{
-    free_port, require_root, wait_for, Daemon, DemoBackend, PgCluster, RedisServer,
+    free_port, require_root, wait_for, Daemon, DemoBackend, PgCluster, PgOptions, RedisServer,
 };
 use serde_json::{json, Value};
 
@@ -307,4 +310,104 @@ timeout_ms = 500
         message.starts_with("cannot connect: ") && message.contains("onnection refused"),
         "{ran}"
     );
+}
+
+#[test]
+fn postgres_over_tls_is_verified_against_the_ca_file() {
+    require_root();
+    let pg = PgCluster::start_with(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    })
+    .expect("postgres with TLS");
+    let ca = pg.ca_file().expect("the cluster's CA");
+    let base = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let daemon = Daemon::start(&format!(
+        r#"[target]
+pid = {pid}
+
+# The implied `database` check, by host name (the certificate names localhost too).
+[database]
+url = "postgres://postgres@localhost:{port}/postgres?sslmode=require"
+ca_file = "{ca}"
+
+[[checks]]
+name = "pg-tls"
+kind = "postgres"
+url = "{base}?sslmode=require"
+ca_file = "{ca}"
+interval_ms = 60000
+timeout_ms = 5000
+
+[[checks]]
+name = "pg-tls-untrusted"
+kind = "postgres"
+url = "{base}?sslmode=require"
+interval_ms = 60000
+timeout_ms = 5000
+
+[[checks]]
+name = "pg-plain"
+kind = "postgres"
+url = "{base}?sslmode=disable"
+interval_ms = 60000
+timeout_ms = 5000
+"#,
+        pid = std::process::id(),
+        port = pg.port,
+        ca = ca.display(),
+    ))
+    .expect("daemon");
+    let data = wait_for("every TLS check ran", Duration::from_secs(20), || {
+        let data = daemon.api("/api/v1/system/integrations").ok()?;
+        (data["healthy"] == 2 && data["down"] == 2).then_some(data)
+    })
+    .expect("ran");
+
+    for name in ["pg-tls", "database"] {
+        let verified = check(&data, name);
+        assert_eq!(verified["status"], "healthy", "{verified}");
+        assert_eq!(verified["postgres"]["max_connections"], 100, "{verified}");
+    }
+    assert_eq!(check(&data, "database")["origin"], "database");
+    // Healthy is encrypted: the server takes no TCP login without TLS (pg-plain below).
+    let untrusted = check(&data, "pg-tls-untrusted");
+    let error = untrusted["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("cannot connect: error performing TLS handshake: ")
+            && error.contains("invalid peer certificate")
+            && error.contains("UnknownIssuer"),
+        "{untrusted}"
+    );
+    let plain = check(&data, "pg-plain");
+    let error = plain["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("cannot connect: ")
+            && error.contains("no encryption")
+            && error.contains("SQLSTATE 28000"),
+        "{plain}"
+    );
+
+    // The session actuator connects through the same connector.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let require = format!("{base}?sslmode=require");
+    let trusted = CaFile {
+        key: "database.ca_file".to_owned(),
+        path: ca.clone(),
+    };
+    let client = runtime
+        .block_on(postgres::connect(&require, Some(&trusted)))
+        .expect("the actuator connects over TLS");
+    let ssl: bool = runtime
+        .block_on(client.query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        ))
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the actuator's session is not encrypted");
+    let error = runtime
+        .block_on(postgres::connect(&require, None))
+        .expect_err("an unknown issuer");
+    assert!(error.to_string().contains("UnknownIssuer"), "{error}");
 }

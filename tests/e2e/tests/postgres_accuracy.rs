@@ -345,6 +345,7 @@ fn query_counts_match_pg_stat_statements_and_errors_show_their_sqlstate() {
     let pg = PgCluster::start_with(PgOptions {
         pg_stat_statements: true,
         password_role: true,
+        ..PgOptions::default()
     })
     .expect("postgres");
     let backend = DemoBackend::start_with(
