@@ -8,17 +8,17 @@
 //! the client config of the PostgreSQL connections: ring, TLS 1.2 and 1.3, the web PKI roots
 //! (webpki-roots) plus the CA file's certificates, no client certificate.
 //!
-//! Whether a PostgreSQL connection uses TLS is the URL's `sslmode`, applied by tokio-postgres:
-//! `disable` is plain text, `prefer` (the default) is TLS when the server offers it, `require`
-//! is TLS or no connection. When TLS is used, rustls always verifies the server's certificate
-//! chain up to a trusted root and that the certificate names the URL's host (an IP address
-//! host must be in the certificate as one): `require` here is what libpq calls `verify-full`,
-//! stricter than libpq's `require` (which encrypts without checking whom to), and `prefer`
-//! with a server whose certificate does not verify fails instead of falling back to plain
-//! text. A server whose certificate comes from a private CA needs that CA in the `ca_file`
-//! (a self-signed one, such as Debian's "snakeoil", names the machine rather than `localhost`:
-//! on loopback `sslmode=disable` is the way); libpq's own `verify-ca`/`verify-full` modes and
-//! `sslrootcert` are not URL options tokio-postgres knows.
+//! Whether a PostgreSQL connection uses TLS is the URL's `sslmode`: `require` is TLS or no
+//! connection; `disable` and `prefer` (the default) are plain text, as before TLS was
+//! supported — a `prefer` that tried TLS would fail on the self-signed certificates many
+//! servers offer by default (Debian's "snakeoil" names the machine, not `localhost`), since
+//! this client never skips verification. When TLS is used, rustls always verifies the
+//! server's certificate chain up to a trusted root and that the certificate names the URL's
+//! host (an IP address host must be in the certificate as one): `require` here is what libpq
+//! calls `verify-full`, stricter than libpq's `require` (which encrypts without checking whom
+//! to). A server whose certificate comes from a private CA needs that CA in the `ca_file`;
+//! libpq's own `verify-ca`/`verify-full` modes and `sslrootcert` are not URL options
+//! tokio-postgres knows.
 //!
 //! Must not: turn verification off, or bring in a crypto provider other than ring.
 
@@ -111,6 +111,42 @@ pub fn postgres_connector(ca_file: Option<&CaFile>) -> Result<MakeRustlsConnect,
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
+}
+
+/// A PostgreSQL connection's driver, whichever transport it runs on; it ends when the
+/// client is dropped.
+pub type PostgresConnection =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresConnectError {
+    #[error(transparent)]
+    Tls(#[from] PostgresTlsError),
+    #[error("cannot connect")]
+    Connect(#[source] tokio_postgres::Error),
+}
+
+/// Connects to `url`: over TLS (verified, see the module doc) when its `sslmode` is
+/// `require`, in plain text otherwise.
+pub async fn connect_postgres(
+    url: &str,
+    ca_file: Option<&CaFile>,
+) -> Result<(tokio_postgres::Client, PostgresConnection), PostgresConnectError> {
+    let require = url
+        .parse::<tokio_postgres::Config>()
+        .is_ok_and(|config| config.get_ssl_mode() == tokio_postgres::config::SslMode::Require);
+    if require {
+        let tls = postgres_connector(ca_file)?;
+        let (client, connection) = tokio_postgres::connect(url, tls)
+            .await
+            .map_err(PostgresConnectError::Connect)?;
+        Ok((client, Box::pin(connection)))
+    } else {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .map_err(PostgresConnectError::Connect)?;
+        Ok((client, Box::pin(connection)))
+    }
 }
 
 #[cfg(test)]

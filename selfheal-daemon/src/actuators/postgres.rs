@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 use super::{ActionError, Effect};
 use crate::{
     app::error_chain,
-    tls::{postgres_connector, CaFile},
+    tls::{connect_postgres, CaFile},
 };
 
 /// Which of the target's sessions an action may touch; at least one field must be set.
@@ -91,10 +91,8 @@ impl Session {
 /// certificates of `ca_file` (read now: `database.ca_file`) besides the web PKI roots when TLS
 /// is used; the connection runs on a task of its own until the client is dropped.
 pub async fn connect(url: &str, ca_file: Option<&CaFile>) -> Result<Client, ActionError> {
-    let tls =
-        postgres_connector(ca_file).map_err(|err| ActionError::Postgres(error_chain(&err)))?;
     // The chain: a TLS failure's reason (an unknown issuer, a wrong name) is in the sources.
-    let (client, connection) = tokio_postgres::connect(url, tls)
+    let (client, connection) = connect_postgres(url, ca_file)
         .await
         .map_err(|err| ActionError::Postgres(error_chain(&err)))?;
     tokio::spawn(async move {

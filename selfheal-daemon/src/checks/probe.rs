@@ -16,7 +16,7 @@ use super::{PostgresTarget, Spec, Target};
 use crate::{
     app::error_chain,
     bus::{CheckStatus, Degraded},
-    tls::{postgres_connector, CaFile},
+    tls::{connect_postgres, CaFile, PostgresConnectError},
 };
 
 /// The most of an HTTP body read to look for `body_contains` or `json_field`.
@@ -312,10 +312,10 @@ FROM pg_stat_activity";
 /// Connects (reading `ca_file` first), runs `SELECT 1`, reads the session figures,
 /// disconnects.
 async fn postgres(url: &str, ca_file: Option<&CaFile>) -> Result<PostgresFigures, ProbeError> {
-    let tls = postgres_connector(ca_file).map_err(|e| ProbeError::TlsSetup(error_chain(&e)))?;
-    let (client, connection) = tokio_postgres::connect(url, tls)
-        .await
-        .map_err(|e| ProbeError::Connect(postgres_error(&e)))?;
+    let (client, connection) = connect_postgres(url, ca_file).await.map_err(|e| match e {
+        PostgresConnectError::Tls(e) => ProbeError::TlsSetup(error_chain(&e)),
+        PostgresConnectError::Connect(e) => ProbeError::Connect(postgres_error(&e)),
+    })?;
     let work = async move {
         let one: i32 = client
             .query_one("SELECT 1", &[])

@@ -180,7 +180,11 @@ async fn a_postgres_check_whose_ca_file_cannot_be_used_is_down_saying_why() {
             missing.display(),
             empty.display()
         ),
-        &[("DATABASE_URL", "postgres://app:secret@127.0.0.1:9/app")],
+        // The CA file is read only for a TLS connection, which `require` asks for.
+        &[(
+            "DATABASE_URL",
+            "postgres://app:secret@127.0.0.1:9/main?sslmode=require",
+        )],
     );
     let client = reqwest::Client::new();
     let specs = specs(&config);
