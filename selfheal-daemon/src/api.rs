@@ -29,6 +29,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    actuators::gate::SharedGate,
     agents::{AgentHandle, AgentState},
     alerts::{
         views::{
@@ -43,6 +44,7 @@ use crate::{
         CheckError, Checks,
     },
     config::{AdminConfig, Secret},
+    repairs::RepairLog,
     target::SharedStatus,
     telemetry::Metrics,
     traffic::{MetricsQuery, TrafficView},
@@ -61,6 +63,9 @@ pub struct ApiState {
     pub token: Secret,
     pub traffic: TrafficView,
     pub checks: Checks,
+    pub repairs: RepairLog,
+    pub gate: SharedGate,
+    pub repair_config: crate::config::RepairConfig,
 }
 
 #[derive(Serialize)]
@@ -458,6 +463,95 @@ async fn integrations(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RepairsQuery {
+    limit: Option<usize>,
+    signature: Option<String>,
+}
+
+#[derive(Serialize)]
+struct RepairsView {
+    /// `auto`, `dry-run` or `off`: what the gate does with a decision.
+    mode: crate::actuators::gate::Mode,
+    self_healing: bool,
+    /// Signatures whose automatic repair is stopped (their budget was spent).
+    open_circuits: Vec<String>,
+    repairs: Vec<crate::repairs::Repair>,
+}
+
+fn state_error(what: &str, err: &crate::state::StateError) -> Response {
+    tracing::error!(error = %crate::app::error_chain(err), "the {what} view failed");
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        crate::app::error_chain(err),
+    )
+}
+
+/// `GET /api/v1/system/repairs?limit=&signature=`: the repair decisions, newest first (50 by
+/// default, at most 1000), with the gate's mode and open circuits.
+async fn repairs(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<RepairsQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return error(StatusCode::BAD_REQUEST, "limit must be between 1 and 1000");
+    }
+    let open_circuits = state
+        .gate
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .open_circuits(Instant::now());
+    match state.repairs.list(limit, query.signature).await {
+        Ok(repairs) => ok(RepairsView {
+            mode: state.repair_config.effective_mode(),
+            self_healing: state.repair_config.self_healing,
+            open_circuits,
+            repairs,
+        })
+        .into_response(),
+        Err(err) => state_error("repairs", &err),
+    }
+}
+
+#[derive(Serialize)]
+struct PatternsView {
+    patterns: Vec<crate::repairs::Pattern>,
+    /// Per signature with a record, the order its candidates are tried in now.
+    order: std::collections::BTreeMap<String, Vec<crate::repairs::Ranked>>,
+}
+
+/// `GET /api/v1/system/patterns`: what was learned per signature and action, and the order
+/// the repair agent would try each signature's candidates in now.
+async fn patterns(State(state): State<Arc<ApiState>>) -> Response {
+    let patterns = match state.repairs.patterns().await {
+        Ok(patterns) => patterns,
+        Err(err) => return state_error("patterns", &err),
+    };
+    let mut order = std::collections::BTreeMap::new();
+    for pattern in &patterns {
+        if order.contains_key(&pattern.signature) {
+            continue;
+        }
+        let learned = match state.repairs.learned(pattern.signature.clone()).await {
+            Ok(learned) => learned,
+            Err(err) => return state_error("patterns", &err),
+        };
+        let candidates =
+            crate::repairs::playbook::candidates(&state.repair_config, &pattern.signature);
+        order.insert(
+            pattern.signature.clone(),
+            crate::repairs::rank(&candidates, &learned, state.repair_config.exploration),
+        );
+    }
+    ok(PatternsView { patterns, order }).into_response()
+}
+
 /// `POST /api/v1/system/checks/run` with an optional `{"name": …}`: runs the check (every
 /// check without a name) now and answers with the results.
 async fn run_checks(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
@@ -541,6 +635,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/api/v1/system/silences/{id}", delete(expire_silence))
         .route("/api/v1/system/integrations", get(integrations))
+        .route("/api/v1/system/repairs", get(repairs))
+        .route("/api/v1/system/patterns", get(patterns))
         .route("/api/v1/system/checks/run", post(run_checks))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

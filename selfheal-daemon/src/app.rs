@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    agents,
+    actuators, agents,
     alerts::{self, AlertManager},
     api,
     bus::Bus,
@@ -22,6 +22,7 @@ use crate::{
     config::Config,
     notify::{self, Notifier},
     probes::{capture, ebpf, os},
+    repairs::RepairLog,
     state::{self, DbOptions, StateError},
     store::{self, LoadOutcome, StoreHandle},
     target::{self, Tracker},
@@ -203,6 +204,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         kernel_exits: exits_rx,
         members: members_tx,
     };
+    let repairs = RepairLog::new(db.clone());
+    let gate = actuators::gate::shared(actuators::gate::GateConfig::from_config(&config.repair));
     let handles = agents::handles(&config);
     let api_state = Arc::new(api::ApiState {
         started: Instant::now(),
@@ -213,12 +216,18 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         ebpf: ebpf_state,
         token,
         traffic: traffic_view.clone(),
-        checks,
+        checks: checks.clone(),
+        repairs: repairs.clone(),
+        gate: gate.clone(),
+        repair_config: config.repair.clone(),
     });
     let shared = agents::Shared {
         config: config.clone(),
         target: target_status.clone(),
         traffic: traffic_view.clone(),
+        checks,
+        repairs,
+        gate,
         bus: bus.clone(),
         metrics: metrics.clone(),
     };

@@ -186,6 +186,28 @@ pub struct CheckReport {
     pub message: Option<String>,
 }
 
+/// The diagnostic agent's explanation of a firing alert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Diagnosis {
+    /// The alert it explains: its rule and labels.
+    pub rule: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// A stable name for the cause (`target.crashed`, `db.unreachable`, …).
+    pub signature: String,
+    /// The root cause, in one sentence.
+    pub summary: String,
+    /// 0 to 1.
+    pub confidence: f64,
+    /// What was seen: which figure moved, which check failed, which alert fires alongside.
+    pub evidence: Vec<String>,
+    /// The playbook's candidate actions for the signature, in the playbook's order (the
+    /// repair agent reorders them by what has worked).
+    pub actions: Vec<String>,
+    /// A dependency of the target that is down now (a check's name): the target's own
+    /// process must not be restarted, signalled or resized for this.
+    pub dependency_down: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
@@ -237,18 +259,18 @@ pub enum Event {
         message: String,
     },
     /// The diagnostic agent's explanation of an alert.
-    Diagnosis {
-        rule: String,
-        signature: String,
-        summary: String,
-        confidence: f64,
-    },
-    /// What the repair agent did or would do about a diagnosis.
+    Diagnosis(Diagnosis),
+    /// What the repair agent did or would do about a diagnosis: one event per decision, and
+    /// one more when an action that ran has been verified (or not).
     Repair {
         signature: String,
         action: String,
         outcome: RepairOutcome,
         detail: String,
+        /// The row in the repairs log, when it was written.
+        repair_id: Option<i64>,
+        /// From the action's start to the verified recovery (`Succeeded` only).
+        recover_ms: Option<u64>,
     },
     /// A forecast that a resource will cross its threshold.
     Prediction {
@@ -286,11 +308,28 @@ pub enum HealthStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RepairOutcome {
-    /// Self-healing is off or no actuator applies: the action is only proposed.
+    /// Dry-run (self-healing off, or the mode says so): what would have run.
     Proposed,
+    /// The action ran; its verification has started.
+    Started,
+    /// The action ran and the recovery was verified.
     Succeeded,
+    /// The action failed, or ran and the recovery was not seen in time.
     Failed,
+    /// The safety gate held it back.
     Skipped,
+}
+
+impl RepairOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Proposed => "proposed",
+            Self::Started => "started",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+        }
+    }
 }
 
 impl Event {
@@ -305,7 +344,7 @@ impl Event {
             Self::Check(_) => "check",
             Self::Health { .. } => "health",
             Self::Alert { .. } => "alert",
-            Self::Diagnosis { .. } => "diagnosis",
+            Self::Diagnosis(_) => "diagnosis",
             Self::Repair { .. } => "repair",
             Self::Prediction { .. } => "prediction",
             Self::Security { .. } => "security",

@@ -7,7 +7,7 @@
 //! components through a global: each component gets its own section.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -15,7 +15,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::store::StoreConfig;
+use crate::{
+    actuators::gate::{ActionKind, Mode},
+    store::StoreConfig,
+};
 
 /// Every problem found in a config, each with the key path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -445,11 +448,188 @@ impl AgentsConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The repair agent, its safety gate and its playbooks.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RepairConfig {
-    /// `ENABLE_SELF_HEALING`: let the repair agent act. Off by default: it proposes only.
+    /// `ENABLE_SELF_HEALING`: let the repair agent act. Off by default: every decision is a
+    /// dry run (recorded as what would have run; nothing runs).
     pub self_healing: bool,
+    /// With self-healing on: `auto` (act), `dry-run` or `off` (decide nothing).
+    pub mode: Mode,
+    /// Per action kind (`restart`, `resize`, `cancel_query`, `terminate_session`, …); the
+    /// stricter of this and `mode` applies.
+    pub modes: HashMap<ActionKind, Mode>,
+    /// After an action, how long before the same kind may run again on the target.
+    pub cooldown_secs: u64,
+    /// At most this many actions of one kind per `window_secs`; the one past it opens the
+    /// circuit for the signature and escalates to a human.
+    pub budget: u32,
+    pub window_secs: u64,
+    /// An open circuit closes by itself after this long.
+    pub circuit_reset_secs: u64,
+    /// How long an action has to show the recovery (its alert clears, the target's health
+    /// checks pass) before it counts as failed and the next candidate is tried.
+    pub verify_timeout_secs: u64,
+    /// How long a restart may take to show a new running process.
+    pub restart_timeout_secs: u64,
+    /// How long a stopping target gets after SIGTERM before SIGKILL (and a container's engine
+    /// before it kills).
+    pub stop_timeout_secs: u64,
+    /// How a target chosen by `command` or `pidfile` is started again (program and
+    /// arguments). Its output goes to `target-restart.log` in the state directory.
+    pub start_command: Vec<String>,
+    /// A memory limit is raised by this share of itself.
+    pub memory_step_percent: u64,
+    /// Candidate actions per signature, replacing the built-in playbook of that signature
+    /// (an empty list: do nothing but alert).
+    pub playbooks: BTreeMap<String, Vec<String>>,
+    /// How much the learned order explores actions tried less often (0: always the best so
+    /// far).
+    pub exploration: f64,
+    /// Which of the database's sessions are the target's, and which of them the session
+    /// actions pick.
+    pub sessions: SessionRules,
+}
+
+impl Default for RepairConfig {
+    fn default() -> Self {
+        Self {
+            self_healing: false,
+            mode: Mode::Auto,
+            modes: HashMap::new(),
+            cooldown_secs: 60,
+            budget: 3,
+            window_secs: 900,
+            circuit_reset_secs: 3600,
+            verify_timeout_secs: 30,
+            restart_timeout_secs: 30,
+            stop_timeout_secs: 10,
+            start_command: Vec::new(),
+            memory_step_percent: 50,
+            playbooks: BTreeMap::new(),
+            exploration: 0.5,
+            sessions: SessionRules::default(),
+        }
+    }
+}
+
+impl RepairConfig {
+    /// The gate's mode: a dry run unless self-healing is on.
+    pub fn effective_mode(&self) -> Mode {
+        if self.self_healing {
+            self.mode
+        } else {
+            self.mode.max(Mode::DryRun)
+        }
+    }
+}
+
+impl RepairConfig {
+    fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, path: String, message: &str| {
+            if !ok {
+                problems.push(Problem::new(path, message));
+            }
+        };
+        for (key, value, min, max) in [
+            ("cooldown_secs", self.cooldown_secs, 0, 86_400),
+            ("budget", u64::from(self.budget), 1, 1000),
+            ("window_secs", self.window_secs, 1, 604_800),
+            ("circuit_reset_secs", self.circuit_reset_secs, 1, 604_800),
+            ("verify_timeout_secs", self.verify_timeout_secs, 1, 3600),
+            ("restart_timeout_secs", self.restart_timeout_secs, 1, 3600),
+            ("stop_timeout_secs", self.stop_timeout_secs, 1, 3600),
+            ("memory_step_percent", self.memory_step_percent, 1, 1000),
+            (
+                "sessions.idle_in_transaction_secs",
+                self.sessions.idle_in_transaction_secs,
+                1,
+                86_400,
+            ),
+            (
+                "sessions.running_secs",
+                self.sessions.running_secs,
+                1,
+                86_400,
+            ),
+        ] {
+            check(
+                (min..=max).contains(&value),
+                format!("repair.{key}"),
+                &format!("must be between {min} and {max}"),
+            );
+        }
+        check(
+            self.start_command
+                .first()
+                .is_none_or(|p| !p.trim().is_empty()),
+            "repair.start_command".to_owned(),
+            "the program (first element) must not be empty",
+        );
+        check(
+            self.exploration.is_finite() && (0.0..=10.0).contains(&self.exploration),
+            "repair.exploration".to_owned(),
+            "must be between 0 and 10",
+        );
+        for (signature, actions) in &self.playbooks {
+            check(
+                crate::repairs::playbook::is_signature(signature),
+                format!("repair.playbooks.{signature}"),
+                &format!(
+                    "unknown signature; known: {}",
+                    crate::repairs::playbook::SIGNATURES
+                        .iter()
+                        .map(|(s, _)| *s)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            );
+            for (i, action) in actions.iter().enumerate() {
+                check(
+                    crate::actuators::action::Action::parse(action).is_some(),
+                    format!("repair.playbooks.{signature}[{i}]"),
+                    &format!(
+                        "unknown action {action:?}; known: {}",
+                        crate::actuators::action::Action::ALL
+                            .iter()
+                            .map(|a| a.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                );
+            }
+        }
+        problems
+    }
+}
+
+/// `[repair.sessions]`: the target's sessions in `pg_stat_activity` (at least one of
+/// `application_name`, `user`, `client_addr` must be set for the session actions to run;
+/// superuser and replication sessions are never touched).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionRules {
+    pub application_name: Option<String>,
+    pub user: Option<String>,
+    pub client_addr: Option<String>,
+    /// `terminate_idle_in_transaction` ends sessions idle in a transaction longer than this.
+    pub idle_in_transaction_secs: u64,
+    /// `cancel_slow_queries` cancels statements running longer than this.
+    pub running_secs: u64,
+}
+
+impl Default for SessionRules {
+    fn default() -> Self {
+        Self {
+            application_name: None,
+            user: None,
+            client_addr: None,
+            idle_in_transaction_secs: 60,
+            running_secs: 30,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -1517,6 +1697,7 @@ impl Config {
                 "must be positive and shorter than health_interval_ms",
             );
         }
+        problems.extend(self.repair.problems());
         problems
     }
 

@@ -15,6 +15,7 @@ pub mod config;
 pub mod notify;
 pub mod probes;
 pub mod protocols;
+pub mod repairs;
 pub mod state;
 pub mod store;
 pub mod target;

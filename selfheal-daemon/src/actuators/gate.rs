@@ -82,6 +82,20 @@ impl Default for GateConfig {
     }
 }
 
+impl GateConfig {
+    /// The gate of `[repair]`.
+    pub fn from_config(repair: &crate::config::RepairConfig) -> Self {
+        Self {
+            mode: repair.effective_mode(),
+            modes: repair.modes.clone(),
+            cooldown: Duration::from_secs(repair.cooldown_secs),
+            budget: repair.budget,
+            window: Duration::from_secs(repair.window_secs),
+            circuit_reset_after: Duration::from_secs(repair.circuit_reset_secs),
+        }
+    }
+}
+
 /// An action a repair wants to take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -132,6 +146,14 @@ pub enum Decision {
         /// Call a human: set once, on the decision that opened the circuit.
         escalate: bool,
     },
+}
+
+/// The gate, shared by the repair agent (which decides) and the API (which shows the open
+/// circuits and lets a human close one).
+pub type SharedGate = std::sync::Arc<std::sync::Mutex<Gate>>;
+
+pub fn shared(config: GateConfig) -> SharedGate {
+    std::sync::Arc::new(std::sync::Mutex::new(Gate::new(config)))
 }
 
 /// The gate's memory.
@@ -234,6 +256,12 @@ impl Gate {
     /// The verification of `target`'s action has ended (recovered or not).
     pub fn verified(&mut self, target: &str) {
         self.verifying.remove(target);
+    }
+
+    /// Forgets every verification in progress (their walks are gone: the repair agent
+    /// restarted).
+    pub fn clear_verifying(&mut self) {
+        self.verifying.clear();
     }
 
     /// A human closes the circuit of `signature`; whether it was open.

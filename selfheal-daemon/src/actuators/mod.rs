@@ -5,6 +5,7 @@
 //! unsafe whatever the gate said (a memory limit under the target's usage, a superuser's
 //! session, a signal to a process that is not the one decided on).
 
+pub mod action;
 pub mod cgroup;
 pub mod docker;
 pub mod gate;
@@ -51,6 +52,9 @@ pub enum ActionError {
         wanted: String,
         found: String,
     },
+    /// The action cannot be carried out on this target as configured.
+    #[error("not available: {0}")]
+    Unavailable(String),
     #[error("PostgreSQL: {0}")]
     Postgres(String),
 }

@@ -106,6 +106,14 @@ fn describe(memory_max: u64, cpu_quota: u64) -> String {
     format!("{memory} {cpu}")
 }
 
+/// `unit`'s `MemoryMax` in bytes, `None` when it has none.
+pub async fn memory_max(unit: &str, bus: &str) -> Result<Option<u64>, ActionError> {
+    let connection = connect(bus).await.map_err(dbus(unit))?;
+    let (_, service) = service(&connection, unit).await?;
+    let max = service.memory_max().await.map_err(dbus(unit))?;
+    Ok((max != INFINITY).then_some(max))
+}
+
 /// Sets `unit`'s `MemoryMax` (bytes) and CPU quota (µs of CPU per second: 500 000 is half a
 /// CPU) at runtime, each when given (`Some(None)`: no limit); read back from the unit.
 pub async fn set_limits(

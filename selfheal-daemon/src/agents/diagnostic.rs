@@ -1,106 +1,348 @@
-//! Diagnostic: explains a firing alert with a stable signature, from the evidence on the bus.
+//! Diagnostic: explains each firing alert with a stable signature, a root-cause sentence, a
+//! confidence, the evidence and the playbook's candidate actions.
 //!
-//! This version knows the target-level signatures (`target.crashed`, `target.oom_killed`,
-//! `target.memory_leak`, `target.cpu_saturated`); the database and HTTP ones come with the
-//! traffic probes.
+//! Correlation: it keeps the latest run of every integration check and the alerts firing now.
+//! A check is the target's own health when it is an HTTP check of a platform; every other
+//! check (PostgreSQL, Redis, TCP, an HTTP provider) is a dependency. A dependency that is down
+//! explains the target's own failures (errors, a failing health check, not answering): "the
+//! app errors because the database is down" is `db.unreachable` (or `dependency.down`), never
+//! a reason to restart the app, and the diagnosis says which dependency is down so the gate
+//! holds back actions on the target's process. Slow requests while the target's queries are
+//! slow are `db.slow_query`; failures with every dependency up are the app's own
+//! (`http.error_spike`, `target.unhealthy`, `target.hung`).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::{AgentContext, AgentError};
-use crate::bus::{Event, ExitStatus, ProcessSample};
+use crate::{
+    alerts::{alert_key, Labels},
+    bus::{CheckReport, Diagnosis, Event, ExitStatus, ProcessSample},
+    repairs::playbook,
+};
 
 /// Samples kept as evidence.
 const HISTORY: usize = 60;
 
-pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
-    let mut samples: VecDeque<ProcessSample> = VecDeque::with_capacity(HISTORY);
-    let mut last_exit: Option<ExitStatus> = None;
-    loop {
-        match ctx.next().await? {
+/// What the agent has seen, that a diagnosis is made from.
+#[derive(Default)]
+pub(super) struct Evidence {
+    pub(super) samples: VecDeque<ProcessSample>,
+    pub(super) last_exit: Option<ExitStatus>,
+    /// The latest run of each check.
+    pub(super) checks: HashMap<String, CheckReport>,
+    /// Alerts firing now: key → (rule, labels).
+    pub(super) firing: BTreeMap<String, (String, Labels)>,
+}
+
+/// A check is the target's own health when it is an HTTP check of a platform.
+fn is_own_health(report: &CheckReport) -> bool {
+    report.kind == "http" && report.platform.is_some()
+}
+
+impl Evidence {
+    fn observe(&mut self, event: &Event) {
+        match event {
             Event::ProcessSample(sample) => {
-                if samples.len() == HISTORY {
-                    samples.pop_front();
+                if self.samples.len() == HISTORY {
+                    self.samples.pop_front();
                 }
-                samples.push_back(sample);
+                self.samples.push_back(sample.clone());
             }
-            Event::TargetExited { status, .. } => last_exit = Some(status),
+            Event::TargetExited { status, .. } => self.last_exit = Some(*status),
+            Event::Check(report) => {
+                self.checks.insert(report.check.clone(), report.clone());
+            }
             Event::Alert {
-                rule, firing: true, ..
+                rule,
+                labels,
+                firing,
+                ..
             } => {
-                if let Some((signature, summary, confidence)) = diagnose(&rule, last_exit, &samples)
-                {
-                    ctx.publish(Event::Diagnosis {
-                        rule,
-                        signature: signature.to_owned(),
-                        summary,
-                        confidence,
-                    });
+                let key = alert_key(rule, labels);
+                if *firing {
+                    self.firing.insert(key, (rule.clone(), labels.clone()));
+                } else {
+                    self.firing.remove(&key);
                 }
             }
             _ => {}
         }
     }
+
+    /// A dependency that is down now (a PostgreSQL check first).
+    fn dependency_down(&self) -> Option<&CheckReport> {
+        let mut down: Vec<&CheckReport> = self
+            .checks
+            .values()
+            .filter(|r| !is_own_health(r) && r.status == crate::bus::CheckStatus::Down)
+            .collect();
+        down.sort_by_key(|r| (r.kind != "postgres", r.check.clone()));
+        down.first().copied()
+    }
+
+    fn is_firing(&self, rule: &str) -> bool {
+        self.firing.values().any(|(r, _)| r == rule)
+    }
 }
 
-/// The signature, a root-cause sentence and a confidence for an alert.
-pub(super) fn diagnose(
-    rule: &str,
-    exit: Option<ExitStatus>,
-    samples: &VecDeque<ProcessSample>,
-) -> Option<(&'static str, String, f64)> {
-    let last = samples.back();
-    let near_limit =
-        last.is_some_and(
-            |s| match (s.cgroup_memory_bytes, s.cgroup_memory_limit_bytes) {
-                (Some(used), Some(limit)) if limit > 0 => used as f64 / limit as f64 > 0.9,
-                _ => false,
-            },
-        );
-    match rule {
-        "target.exited" => Some(match exit {
-            Some(ExitStatus::Signaled { signal: 9, .. }) if near_limit => (
-                "target.oom_killed",
-                "the target was killed (SIGKILL) with its cgroup memory near the limit: the OOM killer".to_owned(),
+fn describe_check(report: &CheckReport) -> String {
+    format!(
+        "check {} ({}) is {}, {} failed runs in a row: {}",
+        report.check,
+        report.kind,
+        report.status.as_str(),
+        report.consecutive_failures,
+        report.message.as_deref().unwrap_or("no detail")
+    )
+}
+
+/// The diagnosis of a dependency's outage as the cause of `what`.
+fn outage(dependency: &CheckReport, what: &str) -> (&'static str, String, f64) {
+    let signature = if dependency.kind == "postgres" {
+        "db.unreachable"
+    } else {
+        "dependency.down"
+    };
+    (
+        signature,
+        format!("{what} because {} is down", describe_dependency(dependency)),
+        0.85,
+    )
+}
+
+fn describe_dependency(report: &CheckReport) -> String {
+    match report.kind {
+        "postgres" => format!("the database (check {})", report.check),
+        kind => format!("the dependency {} ({kind})", report.check),
+    }
+}
+
+pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
+    let mut evidence = Evidence::default();
+    loop {
+        let event = ctx.next().await?;
+        evidence.observe(&event);
+        if let Event::Alert {
+            rule,
+            labels,
+            firing: true,
+            ..
+        } = event
+        {
+            if let Some(mut diagnosis) = diagnose(&rule, &labels, &evidence) {
+                diagnosis.actions = playbook::candidates(&ctx.config.repair, &diagnosis.signature);
+                ctx.publish(Event::Diagnosis(diagnosis));
+            }
+        }
+    }
+}
+
+/// The diagnosis of the alert `rule{labels}` from the evidence (its `actions` left empty).
+pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Option<Diagnosis> {
+    let mut seen = Vec::new();
+    let dependency = evidence.dependency_down();
+    if let Some(dependency) = dependency {
+        seen.push(describe_check(dependency));
+    }
+    let (signature, summary, confidence) = match rule {
+        "target.exited" => exited(evidence, &mut seen),
+        "target.memory_high" => memory(evidence, &mut seen),
+        "target.cpu_high" => cpu(evidence, &mut seen),
+        "target.not_answering" => match dependency {
+            Some(dependency) => outage(dependency, "the target answers nothing"),
+            None => (
+                "target.hung",
+                "the target is alive but has answered no request for a while: it hangs".to_owned(),
                 0.8,
             ),
-            Some(ExitStatus::Signaled { signal, core_dumped, .. }) => (
-                "target.crashed",
-                format!(
-                    "the target died from {}{}",
-                    crate::bus::signal_name(signal),
-                    if core_dumped { " and dumped core" } else { "" }
-                ),
-                0.9,
-            ),
-            Some(ExitStatus::Exited { code }) => {
-                ("target.crashed", format!("the target exited with status {code}"), if code == 0 { 0.5 } else { 0.8 })
+        },
+        "check.down" => {
+            let name = labels.get("check")?;
+            let report = evidence.checks.get(name)?;
+            if !seen.iter().any(|s| s.starts_with(&format!("check {name} "))) {
+                seen.push(describe_check(report));
             }
-            Some(ExitStatus::Unknown) | None => ("target.crashed", "the target's process ended".to_owned(), 0.5),
-        }),
-        "target.memory_high" => {
-            let growing = samples.len() >= 3
-                && samples.iter().zip(samples.iter().skip(1)).all(|(a, b)| b.rss_bytes >= a.rss_bytes);
-            Some(if growing {
-                ("target.memory_leak", format!("memory rose in each of the last {} samples", samples.len()), 0.7)
+            if !is_own_health(report) {
+                outage(report, &format!("check {name} fails"))
+            } else if let Some(dependency) = dependency {
+                outage(dependency, &format!("the target's health check {name} fails"))
             } else {
-                ("target.memory_high", "memory is high but not steadily rising".to_owned(), 0.5)
-            })
+                (
+                    "target.unhealthy",
+                    format!(
+                        "the target's health check {name} fails while its dependencies are up: the target itself is broken"
+                    ),
+                    0.7,
+                )
+            }
         }
-        "target.cpu_high" => {
-            let throttled = samples.iter().filter_map(|s| s.cgroup_cpu_throttled_periods).max().unwrap_or(0) > 0;
-            Some(if throttled {
-                ("target.cpu_throttled", "the target uses its whole CPU quota and is throttled".to_owned(), 0.7)
+        "http.error_rate" => match dependency {
+            Some(dependency) => outage(dependency, "the target answers with errors"),
+            None => (
+                "http.error_spike",
+                format!(
+                    "the target answers with server errors{} while its dependencies are up: the target itself is broken",
+                    labels.get("platform").map(|p| format!(" on {p}")).unwrap_or_default()
+                ),
+                0.7,
+            ),
+        },
+        "http.latency_high" => {
+            if evidence.is_firing("db.query_slow") {
+                seen.push("alert db.query_slow fires: the target's queries are slow".to_owned());
+                (
+                    "db.slow_query",
+                    "the target is slow because its database queries are slow".to_owned(),
+                    0.75,
+                )
+            } else if let Some(dependency) = dependency {
+                outage(dependency, "the target is slow")
             } else {
-                ("target.cpu_saturated", "the target keeps the CPU busy".to_owned(), 0.6)
-            })
+                (
+                    "target.slow",
+                    "the target is slow while its queries are fast: the time goes in the target itself".to_owned(),
+                    0.6,
+                )
+            }
         }
+        "db.query_slow" => (
+            "db.slow_query",
+            "the target's database queries are slow".to_owned(),
+            0.7,
+        ),
+        "db.connections_high" => (
+            "db.pool_exhausted",
+            format!(
+                "the database {} is near its connection limit",
+                labels.get("check").map_or("", String::as_str)
+            ),
+            0.6,
+        ),
+        _ => return None,
+    };
+    Some(Diagnosis {
+        rule: rule.to_owned(),
+        labels: labels.clone(),
+        signature: signature.to_owned(),
+        summary,
+        confidence,
+        evidence: seen,
+        actions: Vec::new(),
+        dependency_down: dependency.map(|d| d.check.clone()),
+    })
+}
+
+fn near_limit(evidence: &Evidence) -> Option<f64> {
+    let last = evidence.samples.back()?;
+    match (last.cgroup_memory_bytes, last.cgroup_memory_limit_bytes) {
+        (Some(used), Some(limit)) if limit > 0 => Some(used as f64 / limit as f64),
         _ => None,
+    }
+}
+
+fn exited(evidence: &Evidence, seen: &mut Vec<String>) -> (&'static str, String, f64) {
+    let share = near_limit(evidence);
+    if let Some(share) = share {
+        seen.push(format!(
+            "cgroup memory at {:.0} % of its limit",
+            share * 100.0
+        ));
+    }
+    if let Some(exit) = evidence.last_exit {
+        seen.push(format!(
+            "exit: {}",
+            serde_json::to_string(&exit).unwrap_or_default()
+        ));
+    }
+    match evidence.last_exit {
+        Some(ExitStatus::Signaled { signal: 9, .. }) if share.is_some_and(|s| s > 0.9) => (
+            "target.oom_killed",
+            "the target was killed (SIGKILL) with its cgroup memory near the limit: the OOM killer"
+                .to_owned(),
+            0.8,
+        ),
+        Some(ExitStatus::Signaled {
+            signal,
+            core_dumped,
+        }) => (
+            "target.crashed",
+            format!(
+                "the target died from {}{}",
+                crate::bus::signal_name(signal),
+                if core_dumped { " and dumped core" } else { "" }
+            ),
+            0.9,
+        ),
+        Some(ExitStatus::Exited { code }) => (
+            "target.crashed",
+            format!("the target exited with status {code}"),
+            if code == 0 { 0.5 } else { 0.8 },
+        ),
+        Some(ExitStatus::Unknown) | None => (
+            "target.crashed",
+            "the target's process ended".to_owned(),
+            0.5,
+        ),
+    }
+}
+
+fn memory(evidence: &Evidence, seen: &mut Vec<String>) -> (&'static str, String, f64) {
+    let samples = &evidence.samples;
+    let growing = samples.len() >= 3
+        && samples
+            .iter()
+            .zip(samples.iter().skip(1))
+            .all(|(a, b)| b.rss_bytes >= a.rss_bytes);
+    if let (Some(first), Some(last)) = (samples.front(), samples.back()) {
+        seen.push(format!(
+            "RSS {} → {} bytes over {} samples",
+            first.rss_bytes,
+            last.rss_bytes,
+            samples.len()
+        ));
+    }
+    if growing {
+        (
+            "target.memory_leak",
+            format!("memory rose in each of the last {} samples", samples.len()),
+            0.7,
+        )
+    } else {
+        (
+            "target.memory_high",
+            "memory is high but not steadily rising".to_owned(),
+            0.5,
+        )
+    }
+}
+
+fn cpu(evidence: &Evidence, seen: &mut Vec<String>) -> (&'static str, String, f64) {
+    let throttled = evidence
+        .samples
+        .iter()
+        .filter_map(|s| s.cgroup_cpu_throttled_periods)
+        .max()
+        .unwrap_or(0);
+    if throttled > 0 {
+        seen.push(format!("{throttled} throttled CPU periods"));
+        (
+            "target.cpu_throttled",
+            "the target uses its whole CPU quota and is throttled".to_owned(),
+            0.7,
+        )
+    } else {
+        (
+            "target.cpu_saturated",
+            "the target keeps the CPU busy".to_owned(),
+            0.6,
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::{CheckStatus, Severity};
 
     fn sample(rss: u64, used: u64, limit: u64) -> ProcessSample {
         ProcessSample {
@@ -111,44 +353,199 @@ mod tests {
         }
     }
 
+    fn with_samples(samples: impl IntoIterator<Item = ProcessSample>) -> Evidence {
+        Evidence {
+            samples: samples.into_iter().collect(),
+            ..Evidence::default()
+        }
+    }
+
+    fn signature(rule: &str, labels: &Labels, evidence: &Evidence) -> Option<String> {
+        diagnose(rule, labels, evidence).map(|d| d.signature)
+    }
+
+    fn report(
+        name: &str,
+        kind: &'static str,
+        platform: Option<&str>,
+        status: CheckStatus,
+    ) -> Event {
+        Event::Check(CheckReport {
+            check: name.to_owned(),
+            kind,
+            platform: platform.map(str::to_owned),
+            status,
+            degraded: None,
+            consecutive_failures: u32::from(status == CheckStatus::Down) * 3,
+            alert_after_failures: 3,
+            response_ms: None,
+            message: (status == CheckStatus::Down).then(|| "connection refused".to_owned()),
+        })
+    }
+
+    fn firing(rule: &str, labels: &[(&str, &str)]) -> Event {
+        Event::Alert {
+            rule: rule.to_owned(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            severity: Severity::Critical,
+            firing: true,
+            message: String::new(),
+        }
+    }
+
+    fn check_label(name: &str) -> Labels {
+        [("check".to_owned(), name.to_owned())].into()
+    }
+
     #[test]
     fn tells_an_oom_kill_from_a_crash() {
-        let full: VecDeque<_> = [sample(1, 95, 100)].into();
-        let roomy: VecDeque<_> = [sample(1, 10, 100)].into();
+        let none = Labels::new();
         let kill = Some(ExitStatus::Signaled {
             signal: 9,
             core_dumped: false,
         });
+        let mut full = with_samples([sample(1, 95, 100)]);
+        full.last_exit = kill;
+        let mut roomy = with_samples([sample(1, 10, 100)]);
+        roomy.last_exit = kill;
         assert_eq!(
-            diagnose("target.exited", kill, &full).map(|d| d.0),
+            signature("target.exited", &none, &full).as_deref(),
             Some("target.oom_killed")
         );
         assert_eq!(
-            diagnose("target.exited", kill, &roomy).map(|d| d.0),
+            signature("target.exited", &none, &roomy).as_deref(),
             Some("target.crashed")
         );
-        let abort = Some(ExitStatus::Signaled {
+        roomy.last_exit = Some(ExitStatus::Signaled {
             signal: 6,
             core_dumped: true,
         });
-        let (_, summary, _) = diagnose("target.exited", abort, &roomy).expect("diagnosis");
+        let diagnosis = diagnose("target.exited", &none, &roomy).expect("diagnosis");
         assert!(
-            summary.contains("SIGABRT") && summary.contains("core"),
-            "{summary}"
+            diagnosis.summary.contains("SIGABRT") && diagnosis.summary.contains("core"),
+            "{}",
+            diagnosis.summary
         );
+        assert!(
+            diagnosis.evidence.iter().any(|e| e.contains("signaled")),
+            "{:?}",
+            diagnosis.evidence
+        );
+        assert_eq!(diagnosis.dependency_down, None);
     }
 
     #[test]
     fn rising_memory_is_a_leak() {
-        let rising: VecDeque<_> = (1..=5).map(|i| sample(i * 100, 0, 0)).collect();
+        let none = Labels::new();
+        let rising = with_samples((1..=5).map(|i| sample(i * 100, 0, 0)));
         assert_eq!(
-            diagnose("target.memory_high", None, &rising).map(|d| d.0),
+            signature("target.memory_high", &none, &rising).as_deref(),
             Some("target.memory_leak")
         );
-        let flat: VecDeque<_> = [sample(500, 0, 0), sample(400, 0, 0), sample(500, 0, 0)].into();
+        let flat = with_samples([sample(500, 0, 0), sample(400, 0, 0), sample(500, 0, 0)]);
         assert_eq!(
-            diagnose("target.memory_high", None, &flat).map(|d| d.0),
+            signature("target.memory_high", &none, &flat).as_deref(),
             Some("target.memory_high")
         );
+    }
+
+    #[test]
+    fn a_failing_app_with_its_database_down_is_the_database_not_the_app() {
+        let mut evidence = Evidence::default();
+        for event in [
+            report("database", "postgres", None, CheckStatus::Down),
+            report(
+                "leadsite.ai health",
+                "http",
+                Some("leadsite.ai"),
+                CheckStatus::Down,
+            ),
+            firing("check.down", &[("check", "database")]),
+        ] {
+            evidence.observe(&event);
+        }
+        let own = diagnose("check.down", &check_label("leadsite.ai health"), &evidence)
+            .expect("diagnosis");
+        assert_eq!(own.signature, "db.unreachable");
+        assert_eq!(own.dependency_down.as_deref(), Some("database"));
+        assert!(
+            own.summary
+                .contains("the database (check database) is down"),
+            "{}",
+            own.summary
+        );
+        let errors = diagnose("http.error_rate", &Labels::new(), &evidence).expect("diagnosis");
+        assert_eq!(errors.signature, "db.unreachable");
+        let hung = diagnose("target.not_answering", &Labels::new(), &evidence).expect("diagnosis");
+        assert_eq!(hung.signature, "db.unreachable");
+        assert_eq!(
+            signature("check.down", &check_label("database"), &evidence).as_deref(),
+            Some("db.unreachable")
+        );
+
+        // A provider that is not PostgreSQL.
+        let mut evidence = Evidence::default();
+        evidence.observe(&report("crm", "http", None, CheckStatus::Down));
+        assert_eq!(
+            signature("check.down", &check_label("crm"), &evidence).as_deref(),
+            Some("dependency.down")
+        );
+    }
+
+    #[test]
+    fn failures_with_every_dependency_up_are_the_app_itself() {
+        let mut evidence = Evidence::default();
+        for event in [
+            report("database", "postgres", None, CheckStatus::Healthy),
+            report(
+                "leadsite.ai health",
+                "http",
+                Some("leadsite.ai"),
+                CheckStatus::Down,
+            ),
+        ] {
+            evidence.observe(&event);
+        }
+        let own = diagnose("check.down", &check_label("leadsite.ai health"), &evidence)
+            .expect("diagnosis");
+        assert_eq!(own.signature, "target.unhealthy");
+        assert_eq!(own.dependency_down, None);
+        assert_eq!(
+            signature("http.error_rate", &Labels::new(), &evidence).as_deref(),
+            Some("http.error_spike")
+        );
+        assert_eq!(
+            signature("target.not_answering", &Labels::new(), &evidence).as_deref(),
+            Some("target.hung")
+        );
+    }
+
+    #[test]
+    fn a_slow_app_with_slow_queries_is_the_queries() {
+        let mut evidence = Evidence::default();
+        assert_eq!(
+            signature("http.latency_high", &Labels::new(), &evidence).as_deref(),
+            Some("target.slow")
+        );
+        evidence.observe(&firing("db.query_slow", &[]));
+        let slow = diagnose("http.latency_high", &Labels::new(), &evidence).expect("diagnosis");
+        assert_eq!(slow.signature, "db.slow_query");
+        assert!(slow.evidence.iter().any(|e| e.contains("db.query_slow")));
+        // Once the queries are fast again, slowness is the app's own.
+        evidence.observe(&Event::Alert {
+            rule: "db.query_slow".to_owned(),
+            labels: Labels::new(),
+            severity: Severity::Warning,
+            firing: false,
+            message: String::new(),
+        });
+        assert_eq!(
+            signature("http.latency_high", &Labels::new(), &evidence).as_deref(),
+            Some("target.slow")
+        );
+        assert_eq!(signature("check.slow", &Labels::new(), &evidence), None);
     }
 }

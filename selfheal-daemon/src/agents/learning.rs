@@ -1,45 +1,32 @@
-//! Learning: records what was done about each signature and how it turned out.
-//!
-//! This version keeps the tallies in memory; they move to the state database with the
-//! healing loop.
-
-use std::collections::BTreeMap;
+//! Learning: records the outcome of every action that ran — (signature, action, succeeded or
+//! not, time to recover) — in the state DB's patterns, which survive restarts. The repair agent
+//! orders a playbook's candidates by them (`repairs::rank`); `GET /api/v1/system/patterns`
+//! shows them.
 
 use super::{AgentContext, AgentError};
-use crate::bus::{Event, RepairOutcome};
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Tally {
-    pub(super) proposed: u64,
-    pub(super) succeeded: u64,
-    pub(super) failed: u64,
-}
-
-pub(super) fn record(
-    tallies: &mut BTreeMap<(String, String), Tally>,
-    signature: String,
-    action: String,
-    outcome: RepairOutcome,
-) {
-    let tally = tallies.entry((signature, action)).or_default();
-    match outcome {
-        RepairOutcome::Proposed | RepairOutcome::Skipped => tally.proposed += 1,
-        RepairOutcome::Succeeded => tally.succeeded += 1,
-        RepairOutcome::Failed => tally.failed += 1,
-    }
-}
+use crate::{
+    bus::{Event, RepairOutcome},
+    state::now_ms,
+};
 
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
-    let mut tallies = BTreeMap::new();
     loop {
         if let Event::Repair {
             signature,
             action,
-            outcome,
+            outcome: outcome @ (RepairOutcome::Succeeded | RepairOutcome::Failed),
+            recover_ms,
             ..
         } = ctx.next().await?
         {
-            record(&mut tallies, signature, action, outcome);
+            let recover_ms = recover_ms.filter(|_| outcome == RepairOutcome::Succeeded);
+            if let Err(err) = ctx
+                .repairs
+                .learn(signature.clone(), action.clone(), recover_ms, now_ms())
+                .await
+            {
+                tracing::warn!(%signature, %action, error = %err, "cannot record what was learned");
+            }
         }
     }
 }

@@ -3,7 +3,10 @@
 //! Owns: starting each enabled agent with its own bus subscription, restarting one that
 //! crashes (panics or returns an error) with exponential backoff and publishing the crash as
 //! `Event::AgentCrashed`, restarts on request, and each agent's [`AgentStatus`]. Must not:
-//! let agents share state other than through the bus (the target status is read-only).
+//! let agents talk other than through the bus. Besides read-only views (the target status,
+//! traffic, checks), the healing loop keeps records in the state DB: the repair agent writes
+//! the repairs log and reads the patterns the learning agent writes (learned from the repair
+//! agent's events on the bus), and the repair agent owns the decisions of the shared gate.
 
 mod diagnostic;
 mod learning;
@@ -24,8 +27,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    actuators::gate::SharedGate,
     bus::{Bus, Event, Subscriber},
+    checks::Checks,
     config::Config,
+    repairs::RepairLog,
     target::SharedStatus,
     telemetry::{AgentLabel, Metrics},
     traffic::TrafficView,
@@ -107,12 +113,21 @@ impl AgentHandle {
     }
 }
 
-/// What an agent gets: its bus subscription, a way to publish, and read-only views.
+/// What an agent gets: its bus subscription, a way to publish, read-only views, and the
+/// handles the healing loop keeps its records and its gate in.
 pub struct AgentContext {
     pub config: Arc<Config>,
     pub target: SharedStatus,
     /// The decoded traffic: what the monitor's request and query rules read.
     pub traffic: TrafficView,
+    /// The integration checks: the repair agent runs the target's health checks to verify a
+    /// recovery.
+    pub checks: Checks,
+    /// The repairs log (written by the repair agent) and the learned patterns (written by the
+    /// learning agent, read by the repair agent).
+    pub repairs: RepairLog,
+    /// The safety gate, shared with the API (open circuits).
+    pub gate: SharedGate,
     bus: Bus,
     events: Subscriber,
     handle: AgentHandle,
@@ -179,6 +194,9 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub target: SharedStatus,
     pub traffic: TrafficView,
+    pub checks: Checks,
+    pub repairs: RepairLog,
+    pub gate: SharedGate,
     pub bus: Bus,
     pub metrics: Metrics,
 }
@@ -240,6 +258,9 @@ async fn supervise<F, Fut>(
             config: shared.config.clone(),
             target: shared.target.clone(),
             traffic: shared.traffic.clone(),
+            checks: shared.checks.clone(),
+            repairs: shared.repairs.clone(),
+            gate: shared.gate.clone(),
             bus: shared.bus.clone(),
             events: shared.bus.subscribe(),
             handle: handle.clone(),
@@ -323,9 +344,22 @@ mod tests {
         let target = crate::target::new_status(&crate::config::TargetSelector::Pid(1));
         let store =
             crate::store::StoreHandle::new(crate::store::StoreConfig::default()).expect("store");
+        let dir = tempfile::tempdir().expect("dir");
+        let (db, _thread, _) = crate::state::open(
+            &crate::state::DbOptions {
+                path: dir.path().join(crate::state::DB_FILE),
+                busy_timeout: Duration::from_secs(1),
+            },
+            metrics.clone(),
+        )
+        .expect("state db");
+        let (checks, _runner) = Checks::new(Vec::new(), db.clone(), crate::alerts::system_clock());
         Shared {
             config: Arc::new(config),
             target,
+            checks,
+            repairs: RepairLog::new(db),
+            gate: crate::actuators::gate::shared(crate::actuators::gate::GateConfig::default()),
             traffic: TrafficView::new(store, crate::traffic::Platforms::new(&[]), 20),
             bus: Bus::new(metrics.clone()),
             metrics,

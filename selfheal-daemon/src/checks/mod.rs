@@ -514,6 +514,11 @@ impl Checks {
             .collect())
     }
 
+    /// The checks as configured.
+    pub fn specs(&self) -> Vec<Spec> {
+        self.inner.slots.iter().map(|s| s.spec.clone()).collect()
+    }
+
     /// Runs the named check (every enabled check without a name) now, and waits for the
     /// results. Disabled and misconfigured checks are reported as they are, without a run.
     pub async fn run_now(&self, name: Option<&str>) -> Result<Vec<(Spec, Latest)>, CheckError> {

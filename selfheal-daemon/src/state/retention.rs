@@ -5,7 +5,8 @@
 //! What "older" means, per table: a resolved alert whose resolution is older (with its events
 //! and notifications; an active alert is kept whatever its age, with its history); an audit
 //! row by its time; a notification that is no longer pending by its creation; a silence by its
-//! end; a health log row by its time. A later slice that adds a table adds its rule here.
+//! end; a health log row by its time; a repair by its decision's time (learned patterns are
+//! kept). A later slice that adds a table adds its rule here.
 
 use std::time::Duration;
 
@@ -29,11 +30,12 @@ pub struct Deleted {
     pub outbox: u64,
     pub silences: u64,
     pub health_log: u64,
+    pub repairs: u64,
 }
 
 impl Deleted {
     /// Each table with its count, for the log and the counter.
-    pub fn by_table(&self) -> [(&'static str, u64); 6] {
+    pub fn by_table(&self) -> [(&'static str, u64); 7] {
         [
             ("alerts", self.alerts),
             ("alert_events", self.alert_events),
@@ -41,6 +43,7 @@ impl Deleted {
             ("outbox", self.outbox),
             ("silences", self.silences),
             ("health_log", self.health_log),
+            ("repairs", self.repairs),
         ]
     }
 
@@ -77,6 +80,7 @@ pub fn cleanup(
     let audit = tx.execute("DELETE FROM audit WHERE at_ms < ?1", params![cutoff])?;
     let silences = tx.execute("DELETE FROM silences WHERE ends_ms < ?1", params![cutoff])?;
     let health_log = tx.execute("DELETE FROM health_log WHERE at_ms < ?1", params![cutoff])?;
+    let repairs = tx.execute("DELETE FROM repairs WHERE at_ms < ?1", params![cutoff])?;
     tx.commit()?;
     Ok(Deleted {
         alerts: count(alerts),
@@ -85,6 +89,7 @@ pub fn cleanup(
         outbox: count(outbox),
         silences: count(silences),
         health_log: count(health_log),
+        repairs: count(repairs),
     })
 }
 
@@ -119,6 +124,7 @@ pub async fn run(db: StateDb, retention_days: u32, cancel: CancellationToken) {
                     outbox = deleted.outbox,
                     silences = deleted.silences,
                     health_log = deleted.health_log,
+                    repairs = deleted.repairs,
                     "state retention cleanup done"
                 );
             }
@@ -200,6 +206,15 @@ mod tests {
             )
             .expect("health log");
         }
+        for at in [old, T0 - 10 * DAY_MS] {
+            c.execute(
+                "INSERT INTO repairs (at_ms, target, signature, rule, labels, summary, action, \
+                 decision, state) VALUES (?1, 't', 'target.crashed', 'target.exited', '{}', '', \
+                 'restart', '{}', 'skipped')",
+                params![at],
+            )
+            .expect("repair");
+        }
         let before = [
             count(&c, "alerts"),
             count(&c, "alert_events"),
@@ -207,8 +222,9 @@ mod tests {
             count(&c, "outbox"),
             count(&c, "silences"),
             count(&c, "health_log"),
+            count(&c, "repairs"),
         ];
-        assert_eq!(before, [3, 6, 3, 6, 1, 2]);
+        assert_eq!(before, [3, 6, 3, 6, 1, 2, 2]);
 
         let deleted = cleanup(&mut c, T0, 90).expect("cleanup");
         assert_eq!(
@@ -220,9 +236,10 @@ mod tests {
                 outbox: 3,
                 silences: 1,
                 health_log: 1,
+                repairs: 1,
             }
         );
-        assert_eq!(deleted.total(), 12);
+        assert_eq!(deleted.total(), 13);
         let rules: Vec<String> = c
             .prepare("SELECT rule FROM alerts ORDER BY id")
             .expect("prepare")

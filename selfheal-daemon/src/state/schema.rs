@@ -118,6 +118,44 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX health_log_by_check ON health_log (check_name, at_ms);
     CREATE INDEX health_log_by_time ON health_log (at_ms);
     ",
+    // 3: the repairs log (every decision of the repair agent, taken or skipped, with what the
+    //    action changed and whether the recovery was verified) and the learned patterns (per
+    //    signature and action: attempts, successes, time to recover).
+    r"
+    CREATE TABLE repairs (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms           INTEGER NOT NULL,
+        target          TEXT    NOT NULL,
+        signature       TEXT    NOT NULL,
+        rule            TEXT    NOT NULL,
+        labels          TEXT    NOT NULL,
+        summary         TEXT    NOT NULL,
+        action          TEXT    NOT NULL,
+        -- The safety gate's decision, as JSON: run, dry_run, or skip with its reason.
+        decision        TEXT    NOT NULL,
+        state           TEXT    NOT NULL CHECK (state IN
+                            ('running', 'verifying', 'recovered', 'failed', 'skipped', 'dry_run')),
+        -- What the action changed, read back: a JSON array of effects.
+        effects         TEXT,
+        error           TEXT,
+        finished_at_ms  INTEGER,
+        recover_ms      INTEGER
+    );
+    CREATE INDEX repairs_by_time ON repairs (at_ms);
+    CREATE INDEX repairs_by_signature ON repairs (signature, id);
+
+    CREATE TABLE patterns (
+        signature         TEXT    NOT NULL,
+        action            TEXT    NOT NULL,
+        attempts          INTEGER NOT NULL,
+        successes         INTEGER NOT NULL,
+        -- Summed over the successes.
+        total_recover_ms  INTEGER NOT NULL,
+        last_outcome      TEXT    NOT NULL,
+        last_at_ms        INTEGER NOT NULL,
+        PRIMARY KEY (signature, action)
+    );
+    ",
 ];
 
 /// The schema version this build writes.
@@ -211,6 +249,8 @@ mod tests {
                 "audit",
                 "health_log",
                 "outbox",
+                "patterns",
+                "repairs",
                 "silences"
             ]
         );
