@@ -227,7 +227,8 @@ async fn stop(pid: u32, grace: Duration) -> Result<(), ActionError> {
     let Some(started) = signal::start_time(pid) else {
         return Ok(());
     };
-    let gone = |effect: &Effect| effect.after == "gone";
+    // `signal::send` reads a terminating signal's effect back as `exited` once the pidfd says so.
+    let gone = |effect: &Effect| effect.after == "exited";
     match signal::send(pid, started, Signal::SIGTERM, grace).await {
         Ok(effect) if gone(&effect) => return Ok(()),
         Ok(_) | Err(ActionError::NotApplied { .. }) => {}
@@ -239,7 +240,7 @@ async fn stop(pid: u32, grace: Duration) -> Result<(), ActionError> {
     } else {
         Err(ActionError::NotApplied {
             subject: format!("process {pid}"),
-            wanted: "gone after SIGKILL".to_owned(),
+            wanted: "exited after SIGKILL".to_owned(),
             found: effect.after,
         })
     }

@@ -111,6 +111,9 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum Skip {
+    /// The playbook names no action for the signature: alert only (the repair agent records
+    /// this; the gate never answers it).
+    NoAction,
     ModeOff,
     DependencyDown,
     /// The target's previous action (of this kind) is still being verified.

@@ -24,7 +24,7 @@ use super::{AgentContext, AgentError};
 use crate::{
     actuators::{
         action::{self, Action, Host},
-        gate::{Decision, Gate, Request},
+        gate::{Decision, Gate, Request, Skip},
         postgres::SessionFilter,
     },
     alerts::{alert_key, Labels},
@@ -38,6 +38,9 @@ use crate::{
 
 /// The alert raised when repair gives up on a signature.
 pub(super) const ESCALATED: &str = "repair.escalated";
+
+/// The action recorded when the playbook has none for a signature.
+const NO_ACTION: &str = "none";
 
 /// What the actions act on, from the config.
 fn host(config: &Config, status: SharedStatus) -> Option<Host> {
@@ -145,7 +148,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                         }
                     }
                 }
-                Event::Diagnosis(diagnosis) if !diagnosis.actions.is_empty() => {
+                Event::Diagnosis(diagnosis) => {
                     let walker = walker.clone();
                     walks.spawn(async move { walker.walk(diagnosis).await });
                 }
@@ -208,6 +211,10 @@ impl Walker {
             .unwrap_or_default();
         let ranked = rank(&diagnosis.actions, &learned, self.exploration);
         let target = self.host.selector.to_string();
+        if ranked.is_empty() {
+            self.no_action(&diagnosis, &target).await;
+            return Walked::Done;
+        }
         let mut tried = Vec::new();
         let mut escalate = None;
         for candidate in ranked {
@@ -329,6 +336,39 @@ impl Walker {
             message: format!("{}: {reason}", diagnosis.summary),
         });
         Walked::Escalated { key, labels }
+    }
+
+    /// Records that the playbook has nothing to do about the diagnosis (the alert is the
+    /// answer: a human's call, or a dependency to bring back).
+    async fn no_action(&self, diagnosis: &Diagnosis, target: &str) {
+        let decision = Decision::Skip {
+            why: Skip::NoAction,
+            escalate: false,
+        };
+        let id = self
+            .log
+            .decided(NewRepair {
+                at_ms: now_ms(),
+                target: target.to_owned(),
+                signature: diagnosis.signature.clone(),
+                rule: diagnosis.rule.clone(),
+                labels: diagnosis.labels.clone(),
+                summary: diagnosis.summary.clone(),
+                action: NO_ACTION.to_owned(),
+                decision,
+                error: None,
+            })
+            .await
+            .map_err(|err| tracing::warn!(error = %err, "cannot write the repair decision"))
+            .ok();
+        self.repair_event(
+            diagnosis,
+            NO_ACTION,
+            RepairOutcome::Skipped,
+            "the playbook names no action for this signature: alert only".to_owned(),
+            id,
+            None,
+        );
     }
 
     /// Runs one action and verifies the recovery; `Err` says why it did not work.

@@ -1,0 +1,341 @@
+//! The healing loop against the demo backend as a plain process and a real PostgreSQL: each
+//! scenario asserts the diagnosis signature, the action taken (or held back) and the verified
+//! recovery, through the repairs log the API shows.
+//!
+//! A plain process is restarted with `repair.start_command`: the daemon starts the backend
+//! itself, so each test kills whatever backend is left when it ends.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use selfheal_e2e::{bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, PgCluster};
+use serde_json::Value;
+
+/// Kills every process whose command line has the pattern when dropped: the backends the
+/// daemon started.
+struct Reaper(String);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f", &self.0])
+            .status();
+    }
+}
+
+struct Scene {
+    pg: PgCluster,
+    backend: DemoBackend,
+    daemon: Daemon,
+    _reaper: Reaper,
+}
+
+/// The backend watched by its command line and restarted with the same command; `repair`
+/// adds keys to `[repair]`, `extra` gives more config from the backend's health URL and the
+/// database's URL.
+fn scene(repair: &str, extra: impl Fn(&str, &str) -> String) -> Scene {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let port = free_port().expect("port");
+    let backend = DemoBackend::start(&pg.url(), port).expect("demo backend");
+    let reaper = Reaper(backend.selector());
+    let start_command = [
+        bin("demo-backend").display().to_string(),
+        "--listen".to_owned(),
+        backend.address.to_string(),
+        "--database-url".to_owned(),
+        pg.url(),
+    ];
+    let daemon = Daemon::start(&format!(
+        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n\
+         [repair]\nstart_command = {}\ncooldown_secs = 0\nverify_timeout_secs = 20\n{repair}\n\n\
+         [monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n\n{}",
+        backend.selector(),
+        serde_json::to_string(&start_command).expect("json"),
+        extra(&backend.url("/health"), &pg.url()),
+    ))
+    .expect("daemon");
+    daemon.wait_for_target(backend.proc.pid()).expect("target");
+    Scene {
+        pg,
+        backend,
+        daemon,
+        _reaper: reaper,
+    }
+}
+
+/// The backend's own health check and the database's, run every second.
+fn checks(health_url: &str, pg_url: &str) -> String {
+    format!(
+        "[[platforms]]\nname = \"leadsite.ai\"\nhosts = [\"leadsite.ai\"]\n\n\
+         [[checks]]\nname = \"backend\"\nkind = \"http\"\nurl = \"{health_url}\"\nplatform = \"leadsite.ai\"\n\
+         interval_ms = 1000\ntimeout_ms = 900\nalert_after_failures = 2\n\n\
+         [[checks]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"{pg_url}\"\n\
+         interval_ms = 1000\ntimeout_ms = 900\nalert_after_failures = 2\n"
+    )
+}
+
+fn repairs(daemon: &Daemon) -> Vec<Value> {
+    daemon
+        .api("/api/v1/system/repairs?limit=100")
+        .expect("repairs")["repairs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits for a repair of `signature` in one of `states`; the repair.
+fn wait_repair(daemon: &Daemon, signature: &str, states: &[&str], within: Duration) -> Value {
+    wait_for(
+        &format!("a repair of {signature} in {states:?}"),
+        within,
+        || {
+            repairs(daemon)
+                .into_iter()
+                .find(|r| r["signature"] == signature && states.iter().any(|s| r["state"] == *s))
+        },
+    )
+    .unwrap_or_else(|err| panic!("{err}; the log: {:#?}", repairs(daemon)))
+}
+
+fn target_pid(daemon: &Daemon) -> Option<u64> {
+    let health = daemon.health().ok()?;
+    (health["target"]["state"] == "running")
+        .then(|| health["target"]["pid"].as_u64())
+        .flatten()
+}
+
+fn backend_healthy(backend: &DemoBackend) -> bool {
+    http()
+        .get(backend.url("/health"))
+        .call()
+        .is_ok_and(|r| r.status() == 200)
+}
+
+#[test]
+fn a_crash_is_diagnosed_restarted_and_verified_healthy_and_learned() {
+    let scene = scene("self_healing = true", checks);
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let old = backend.proc.pid();
+    let crashed_at = Instant::now();
+    backend.fault("crash").expect("crash");
+    let repair = wait_repair(
+        daemon,
+        "target.crashed",
+        &["recovered"],
+        Duration::from_secs(30),
+    );
+    println!(
+        "crash: recovered {} ms after the fault switch; the repair: {repair:#}",
+        crashed_at.elapsed().as_millis()
+    );
+    assert_eq!(repair["action"], "restart");
+    assert_eq!(repair["rule"], "target.exited");
+    assert_eq!(repair["decision"]["decision"], "run");
+    assert!(
+        repair["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains("SIGABRT")),
+        "{repair}"
+    );
+    let effect = &repair["effects"][0];
+    assert_eq!(effect["action"], "process.restart", "{repair}");
+    assert!(
+        effect["after"]
+            .as_str()
+            .is_some_and(|a| a.ends_with("running")),
+        "{repair}"
+    );
+    assert!(repair["recover_ms"].as_u64().is_some(), "{repair}");
+    let new = target_pid(daemon).expect("the target runs again");
+    assert_ne!(new, u64::from(old));
+    assert!(
+        backend_healthy(backend),
+        "the restarted backend answers /health"
+    );
+    // Verified means its own health check passed after the restart.
+    let checks = daemon
+        .api("/api/v1/system/integrations")
+        .expect("integrations");
+    let own = checks["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "backend").cloned())
+        .expect("the backend check");
+    assert_eq!(own["status"], "healthy", "{own}");
+
+    // Learning recorded it.
+    let patterns = wait_for("the pattern to be learned", Duration::from_secs(5), || {
+        let data = daemon.api("/api/v1/system/patterns").ok()?;
+        let found = data["patterns"].as_array()?.iter().find(|p| {
+            p["signature"] == "target.crashed" && p["action"] == "restart" && p["successes"] == 1
+        })?;
+        Some((
+            found.clone(),
+            data["order"]["target.crashed"][0]["action"].clone(),
+        ))
+    })
+    .expect("learned");
+    assert_eq!(patterns.0["attempts"], 1, "{}", patterns.0);
+    assert_eq!(patterns.1, "restart");
+    let alerts = daemon
+        .api("/api/v1/system/alerts?state=firing")
+        .expect("alerts");
+    assert!(
+        !alerts.to_string().contains("target.exited"),
+        "the crash alert cleared: {alerts}"
+    );
+}
+
+#[test]
+fn a_hung_backend_is_restarted() {
+    let scene = scene("self_healing = true", |_, _| {
+        "[probes]\npayload_bytes = 512\n".to_owned()
+    });
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let old = backend.proc.pid();
+    backend.fault("hang").expect("hang");
+    // A request that waits: what makes the backend "not answering".
+    let url = backend.url("/api/v1/campaigns");
+    let waiting = std::thread::spawn(move || {
+        let _ = selfheal_e2e::http().get(&url).call();
+    });
+    let hung_at = Instant::now();
+    let repair = wait_repair(
+        daemon,
+        "target.hung",
+        &["recovered"],
+        Duration::from_secs(60),
+    );
+    println!(
+        "hang: recovered {} ms after the hung request; the repair: {repair:#}",
+        hung_at.elapsed().as_millis()
+    );
+    assert_eq!(repair["action"], "restart");
+    assert_eq!(repair["rule"], "target.not_answering");
+    assert!(
+        repair["effects"][0]["before"]
+            .as_str()
+            .is_some_and(|b| b.contains("stopped")),
+        "the hung process was stopped first: {repair}"
+    );
+    assert_ne!(target_pid(daemon), Some(u64::from(old)));
+    assert!(backend_healthy(backend));
+    let _ = waiting.join();
+}
+
+#[test]
+fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
+    let scene = scene("self_healing = true\nbudget = 2", |_, _| String::new());
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let mut pid = u64::from(backend.proc.pid());
+    for round in 1..=2 {
+        backend.fault("crash").expect("crash");
+        pid = wait_for(&format!("restart {round}"), Duration::from_secs(30), || {
+            target_pid(daemon).filter(|p| *p != pid)
+        })
+        .expect("restarted");
+        wait_for("the backend to listen", Duration::from_secs(10), || {
+            backend_healthy(backend).then_some(())
+        })
+        .expect("listening");
+    }
+    backend.fault("crash").expect("third crash");
+    let skipped = wait_repair(
+        daemon,
+        "target.crashed",
+        &["skipped"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        skipped["decision"]["reason"], "budget_exhausted",
+        "{skipped}"
+    );
+    assert_eq!(skipped["decision"]["escalate"], true, "{skipped}");
+    let escalated = wait_for("the escalation alert", Duration::from_secs(10), || {
+        let alerts = daemon.api("/api/v1/system/alerts?state=firing").ok()?;
+        alerts["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| a["rule"] == "repair.escalated")
+            .cloned()
+    })
+    .expect("escalated");
+    assert_eq!(escalated["severity"], "critical");
+    assert_eq!(
+        escalated["labels"]["signature"], "target.crashed",
+        "{escalated}"
+    );
+    let view = daemon.api("/api/v1/system/repairs").expect("repairs");
+    assert_eq!(view["open_circuits"], serde_json::json!(["target.crashed"]));
+    // No further restart: the backend stays down.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(target_pid(daemon), None, "nothing restarted it");
+    let ran = repairs(daemon)
+        .iter()
+        .filter(|r| r["decision"]["decision"] == "run")
+        .count();
+    assert_eq!(ran, 2, "{:#?}", repairs(daemon));
+}
+
+#[test]
+fn with_the_database_down_the_backend_is_not_restarted() {
+    let scene = scene("self_healing = true", checks);
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let pid = backend.proc.pid();
+    scene.pg.stop_server().expect("stop postgres");
+    // The database check and the backend's own health check both fail; both are the
+    // database's outage, and neither may restart the backend.
+    let outage = wait_repair(
+        daemon,
+        "db.unreachable",
+        &["skipped"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(outage["action"], "none", "{outage}");
+    assert_eq!(outage["decision"]["reason"], "no_action", "{outage}");
+    wait_for("both alerts diagnosed", Duration::from_secs(20), || {
+        let log = repairs(daemon);
+        let rules: Vec<&str> = log
+            .iter()
+            .filter(|r| r["signature"] == "db.unreachable")
+            .filter_map(|r| r["labels"]["check"].as_str())
+            .collect();
+        (rules.contains(&"pg") && rules.contains(&"backend")).then_some(())
+    })
+    .unwrap_or_else(|err| panic!("{err}: {:#?}", repairs(daemon)));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        repairs(daemon).iter().all(|r| r["action"] == "none"),
+        "no action on the backend: {:#?}",
+        repairs(daemon)
+    );
+    assert_eq!(
+        target_pid(daemon),
+        Some(u64::from(pid)),
+        "the same process runs"
+    );
+    scene.pg.start_server().expect("start postgres");
+}
+
+#[test]
+fn dry_run_decides_the_same_and_runs_nothing() {
+    let scene = scene("self_healing = false", |_, _| String::new());
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let view = daemon.api("/api/v1/system/repairs").expect("repairs");
+    assert_eq!(view["mode"], "dry-run");
+    backend.fault("crash").expect("crash");
+    let proposed = wait_repair(
+        daemon,
+        "target.crashed",
+        &["dry_run"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(proposed["action"], "restart");
+    assert_eq!(proposed["decision"]["decision"], "dry_run");
+    assert_eq!(proposed["effects"], Value::Null, "nothing ran");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(target_pid(daemon), None, "nothing restarted the backend");
+    assert!(!backend_healthy(backend));
+}
