@@ -184,6 +184,8 @@ pub struct CheckReport {
     pub response_ms: Option<f64>,
     /// Why it is down or degraded.
     pub message: Option<String>,
+    /// A PostgreSQL check's session figures, when it got them.
+    pub postgres: Option<crate::checks::probe::PostgresFigures>,
 }
 
 /// The diagnostic agent's explanation of a firing alert.

@@ -374,6 +374,9 @@ pub struct MonitorConfig {
     /// A request waiting this long with no response of any kind sent since it arrived means
     /// the target is not answering.
     pub not_answering_secs: u64,
+    /// A session of a PostgreSQL check's server idle in a transaction for longer than this
+    /// raises `db.idle_in_transaction`; `terminate_idle_in_transaction` ends such sessions.
+    pub idle_in_transaction_secs: u64,
 }
 
 impl Default for MonitorConfig {
@@ -390,6 +393,7 @@ impl Default for MonitorConfig {
             traffic_window_secs: 60,
             min_requests: 20,
             not_answering_secs: 30,
+            idle_in_transaction_secs: 60,
         }
     }
 }
@@ -543,12 +547,6 @@ impl RepairConfig {
             ("stop_timeout_secs", self.stop_timeout_secs, 1, 3600),
             ("memory_step_percent", self.memory_step_percent, 1, 1000),
             (
-                "sessions.idle_in_transaction_secs",
-                self.sessions.idle_in_transaction_secs,
-                1,
-                86_400,
-            ),
-            (
                 "sessions.running_secs",
                 self.sessions.running_secs,
                 1,
@@ -614,8 +612,6 @@ pub struct SessionRules {
     pub application_name: Option<String>,
     pub user: Option<String>,
     pub client_addr: Option<String>,
-    /// `terminate_idle_in_transaction` ends sessions idle in a transaction longer than this.
-    pub idle_in_transaction_secs: u64,
     /// `cancel_slow_queries` cancels statements running longer than this.
     pub running_secs: u64,
 }
@@ -626,7 +622,6 @@ impl Default for SessionRules {
             application_name: None,
             user: None,
             client_addr: None,
-            idle_in_transaction_secs: 60,
             running_secs: 30,
         }
     }
@@ -1381,6 +1376,11 @@ impl Config {
         check(
             (1..=86_400).contains(&monitor.not_answering_secs),
             "monitor.not_answering_secs",
+            "must be between 1 and 86400",
+        );
+        check(
+            (1..=86_400).contains(&monitor.idle_in_transaction_secs),
+            "monitor.idle_in_transaction_secs",
             "must be between 1 and 86400",
         );
         check(

@@ -26,10 +26,11 @@ pub enum Action {
     /// Raise the memory limit of the target's cgroup (unit, container) by
     /// `repair.memory_step_percent`.
     RaiseMemoryLimit,
-    /// Cancel the statements of the target's sessions that hold a lock others wait for.
+    /// End what holds a lock others wait for, in the target's sessions: the running statement
+    /// is cancelled; a session idle in its transaction has none, and is terminated.
     CancelBlockers,
     /// Terminate the target's sessions idle in a transaction for longer than
-    /// `repair.sessions.idle_in_transaction_secs`.
+    /// `monitor.idle_in_transaction_secs`.
     TerminateIdleInTransaction,
     /// Cancel the target's statements running longer than `repair.sessions.running_secs`.
     CancelSlowQueries,
@@ -107,14 +108,12 @@ pub async fn execute(action: Action, host: &Host) -> Result<Vec<Effect>, ActionE
     match action {
         Action::Restart => restart(host).await.map(|e| vec![e]),
         Action::RaiseMemoryLimit => raise_memory_limit(host).await.map(|e| vec![e]),
-        Action::CancelBlockers => {
-            sessions(host, Selector::BlockingOthers, SessionAction::Cancel).await
-        }
+        Action::CancelBlockers => sessions(host, Selector::BlockingOthers, None).await,
         Action::TerminateIdleInTransaction => {
             sessions(
                 host,
                 Selector::IdleInTransactionLongerThan(host.idle_in_transaction),
-                SessionAction::Terminate,
+                Some(SessionAction::Terminate),
             )
             .await
         }
@@ -122,7 +121,7 @@ pub async fn execute(action: Action, host: &Host) -> Result<Vec<Effect>, ActionE
             sessions(
                 host,
                 Selector::RunningLongerThan(host.running_longer_than),
-                SessionAction::Cancel,
+                Some(SessionAction::Cancel),
             )
             .await
         }
@@ -297,14 +296,18 @@ async fn raise_memory_limit(host: &Host) -> Result<Effect, ActionError> {
     }
 }
 
+/// Applies `action` to the target's sessions `selector` picks; `None`: cancel an active one's
+/// statement, terminate one idle in its transaction.
 async fn sessions(
     host: &Host,
     selector: Selector,
-    action: SessionAction,
+    action: Option<SessionAction>,
 ) -> Result<Vec<Effect>, ActionError> {
     let Some(url) = &host.database_url else {
         return Err(ActionError::Unavailable(
-            "session actions need the database's URL (database.url / DATABASE_URL)".to_owned(),
+            "session actions need the database's URL (database.url / DATABASE_URL, or a \
+             postgres check)"
+                .to_owned(),
         ));
     };
     let ca = host
@@ -315,7 +318,14 @@ async fn sessions(
             path: path.clone(),
         });
     let client = postgres::connect(url, ca.as_ref()).await?;
-    let outcomes = postgres::act(&client, &host.sessions, selector, action).await?;
+    let outcomes = postgres::act(&client, &host.sessions, selector, |session| {
+        action.unwrap_or(if session.state == "active" {
+            SessionAction::Cancel
+        } else {
+            SessionAction::Terminate
+        })
+    })
+    .await?;
     if outcomes.is_empty() {
         return Err(ActionError::NotApplied {
             subject: "the target's sessions".to_owned(),

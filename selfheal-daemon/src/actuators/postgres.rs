@@ -168,13 +168,13 @@ pub fn selects(selector: Selector, session: &Session) -> bool {
 /// How long an action's effect may take to show in `pg_stat_activity`.
 const VERIFY_WITHIN: Duration = Duration::from_secs(3);
 
-/// Applies `action` to every session of the target that `selector` picks and reads back each
-/// one's effect. An empty result means no session matched.
+/// Applies `action(session)` to every session of the target that `selector` picks and reads
+/// back each one's effect. An empty result means no session matched.
 pub async fn act(
     client: &Client,
     filter: &SessionFilter,
     selector: Selector,
-    action: SessionAction,
+    action: impl Fn(&Session) -> SessionAction,
 ) -> Result<Vec<Result<Effect, ActionError>>, ActionError> {
     let chosen: Vec<Session> = sessions(client, filter)
         .await?
@@ -183,7 +183,7 @@ pub async fn act(
         .collect();
     let mut outcomes = Vec::with_capacity(chosen.len());
     for session in chosen {
-        outcomes.push(act_on(client, filter, &session, action).await);
+        outcomes.push(act_on(client, filter, &session, action(&session)).await);
     }
     Ok(outcomes)
 }

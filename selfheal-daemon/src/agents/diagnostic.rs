@@ -110,6 +110,16 @@ fn outage(dependency: &CheckReport, what: &str) -> (&'static str, String, f64) {
     )
 }
 
+/// The diagnosis of a lock wait as the cause of `what`.
+fn locked(seen: &mut Vec<String>, what: &str) -> (&'static str, String, f64) {
+    seen.push("alert db.lock_contention fires: sessions wait on a lock".to_owned());
+    (
+        "db.lock_contention",
+        format!("{what} because its queries wait on a lock another session holds"),
+        0.8,
+    )
+}
+
 fn describe_dependency(report: &CheckReport) -> String {
     match report.kind {
         "postgres" => format!("the database (check {})", report.check),
@@ -150,6 +160,9 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
         "target.cpu_high" => cpu(evidence, &mut seen),
         "target.not_answering" => match dependency {
             Some(dependency) => outage(dependency, "the target answers nothing"),
+            None if evidence.is_firing("db.lock_contention") => {
+                locked(&mut seen, "the target answers nothing")
+            }
             None => (
                 "target.hung",
                 "the target is alive but has answered no request for a while: it hangs".to_owned(),
@@ -166,6 +179,8 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
                 outage(report, &format!("check {name} fails"))
             } else if let Some(dependency) = dependency {
                 outage(dependency, &format!("the target's health check {name} fails"))
+            } else if evidence.is_firing("db.lock_contention") {
+                locked(&mut seen, &format!("the target's health check {name} fails"))
             } else {
                 (
                     "target.unhealthy",
@@ -205,6 +220,22 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
                 )
             }
         }
+        "db.lock_contention" => (
+            "db.lock_contention",
+            format!(
+                "sessions of the database {} wait on a lock another session holds",
+                labels.get("check").map_or("", String::as_str)
+            ),
+            0.8,
+        ),
+        "db.idle_in_transaction" => (
+            "db.idle_in_transaction",
+            format!(
+                "sessions of the database {} sit idle in open transactions, holding their locks and connections",
+                labels.get("check").map_or("", String::as_str)
+            ),
+            0.8,
+        ),
         "db.query_slow" => (
             "db.slow_query",
             "the target's database queries are slow".to_owned(),
@@ -380,6 +411,7 @@ mod tests {
             alert_after_failures: 3,
             response_ms: None,
             message: (status == CheckStatus::Down).then(|| "connection refused".to_owned()),
+            postgres: None,
         })
     }
 
@@ -521,6 +553,11 @@ mod tests {
             signature("target.not_answering", &Labels::new(), &evidence).as_deref(),
             Some("target.hung")
         );
+        // Unless its queries wait on a lock: then the lock is the cause.
+        evidence.observe(&firing("db.lock_contention", &[("check", "pg")]));
+        let hung = diagnose("target.not_answering", &Labels::new(), &evidence).expect("diagnosis");
+        assert_eq!(hung.signature, "db.lock_contention");
+        assert!(hung.summary.contains("wait on a lock"), "{}", hung.summary);
     }
 
     #[test]

@@ -10,7 +10,10 @@
 //! (critical) after `alert_after_failures` failed runs in a row, cleared by the first run that
 //! works; `check.slow` (warning) after as many slow runs in a row, cleared by a run in time;
 //! `db.connections_high` (warning) after as many runs of a PostgreSQL check with connections
-//! over its `max_connections_percent`, cleared by a run under it.
+//! over its `max_connections_percent`, cleared by a run under it; `db.lock_contention`
+//! (warning) after as many runs of a PostgreSQL check that saw sessions waiting on a lock, and
+//! `db.idle_in_transaction` (warning) after as many that saw a transaction idle for over
+//! `idle_in_transaction_secs`, each cleared by a run without.
 //!
 //! Traffic (every `interval_ms`, over the trailing `traffic_window_secs`, per platform with the
 //! platform's own thresholds where set): `http.latency_high` (warning) when p95 is over
@@ -118,12 +121,15 @@ struct CheckRules {
     down: CheckRule,
     slow: CheckRule,
     connections: CheckRule,
+    locks: CheckRule,
+    idle_in_transaction: CheckRule,
 }
 
 /// The alert changes a check's run makes: `(rule, severity, firing, message)`.
 fn check_changes(
     rules: &mut CheckRules,
     report: &CheckReport,
+    idle_limit_secs: f64,
 ) -> Vec<(&'static str, Severity, bool, String)> {
     let mut changes = Vec::new();
     let name = &report.check;
@@ -180,6 +186,46 @@ fn check_changes(
                 Severity::Warning,
                 false,
                 format!("database of check {name}: connections back under the limit"),
+            )),
+            Change::None => {}
+        }
+    }
+    if let Some(figures) = report.postgres.filter(|_| up) {
+        let waiting = figures.waiting_on_locks;
+        match rules.locks.observe(waiting > 0, waiting == 0, needed) {
+            Change::Fired => changes.push((
+                "db.lock_contention",
+                Severity::Warning,
+                true,
+                format!(
+                    "database of check {name}: {waiting} sessions wait on a lock, {needed} runs in a row"
+                ),
+            )),
+            Change::Cleared => changes.push((
+                "db.lock_contention",
+                Severity::Warning,
+                false,
+                format!("database of check {name}: no session waits on a lock"),
+            )),
+            Change::None => {}
+        }
+        let oldest = figures.oldest_idle_in_transaction_seconds;
+        let idle = oldest > idle_limit_secs;
+        match rules.idle_in_transaction.observe(idle, !idle, needed) {
+            Change::Fired => changes.push((
+                "db.idle_in_transaction",
+                Severity::Warning,
+                true,
+                format!(
+                    "database of check {name}: {} sessions idle in a transaction, the oldest for {oldest:.0} s (over {idle_limit_secs:.0} s)",
+                    figures.idle_in_transaction
+                ),
+            )),
+            Change::Cleared => changes.push((
+                "db.idle_in_transaction",
+                Severity::Warning,
+                false,
+                format!("database of check {name}: no transaction left idle too long"),
             )),
             Change::None => {}
         }
@@ -513,7 +559,8 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                 if let Some(platform) = &report.platform {
                     labels.insert("platform".to_owned(), platform.clone());
                 }
-                for (rule, severity, on, message) in check_changes(rules, &report) {
+                let idle_limit = monitor.idle_in_transaction_secs as f64;
+                for (rule, severity, on, message) in check_changes(rules, &report, idle_limit) {
                     labelled(&ctx, rule, labels.clone(), severity, on, message);
                 }
             }
@@ -599,6 +646,7 @@ mod tests {
             alert_after_failures: 3,
             response_ms: None,
             message: Some("answered 503".to_owned()),
+            postgres: None,
         }
     }
 
@@ -610,14 +658,14 @@ mod tests {
     fn a_check_alerts_after_its_failures_in_a_row_and_clears_on_the_first_success() {
         let mut rules = CheckRules::default();
         // The first decision after start: the check works, so anything restored clears.
-        let first = check_changes(&mut rules, &report("http", CheckStatus::Healthy, 0));
+        let first = check_changes(&mut rules, &report("http", CheckStatus::Healthy, 0), 60.0);
         assert_eq!(
             rules_of(&first),
             [("check.down", false), ("check.slow", false)]
         );
-        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 1)).is_empty());
-        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 2)).is_empty());
-        let fired = check_changes(&mut rules, &report("http", CheckStatus::Down, 3));
+        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 1), 60.0).is_empty());
+        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 2), 60.0).is_empty());
+        let fired = check_changes(&mut rules, &report("http", CheckStatus::Down, 3), 60.0);
         assert_eq!(rules_of(&fired), [("check.down", true)]);
         assert_eq!(fired[0].1, Severity::Critical);
         assert_eq!(
@@ -625,8 +673,8 @@ mod tests {
             "check crm failed 3 times in a row: answered 503"
         );
         // Still failing: nothing new.
-        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 4)).is_empty());
-        let cleared = check_changes(&mut rules, &report("http", CheckStatus::Healthy, 0));
+        assert!(check_changes(&mut rules, &report("http", CheckStatus::Down, 4), 60.0).is_empty());
+        let cleared = check_changes(&mut rules, &report("http", CheckStatus::Healthy, 0), 60.0);
         assert_eq!(rules_of(&cleared), [("check.down", false)]);
     }
 
@@ -635,26 +683,107 @@ mod tests {
         let mut rules = CheckRules::default();
         // Degraded twice, a failure in between (keeps the count), degraded a third time. The
         // first run worked and was not slow: the first decisions of those rules.
-        let first = check_changes(&mut rules, &report("postgres", CheckStatus::Degraded, 0));
+        let first = check_changes(
+            &mut rules,
+            &report("postgres", CheckStatus::Degraded, 0),
+            60.0,
+        );
         assert_eq!(
             rules_of(&first),
             [("check.down", false), ("check.slow", false)]
         );
+        assert!(check_changes(
+            &mut rules,
+            &report("postgres", CheckStatus::Degraded, 0),
+            60.0
+        )
+        .is_empty());
         assert!(
-            check_changes(&mut rules, &report("postgres", CheckStatus::Degraded, 0)).is_empty()
+            check_changes(&mut rules, &report("postgres", CheckStatus::Down, 1), 60.0).is_empty()
         );
-        assert!(check_changes(&mut rules, &report("postgres", CheckStatus::Down, 1)).is_empty());
-        let fired = check_changes(&mut rules, &report("postgres", CheckStatus::Degraded, 0));
+        let fired = check_changes(
+            &mut rules,
+            &report("postgres", CheckStatus::Degraded, 0),
+            60.0,
+        );
         assert_eq!(rules_of(&fired), [("db.connections_high", true)]);
-        let cleared = check_changes(&mut rules, &report("postgres", CheckStatus::Healthy, 0));
+        let cleared = check_changes(
+            &mut rules,
+            &report("postgres", CheckStatus::Healthy, 0),
+            60.0,
+        );
         assert_eq!(rules_of(&cleared), [("db.connections_high", false)]);
 
         let mut rules = CheckRules::default();
         for _ in 0..2 {
-            check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0));
+            check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0), 60.0);
         }
-        let fired = check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0));
+        let fired = check_changes(&mut rules, &report("http", CheckStatus::Degraded, 0), 60.0);
         assert_eq!(rules_of(&fired), [("check.slow", true)]);
+    }
+
+    #[test]
+    fn sessions_waiting_on_locks_or_idle_in_a_transaction_alert_after_as_many_runs() {
+        let mut rules = CheckRules::default();
+        let with = |waiting: i64, oldest_idle: f64| CheckReport {
+            postgres: Some(crate::checks::probe::PostgresFigures {
+                max_connections: 100,
+                connections: 10,
+                active: 1,
+                idle: 5,
+                idle_in_transaction: i64::from(oldest_idle > 0.0),
+                oldest_idle_in_transaction_seconds: oldest_idle,
+                longest_query_seconds: 0.0,
+                waiting_on_locks: waiting,
+            }),
+            ..report("postgres", CheckStatus::Healthy, 0)
+        };
+        let rules_fired = |changes: Vec<(&'static str, Severity, bool, String)>| {
+            changes
+                .into_iter()
+                .filter(|c| matches!(c.0, "db.lock_contention" | "db.idle_in_transaction"))
+                .map(|c| (c.0, c.2))
+                .collect::<Vec<_>>()
+        };
+        // The first run: nothing wrong, both rules decide "cleared".
+        assert_eq!(
+            rules_fired(check_changes(&mut rules, &with(0, 0.0), 60.0)),
+            [
+                ("db.lock_contention", false),
+                ("db.idle_in_transaction", false)
+            ]
+        );
+        for _ in 0..2 {
+            assert!(rules_fired(check_changes(&mut rules, &with(2, 61.0), 60.0)).is_empty());
+        }
+        let fired = check_changes(&mut rules, &with(2, 61.0), 60.0);
+        assert!(
+            fired[0].3.contains("2 sessions wait on a lock"),
+            "{fired:?}"
+        );
+        assert_eq!(
+            rules_fired(fired),
+            [
+                ("db.lock_contention", true),
+                ("db.idle_in_transaction", true)
+            ]
+        );
+        // Idle, but under the limit: that clears; the lock wait goes on.
+        assert_eq!(
+            rules_fired(check_changes(&mut rules, &with(1, 30.0), 60.0)),
+            [("db.idle_in_transaction", false)]
+        );
+        assert_eq!(
+            rules_fired(check_changes(&mut rules, &with(0, 0.0), 60.0)),
+            [("db.lock_contention", false)]
+        );
+        // A run that failed says nothing about sessions.
+        assert!(rules_fired(check_changes(
+            &mut rules,
+            &report("postgres", CheckStatus::Down, 1),
+            60.0
+        ))
+        .is_empty());
     }
 
     fn traffic_config() -> Config {

@@ -46,6 +46,23 @@ const NO_ACTION: &str = "none";
 fn host(config: &Config, status: SharedStatus) -> Option<Host> {
     let repair = &config.repair;
     let sessions = &repair.sessions;
+    // The session actions use the database's URL, else the first enabled PostgreSQL check's.
+    let (database_url, database_ca_file) = match &config.database.url {
+        Some(url) => (
+            Some(url.expose().to_owned()),
+            config.database.ca_file.clone(),
+        ),
+        None => config
+            .checks
+            .iter()
+            .find(|c| c.enabled && c.kind == CheckKind::Postgres && c.url.is_some())
+            .map_or((None, None), |c| {
+                (
+                    c.url.as_ref().map(|u| u.expose().to_owned()),
+                    c.ca_file.clone(),
+                )
+            }),
+    };
     Some(Host {
         selector: config.target.selector()?,
         status,
@@ -54,14 +71,14 @@ fn host(config: &Config, status: SharedStatus) -> Option<Host> {
         stop_timeout: Duration::from_secs(repair.stop_timeout_secs),
         restart_timeout: Duration::from_secs(repair.restart_timeout_secs),
         memory_step_percent: repair.memory_step_percent,
-        database_url: config.database.url.as_ref().map(|u| u.expose().to_owned()),
-        database_ca_file: config.database.ca_file.clone(),
+        database_url,
+        database_ca_file,
         sessions: SessionFilter {
             application_name: sessions.application_name.clone(),
             user: sessions.user.clone(),
             client_addr: sessions.client_addr.clone(),
         },
-        idle_in_transaction: Duration::from_secs(sessions.idle_in_transaction_secs),
+        idle_in_transaction: Duration::from_secs(config.monitor.idle_in_transaction_secs),
         running_longer_than: Duration::from_secs(sessions.running_secs),
     })
 }

@@ -744,6 +744,7 @@ async fn run_one(
             alert_after_failures: spec.alert_after_failures,
             response_ms: probed.response_ms,
             message: probed.message.clone(),
+            postgres: probed.postgres,
         }));
         if let Some(reply) = reply {
             let _ = reply.send(latest);

@@ -160,7 +160,7 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
             &client,
             &SessionFilter::default(),
             Selector::BlockingOthers,
-            SessionAction::Terminate,
+            |_: &postgres::Session| SessionAction::Terminate,
         ))
         .expect_err("no filter");
     assert!(matches!(err, ActionError::Unsafe(_)), "{err}");
@@ -180,7 +180,7 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
             &client,
             &target,
             Selector::RunningLongerThan(Duration::from_secs(1)),
-            SessionAction::Cancel,
+            |_: &postgres::Session| SessionAction::Cancel,
         ))
         .expect("cancel");
     assert_eq!(outcomes.len(), 1, "only the target's session: {outcomes:?}");
@@ -212,7 +212,7 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
             &client,
             &target,
             Selector::IdleInTransactionLongerThan(Duration::from_secs(30)),
-            SessionAction::Terminate,
+            |_: &postgres::Session| SessionAction::Terminate,
         ))
         .expect("select");
     assert!(early.is_empty(), "not idle for 30 s yet: {early:?}");
@@ -222,7 +222,7 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
             &client,
             &target,
             Selector::IdleInTransactionLongerThan(Duration::from_secs(1)),
-            SessionAction::Terminate,
+            |_: &postgres::Session| SessionAction::Terminate,
         ))
         .expect("terminate");
     assert_eq!(outcomes.len(), 1, "{outcomes:?}");
@@ -254,7 +254,7 @@ fn postgres_sessions_of_the_target_are_cancelled_and_terminated_by_rule() {
             &client,
             &target,
             Selector::BlockingOthers,
-            SessionAction::Terminate,
+            |_: &postgres::Session| SessionAction::Terminate,
         ))
         .expect("terminate the blocker");
     assert_eq!(outcomes.len(), 1, "only the holder blocks: {outcomes:?}");

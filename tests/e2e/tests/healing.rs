@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use selfheal_e2e::{bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, PgCluster};
+use selfheal_e2e::{
+    bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, PgCluster, PgOptions,
+    PG_ROLE,
+};
 use serde_json::Value;
 
 /// Kills every process whose command line has the pattern when dropped: the backends the
@@ -25,35 +28,63 @@ impl Drop for Reaper {
     }
 }
 
+/// Dropped in this order: the daemon first (so it restarts nothing more), then whatever
+/// backend it started, the backend the test started, and PostgreSQL.
 struct Scene {
-    pg: PgCluster,
-    backend: DemoBackend,
     daemon: Daemon,
     _reaper: Reaper,
+    backend: DemoBackend,
+    pg: PgCluster,
 }
 
-/// The backend watched by its command line and restarted with the same command; `repair`
-/// adds keys to `[repair]`, `extra` gives more config from the backend's health URL and the
-/// database's URL.
-fn scene(repair: &str, extra: impl Fn(&str, &str) -> String) -> Scene {
+/// What a scene adds to the defaults.
+#[derive(Default)]
+struct Setup {
+    /// Keys added to `[repair]` and `[monitor]`.
+    repair: &'static str,
+    monitor: &'static str,
+    /// The backend logs in as the unprivileged role `demo` (session actions never touch a
+    /// superuser's sessions) and `[repair.sessions]` picks that user.
+    role: bool,
+}
+
+/// The backend watched by its command line and restarted with the same command; `extra`
+/// gives more config from the backend's health URL and the database's (superuser) URL.
+fn scene(setup: &Setup, extra: impl Fn(&str, &str) -> String) -> Scene {
     require_root();
-    let pg = PgCluster::start().expect("postgres");
+    let pg = PgCluster::start_with(PgOptions {
+        password_role: setup.role,
+        ..PgOptions::default()
+    })
+    .expect("postgres");
+    let backend_url = if setup.role {
+        pg.role_url().expect("role url")
+    } else {
+        pg.url()
+    };
     let port = free_port().expect("port");
-    let backend = DemoBackend::start(&pg.url(), port).expect("demo backend");
+    let backend = DemoBackend::start(&backend_url, port).expect("demo backend");
     let reaper = Reaper(backend.selector());
     let start_command = [
         bin("demo-backend").display().to_string(),
         "--listen".to_owned(),
         backend.address.to_string(),
         "--database-url".to_owned(),
-        pg.url(),
+        backend_url.clone(),
     ];
+    let sessions = if setup.role {
+        format!("\n[repair.sessions]\nuser = \"{PG_ROLE}\"\n")
+    } else {
+        String::new()
+    };
     let daemon = Daemon::start(&format!(
         "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n\
-         [repair]\nstart_command = {}\ncooldown_secs = 0\nverify_timeout_secs = 20\n{repair}\n\n\
-         [monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n\n{}",
+         [repair]\nstart_command = {}\ncooldown_secs = 0\nverify_timeout_secs = 20\n{}\n{sessions}\n\
+         [monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n{}\n\n{}",
         backend.selector(),
         serde_json::to_string(&start_command).expect("json"),
+        setup.repair,
+        setup.monitor,
         extra(&backend.url("/health"), &pg.url()),
     ))
     .expect("daemon");
@@ -114,9 +145,15 @@ fn backend_healthy(backend: &DemoBackend) -> bool {
         .is_ok_and(|r| r.status() == 200)
 }
 
+const HEALING: Setup = Setup {
+    repair: "self_healing = true",
+    monitor: "",
+    role: false,
+};
+
 #[test]
 fn a_crash_is_diagnosed_restarted_and_verified_healthy_and_learned() {
-    let scene = scene("self_healing = true", checks);
+    let scene = scene(&HEALING, checks);
     let (backend, daemon) = (&scene.backend, &scene.daemon);
     let old = backend.proc.pid();
     let crashed_at = Instant::now();
@@ -190,7 +227,7 @@ fn a_crash_is_diagnosed_restarted_and_verified_healthy_and_learned() {
 
 #[test]
 fn a_hung_backend_is_restarted() {
-    let scene = scene("self_healing = true", |_, _| {
+    let scene = scene(&HEALING, |_, _| {
         "[probes]\npayload_bytes = 512\n".to_owned()
     });
     let (backend, daemon) = (&scene.backend, &scene.daemon);
@@ -227,7 +264,13 @@ fn a_hung_backend_is_restarted() {
 
 #[test]
 fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
-    let scene = scene("self_healing = true\nbudget = 2", |_, _| String::new());
+    let scene = scene(
+        &Setup {
+            repair: "self_healing = true\nbudget = 2",
+            ..HEALING
+        },
+        |_, _| String::new(),
+    );
     let (backend, daemon) = (&scene.backend, &scene.daemon);
     let mut pid = u64::from(backend.proc.pid());
     for round in 1..=2 {
@@ -281,7 +324,7 @@ fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
 
 #[test]
 fn with_the_database_down_the_backend_is_not_restarted() {
-    let scene = scene("self_healing = true", checks);
+    let scene = scene(&HEALING, checks);
     let (backend, daemon) = (&scene.backend, &scene.daemon);
     let pid = backend.proc.pid();
     scene.pg.stop_server().expect("stop postgres");
@@ -321,7 +364,13 @@ fn with_the_database_down_the_backend_is_not_restarted() {
 
 #[test]
 fn dry_run_decides_the_same_and_runs_nothing() {
-    let scene = scene("self_healing = false", |_, _| String::new());
+    let scene = scene(
+        &Setup {
+            repair: "self_healing = false",
+            ..HEALING
+        },
+        |_, _| String::new(),
+    );
     let (backend, daemon) = (&scene.backend, &scene.daemon);
     let view = daemon.api("/api/v1/system/repairs").expect("repairs");
     assert_eq!(view["mode"], "dry-run");
@@ -338,4 +387,94 @@ fn dry_run_decides_the_same_and_runs_nothing() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(target_pid(daemon), None, "nothing restarted the backend");
     assert!(!backend_healthy(backend));
+}
+
+#[test]
+fn a_lock_that_blocks_the_backends_queries_is_ended() {
+    let scene = scene(
+        &Setup {
+            role: true,
+            ..HEALING
+        },
+        checks,
+    );
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    backend.fault("lock?table=leads&secs=600").expect("lock");
+    // Requests that need the table wait behind the lock.
+    let waiting: Vec<_> = (0..3)
+        .map(|_| {
+            let url = backend.url("/api/v1/leads");
+            std::thread::spawn(move || {
+                http()
+                    .get(&url)
+                    .call()
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            })
+        })
+        .collect();
+    let locked_at = Instant::now();
+    let repair = wait_repair(
+        daemon,
+        "db.lock_contention",
+        &["recovered"],
+        Duration::from_secs(40),
+    );
+    println!(
+        "lock: recovered {} ms after the lock; the repair: {repair:#}",
+        locked_at.elapsed().as_millis()
+    );
+    assert_eq!(repair["action"], "cancel_blockers");
+    // The holder sat idle in its transaction: nothing to cancel, so it was terminated.
+    let effect = &repair["effects"][0];
+    assert_eq!(effect["action"], "postgres.terminate", "{repair}");
+    assert!(
+        effect["before"]
+            .as_str()
+            .is_some_and(|b| b.contains("LOCK TABLE")),
+        "{repair}"
+    );
+    for request in waiting {
+        assert_eq!(
+            request.join().expect("request"),
+            200,
+            "the blocked request went through"
+        );
+    }
+    let faults = backend.faults().expect("faults");
+    assert_eq!(faults["lock"], serde_json::json!([]), "{faults}");
+}
+
+#[test]
+fn transactions_left_idle_are_terminated() {
+    let scene = scene(
+        &Setup {
+            monitor: "idle_in_transaction_secs = 2",
+            role: true,
+            ..HEALING
+        },
+        checks,
+    );
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    backend.fault("idle_tx?n=3").expect("idle_tx");
+    let repair = wait_repair(
+        daemon,
+        "db.idle_in_transaction",
+        &["recovered"],
+        Duration::from_secs(40),
+    );
+    assert_eq!(repair["action"], "terminate_idle_in_transaction");
+    let effects = repair["effects"].as_array().expect("effects");
+    assert_eq!(effects.len(), 3, "{repair}");
+    assert!(
+        effects.iter().all(|e| e["action"] == "postgres.terminate"),
+        "{repair}"
+    );
+    let faults = wait_for("the sessions to be gone", Duration::from_secs(5), || {
+        let faults = backend.faults().ok()?;
+        (faults["idle_tx"] == serde_json::json!([])).then_some(faults)
+    });
+    assert!(faults.is_ok(), "{:?}", backend.faults());
+    // The backend's own pooled sessions were left alone: it still answers.
+    assert!(backend_healthy(backend));
 }
