@@ -246,7 +246,10 @@ async fn stop(pid: u32, grace: Duration) -> Result<(), ActionError> {
 }
 
 async fn raise_memory_limit(host: &Host) -> Result<Effect, ActionError> {
-    let step = |limit: u64| limit.saturating_add(limit / 100 * host.memory_step_percent);
+    let step = |limit: u64| {
+        let raised = u128::from(limit) * u128::from(100 + host.memory_step_percent) / 100;
+        u64::try_from(raised).unwrap_or(u64::MAX)
+    };
     match &host.selector {
         TargetSelector::SystemdUnit { unit, bus } => {
             let current = systemd::memory_max(unit, bus).await?;

@@ -317,25 +317,43 @@ fn exited(evidence: &Evidence, seen: &mut Vec<String>) -> (&'static str, String,
     }
 }
 
+/// The samples a leak is judged on: the most recent ones.
+const LEAK_WINDOW: usize = 10;
+
+/// Memory used: the cgroup's charge when known (what the limit applies to), else RSS.
+fn used(sample: &ProcessSample) -> u64 {
+    sample.cgroup_memory_bytes.unwrap_or(sample.rss_bytes)
+}
+
 fn memory(evidence: &Evidence, seen: &mut Vec<String>) -> (&'static str, String, f64) {
     let samples = &evidence.samples;
-    let growing = samples.len() >= 3
-        && samples
-            .iter()
-            .zip(samples.iter().skip(1))
-            .all(|(a, b)| b.rss_bytes >= a.rss_bytes);
-    if let (Some(first), Some(last)) = (samples.front(), samples.back()) {
+    let recent: Vec<u64> = samples
+        .iter()
+        .skip(samples.len().saturating_sub(LEAK_WINDOW))
+        .map(used)
+        .collect();
+    // A leak: up by over 5 % across the window, and up (or flat) in at least 80 % of the
+    // steps; an allocator giving a little back now and then does not hide it.
+    let steps = recent.len().saturating_sub(1);
+    let rising_steps = recent.windows(2).filter(|w| w[1] >= w[0]).count();
+    let (first, last) = (
+        recent.first().copied().unwrap_or(0),
+        recent.last().copied().unwrap_or(0),
+    );
+    let growing = steps >= 2 && rising_steps * 5 >= steps * 4 && last as f64 > first as f64 * 1.05;
+    if !recent.is_empty() {
         seen.push(format!(
-            "RSS {} → {} bytes over {} samples",
-            first.rss_bytes,
-            last.rss_bytes,
-            samples.len()
+            "memory {first} → {last} bytes over the last {} samples, up in {rising_steps} of {steps} steps",
+            recent.len()
         ));
     }
     if growing {
         (
             "target.memory_leak",
-            format!("memory rose in each of the last {} samples", samples.len()),
+            format!(
+                "memory keeps rising: {first} → {last} bytes over the last {} samples",
+                recent.len()
+            ),
             0.7,
         )
     } else {
@@ -472,15 +490,31 @@ mod tests {
     #[test]
     fn rising_memory_is_a_leak() {
         let none = Labels::new();
-        let rising = with_samples((1..=5).map(|i| sample(i * 100, 0, 0)));
+        let charged = |used: u64| sample(1, used, 1_000_000);
+        let rising = with_samples((1..=5).map(|i| charged(i * 100)));
         assert_eq!(
             signature("target.memory_high", &none, &rising).as_deref(),
             Some("target.memory_leak")
         );
-        let flat = with_samples([sample(500, 0, 0), sample(400, 0, 0), sample(500, 0, 0)]);
+        // One step down in ten (the allocator gave a little back) does not hide a leak.
+        let mostly = with_samples([100, 200, 300, 280, 400, 500, 600, 700, 800, 900].map(charged));
+        assert_eq!(
+            signature("target.memory_high", &none, &mostly).as_deref(),
+            Some("target.memory_leak")
+        );
+        let flat = with_samples([500, 400, 500, 450, 500].map(charged));
         assert_eq!(
             signature("target.memory_high", &none, &flat).as_deref(),
             Some("target.memory_high")
+        );
+        // Without a cgroup, RSS is what counts.
+        let rss = with_samples((1..=5).map(|i| ProcessSample {
+            rss_bytes: i * 100,
+            ..ProcessSample::default()
+        }));
+        assert_eq!(
+            signature("target.memory_high", &none, &rss).as_deref(),
+            Some("target.memory_leak")
         );
     }
 

@@ -12,7 +12,7 @@ use std::{
 
 use selfheal_e2e::{
     bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, PgCluster, PgOptions,
-    PG_ROLE,
+    V1Cgroup, PG_ROLE,
 };
 use serde_json::Value;
 
@@ -477,4 +477,45 @@ fn transactions_left_idle_are_terminated() {
     assert!(faults.is_ok(), "{:?}", backend.faults());
     // The backend's own pooled sessions were left alone: it still answers.
     assert!(backend_healthy(backend));
+}
+
+#[test]
+fn a_leak_toward_the_memory_limit_gets_a_higher_limit_before_the_oom_killer_acts() {
+    const LIMIT: u64 = 256 << 20;
+    let scene = scene(&HEALING, |_, _| String::new());
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let pid = backend.proc.pid();
+    let cgroup = V1Cgroup::create("leak", pid).expect("a v1 memory cgroup");
+    let limit_file = cgroup.dir("memory").join("memory.limit_in_bytes");
+    std::fs::write(&limit_file, LIMIT.to_string()).expect("limit");
+    // About 230 MiB charged in all with the backend's own: over 85 % of the limit (the
+    // monitor's threshold), under the limit.
+    backend
+        .fault("leak?mb_per_sec=40&max_mb=220")
+        .expect("leak");
+    let repair = wait_repair(
+        daemon,
+        "target.memory_leak",
+        &["recovered"],
+        Duration::from_secs(60),
+    );
+    println!("leak: the repair: {repair:#}");
+    assert_eq!(repair["rule"], "target.memory_high");
+    assert_eq!(repair["action"], "raise_memory_limit");
+    let effect = &repair["effects"][0];
+    assert_eq!(effect["action"], "cgroup.memory_limit", "{repair}");
+    let raised: u64 = std::fs::read_to_string(&limit_file)
+        .expect("read limit")
+        .trim()
+        .parse()
+        .expect("a number");
+    assert_eq!(
+        raised,
+        LIMIT + LIMIT / 2,
+        "raised by memory_step_percent (50 %)"
+    );
+    // The OOM killer never acted: the same process still runs and answers.
+    assert_eq!(target_pid(daemon), Some(u64::from(pid)));
+    assert!(backend_healthy(backend));
+    backend.fault("clear").expect("clear");
 }
