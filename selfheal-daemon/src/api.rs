@@ -519,6 +519,32 @@ async fn repairs(
     }
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/system/diagnoses?limit=`: the diagnoses, newest first (50 by default, at
+/// most 1000), each with its evidence, candidate actions and LLM summary (when asked for).
+async fn diagnoses(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<LimitQuery>, QueryRejection>,
+) -> Response {
+    let Query(query) = match query {
+        Ok(query) => query,
+        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return error(StatusCode::BAD_REQUEST, "limit must be between 1 and 1000");
+    }
+    match state.repairs.diagnoses(limit).await {
+        Ok(rows) => ok(serde_json::json!({ "diagnoses": rows })).into_response(),
+        Err(err) => state_error("diagnoses", &err),
+    }
+}
+
 #[derive(Serialize)]
 struct PatternsView {
     patterns: Vec<crate::repairs::Pattern>,
@@ -637,6 +663,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/system/integrations", get(integrations))
         .route("/api/v1/system/repairs", get(repairs))
         .route("/api/v1/system/patterns", get(patterns))
+        .route("/api/v1/system/diagnoses", get(diagnoses))
         .route("/api/v1/system/checks/run", post(run_checks))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()

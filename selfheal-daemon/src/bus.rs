@@ -191,6 +191,8 @@ pub struct CheckReport {
 /// The diagnostic agent's explanation of a firing alert.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Diagnosis {
+    /// Its row in the state DB, once written.
+    pub id: Option<i64>,
     /// The alert it explains: its rule and labels.
     pub rule: String,
     pub labels: std::collections::BTreeMap<String, String>,

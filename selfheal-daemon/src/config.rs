@@ -718,11 +718,28 @@ pub enum SmtpTls {
     Tls,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The diagnostic agent's optional LLM summary (the rule-based diagnosis stands without it).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DiagnosticConfig {
     /// `ANTHROPIC_API_KEY`: enables the optional LLM summary of a diagnosis.
     pub anthropic_api_key: Option<Secret>,
+    /// Where the Messages API is (`/v1/messages` is appended).
+    pub anthropic_base_url: String,
+    pub model: String,
+    /// Each summary request ends by this; the repair never waits for it.
+    pub llm_timeout_ms: u64,
+}
+
+impl Default for DiagnosticConfig {
+    fn default() -> Self {
+        Self {
+            anthropic_api_key: None,
+            anthropic_base_url: "https://api.anthropic.com".to_owned(),
+            model: "claude-sonnet-4-5".to_owned(),
+            llm_timeout_ms: 20_000,
+        }
+    }
 }
 
 /// How decoded traffic is labelled: the bounds that keep labels and memory finite.
@@ -1698,6 +1715,24 @@ impl Config {
             );
         }
         problems.extend(self.repair.problems());
+        let diagnostic = &self.diagnostic;
+        if !(diagnostic.anthropic_base_url.starts_with("http://")
+            || diagnostic.anthropic_base_url.starts_with("https://"))
+        {
+            problems.push(Problem::new(
+                "diagnostic.anthropic_base_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if diagnostic.model.trim().is_empty() {
+            problems.push(Problem::new("diagnostic.model", "must not be empty"));
+        }
+        if !(100..=600_000).contains(&diagnostic.llm_timeout_ms) {
+            problems.push(Problem::new(
+                "diagnostic.llm_timeout_ms",
+                "must be between 100 and 600000",
+            ));
+        }
         problems
     }
 

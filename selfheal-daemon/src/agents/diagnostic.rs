@@ -18,6 +18,7 @@ use crate::{
     alerts::{alert_key, Labels},
     bus::{CheckReport, Diagnosis, Event, ExitStatus, ProcessSample},
     repairs::playbook,
+    state::now_ms,
 };
 
 /// Samples kept as evidence.
@@ -127,23 +128,61 @@ fn describe_dependency(report: &CheckReport) -> String {
     }
 }
 
+/// LLM summaries asked at once; a diagnosis past them gets none (and says why).
+const SUMMARIES_IN_FLIGHT: usize = 2;
+
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let mut evidence = Evidence::default();
+    let explainer = super::explain::Explainer::new(&ctx.config.diagnostic);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(SUMMARIES_IN_FLIGHT));
     loop {
         let event = ctx.next().await?;
         evidence.observe(&event);
-        if let Event::Alert {
+        let Event::Alert {
             rule,
             labels,
             firing: true,
             ..
         } = event
-        {
-            if let Some(mut diagnosis) = diagnose(&rule, &labels, &evidence) {
-                diagnosis.actions = playbook::candidates(&ctx.config.repair, &diagnosis.signature);
-                ctx.publish(Event::Diagnosis(diagnosis));
+        else {
+            continue;
+        };
+        let Some(mut diagnosis) = diagnose(&rule, &labels, &evidence) else {
+            continue;
+        };
+        diagnosis.actions = playbook::candidates(&ctx.config.repair, &diagnosis.signature);
+        match ctx.repairs.diagnosed(now_ms(), diagnosis.clone()).await {
+            Ok(id) => diagnosis.id = Some(id),
+            Err(err) => tracing::warn!(error = %err, "cannot record the diagnosis"),
+        }
+        tracing::info!(
+            rule = %diagnosis.rule,
+            signature = %diagnosis.signature,
+            summary = %diagnosis.summary,
+            "diagnosis"
+        );
+        if let (Some(explainer), Some(id)) = (&explainer, diagnosis.id) {
+            let log = ctx.repairs.clone();
+            match permits.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let (explainer, diagnosis) = (explainer.clone(), diagnosis.clone());
+                    tokio::spawn(async move {
+                        let outcome = explainer.explain(&diagnosis).await;
+                        if let Err(why) = &outcome {
+                            tracing::warn!(diagnosis = id, %why, "no LLM summary");
+                        }
+                        let _ = log.explained(id, outcome).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    let busy =
+                        format!("skipped: {SUMMARIES_IN_FLIGHT} summaries already in flight");
+                    let _ = log.explained(id, Err(busy)).await;
+                }
             }
         }
+        ctx.publish(Event::Diagnosis(diagnosis));
     }
 }
 
@@ -252,6 +291,7 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
         _ => return None,
     };
     Some(Diagnosis {
+        id: None,
         rule: rule.to_owned(),
         labels: labels.clone(),
         signature: signature.to_owned(),

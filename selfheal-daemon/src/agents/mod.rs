@@ -9,6 +9,7 @@
 //! agent's events on the bus), and the repair agent owns the decisions of the shared gate.
 
 mod diagnostic;
+mod explain;
 mod learning;
 mod monitor;
 mod performance;

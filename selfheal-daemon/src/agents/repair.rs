@@ -256,6 +256,7 @@ impl Walker {
             let id = self
                 .log
                 .decided(NewRepair {
+                    diagnosis_id: diagnosis.id,
                     at_ms: now_ms(),
                     target: target.clone(),
                     signature: diagnosis.signature.clone(),
@@ -365,6 +366,7 @@ impl Walker {
         let id = self
             .log
             .decided(NewRepair {
+                diagnosis_id: diagnosis.id,
                 at_ms: now_ms(),
                 target: target.to_owned(),
                 signature: diagnosis.signature.clone(),

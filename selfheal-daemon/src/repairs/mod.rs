@@ -19,9 +19,28 @@ use crate::{
     state::{StateDb, StateError},
 };
 
+/// A diagnosis as the API shows it: what the diagnostic agent published, and the LLM summary
+/// when one was asked for.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DiagnosisRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub rule: String,
+    pub labels: BTreeMap<String, String>,
+    pub signature: String,
+    pub summary: String,
+    pub confidence: f64,
+    pub evidence: Vec<String>,
+    pub actions: Vec<String>,
+    pub dependency_down: Option<String>,
+    pub llm_summary: Option<String>,
+    pub llm_error: Option<String>,
+}
+
 /// A decision to write.
 #[derive(Debug, Clone)]
 pub struct NewRepair {
+    pub diagnosis_id: Option<i64>,
     pub at_ms: i64,
     pub target: String,
     pub signature: String,
@@ -38,6 +57,7 @@ pub struct NewRepair {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Repair {
     pub id: i64,
+    pub diagnosis_id: Option<i64>,
     pub at_ms: i64,
     pub target: String,
     pub signature: String,
@@ -183,6 +203,64 @@ impl RepairLog {
             .await
     }
 
+    /// Writes a diagnosis; returns its id.
+    pub async fn diagnosed(
+        &self,
+        at_ms: i64,
+        diagnosis: crate::bus::Diagnosis,
+    ) -> Result<i64, StateError> {
+        self.db
+            .call("diagnosis_written", move |c| {
+                let list = |v: &[String]| serde_json::to_string(v).unwrap_or_default();
+                c.execute(
+                    "INSERT INTO diagnoses (at_ms, rule, labels, signature, summary, confidence, \
+                     evidence, actions, dependency_down) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![
+                        at_ms,
+                        diagnosis.rule,
+                        serde_json::to_string(&diagnosis.labels).unwrap_or_default(),
+                        diagnosis.signature,
+                        diagnosis.summary,
+                        diagnosis.confidence,
+                        list(&diagnosis.evidence),
+                        list(&diagnosis.actions),
+                        diagnosis.dependency_down,
+                    ],
+                )?;
+                Ok(c.last_insert_rowid())
+            })
+            .await
+    }
+
+    /// Adds the LLM summary of diagnosis `id`, or why there is none.
+    pub async fn explained(
+        &self,
+        id: i64,
+        outcome: Result<String, String>,
+    ) -> Result<(), StateError> {
+        let (summary, error) = match outcome {
+            Ok(summary) => (Some(summary), None),
+            Err(error) => (None, Some(error)),
+        };
+        self.db
+            .call("diagnosis_explained", move |c| {
+                c.execute(
+                    "UPDATE diagnoses SET llm_summary = ?2, llm_error = ?3 WHERE id = ?1",
+                    params![id, summary, error],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
+    /// The newest diagnoses first, at most `limit`.
+    pub async fn diagnoses(&self, limit: usize) -> Result<Vec<DiagnosisRow>, StateError> {
+        self.db
+            .call("diagnoses_list", move |c| diagnoses(c, limit))
+            .await
+    }
+
     /// Writes a decision (before anything runs); returns its id.
     pub async fn decided(&self, repair: NewRepair) -> Result<i64, StateError> {
         self.db
@@ -280,8 +358,8 @@ fn insert(c: &Connection, repair: &NewRepair) -> rusqlite::Result<i64> {
     };
     c.execute(
         "INSERT INTO repairs (at_ms, target, signature, rule, labels, summary, action, \
-         decision, state, error, finished_at_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         decision, state, error, finished_at_ms, diagnosis_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         params![
             repair.at_ms,
             repair.target,
@@ -294,6 +372,7 @@ fn insert(c: &Connection, repair: &NewRepair) -> rusqlite::Result<i64> {
             state,
             repair.error,
             finished.or(repair.error.as_ref().map(|_| repair.at_ms)),
+            repair.diagnosis_id,
         ],
     )?;
     Ok(c.last_insert_rowid())
@@ -306,7 +385,7 @@ fn json(text: Option<String>) -> Option<serde_json::Value> {
 fn list(c: &Connection, limit: usize, signature: Option<&str>) -> rusqlite::Result<Vec<Repair>> {
     let mut statement = c.prepare(
         "SELECT id, at_ms, target, signature, rule, labels, summary, action, decision, state, \
-         effects, error, finished_at_ms, recover_ms FROM repairs \
+         effects, error, finished_at_ms, recover_ms, diagnosis_id FROM repairs \
          WHERE ?1 IS NULL OR signature = ?1 ORDER BY id DESC LIMIT ?2",
     )?;
     let rows = statement.query_map(
@@ -329,9 +408,41 @@ fn list(c: &Connection, limit: usize, signature: Option<&str>) -> rusqlite::Resu
                 error: row.get(11)?,
                 finished_at_ms: row.get(12)?,
                 recover_ms: row.get(13)?,
+                diagnosis_id: row.get(14)?,
             })
         },
     )?;
+    rows.collect()
+}
+
+fn diagnoses(c: &Connection, limit: usize) -> rusqlite::Result<Vec<DiagnosisRow>> {
+    let mut statement = c.prepare(
+        "SELECT id, at_ms, rule, labels, signature, summary, confidence, evidence, actions, \
+         dependency_down, llm_summary, llm_error FROM diagnoses ORDER BY id DESC LIMIT ?1",
+    )?;
+    let list = |text: Option<String>| -> Vec<String> {
+        json(text)
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default()
+    };
+    let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
+        Ok(DiagnosisRow {
+            id: row.get(0)?,
+            at_ms: row.get(1)?,
+            rule: row.get(2)?,
+            labels: json(row.get(3)?)
+                .and_then(|v| serde_json::from_value(v).ok())
+                .unwrap_or_default(),
+            signature: row.get(4)?,
+            summary: row.get(5)?,
+            confidence: row.get(6)?,
+            evidence: list(row.get(7)?),
+            actions: list(row.get(8)?),
+            dependency_down: row.get(9)?,
+            llm_summary: row.get(10)?,
+            llm_error: row.get(11)?,
+        })
+    })?;
     rows.collect()
 }
 

@@ -21,6 +21,7 @@ fn open(dir: &std::path::Path) -> (RepairLog, state::DbThread) {
 
 fn repair(action: &str, decision: Decision) -> NewRepair {
     NewRepair {
+        diagnosis_id: None,
         at_ms: 1_000,
         target: "command \"demo-backend\"".to_owned(),
         signature: "target.crashed".to_owned(),

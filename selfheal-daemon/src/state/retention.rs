@@ -5,7 +5,7 @@
 //! What "older" means, per table: a resolved alert whose resolution is older (with its events
 //! and notifications; an active alert is kept whatever its age, with its history); an audit
 //! row by its time; a notification that is no longer pending by its creation; a silence by its
-//! end; a health log row by its time; a repair by its decision's time (learned patterns are
+//! end; a health log row by its time; a repair or a diagnosis by its time (learned patterns are
 //! kept). A later slice that adds a table adds its rule here.
 
 use std::time::Duration;
@@ -31,11 +31,12 @@ pub struct Deleted {
     pub silences: u64,
     pub health_log: u64,
     pub repairs: u64,
+    pub diagnoses: u64,
 }
 
 impl Deleted {
     /// Each table with its count, for the log and the counter.
-    pub fn by_table(&self) -> [(&'static str, u64); 7] {
+    pub fn by_table(&self) -> [(&'static str, u64); 8] {
         [
             ("alerts", self.alerts),
             ("alert_events", self.alert_events),
@@ -44,6 +45,7 @@ impl Deleted {
             ("silences", self.silences),
             ("health_log", self.health_log),
             ("repairs", self.repairs),
+            ("diagnoses", self.diagnoses),
         ]
     }
 
@@ -81,6 +83,7 @@ pub fn cleanup(
     let silences = tx.execute("DELETE FROM silences WHERE ends_ms < ?1", params![cutoff])?;
     let health_log = tx.execute("DELETE FROM health_log WHERE at_ms < ?1", params![cutoff])?;
     let repairs = tx.execute("DELETE FROM repairs WHERE at_ms < ?1", params![cutoff])?;
+    let diagnoses = tx.execute("DELETE FROM diagnoses WHERE at_ms < ?1", params![cutoff])?;
     tx.commit()?;
     Ok(Deleted {
         alerts: count(alerts),
@@ -90,6 +93,7 @@ pub fn cleanup(
         silences: count(silences),
         health_log: count(health_log),
         repairs: count(repairs),
+        diagnoses: count(diagnoses),
     })
 }
 
@@ -125,6 +129,7 @@ pub async fn run(db: StateDb, retention_days: u32, cancel: CancellationToken) {
                     silences = deleted.silences,
                     health_log = deleted.health_log,
                     repairs = deleted.repairs,
+                    diagnoses = deleted.diagnoses,
                     "state retention cleanup done"
                 );
             }
@@ -237,6 +242,7 @@ mod tests {
                 silences: 1,
                 health_log: 1,
                 repairs: 1,
+                diagnoses: 0,
             }
         );
         assert_eq!(deleted.total(), 13);

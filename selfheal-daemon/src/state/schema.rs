@@ -118,13 +118,32 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX health_log_by_check ON health_log (check_name, at_ms);
     CREATE INDEX health_log_by_time ON health_log (at_ms);
     ",
-    // 3: the repairs log (every decision of the repair agent, taken or skipped, with what the
-    //    action changed and whether the recovery was verified) and the learned patterns (per
-    //    signature and action: attempts, successes, time to recover).
+    // 3: the diagnoses, the repairs log (every decision of the repair agent, taken or skipped,
+    //    with what the action changed and whether the recovery was verified) and the learned
+    //    patterns (per signature and action: attempts, successes, time to recover).
     r"
+    CREATE TABLE diagnoses (
+        id               INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms            INTEGER NOT NULL,
+        rule             TEXT    NOT NULL,
+        labels           TEXT    NOT NULL,
+        signature        TEXT    NOT NULL,
+        summary          TEXT    NOT NULL,
+        confidence       REAL    NOT NULL,
+        -- JSON arrays of text.
+        evidence         TEXT    NOT NULL,
+        actions          TEXT    NOT NULL,
+        dependency_down  TEXT,
+        -- The optional LLM summary, or why there is none.
+        llm_summary      TEXT,
+        llm_error        TEXT
+    );
+    CREATE INDEX diagnoses_by_time ON diagnoses (at_ms);
+
     CREATE TABLE repairs (
         id              INTEGER PRIMARY KEY AUTOINCREMENT,
         at_ms           INTEGER NOT NULL,
+        diagnosis_id    INTEGER,
         target          TEXT    NOT NULL,
         signature       TEXT    NOT NULL,
         rule            TEXT    NOT NULL,
@@ -247,6 +266,7 @@ mod tests {
                 "alert_events",
                 "alerts",
                 "audit",
+                "diagnoses",
                 "health_log",
                 "outbox",
                 "patterns",

@@ -14,6 +14,7 @@ use selfheal_e2e::{
     bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, PgCluster, PgOptions,
     V1Cgroup, PG_ROLE,
 };
+use selfheal_receivers::HttpRecorder;
 use serde_json::Value;
 
 /// Kills every process whose command line has the pattern when dropped: the backends the
@@ -324,7 +325,19 @@ fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
 
 #[test]
 fn with_the_database_down_the_backend_is_not_restarted() {
-    let scene = scene(&HEALING, checks);
+    // A local server speaking Anthropic's Messages API: each diagnosis gets its summary.
+    let llm = HttpRecorder::start_answering(
+        200,
+        r#"{"id":"msg_1","type":"message","role":"assistant","content":[{"type":"text","text":"PostgreSQL is down; the backend is fine."}],"stop_reason":"end_turn"}"#,
+    )
+    .expect("Messages API");
+    let llm_url = llm.url("");
+    let scene = scene(&HEALING, move |health, pg| {
+        format!(
+            "{}\n[diagnostic]\nanthropic_api_key = \"sk-e2e\"\nanthropic_base_url = \"{llm_url}\"\n",
+            checks(health, pg)
+        )
+    });
     let (backend, daemon) = (&scene.backend, &scene.daemon);
     let pid = backend.proc.pid();
     scene.pg.stop_server().expect("stop postgres");
@@ -359,6 +372,34 @@ fn with_the_database_down_the_backend_is_not_restarted() {
         Some(u64::from(pid)),
         "the same process runs"
     );
+    // The diagnoses, with their evidence and the LLM's summary.
+    let diagnoses = wait_for("the LLM summaries", Duration::from_secs(10), || {
+        let data = daemon.api("/api/v1/system/diagnoses").ok()?;
+        let rows = data["diagnoses"].as_array()?.clone();
+        rows.iter()
+            .all(|d| d["llm_summary"].is_string())
+            .then_some(rows)
+    })
+    .expect("summaries");
+    let own = diagnoses
+        .iter()
+        .find(|d| d["labels"]["check"] == "backend")
+        .expect("the backend check's diagnosis");
+    assert_eq!(own["signature"], "db.unreachable", "{own}");
+    assert_eq!(own["dependency_down"], "pg", "{own}");
+    assert_eq!(
+        own["llm_summary"],
+        "PostgreSQL is down; the backend is fine."
+    );
+    assert!(
+        own["evidence"]
+            .to_string()
+            .contains("check pg (postgres) is down"),
+        "{own}"
+    );
+    let asked = llm.requests();
+    assert!(!asked.is_empty());
+    assert_eq!(asked[0].header("x-api-key"), Some("sk-e2e"));
     scene.pg.start_server().expect("start postgres");
 }
 
