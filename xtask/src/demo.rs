@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: a throwaway PostgreSQL, the demo backend on it, and the daemon watching
-//! the backend with `config/demo.toml`, plus light traffic on all five platforms. The demo
-//! restarts the backend when it dies, as systemd would, so the daemon can be seen following
-//! it. Ctrl-C stops everything, in order, and leaves nothing running.
+//! the backend with `config/demo.toml`, plus light traffic on all five platforms. The daemon
+//! heals the backend: the demo adds `[repair]` with self-healing on and the backend's own
+//! command line as `start_command` (it names the throwaway database), so a crash or a hang is
+//! diagnosed, repaired and verified by selfheal itself. Ctrl-C stops everything, in order, and
+//! leaves nothing running.
 
 use std::{
     net::SocketAddr,
@@ -67,6 +69,18 @@ fn traffic(backend: SocketAddr, stop: &AtomicBool) {
     }
 }
 
+/// Kills the backends the daemon started (they outlive it by design) when dropped.
+struct Reaper;
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let pattern = format!("demo-backend --listen 127.0.0.1:{BACKEND_PORT}");
+        let _ = std::process::Command::new("pkill")
+            .args(["-KILL", "-f", &pattern])
+            .status();
+    }
+}
+
 fn status_line(daemon: &Daemon) -> String {
     match daemon.health() {
         Ok(h) => {
@@ -116,13 +130,34 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
     let pg = PgCluster::start()?;
     println!("demo: starting the demo backend on 127.0.0.1:{BACKEND_PORT}");
     let mut backend = DemoBackend::start(&pg.url(), BACKEND_PORT)?;
-    println!("demo: starting selfheal with config/demo.toml");
+    println!("demo: starting selfheal with config/demo.toml and self-healing on");
     let scratch = tempfile::Builder::new()
         .prefix("selfheal-demo-")
         .tempdir()?;
     let log = scratch.path().join("selfheal.log");
     let admin: SocketAddr = ADMIN.parse()?;
-    let daemon = Daemon::start_with_file(&crate::root().join("config/demo.toml"), admin, scratch)?;
+    let config = scratch.path().join("demo.toml");
+    let base = std::fs::read_to_string(crate::root().join("config/demo.toml"))
+        .context("reading config/demo.toml")?;
+    let start_command = [
+        selfheal_e2e::bin("demo-backend").display().to_string(),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{BACKEND_PORT}"),
+        "--database-url".to_owned(),
+        pg.url(),
+    ];
+    std::fs::write(
+        &config,
+        format!(
+            "{base}\n# Added by `cargo xtask demo`: how the backend is started again.\n\
+             [repair]\nself_healing = true\nstart_command = {}\n",
+            serde_json::to_string(&start_command)?
+        ),
+    )?;
+    let daemon = Daemon::start_with_file(&config, admin, scratch);
+    // Whatever backend the daemon started is killed when the demo ends, however it ends.
+    let reaper = Reaper;
+    let daemon = daemon?;
 
     let traffic_thread = {
         let stop = stop.clone();
@@ -139,7 +174,8 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
         "                       (also /api/v1/system/queries, traces, alerts and integrations)"
     );
     println!("  demo backend:        http://127.0.0.1:{BACKEND_PORT}  (e.g. curl -H 'Host: api.tackle.io' http://127.0.0.1:{BACKEND_PORT}/api/v1/tackle/deals)");
-    println!("  break it:            curl -X POST 'http://127.0.0.1:{BACKEND_PORT}/__fault/crash?mode=abort'  (the demo restarts it)");
+    println!("  break it:            curl -X POST 'http://127.0.0.1:{BACKEND_PORT}/__fault/crash?mode=abort'  (or /__fault/hang)");
+    println!("  watch it heal:       curl -H \"Authorization: Bearer $TOKEN\" http://{ADMIN}/api/v1/system/repairs  (also diagnoses, patterns)");
     println!("  PostgreSQL:          {}", pg.url());
     println!("  daemon log:          {}", log.display());
     match duration {
@@ -151,17 +187,13 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
     let started = Instant::now();
     let mut last_status = Instant::now();
     let mut outcome = Ok(());
+    let mut exited = false;
     while !stop.load(Ordering::SeqCst) && duration.is_none_or(|d| started.elapsed() < d) {
         std::thread::sleep(Duration::from_millis(100));
-        if let Some(status) = backend.proc.try_status() {
-            println!("demo: the backend exited ({status}); restarting it, as its supervisor would");
-            std::thread::sleep(Duration::from_secs(1));
-            match DemoBackend::start(&pg.url(), BACKEND_PORT) {
-                Ok(fresh) => backend = fresh,
-                Err(err) => {
-                    outcome = Err(err.context("cannot restart the demo backend"));
-                    break;
-                }
+        if !exited {
+            if let Some(status) = backend.proc.try_status() {
+                exited = true;
+                println!("demo: the backend the demo started exited ({status}); selfheal restarts it (see /api/v1/system/repairs)");
             }
         }
         if last_status.elapsed() >= Duration::from_secs(5) {
@@ -181,6 +213,7 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
     stop.store(true, Ordering::SeqCst);
     let _ = traffic_thread.join();
     drop(daemon);
+    drop(reaper);
     drop(backend);
     drop(pg);
     println!("demo: stopped; nothing left running");
