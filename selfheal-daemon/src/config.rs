@@ -2327,4 +2327,44 @@ kind = "smtp"
             );
         }
     }
+
+    #[test]
+    fn repair_settings_are_checked_and_self_healing_off_means_dry_run() {
+        let config = parse("[target]\ncommand = \"x\"\n", &Env::default()).expect("valid");
+        assert_eq!(config.repair.effective_mode(), Mode::DryRun);
+        let on = parse(
+            "[target]\ncommand = \"x\"\n[repair]\nself_healing = true\nmodes = { restart = \"off\" }\n\
+             start_command = [\"/bin/backend\", \"--port\", \"80\"]\n\
+             playbooks = { \"target.memory_leak\" = [\"restart\"], \"db.unreachable\" = [] }\n",
+            &Env::default(),
+        )
+        .expect("valid");
+        assert_eq!(on.repair.effective_mode(), Mode::Auto);
+        assert_eq!(on.repair.modes[&ActionKind::Restart], Mode::Off);
+        let found = parse(
+            "[target]\ncommand = \"x\"\n[repair]\nbudget = 0\nexploration = -1.0\nstart_command = [\"\"]\n\
+             playbooks = { \"target.crash\" = [\"reboot\"], \"target.hung\" = [\"restart\", \"bogus\"] }\n\
+             [diagnostic]\nanthropic_base_url = \"api.anthropic.com\"\n",
+            &Env::default(),
+        )
+        .expect_err("invalid")
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+        for expected in [
+            "repair.budget: must be between 1 and 1000",
+            "repair.start_command: the program (first element) must not be empty",
+            "repair.exploration: must be between 0 and 10",
+            "repair.playbooks.target.crash: unknown signature; known: target.crashed,",
+            "repair.playbooks.target.crash[0]: unknown action \"reboot\"",
+            "repair.playbooks.target.hung[1]: unknown action \"bogus\"",
+            "diagnostic.anthropic_base_url: must be an http:// or https:// URL",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "{expected} not in {found:#?}"
+            );
+        }
+        assert_eq!(found.len(), 7, "{found:#?}");
+    }
 }
