@@ -163,23 +163,19 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
         );
         if let (Some(explainer), Some(id)) = (&explainer, diagnosis.id) {
             let log = ctx.repairs.clone();
-            match permits.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    let (explainer, diagnosis) = (explainer.clone(), diagnosis.clone());
-                    tokio::spawn(async move {
-                        let outcome = explainer.explain(&diagnosis).await;
-                        if let Err(why) = &outcome {
-                            tracing::warn!(diagnosis = id, %why, "no LLM summary");
-                        }
-                        let _ = log.explained(id, outcome).await;
-                        drop(permit);
-                    });
-                }
-                Err(_) => {
-                    let busy =
-                        format!("skipped: {SUMMARIES_IN_FLIGHT} summaries already in flight");
-                    let _ = log.explained(id, Err(busy)).await;
-                }
+            if let Ok(permit) = permits.clone().try_acquire_owned() {
+                let (explainer, diagnosis) = (explainer.clone(), diagnosis.clone());
+                tokio::spawn(async move {
+                    let outcome = explainer.explain(&diagnosis).await;
+                    if let Err(why) = &outcome {
+                        tracing::warn!(diagnosis = id, %why, "no LLM summary");
+                    }
+                    let _ = log.explained(id, outcome).await;
+                    drop(permit);
+                });
+            } else {
+                let busy = format!("skipped: {SUMMARIES_IN_FLIGHT} summaries already in flight");
+                let _ = log.explained(id, Err(busy)).await;
             }
         }
         ctx.publish(Event::Diagnosis(diagnosis));

@@ -172,8 +172,8 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                 _ => {}
             },
             Some(event) = outbox.recv() => ctx.publish(event),
-            Some(walked) = walks.join_next() => {
-                if let Ok(Walked::Escalated { key, labels }) = walked {
+            Some(ended) = walks.join_next() => {
+                if let Ok(Walked::Escalated { key, labels }) = ended {
                     escalated.insert(key, labels);
                 }
             }

@@ -124,9 +124,9 @@ const PRIOR_WEIGHT: f64 = 2.0;
 
 /// Orders `candidates` (the playbook's order) by expected success plus an exploration bonus
 /// (UCB1, scaled by `exploration`); ties go to the faster recovery, then to the playbook.
-pub fn rank(
+pub fn rank<S: std::hash::BuildHasher>(
     candidates: &[String],
-    learned: &HashMap<String, Stats>,
+    learned: &HashMap<String, Stats, S>,
     exploration: f64,
 ) -> Vec<Ranked> {
     let total: u64 = candidates
