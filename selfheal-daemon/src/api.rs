@@ -463,6 +463,19 @@ async fn integrations(State(state): State<Arc<ApiState>>) -> Response {
     }
 }
 
+/// A list endpoint's query and its `limit` (50 by default, 1 to 1000), or why it is a 400.
+fn list_query<T>(
+    query: Result<Query<T>, QueryRejection>,
+    limit: impl Fn(&T) -> Option<usize>,
+) -> Result<(T, usize), String> {
+    let Query(query) = query.map_err(|rejection| rejection.body_text())?;
+    let limit = limit(&query).unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err("limit must be between 1 and 1000".to_owned());
+    }
+    Ok((query, limit))
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RepairsQuery {
@@ -494,14 +507,10 @@ async fn repairs(
     State(state): State<Arc<ApiState>>,
     query: Result<Query<RepairsQuery>, QueryRejection>,
 ) -> Response {
-    let Query(query) = match query {
-        Ok(query) => query,
-        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    let (query, limit) = match list_query(query, |q| q.limit) {
+        Ok(parsed) => parsed,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return error(StatusCode::BAD_REQUEST, "limit must be between 1 and 1000");
-    }
     let open_circuits = state
         .gate
         .lock()
@@ -531,14 +540,10 @@ async fn diagnoses(
     State(state): State<Arc<ApiState>>,
     query: Result<Query<LimitQuery>, QueryRejection>,
 ) -> Response {
-    let Query(query) = match query {
-        Ok(query) => query,
-        Err(rejection) => return error(StatusCode::BAD_REQUEST, rejection.body_text()),
+    let limit = match list_query(query, |q| q.limit) {
+        Ok((_, limit)) => limit,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return error(StatusCode::BAD_REQUEST, "limit must be between 1 and 1000");
-    }
     match state.repairs.diagnoses(limit).await {
         Ok(rows) => ok(serde_json::json!({ "diagnoses": rows })).into_response(),
         Err(err) => state_error("diagnoses", &err),

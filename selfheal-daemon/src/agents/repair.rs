@@ -408,29 +408,11 @@ impl Walker {
             None,
         );
         let started = Instant::now();
-        let fail = |why: String| {
-            let log = self.log.clone();
-            let why2 = why.clone();
-            async move {
-                if let Some(id) = id {
-                    let _ = log.finished(id, now_ms(), None, Some(why2)).await;
-                }
-                why
-            }
-        };
         let effects = match action::execute(action, &self.host).await {
             Ok(effects) => effects,
             Err(err) => {
-                let why = fail(crate::app::error_chain(&err)).await;
-                self.repair_event(
-                    diagnosis,
-                    name,
-                    RepairOutcome::Failed,
-                    why.clone(),
-                    id,
-                    None,
-                );
-                return Err(why);
+                let why = crate::app::error_chain(&err);
+                return Err(self.failed(diagnosis, name, id, why).await);
             }
         };
         let changed = effects
@@ -441,38 +423,51 @@ impl Walker {
         if let Some(id) = id {
             let _ = self.log.verifying(id, effects).await;
         }
-        match self.verify(key, started + self.verify_timeout).await {
-            Ok(()) => {
-                let recover_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                if let Some(id) = id {
-                    let _ = self
-                        .log
-                        .finished(id, now_ms(), Some(recover_ms), None)
-                        .await;
-                }
-                self.repair_event(
-                    diagnosis,
-                    name,
-                    RepairOutcome::Succeeded,
-                    format!("{changed}; recovered in {recover_ms} ms"),
-                    id,
-                    Some(recover_ms),
-                );
-                Ok(())
-            }
-            Err(why) => {
-                let why = fail(format!("{changed}; {why}")).await;
-                self.repair_event(
-                    diagnosis,
-                    name,
-                    RepairOutcome::Failed,
-                    why.clone(),
-                    id,
-                    None,
-                );
-                Err(why)
-            }
+        if let Err(why) = self.verify(key, started + self.verify_timeout).await {
+            let why = format!("{changed}; {why}");
+            return Err(self.failed(diagnosis, name, id, why).await);
         }
+        let recover_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Some(id) = id {
+            let _ = self
+                .log
+                .finished(id, now_ms(), Some(recover_ms), None)
+                .await;
+        }
+        self.repair_event(
+            diagnosis,
+            name,
+            RepairOutcome::Succeeded,
+            format!("{changed}; recovered in {recover_ms} ms"),
+            id,
+            Some(recover_ms),
+        );
+        Ok(())
+    }
+
+    /// Records that the action did not work, and why; the reason back.
+    async fn failed(
+        &self,
+        diagnosis: &Diagnosis,
+        action: &str,
+        id: Option<i64>,
+        why: String,
+    ) -> String {
+        if let Some(id) = id {
+            let _ = self
+                .log
+                .finished(id, now_ms(), None, Some(why.clone()))
+                .await;
+        }
+        self.repair_event(
+            diagnosis,
+            action,
+            RepairOutcome::Failed,
+            why.clone(),
+            id,
+            None,
+        );
+        why
     }
 
     /// Waits until the alert `key` has cleared and every enabled health check of the target

@@ -415,6 +415,15 @@ fn dry_run_decides_the_same_and_runs_nothing() {
     let (backend, daemon) = (&scene.backend, &scene.daemon);
     let view = daemon.api("/api/v1/system/repairs").expect("repairs");
     assert_eq!(view["mode"], "dry-run");
+    for bad in [
+        "/api/v1/system/repairs?limit=0",
+        "/api/v1/system/diagnoses?limit=5000",
+        "/api/v1/system/repairs?bogus=1",
+    ] {
+        let (status, body) = daemon.api_answer(bad).expect("answer");
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["success"], false, "{body}");
+    }
     backend.fault("crash").expect("crash");
     let proposed = wait_repair(
         daemon,
