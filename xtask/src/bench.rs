@@ -20,6 +20,12 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 50)]
         runs: usize,
     },
+    /// Per fault scenario: time to detect, to diagnose and to recover.
+    Healing {
+        /// Runs per scenario (the medians are printed).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// What the daemon costs other processes and the target, side by side.
     Overhead {
         /// Seconds per load run.
@@ -34,6 +40,7 @@ pub(crate) enum Bench {
 pub(crate) fn run(bench: &Bench) -> Result<()> {
     match bench {
         Bench::CrashLatency { runs } => crash_latency(*runs),
+        Bench::Healing { runs } => crate::healing::run(*runs),
         Bench::Overhead {
             seconds,
             connections,

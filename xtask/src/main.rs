@@ -4,9 +4,11 @@
 //! - `demo`: the demo backend on a throwaway PostgreSQL, watched by the daemon.
 //! - `test`: format, lints, unit tests, then the privileged end-to-end tests and a demo run.
 //! - `bench crash-latency`: kill → event latency, eBPF against the pidfd fallback.
+//! - `bench healing`: per fault scenario, time to detect, diagnose and recover.
 //! - `fuzz --seconds N`: each protocol parser's libFuzzer target for N seconds (nightly).
 
 mod bench;
+mod healing;
 mod demo;
 mod fuzz;
 mod overhead;

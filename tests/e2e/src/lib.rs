@@ -20,6 +20,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use selfheal_receivers::TestPki;
 
 pub mod docker;
+pub mod healing;
 pub mod load;
 pub mod openmetrics;
 pub mod systemd;

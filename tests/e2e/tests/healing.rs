@@ -2,155 +2,32 @@
 //! scenario asserts the diagnosis signature, the action taken (or held back) and the verified
 //! recovery, through the repairs log the API shows.
 //!
-//! A plain process is restarted with `repair.start_command`: the daemon starts the backend
-//! itself, so each test kills whatever backend is left when it ends.
+//! A plain process is restarted with `repair.start_command` (see `selfheal_e2e::healing`).
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use selfheal_e2e::{
-    bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, PgCluster, PgOptions,
-    V1Cgroup, PG_ROLE,
+    healing::{checks, Scene, Setup, HEALING},
+    http, require_root, wait_for, V1Cgroup,
 };
 use selfheal_receivers::HttpRecorder;
 use serde_json::Value;
 
-/// Kills every process whose command line has the pattern when dropped: the backends the
-/// daemon started.
-struct Reaper(String);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-f", &self.0])
-            .status();
-    }
-}
-
-/// Dropped in this order: the daemon first (so it restarts nothing more), then whatever
-/// backend it started, the backend the test started, and PostgreSQL.
-struct Scene {
-    daemon: Daemon,
-    _reaper: Reaper,
-    backend: DemoBackend,
-    pg: PgCluster,
-}
-
-/// What a scene adds to the defaults.
-#[derive(Default)]
-struct Setup {
-    /// Keys added to `[repair]` and `[monitor]`.
-    repair: &'static str,
-    monitor: &'static str,
-    /// The backend logs in as the unprivileged role `demo` (session actions never touch a
-    /// superuser's sessions) and `[repair.sessions]` picks that user.
-    role: bool,
-}
-
-/// The backend watched by its command line and restarted with the same command; `extra`
-/// gives more config from the backend's health URL and the database's (superuser) URL.
+/// The scene of `setup`, or the test fails.
 fn scene(setup: &Setup, extra: impl Fn(&str, &str) -> String) -> Scene {
     require_root();
-    let pg = PgCluster::start_with(PgOptions {
-        password_role: setup.role,
-        ..PgOptions::default()
-    })
-    .expect("postgres");
-    let backend_url = if setup.role {
-        pg.role_url().expect("role url")
-    } else {
-        pg.url()
-    };
-    let port = free_port().expect("port");
-    let backend = DemoBackend::start(&backend_url, port).expect("demo backend");
-    let reaper = Reaper(backend.selector());
-    let start_command = [
-        bin("demo-backend").display().to_string(),
-        "--listen".to_owned(),
-        backend.address.to_string(),
-        "--database-url".to_owned(),
-        backend_url.clone(),
-    ];
-    let sessions = if setup.role {
-        format!("\n[repair.sessions]\nuser = \"{PG_ROLE}\"\n")
-    } else {
-        String::new()
-    };
-    let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n\
-         [repair]\nstart_command = {}\ncooldown_secs = 0\nverify_timeout_secs = 20\n{}\n{sessions}\n\
-         [monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n{}\n\n{}",
-        backend.selector(),
-        serde_json::to_string(&start_command).expect("json"),
-        setup.repair,
-        setup.monitor,
-        extra(&backend.url("/health"), &pg.url()),
-    ))
-    .expect("daemon");
-    daemon.wait_for_target(backend.proc.pid()).expect("target");
-    Scene {
-        pg,
-        backend,
-        daemon,
-        _reaper: reaper,
-    }
+    Scene::start(setup, extra).expect("scene")
 }
 
-/// The backend's own health check and the database's, run every second.
-fn checks(health_url: &str, pg_url: &str) -> String {
-    format!(
-        "[[platforms]]\nname = \"leadsite.ai\"\nhosts = [\"leadsite.ai\"]\n\n\
-         [[checks]]\nname = \"backend\"\nkind = \"http\"\nurl = \"{health_url}\"\nplatform = \"leadsite.ai\"\n\
-         interval_ms = 1000\ntimeout_ms = 900\nalert_after_failures = 2\n\n\
-         [[checks]]\nname = \"pg\"\nkind = \"postgres\"\nurl = \"{pg_url}\"\n\
-         interval_ms = 1000\ntimeout_ms = 900\nalert_after_failures = 2\n"
-    )
+fn repairs(scene: &Scene) -> Vec<Value> {
+    scene.repairs().expect("repairs")
 }
 
-fn repairs(daemon: &Daemon) -> Vec<Value> {
-    daemon
-        .api("/api/v1/system/repairs?limit=100")
-        .expect("repairs")["repairs"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+fn wait_repair(scene: &Scene, signature: &str, states: &[&str], within: Duration) -> Value {
+    scene
+        .wait_repair(signature, states, within)
+        .unwrap_or_else(|err| panic!("{err}"))
 }
-
-/// Waits for a repair of `signature` in one of `states`; the repair.
-fn wait_repair(daemon: &Daemon, signature: &str, states: &[&str], within: Duration) -> Value {
-    wait_for(
-        &format!("a repair of {signature} in {states:?}"),
-        within,
-        || {
-            repairs(daemon)
-                .into_iter()
-                .find(|r| r["signature"] == signature && states.iter().any(|s| r["state"] == *s))
-        },
-    )
-    .unwrap_or_else(|err| panic!("{err}; the log: {:#?}", repairs(daemon)))
-}
-
-fn target_pid(daemon: &Daemon) -> Option<u64> {
-    let health = daemon.health().ok()?;
-    (health["target"]["state"] == "running")
-        .then(|| health["target"]["pid"].as_u64())
-        .flatten()
-}
-
-fn backend_healthy(backend: &DemoBackend) -> bool {
-    http()
-        .get(backend.url("/health"))
-        .call()
-        .is_ok_and(|r| r.status() == 200)
-}
-
-const HEALING: Setup = Setup {
-    repair: "self_healing = true",
-    monitor: "",
-    role: false,
-};
 
 #[test]
 fn a_crash_is_diagnosed_restarted_and_verified_healthy_and_learned() {
@@ -160,7 +37,7 @@ fn a_crash_is_diagnosed_restarted_and_verified_healthy_and_learned() {
     let crashed_at = Instant::now();
     backend.fault("crash").expect("crash");
     let repair = wait_repair(
-        daemon,
+        &scene,
         "target.crashed",
         &["recovered"],
         Duration::from_secs(30),
@@ -187,10 +64,10 @@ fn a_crash_is_diagnosed_restarted_and_verified_healthy_and_learned() {
         "{repair}"
     );
     assert!(repair["recover_ms"].as_u64().is_some(), "{repair}");
-    let new = target_pid(daemon).expect("the target runs again");
+    let new = scene.target_pid().expect("the target runs again");
     assert_ne!(new, u64::from(old));
     assert!(
-        backend_healthy(backend),
+        scene.backend_healthy(),
         "the restarted backend answers /health"
     );
     // Verified means its own health check passed after the restart.
@@ -231,7 +108,7 @@ fn a_hung_backend_is_restarted() {
     let scene = scene(&HEALING, |_, _| {
         "[probes]\npayload_bytes = 512\n".to_owned()
     });
-    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let backend = &scene.backend;
     let old = backend.proc.pid();
     backend.fault("hang").expect("hang");
     // A request that waits: what makes the backend "not answering".
@@ -241,7 +118,7 @@ fn a_hung_backend_is_restarted() {
     });
     let hung_at = Instant::now();
     let repair = wait_repair(
-        daemon,
+        &scene,
         "target.hung",
         &["recovered"],
         Duration::from_mins(1),
@@ -258,8 +135,8 @@ fn a_hung_backend_is_restarted() {
             .is_some_and(|b| b.contains("stopped")),
         "the hung process was stopped first: {repair}"
     );
-    assert_ne!(target_pid(daemon), Some(u64::from(old)));
-    assert!(backend_healthy(backend));
+    assert_ne!(scene.target_pid(), Some(u64::from(old)));
+    assert!(scene.backend_healthy());
     let _ = waiting.join();
 }
 
@@ -277,17 +154,17 @@ fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
     for round in 1..=2 {
         backend.fault("crash").expect("crash");
         pid = wait_for(&format!("restart {round}"), Duration::from_secs(30), || {
-            target_pid(daemon).filter(|p| *p != pid)
+            scene.target_pid().filter(|p| *p != pid)
         })
         .expect("restarted");
         wait_for("the backend to listen", Duration::from_secs(10), || {
-            backend_healthy(backend).then_some(())
+            scene.backend_healthy().then_some(())
         })
         .expect("listening");
     }
     backend.fault("crash").expect("third crash");
     let skipped = wait_repair(
-        daemon,
+        &scene,
         "target.crashed",
         &["skipped"],
         Duration::from_secs(30),
@@ -315,12 +192,12 @@ fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
     assert_eq!(view["open_circuits"], serde_json::json!(["target.crashed"]));
     // No further restart: the backend stays down.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(target_pid(daemon), None, "nothing restarted it");
-    let ran = repairs(daemon)
+    assert_eq!(scene.target_pid(), None, "nothing restarted it");
+    let ran = repairs(&scene)
         .iter()
         .filter(|r| r["decision"]["decision"] == "run")
         .count();
-    assert_eq!(ran, 2, "{:#?}", repairs(daemon));
+    assert_eq!(ran, 2, "{:#?}", repairs(&scene));
 }
 
 #[test]
@@ -344,7 +221,7 @@ fn with_the_database_down_the_backend_is_not_restarted() {
     // The database check and the backend's own health check both fail; both are the
     // database's outage, and neither may restart the backend.
     let outage = wait_repair(
-        daemon,
+        &scene,
         "db.unreachable",
         &["skipped"],
         Duration::from_secs(30),
@@ -352,7 +229,7 @@ fn with_the_database_down_the_backend_is_not_restarted() {
     assert_eq!(outage["action"], "none", "{outage}");
     assert_eq!(outage["decision"]["reason"], "no_action", "{outage}");
     wait_for("both alerts diagnosed", Duration::from_secs(20), || {
-        let log = repairs(daemon);
+        let log = repairs(&scene);
         let rules: Vec<&str> = log
             .iter()
             .filter(|r| r["signature"] == "db.unreachable")
@@ -360,15 +237,15 @@ fn with_the_database_down_the_backend_is_not_restarted() {
             .collect();
         (rules.contains(&"pg") && rules.contains(&"backend")).then_some(())
     })
-    .unwrap_or_else(|err| panic!("{err}: {:#?}", repairs(daemon)));
+    .unwrap_or_else(|err| panic!("{err}: {:#?}", repairs(&scene)));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
-        repairs(daemon).iter().all(|r| r["action"] == "none"),
+        repairs(&scene).iter().all(|r| r["action"] == "none"),
         "no action on the backend: {:#?}",
-        repairs(daemon)
+        repairs(&scene)
     );
     assert_eq!(
-        target_pid(daemon),
+        scene.target_pid(),
         Some(u64::from(pid)),
         "the same process runs"
     );
@@ -426,7 +303,7 @@ fn dry_run_decides_the_same_and_runs_nothing() {
     }
     backend.fault("crash").expect("crash");
     let proposed = wait_repair(
-        daemon,
+        &scene,
         "target.crashed",
         &["dry_run"],
         Duration::from_secs(30),
@@ -435,8 +312,8 @@ fn dry_run_decides_the_same_and_runs_nothing() {
     assert_eq!(proposed["decision"]["decision"], "dry_run");
     assert_eq!(proposed["effects"], Value::Null, "nothing ran");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(target_pid(daemon), None, "nothing restarted the backend");
-    assert!(!backend_healthy(backend));
+    assert_eq!(scene.target_pid(), None, "nothing restarted the backend");
+    assert!(!scene.backend_healthy());
 }
 
 #[test]
@@ -448,7 +325,7 @@ fn a_lock_that_blocks_the_backends_queries_is_ended() {
         },
         checks,
     );
-    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let backend = &scene.backend;
     backend.fault("lock?table=leads&secs=600").expect("lock");
     // Requests that need the table wait behind the lock.
     let waiting: Vec<_> = (0..3)
@@ -459,7 +336,7 @@ fn a_lock_that_blocks_the_backends_queries_is_ended() {
         .collect();
     let locked_at = Instant::now();
     let repair = wait_repair(
-        daemon,
+        &scene,
         "db.lock_contention",
         &["recovered"],
         Duration::from_secs(40),
@@ -499,10 +376,10 @@ fn transactions_left_idle_are_terminated() {
         },
         checks,
     );
-    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let backend = &scene.backend;
     backend.fault("idle_tx?n=3").expect("idle_tx");
     let repair = wait_repair(
-        daemon,
+        &scene,
         "db.idle_in_transaction",
         &["recovered"],
         Duration::from_secs(40),
@@ -520,14 +397,14 @@ fn transactions_left_idle_are_terminated() {
     });
     assert!(faults.is_ok(), "{:?}", backend.faults());
     // The backend's own pooled sessions were left alone: it still answers.
-    assert!(backend_healthy(backend));
+    assert!(scene.backend_healthy());
 }
 
 #[test]
 fn a_leak_toward_the_memory_limit_gets_a_higher_limit_before_the_oom_killer_acts() {
     const LIMIT: u64 = 256 << 20;
     let scene = scene(&HEALING, |_, _| String::new());
-    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let backend = &scene.backend;
     let pid = backend.proc.pid();
     let cgroup = V1Cgroup::create("leak", pid).expect("a v1 memory cgroup");
     let limit_file = cgroup.dir("memory").join("memory.limit_in_bytes");
@@ -538,7 +415,7 @@ fn a_leak_toward_the_memory_limit_gets_a_higher_limit_before_the_oom_killer_acts
         .fault("leak?mb_per_sec=40&max_mb=220")
         .expect("leak");
     let repair = wait_repair(
-        daemon,
+        &scene,
         "target.memory_leak",
         &["recovered"],
         Duration::from_mins(1),
@@ -559,7 +436,7 @@ fn a_leak_toward_the_memory_limit_gets_a_higher_limit_before_the_oom_killer_acts
         "raised by memory_step_percent (50 %)"
     );
     // The OOM killer never acted: the same process still runs and answers.
-    assert_eq!(target_pid(daemon), Some(u64::from(pid)));
-    assert!(backend_healthy(backend));
+    assert_eq!(scene.target_pid(), Some(u64::from(pid)));
+    assert!(scene.backend_healthy());
     backend.fault("clear").expect("clear");
 }
