@@ -8,9 +8,9 @@
 //! - `fuzz --seconds N`: each protocol parser's libFuzzer target for N seconds (nightly).
 
 mod bench;
-mod healing;
 mod demo;
 mod fuzz;
+mod healing;
 mod overhead;
 mod setup;
 mod test;
