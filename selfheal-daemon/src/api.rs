@@ -550,6 +550,67 @@ async fn diagnoses(
     }
 }
 
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetBody {
+    by: Option<String>,
+    note: Option<String>,
+}
+
+/// `POST /api/v1/system/repairs/circuits/{signature}/reset` with an optional
+/// `{"by": …, "note": …}`: a human closes an open circuit, and automatic repair of the
+/// signature resumes with a fresh budget. 409 when it is not open; audited.
+async fn reset_circuit(
+    State(state): State<Arc<ApiState>>,
+    Path(signature): Path<String>,
+    body: Bytes,
+) -> Response {
+    let body: ResetBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ResetBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(body) => body,
+            Err(err) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid body: expected {{\"by\": …, \"note\": …}} ({err})"),
+                )
+            }
+        }
+    };
+    let was_open = state
+        .gate
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .reset(&signature);
+    if !was_open {
+        return error(
+            StatusCode::CONFLICT,
+            format!("the circuit of {signature:?} is not open"),
+        );
+    }
+    let actor = body.by.unwrap_or_else(|| "api".to_owned());
+    let note = format!(
+        "{signature}{}",
+        body.note.map(|n| format!(": {n}")).unwrap_or_default()
+    );
+    tracing::info!(%signature, %actor, "circuit closed by an operator");
+    if let Err(err) = state
+        .repairs
+        .audit(crate::state::now_ms(), actor, "circuit_reset", note)
+        .await
+    {
+        return state_error("circuit reset audit", &err);
+    }
+    let open_circuits = state
+        .gate
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .open_circuits(Instant::now());
+    ok(serde_json::json!({ "signature": signature, "open_circuits": open_circuits }))
+        .into_response()
+}
+
 #[derive(Serialize)]
 struct PatternsView {
     patterns: Vec<crate::repairs::Pattern>,
@@ -667,6 +728,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/api/v1/system/silences/{id}", delete(expire_silence))
         .route("/api/v1/system/integrations", get(integrations))
         .route("/api/v1/system/repairs", get(repairs))
+        .route(
+            "/api/v1/system/repairs/circuits/{signature}/reset",
+            post(reset_circuit),
+        )
         .route("/api/v1/system/patterns", get(patterns))
         .route("/api/v1/system/diagnoses", get(diagnoses))
         .route("/api/v1/system/checks/run", post(run_checks))

@@ -228,6 +228,80 @@ pub(crate) fn run(runs: usize) -> Result<()> {
         );
     }
     leak(runs)?;
+    learned(runs)
+}
+
+/// One occurrence of the learned scenario: an idle transaction and a hang; the onset → the
+/// recovery recorded, in ms, and the repair that recovered.
+fn hang_with_idle_transaction(scene: &Scene, seen: usize) -> Result<(i64, String)> {
+    scene.backend.fault("idle_tx?n=1")?;
+    // The session must be idle longer than `idle_in_transaction_secs` (1 s) to be picked.
+    std::thread::sleep(Duration::from_millis(1500));
+    let onset = now_ms();
+    hang(scene)?;
+    let repair = selfheal_e2e::wait_for("the hang's recovery", Duration::from_mins(1), || {
+        let log = scene.repairs().ok()?;
+        let recovered: Vec<&Value> = log
+            .iter()
+            .filter(|r| r["signature"] == "target.hung" && r["state"] == "recovered")
+            .collect();
+        (recovered.len() > seen).then(|| recovered[0].clone())
+    })?;
+    let total = repair["finished_at_ms"].as_i64().context("finished")? - onset;
+    let action = repair["action"].as_str().unwrap_or("?").to_owned();
+    scene.backend.fault("clear").ok();
+    // The restarted backend must answer before the next occurrence.
+    selfheal_e2e::wait_for("the backend to answer", Duration::from_secs(20), || {
+        scene.backend_healthy().then_some(())
+    })?;
+    Ok((total, action))
+}
+
+/// A playbook whose first candidate acts but does not fix the fault: an operator's
+/// `target.hung = ["terminate_idle_in_transaction", "restart"]` meets a hang that has an idle
+/// transaction beside it but is not caused by it. The first time, the termination runs, the
+/// hang stays, the verification times out (5 s) and the restart fixes it; learning records
+/// both, and the second time the restart goes first.
+fn learned(runs: usize) -> Result<()> {
+    const SETUP: Setup = Setup {
+        repair:
+            "self_healing = true\nverify_timeout_secs = 5\n\
+                 playbooks = { \"target.hung\" = [\"terminate_idle_in_transaction\", \"restart\"] }",
+        monitor: "idle_in_transaction_secs = 1",
+        role: true,
+    };
+    let mut first = Vec::with_capacity(runs);
+    let mut second = Vec::with_capacity(runs);
+    for run in 1..=runs {
+        eprintln!("healing: a hang, twice, with a playbook learning corrects (run {run}/{runs})");
+        let scene = Scene::start(&SETUP, |_, _| "[probes]\npayload_bytes = 512\n".to_owned())?;
+        std::thread::sleep(Duration::from_secs(1));
+        let (once, action) = hang_with_idle_transaction(&scene, 0)?;
+        if action != "restart" {
+            bail!("the first hang was recovered by {action}, not by the restart");
+        }
+        let (twice, action) = hang_with_idle_transaction(&scene, 1)?;
+        if action != "restart" {
+            bail!("the second hang was recovered by {action}");
+        }
+        let tried_first = scene
+            .repairs()?
+            .iter()
+            .filter(|r| r["signature"] == "target.hung" && r["decision"]["decision"] == "run")
+            .map(|r| r["action"].as_str().unwrap_or("?").to_owned())
+            .collect::<Vec<_>>();
+        eprintln!("healing: actions run, newest first: {tried_first:?}");
+        first.push(once);
+        second.push(twice);
+    }
+    println!(
+        "| hang, first time (playbook: terminate_idle_in_transaction, then restart) | `target.hung` | | | | {} | not_answering_secs = 2, 3 samples; then a 5 s verification that fails |",
+        median(first)
+    );
+    println!(
+        "| the same hang again (learned: restart first) | `target.hung` | | | | {} | not_answering_secs = 2, 3 samples |",
+        median(second)
+    );
     Ok(())
 }
 

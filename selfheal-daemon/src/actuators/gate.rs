@@ -267,9 +267,15 @@ impl Gate {
         self.verifying.clear();
     }
 
-    /// A human closes the circuit of `signature`; whether it was open.
+    /// A human closes the circuit of `signature`, and with it gives the budgets a fresh
+    /// window (the runs that spent them are forgotten, or the next action would open the
+    /// circuit again at once); whether it was open.
     pub fn reset(&mut self, signature: &str) -> bool {
-        self.circuits.remove(signature).is_some()
+        let was_open = self.circuits.remove(signature).is_some();
+        if was_open {
+            self.runs.clear();
+        }
+        was_open
     }
 
     /// Signatures whose circuit is open at `now`.
@@ -347,17 +353,35 @@ mod tests {
             "{fifth:?}"
         );
         assert_eq!(gate.open_circuits(t0 + secs(300)), vec!["target.crashed"]);
-        // A human resets it; the budget window still holds the three restarts until they age
-        // out, so the next restart is refused again, and the circuit reopens.
+        // A human resets it: the budget starts afresh, so automatic repair resumes.
         assert!(gate.reset("target.crashed"));
+        assert!(!gate.reset("target.crashed"), "closed already");
+        assert!(gate.open_circuits(t0 + secs(400)).is_empty());
+        assert_eq!(
+            gate.decide(&restart("backend"), t0 + secs(400)),
+            Decision::Run
+        );
+        gate.verified("backend");
+        // Without a human, the circuit closes by itself after an hour; the restarts that
+        // opened it have left the window by then.
+        let mut gate = Gate::new(GateConfig::default());
+        for i in 0..3 {
+            assert_eq!(
+                gate.decide(&restart("backend"), t0 + secs(61 * i)),
+                Decision::Run
+            );
+            gate.verified("backend");
+        }
         assert!(matches!(
-            why(gate.decide(&restart("backend"), t0 + secs(400))),
+            why(gate.decide(&restart("backend"), t0 + secs(200))),
             Skip::BudgetExhausted { .. }
         ));
-        assert!(gate.reset("target.crashed"));
-        // Once the first restarts leave the 15-minute window, there is budget again.
+        assert!(matches!(
+            why(gate.decide(&restart("backend"), t0 + secs(3000))),
+            Skip::CircuitOpen { .. }
+        ));
         assert_eq!(
-            gate.decide(&restart("backend"), t0 + secs(960)),
+            gate.decide(&restart("backend"), t0 + secs(3801)),
             Decision::Run
         );
     }

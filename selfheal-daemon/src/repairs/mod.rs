@@ -203,6 +203,25 @@ impl RepairLog {
             .await
     }
 
+    /// Records an operator's change to the repair machinery (a circuit closed) in the audit.
+    pub async fn audit(
+        &self,
+        at_ms: i64,
+        actor: String,
+        action: &'static str,
+        note: String,
+    ) -> Result<(), StateError> {
+        self.db
+            .call("repair_audit", move |c| {
+                c.execute(
+                    "INSERT INTO audit (at_ms, actor, action, note) VALUES (?1, ?2, ?3, ?4)",
+                    params![at_ms, actor, action, note],
+                )
+                .map(|_| ())
+            })
+            .await
+    }
+
     /// Writes a diagnosis; returns its id.
     pub async fn diagnosed(
         &self,

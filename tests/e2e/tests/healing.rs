@@ -198,6 +198,41 @@ fn a_crash_loop_spends_the_budget_opens_the_circuit_and_escalates() {
         .filter(|r| r["decision"]["decision"] == "run")
         .count();
     assert_eq!(ran, 2, "{:#?}", repairs(&scene));
+
+    // A human closes the circuit; the next crash is repaired again.
+    let (status, answer) = daemon
+        .api_post(
+            "/api/v1/system/repairs/circuits/target.crashed/reset",
+            &serde_json::json!({"by": "ana", "note": "fixed the config"}),
+        )
+        .expect("reset");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["data"]["open_circuits"], serde_json::json!([]));
+    let (status, _) = daemon
+        .api_post(
+            "/api/v1/system/repairs/circuits/target.crashed/reset",
+            &serde_json::json!({}),
+        )
+        .expect("reset again");
+    assert_eq!(status, 409, "not open any more");
+    // It is still down from the third crash: start it by hand; then a fourth crash.
+    let backend2 = selfheal_e2e::DemoBackend::start(&scene.pg.url(), backend.address.port())
+        .expect("restarted by hand");
+    let manual = u64::from(backend2.proc.pid());
+    wait_for("the daemon to see it", Duration::from_secs(10), || {
+        (scene.target_pid() == Some(manual)).then_some(())
+    })
+    .expect("seen");
+    backend2.fault("crash").expect("fourth crash");
+    wait_for("a restart after the reset", Duration::from_secs(30), || {
+        scene.target_pid().filter(|p| *p != manual)
+    })
+    .expect("restarted again");
+    let ran = repairs(&scene)
+        .iter()
+        .filter(|r| r["decision"]["decision"] == "run")
+        .count();
+    assert_eq!(ran, 3, "{:#?}", repairs(&scene));
 }
 
 #[test]
