@@ -125,6 +125,87 @@ impl DockerEngine {
         self.pid(name)
     }
 
+    /// Imports `binary` with the shared libraries `ldd` names for it as image `name`, the
+    /// binary at `/<file name>`.
+    pub fn import_binary(&self, name: &str, binary: &Path) -> Result<()> {
+        let rootfs = self
+            .dir
+            .path()
+            .join(format!("rootfs-{}", name.replace([':', '/'], "-")));
+        std::fs::create_dir_all(rootfs.join("tmp"))?;
+        let file = binary
+            .file_name()
+            .with_context(|| format!("{} has no file name", binary.display()))?;
+        std::fs::copy(binary, rootfs.join(file))
+            .with_context(|| format!("copying {}", binary.display()))?;
+        let ldd = Command::new("ldd").arg(binary).output()?;
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)` or `/lib64/ld-linux… (0x…)`
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|rest| rest.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            let Some(path) = path else { continue };
+            let target = rootfs.join(path.trim_start_matches('/'));
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::copy(path, &target).with_context(|| format!("copying {path}"))?;
+        }
+        let tar = rootfs.with_extension("tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()?;
+        if !status.success() {
+            bail!("tar failed ({status})");
+        }
+        self.docker(&["import", &tar.display().to_string(), name])
+            .map(|_| ())
+    }
+
+    /// Runs the demo backend as container `name` on the host's network (the engine sets up
+    /// none of its own), listening on `port` and using `database_url`, with `extra` `docker
+    /// run` options (`--memory 256m`); its process id once it answers `/health`.
+    pub fn start_demo_backend(
+        &self,
+        name: &str,
+        database_url: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<u32> {
+        self.import_binary("selfheal-demo:latest", &crate::bin("demo-backend"))?;
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec!["run", "-d", "--name", name, "--network", "host"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[
+            "selfheal-demo:latest",
+            "/demo-backend",
+            "--listen",
+            &listen,
+            "--database-url",
+            database_url,
+        ]);
+        self.docker(&args)?;
+        let health = format!("http://{listen}/health");
+        wait_for(
+            "the containerized backend to answer",
+            Duration::from_secs(30),
+            || crate::http().get(&health).call().ok(),
+        )
+        .with_context(|| {
+            format!(
+                "container logs:\n{}",
+                self.docker(&["logs", name]).unwrap_or_default()
+            )
+        })?;
+        self.pid(name)
+    }
+
     /// `State.Pid` of a container (0 when it is not running).
     pub fn pid(&self, container: &str) -> Result<u32> {
         let out = self.docker(&["inspect", "-f", "{{.State.Pid}}", container])?;

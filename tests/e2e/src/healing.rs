@@ -73,9 +73,15 @@ impl Scene {
         } else {
             String::new()
         };
+        // 20 s to verify unless the setup says otherwise.
+        let verify = if setup.repair.contains("verify_timeout_secs") {
+            ""
+        } else {
+            "verify_timeout_secs = 20\n"
+        };
         let daemon = Daemon::start(&format!(
             "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n\
-             [repair]\nstart_command = {}\ncooldown_secs = 0\nverify_timeout_secs = 20\n{}\n{sessions}\n\
+             [repair]\nstart_command = {}\ncooldown_secs = 0\n{verify}{}\n{sessions}\n\
              [monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n{}\n\n{}",
             backend.selector(),
             serde_json::to_string(&start_command)?,
