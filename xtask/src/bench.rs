@@ -25,6 +25,10 @@ pub(crate) enum Bench {
         /// Runs per scenario (the medians are printed).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Only the scenarios whose name contains this (`crash`, `hang`, `lock`, `idle`,
+        /// `leak`, `learned`).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// What the daemon costs other processes and the target, side by side.
     Overhead {
@@ -40,7 +44,7 @@ pub(crate) enum Bench {
 pub(crate) fn run(bench: &Bench) -> Result<()> {
     match bench {
         Bench::CrashLatency { runs } => crash_latency(*runs),
-        Bench::Healing { runs } => crate::healing::run(*runs),
+        Bench::Healing { runs, only } => crate::healing::run(*runs, only.as_deref()),
         Bench::Overhead {
             seconds,
             connections,

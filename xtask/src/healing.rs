@@ -201,15 +201,16 @@ fn median(mut values: Vec<i64>) -> i64 {
     values.get(values.len() / 2).copied().unwrap_or(0)
 }
 
-pub(crate) fn run(runs: usize) -> Result<()> {
+pub(crate) fn run(runs: usize, only: Option<&str>) -> Result<()> {
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
+    let chosen = |name: &str| only.is_none_or(|o| name.contains(o));
     println!("healing: {runs} run(s) per scenario, medians in ms (release build)");
     println!();
     println!("| scenario | signature | detect | diagnose | recover (act + verify) | onset → recovered | detection waits for |");
     println!("|---|---|---|---|---|---|---|");
-    for scenario in SCENARIOS {
+    for scenario in SCENARIOS.iter().filter(|s| chosen(s.name)) {
         let mut all = Vec::with_capacity(runs);
         for run in 1..=runs {
             eprintln!("healing: {} (run {run}/{runs})", scenario.name);
@@ -227,8 +228,13 @@ pub(crate) fn run(runs: usize) -> Result<()> {
             scenario.waits_for
         );
     }
-    leak(runs)?;
-    learned(runs)
+    if chosen("leak") {
+        leak(runs)?;
+    }
+    if chosen("learned") {
+        learned(runs)?;
+    }
+    Ok(())
 }
 
 /// One occurrence of the learned scenario: an idle transaction and a hang; the onset → the
@@ -274,7 +280,10 @@ fn learned(runs: usize) -> Result<()> {
     let mut second = Vec::with_capacity(runs);
     for run in 1..=runs {
         eprintln!("healing: a hang, twice, with a playbook learning corrects (run {run}/{runs})");
-        let scene = Scene::start(&SETUP, |_, _| "[probes]\npayload_bytes = 512\n".to_owned())?;
+        // The session actions need the database's URL.
+        let scene = Scene::start(&SETUP, |_, pg| {
+            format!("[probes]\npayload_bytes = 512\n\n[database]\nurl = \"{pg}\"\n")
+        })?;
         std::thread::sleep(Duration::from_secs(1));
         let (once, action) = hang_with_idle_transaction(&scene, 0)?;
         if action != "restart" {
