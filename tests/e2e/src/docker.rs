@@ -93,10 +93,15 @@ impl DockerEngine {
         for applet in ["sh", "sleep"] {
             std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet))?;
         }
-        let tar = self.dir.path().join("rootfs.tar");
+        self.import_rootfs(&rootfs, name)
+    }
+
+    /// Imports the directory `rootfs` as image `name`.
+    fn import_rootfs(&self, rootfs: &Path, name: &str) -> Result<()> {
+        let tar = rootfs.with_extension("tar");
         let status = Command::new("tar")
             .arg("-C")
-            .arg(&rootfs)
+            .arg(rootfs)
             .arg("-cf")
             .arg(&tar)
             .arg(".")
@@ -153,19 +158,7 @@ impl DockerEngine {
             }
             std::fs::copy(path, &target).with_context(|| format!("copying {path}"))?;
         }
-        let tar = rootfs.with_extension("tar");
-        let status = Command::new("tar")
-            .arg("-C")
-            .arg(&rootfs)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()?;
-        if !status.success() {
-            bail!("tar failed ({status})");
-        }
-        self.docker(&["import", &tar.display().to_string(), name])
-            .map(|_| ())
+        self.import_rootfs(&rootfs, name)
     }
 
     /// Runs the demo backend as container `name` on the host's network (the engine sets up

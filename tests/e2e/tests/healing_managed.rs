@@ -33,13 +33,24 @@ fn wait_recovered(daemon: &Daemon, signature: &str) -> Value {
     })
 }
 
-#[test]
-fn a_crashed_systemd_unit_is_restarted_over_dbus_and_verified_healthy() {
-    const UNIT: &str = "backend.service";
+const UNIT: &str = "backend.service";
+
+/// The demo backend as a unit of a private systemd (`Restart=no`: bringing it back is the
+/// daemon's job), watched by the daemon with self-healing on and `extra_config` (given the
+/// backend's health URL).
+struct Unit {
+    daemon: Daemon,
+    systemd: SystemdUser,
+    port: u16,
+    health_url: String,
+    first: u32,
+    _pg: PgCluster,
+}
+
+fn unit(extra_config: impl Fn(&str) -> String) -> Unit {
     require_root();
     let pg = PgCluster::start().expect("postgres");
     let port = free_port().expect("port");
-    // Restart=no: bringing it back is the daemon's job here.
     let unit = format!(
         "[Service]\nExecStart={} --listen 127.0.0.1:{port} --database-url {}\nRestart=no\n",
         bin("demo-backend").display(),
@@ -56,15 +67,38 @@ fn a_crashed_systemd_unit_is_restarted_over_dbus_and_verified_healthy() {
     .expect("backend up");
     let daemon = Daemon::start(&format!(
         "[target]\nsystemd_unit = \"{UNIT}\"\nsystemd_bus = \"{}\"\npoll_interval_ms = 100\n\n\
-         [repair]\nself_healing = true\n\n[monitor]\ninterval_ms = 500\n\n\
-         [[platforms]]\nname = \"leadsite.ai\"\nhosts = [\"leadsite.ai\"]\n\n\
-         [[checks]]\nname = \"backend\"\nkind = \"http\"\nurl = \"{health_url}\"\n\
-         platform = \"leadsite.ai\"\ninterval_ms = 1000\ntimeout_ms = 900\n",
-        systemd.bus_address()
+         [repair]\nself_healing = true\n\n[monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n\n{}",
+        systemd.bus_address(),
+        extra_config(&health_url)
     ))
     .expect("daemon");
     daemon.wait_for_target(first).expect("unit resolved");
+    Unit {
+        daemon,
+        systemd,
+        port,
+        health_url,
+        first,
+        _pg: pg,
+    }
+}
 
+#[test]
+fn a_crashed_systemd_unit_is_restarted_over_dbus_and_verified_healthy() {
+    let Unit {
+        daemon,
+        systemd,
+        port,
+        health_url,
+        first,
+        _pg,
+    } = unit(|health_url| {
+        format!(
+            "[[platforms]]\nname = \"leadsite.ai\"\nhosts = [\"leadsite.ai\"]\n\n\
+             [[checks]]\nname = \"backend\"\nkind = \"http\"\nurl = \"{health_url}\"\n\
+             platform = \"leadsite.ai\"\ninterval_ms = 1000\ntimeout_ms = 900\n"
+        )
+    });
     let crashed_at = Instant::now();
     http()
         .post(format!("http://127.0.0.1:{port}/__fault/crash"))
@@ -236,32 +270,14 @@ fn a_leaking_container_gets_a_higher_memory_limit_from_the_engine() {
 
 #[test]
 fn a_hung_systemd_unit_is_restarted() {
-    const UNIT: &str = "backend.service";
-    require_root();
-    let pg = PgCluster::start().expect("postgres");
-    let port = free_port().expect("port");
-    let unit = format!(
-        "[Service]\nExecStart={} --listen 127.0.0.1:{port} --database-url {}\nRestart=no\n",
-        bin("demo-backend").display(),
-        pg.url()
-    );
-    let systemd = SystemdUser::start(&[(UNIT, &unit)]).expect("systemd --user");
-    systemd.unit_job("StartUnit", UNIT).expect("start");
-    let health_url = format!("http://127.0.0.1:{port}/health");
-    let first = wait_for("the backend to answer", Duration::from_secs(20), || {
-        let pid = systemd.main_pid(UNIT).ok().filter(|p| *p != 0)?;
-        http().get(&health_url).call().ok()?;
-        Some(pid)
-    })
-    .expect("backend up");
-    let daemon = Daemon::start(&format!(
-        "[target]\nsystemd_unit = \"{UNIT}\"\nsystemd_bus = \"{}\"\npoll_interval_ms = 100\n\n\
-         [repair]\nself_healing = true\n\n[monitor]\ninterval_ms = 500\nnot_answering_secs = 2\n\n\
-         [probes]\npayload_bytes = 512\n",
-        systemd.bus_address()
-    ))
-    .expect("daemon");
-    daemon.wait_for_target(first).expect("unit resolved");
+    let Unit {
+        daemon,
+        systemd,
+        port,
+        health_url,
+        first,
+        _pg,
+    } = unit(|_| "[probes]\npayload_bytes = 512\n".to_owned());
     http()
         .post(format!("http://127.0.0.1:{port}/__fault/hang"))
         .send_empty()
