@@ -89,6 +89,8 @@ pub struct ProcessSample {
     pub rss_bytes: u64,
     pub threads: u64,
     pub open_fds: u64,
+    /// The soft `RLIMIT_NOFILE` (`Max open files`), when it has one.
+    pub fd_limit: Option<u64>,
     /// One letter as in `ps` (`R`, `S`, `D`, `Z`, ...).
     pub state: String,
     pub cgroup_memory_bytes: Option<u64>,

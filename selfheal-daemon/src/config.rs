@@ -377,6 +377,9 @@ pub struct MonitorConfig {
     /// A session of a PostgreSQL check's server idle in a transaction for longer than this
     /// raises `db.idle_in_transaction`; `terminate_idle_in_transaction` ends such sessions.
     pub idle_in_transaction_secs: u64,
+    /// The target's open file descriptors above this share of its `RLIMIT_NOFILE` raise
+    /// `target.fds_high` (a descriptor leak runs into "too many open files").
+    pub fd_threshold_percent: f64,
 }
 
 impl Default for MonitorConfig {
@@ -394,6 +397,7 @@ impl Default for MonitorConfig {
             min_requests: 20,
             not_answering_secs: 30,
             idle_in_transaction_secs: 60,
+            fd_threshold_percent: 90.0,
         }
     }
 }
@@ -1399,6 +1403,11 @@ impl Config {
             (1..=86_400).contains(&monitor.idle_in_transaction_secs),
             "monitor.idle_in_transaction_secs",
             "must be between 1 and 86400",
+        );
+        check(
+            monitor.fd_threshold_percent > 0.0 && monitor.fd_threshold_percent <= 100.0,
+            "monitor.fd_threshold_percent",
+            "must be in (0, 100]",
         );
         check(
             (10..=86_400).contains(&monitor.traffic_window_secs),

@@ -193,6 +193,23 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
         "target.exited" => exited(evidence, &mut seen),
         "target.memory_high" => memory(evidence, &mut seen),
         "target.cpu_high" => cpu(evidence, &mut seen),
+        "target.fds_high" => {
+            let last = evidence.samples.back();
+            let (open, limit) = last.map_or((0, None), |s| (s.open_fds, s.fd_limit));
+            let first = evidence.samples.front().map_or(open, |s| s.open_fds);
+            seen.push(format!(
+                "{open} file descriptors open (limit {}), {first} {} samples ago",
+                limit.map_or_else(|| "none".to_owned(), |l| l.to_string()),
+                evidence.samples.len()
+            ));
+            (
+                "target.fd_exhaustion",
+                format!(
+                    "the target is running out of file descriptors ({open} open): a descriptor leak, or more connections than its limit allows"
+                ),
+                0.7,
+            )
+        }
         "target.not_answering" => match dependency {
             Some(dependency) => outage(dependency, "the target answers nothing"),
             None if evidence.is_firing("db.lock_contention") => {
@@ -551,6 +568,23 @@ mod tests {
         assert_eq!(
             signature("target.memory_high", &none, &rss).as_deref(),
             Some("target.memory_leak")
+        );
+    }
+
+    #[test]
+    fn descriptors_near_the_limit_are_fd_exhaustion() {
+        let evidence = with_samples([100, 900, 1000].map(|fds| ProcessSample {
+            open_fds: fds,
+            fd_limit: Some(1024),
+            ..ProcessSample::default()
+        }));
+        let diagnosis = diagnose("target.fds_high", &Labels::new(), &evidence).expect("diagnosis");
+        assert_eq!(diagnosis.signature, "target.fd_exhaustion");
+        assert!(
+            diagnosis.evidence[0]
+                .contains("1000 file descriptors open (limit 1024), 100 3 samples ago"),
+            "{:?}",
+            diagnosis.evidence
         );
     }
 

@@ -1,8 +1,9 @@
 //! Monitor: turns observations into alerts and an overall health status.
 //!
 //! Rules in this version: the target exited (critical, clears when a new process runs), and
-//! the target's memory (share of its cgroup limit, or of host memory without one) and CPU over
-//! their thresholds for `consecutive_samples` samples in a row. A firing threshold rule clears
+//! the target's memory (share of its cgroup limit, or of host memory without one), its open
+//! file descriptors (`target.fds_high`, share of its `RLIMIT_NOFILE`) and CPU over their
+//! thresholds for `consecutive_samples` samples in a row. A firing threshold rule clears
 //! only after as many samples below the threshold less a 10 % hysteresis band, so a value
 //! hovering at the line does not flap.
 //!
@@ -406,6 +407,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
     let monitor = ctx.config.monitor.clone();
     let mut memory = Threshold::default();
     let mut cpu = Threshold::default();
+    let mut fds = Threshold::default();
     let mut host_memory_bytes = 0u64;
     // Firing alerts by key (rule and labels): what the overall health is computed from.
     let mut firing: BTreeMap<String, Severity> = BTreeMap::new();
@@ -524,6 +526,33 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                             Severity::Warning,
                             false,
                             format!("memory back to {percent:.1}%"),
+                        ),
+                        Change::None => {}
+                    }
+                }
+                if let Some(limit) = sample.fd_limit.filter(|l| *l > 0) {
+                    let percent = sample.open_fds as f64 / limit as f64 * 100.0;
+                    match fds.observe(
+                        percent,
+                        monitor.fd_threshold_percent,
+                        monitor.consecutive_samples,
+                    ) {
+                        Change::Fired => alert(
+                            &ctx,
+                            "target.fds_high",
+                            Severity::Warning,
+                            true,
+                            format!(
+                                "{} of {limit} file descriptors open ({percent:.1}%, threshold {}%)",
+                                sample.open_fds, monitor.fd_threshold_percent
+                            ),
+                        ),
+                        Change::Cleared => alert(
+                            &ctx,
+                            "target.fds_high",
+                            Severity::Warning,
+                            false,
+                            format!("{} of {limit} file descriptors open", sample.open_fds),
                         ),
                         Change::None => {}
                     }

@@ -54,6 +54,13 @@ fn sample_process(pid: u32, clock: &mut CpuClock) -> Option<ProcessSample> {
         rss_bytes: stat.rss * procfs::page_size(),
         threads: u64::try_from(stat.num_threads).unwrap_or(0),
         open_fds: process.fd_count().map_or(0, |n| n as u64),
+        fd_limit: process
+            .limits()
+            .ok()
+            .and_then(|l| match l.max_open_files.soft_limit {
+                procfs::process::LimitValue::Value(n) => Some(n),
+                procfs::process::LimitValue::Unlimited => None,
+            }),
         state: stat.state.to_string(),
         ..ProcessSample::default()
     };
@@ -184,6 +191,18 @@ pub async fn run(
 mod tests {
     use super::*;
 
+    /// The soft `RLIMIT_NOFILE` from getrlimit(2), `None` when unlimited.
+    fn rlimit_nofile() -> Option<u64> {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one `rlimit` into the struct we own.
+        let result = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) };
+        assert_eq!(result, 0, "getrlimit");
+        (limit.rlim_cur != libc::RLIM_INFINITY).then_some(limit.rlim_cur)
+    }
+
     #[test]
     fn samples_this_process() {
         let mut clock = CpuClock::default();
@@ -191,6 +210,11 @@ mod tests {
         assert!(sample.rss_bytes > 0);
         assert!(sample.threads >= 1);
         assert!(sample.open_fds >= 3);
+        let limit = rlimit_nofile();
+        assert_eq!(
+            sample.fd_limit, limit,
+            "the soft RLIMIT_NOFILE, as getrlimit says"
+        );
         let burn = Instant::now();
         let mut x = 0u64;
         while burn.elapsed() < Duration::from_millis(200) {

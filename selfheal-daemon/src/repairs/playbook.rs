@@ -11,6 +11,7 @@ pub const SIGNATURES: &[(&str, &[Action])] = &[
     ("target.oom_killed", &[Action::Restart]),
     ("target.hung", &[Action::Restart]),
     ("target.unhealthy", &[Action::Restart]),
+    ("target.fd_exhaustion", &[Action::Restart]),
     (
         "target.memory_leak",
         &[Action::RaiseMemoryLimit, Action::Restart],
