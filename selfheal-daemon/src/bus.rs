@@ -212,6 +212,8 @@ pub struct Diagnosis {
     /// A dependency of the target that is down now (a check's name): the target's own
     /// process must not be restarted, signalled or resized for this.
     pub dependency_down: Option<String>,
+    /// The tables of the query the diagnosis blames (what `analyze` refreshes).
+    pub tables: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -498,6 +498,36 @@ pub struct RepairConfig {
     /// Which of the database's sessions are the target's, and which of them the session
     /// actions pick.
     pub sessions: SessionRules,
+    /// `[[repair.hooks]]`: what only the operator knows how to do (clear a cache, fail over to
+    /// another provider), named in playbooks as `hook:<name>`.
+    pub hooks: Vec<HookConfig>,
+}
+
+/// `[[repair.hooks]]`: a command to run or a URL to POST to, as a playbook action.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// Named in playbooks as `hook:<name>`: letters, digits, `_`, `-`, `.`.
+    pub name: String,
+    /// Program and arguments, run without a shell; the diagnosis comes in its environment
+    /// (`SELFHEAL_SIGNATURE`, `SELFHEAL_RULE`, `SELFHEAL_SUMMARY`, `SELFHEAL_DEPENDENCY`,
+    /// `SELFHEAL_DIAGNOSIS_ID`). It worked when it exits 0 within the timeout.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// An `http://` URL that gets the diagnosis POSTed as JSON; it worked when it answers 2xx
+    /// within the timeout. One of `command` and `url`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default = "default_hook_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Signatures whose playbook ends with this hook (after its built-in or configured
+    /// actions), e.g. `["dependency.down"]` for a provider failover.
+    #[serde(default)]
+    pub on: Vec<String>,
+}
+
+fn default_hook_timeout_ms() -> u64 {
+    10_000
 }
 
 impl Default for RepairConfig {
@@ -518,6 +548,7 @@ impl Default for RepairConfig {
             playbooks: BTreeMap::new(),
             exploration: 0.5,
             sessions: SessionRules::default(),
+            hooks: Vec::new(),
         }
     }
 }
@@ -575,31 +606,92 @@ impl RepairConfig {
             "repair.exploration".to_owned(),
             "must be between 0 and 10",
         );
+        let known_signatures = || {
+            format!(
+                "unknown signature; known: {}",
+                crate::repairs::playbook::SIGNATURES
+                    .iter()
+                    .map(|(s, _)| *s)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
         for (signature, actions) in &self.playbooks {
             check(
                 crate::repairs::playbook::is_signature(signature),
                 format!("repair.playbooks.{signature}"),
-                &format!(
-                    "unknown signature; known: {}",
-                    crate::repairs::playbook::SIGNATURES
-                        .iter()
-                        .map(|(s, _)| *s)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                &known_signatures(),
             );
             for (i, action) in actions.iter().enumerate() {
+                let known = match action.strip_prefix(crate::actuators::action::HOOK_PREFIX) {
+                    Some(name) => self.hooks.iter().any(|h| h.name == name),
+                    None => crate::actuators::action::Action::parse(action).is_some(),
+                };
                 check(
-                    crate::actuators::action::Action::parse(action).is_some(),
+                    known,
                     format!("repair.playbooks.{signature}[{i}]"),
                     &format!(
                         "unknown action {action:?}; known: {}",
                         crate::actuators::action::Action::ALL
                             .iter()
-                            .map(|a| a.as_str())
+                            .map(|a| a.as_str().to_owned())
+                            .chain(self.hooks.iter().map(|h| format!(
+                                "{}{}",
+                                crate::actuators::action::HOOK_PREFIX,
+                                h.name
+                            )))
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
+                );
+            }
+        }
+        for (i, hook) in self.hooks.iter().enumerate() {
+            let path = |key: &str| format!("repair.hooks[{i}].{key}");
+            check(
+                !hook.name.is_empty()
+                    && hook
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')),
+                path("name"),
+                "must be letters, digits, `_`, `-` or `.` (playbooks name it as hook:<name>)",
+            );
+            check(
+                !self.hooks[..i].iter().any(|h| h.name == hook.name),
+                path("name"),
+                &format!("a hook named {:?} is already defined", hook.name),
+            );
+            check(
+                hook.command.is_empty() != hook.url.is_none(),
+                format!("repair.hooks[{i}]"),
+                "set exactly one of `command` (program and arguments) and `url`",
+            );
+            check(
+                hook.command.first().is_none_or(|p| !p.trim().is_empty()),
+                path("command"),
+                "the program (first element) must not be empty",
+            );
+            if let Some(url) = &hook.url {
+                let parsed = url.parse::<http::Uri>();
+                check(
+                    parsed.as_ref().is_ok_and(|u| {
+                        u.scheme_str() == Some("http") && u.authority().is_some()
+                    }),
+                    path("url"),
+                    "must be an http:// URL with a host (hooks call the backend's own endpoints beside it)",
+                );
+            }
+            check(
+                (1..=600_000).contains(&hook.timeout_ms),
+                path("timeout_ms"),
+                "must be between 1 and 600000",
+            );
+            for (j, signature) in hook.on.iter().enumerate() {
+                check(
+                    crate::repairs::playbook::is_signature(signature),
+                    format!("repair.hooks[{i}].on[{j}]"),
+                    &known_signatures(),
                 );
             }
         }
@@ -2375,5 +2467,57 @@ kind = "smtp"
             );
         }
         assert_eq!(found.len(), 7, "{found:#?}");
+    }
+
+    #[test]
+    fn hooks_are_checked_and_named_in_playbooks() {
+        let head = "[target]\ncommand = \"x\"\n";
+        let ok = parse(
+            &format!(
+                "{head}[repair]\nplaybooks = {{ \"http.error_spike\" = [\"hook:flush\", \"restart\"] }}\n\
+                 [[repair.hooks]]\nname = \"flush\"\ncommand = [\"/usr/bin/redis-cli\", \"FLUSHALL\"]\n\
+                 [[repair.hooks]]\nname = \"failover\"\nurl = \"http://127.0.0.1:8080/admin/failover\"\n\
+                 timeout_ms = 2000\non = [\"dependency.down\"]\n"
+            ),
+            &Env::default(),
+        )
+        .expect("valid");
+        assert_eq!(ok.repair.hooks.len(), 2);
+        assert_eq!(ok.repair.hooks[0].timeout_ms, 10_000);
+        let found = parse(
+            &format!(
+                "{head}[repair]\nplaybooks = {{ \"target.hung\" = [\"hook:nope\"] }}\n\
+                 [[repair.hooks]]\nname = \"a b\"\ncommand = [\"x\"]\n\
+                 [[repair.hooks]]\nname = \"twice\"\ncommand = [\"x\"]\non = [\"db.down\"]\n\
+                 [[repair.hooks]]\nname = \"twice\"\ncommand = [\"x\"]\nurl = \"http://h/\"\n\
+                 [[repair.hooks]]\nname = \"none\"\n\
+                 [[repair.hooks]]\nname = \"tls\"\nurl = \"https://h/x\"\ntimeout_ms = 0\n"
+            ),
+            &Env::default(),
+        )
+        .expect_err("invalid")
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>();
+        for expected in [
+            "repair.playbooks.target.hung[0]: unknown action \"hook:nope\"; known: restart,",
+            "repair.hooks[0].name: must be letters, digits",
+            "repair.hooks[1].on[0]: unknown signature",
+            "repair.hooks[2].name: a hook named \"twice\" is already defined",
+            "repair.hooks[2]: set exactly one of `command`",
+            "repair.hooks[3]: set exactly one of `command`",
+            "repair.hooks[4].url: must be an http:// URL",
+            "repair.hooks[4].timeout_ms: must be between 1 and 600000",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "{expected} not in {found:#?}"
+            );
+        }
+        assert!(
+            found[0].contains("hook:a b, hook:twice"),
+            "the known actions list the hooks: {found:#?}"
+        );
+        assert_eq!(found.len(), 8, "{found:#?}");
     }
 }

@@ -11,10 +11,15 @@ use serde::{Deserialize, Serialize};
 use super::{
     cgroup, docker,
     gate::ActionKind,
+    hook,
     postgres::{self, Selector, SessionAction, SessionFilter},
     signal, systemd, ActionError, Effect,
 };
-use crate::{bus::TargetState, config::TargetSelector, target::SharedStatus};
+use crate::{
+    bus::{Diagnosis, TargetState},
+    config::{HookConfig, TargetSelector},
+    target::SharedStatus,
+};
 
 /// An action a playbook can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -34,15 +39,19 @@ pub enum Action {
     TerminateIdleInTransaction,
     /// Cancel the target's statements running longer than `repair.sessions.running_secs`.
     CancelSlowQueries,
+    /// `ANALYZE` the tables the slow query the diagnosis names reads, so the planner works
+    /// from fresh statistics.
+    Analyze,
 }
 
 impl Action {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Restart,
         Self::RaiseMemoryLimit,
         Self::CancelBlockers,
         Self::TerminateIdleInTransaction,
         Self::CancelSlowQueries,
+        Self::Analyze,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +61,7 @@ impl Action {
             Self::CancelBlockers => "cancel_blockers",
             Self::TerminateIdleInTransaction => "terminate_idle_in_transaction",
             Self::CancelSlowQueries => "cancel_slow_queries",
+            Self::Analyze => "analyze",
         }
     }
 
@@ -66,6 +76,36 @@ impl Action {
             Self::RaiseMemoryLimit => ActionKind::Resize,
             Self::CancelBlockers | Self::CancelSlowQueries => ActionKind::CancelQuery,
             Self::TerminateIdleInTransaction => ActionKind::TerminateSession,
+            Self::Analyze => ActionKind::Analyze,
+        }
+    }
+}
+
+/// How a playbook names a configured hook: `hook:<name>`.
+pub const HOOK_PREFIX: &str = "hook:";
+
+/// One candidate of a playbook: a built-in action or a configured hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Action(Action),
+    /// `[[repair.hooks]]` by name.
+    Hook(String),
+}
+
+impl Step {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.strip_prefix(HOOK_PREFIX) {
+            Some("") => None,
+            Some(hook) => Some(Self::Hook(hook.to_owned())),
+            None => Action::parse(name).map(Self::Action),
+        }
+    }
+
+    /// What the gate counts it as.
+    pub fn kind(&self) -> ActionKind {
+        match self {
+            Self::Action(action) => action.kind(),
+            Self::Hook(_) => ActionKind::Hook,
         }
     }
 }
@@ -89,6 +129,7 @@ pub struct Host {
     pub sessions: SessionFilter,
     pub idle_in_transaction: Duration,
     pub running_longer_than: Duration,
+    pub hooks: Vec<HookConfig>,
 }
 
 impl Host {
@@ -101,10 +142,18 @@ impl Host {
     }
 }
 
-/// Carries out `action` on the target and reports what changed (one effect per session for
-/// the session actions). Nothing matched (no session to cancel) is an error: it changed
-/// nothing, so it cannot be what fixes the problem.
-pub async fn execute(action: Action, host: &Host) -> Result<Vec<Effect>, ActionError> {
+/// Carries out `step` about `diagnosis` and reports what changed (one effect per session or
+/// table for the database actions). Nothing matched (no session to cancel) is an error: it
+/// changed nothing, so it cannot be what fixes the problem.
+pub async fn execute(
+    step: &Step,
+    host: &Host,
+    diagnosis: &Diagnosis,
+) -> Result<Vec<Effect>, ActionError> {
+    let action = match step {
+        Step::Action(action) => *action,
+        Step::Hook(name) => return run_hook(host, name, diagnosis).await.map(|e| vec![e]),
+    };
     match action {
         Action::Restart => restart(host).await.map(|e| vec![e]),
         Action::RaiseMemoryLimit => raise_memory_limit(host).await.map(|e| vec![e]),
@@ -125,7 +174,87 @@ pub async fn execute(action: Action, host: &Host) -> Result<Vec<Effect>, ActionE
             )
             .await
         }
+        Action::Analyze => analyze(host, &diagnosis.tables).await,
     }
+}
+
+/// Runs the configured hook `name` with the diagnosis: in the command's environment, or as
+/// the JSON body POSTed to its URL.
+async fn run_hook(host: &Host, name: &str, diagnosis: &Diagnosis) -> Result<Effect, ActionError> {
+    let Some(hook) = host.hooks.iter().find(|h| h.name == name) else {
+        return Err(ActionError::Unavailable(format!(
+            "no hook named {name:?} in [[repair.hooks]]"
+        )));
+    };
+    let timeout = Duration::from_millis(hook.timeout_ms);
+    let target = host.selector.to_string();
+    if let Some(url) = &hook.url {
+        let body = serde_json::json!({
+            "hook": name,
+            "target": target,
+            "signature": diagnosis.signature,
+            "rule": diagnosis.rule,
+            "labels": diagnosis.labels,
+            "summary": diagnosis.summary,
+            "dependency_down": diagnosis.dependency_down,
+            "diagnosis_id": diagnosis.id,
+        });
+        return hook::post(url, &body.to_string(), timeout).await;
+    }
+    let env = [
+        ("SELFHEAL_HOOK", name.to_owned()),
+        ("SELFHEAL_TARGET", target),
+        ("SELFHEAL_SIGNATURE", diagnosis.signature.clone()),
+        ("SELFHEAL_RULE", diagnosis.rule.clone()),
+        ("SELFHEAL_SUMMARY", diagnosis.summary.clone()),
+        (
+            "SELFHEAL_DEPENDENCY",
+            diagnosis.dependency_down.clone().unwrap_or_default(),
+        ),
+        (
+            "SELFHEAL_DIAGNOSIS_ID",
+            diagnosis.id.map(|id| id.to_string()).unwrap_or_default(),
+        ),
+    ];
+    hook::run_command(&hook.command, &env, timeout).await
+}
+
+/// The most tables one `analyze` refreshes.
+const MAX_ANALYZED_TABLES: usize = 8;
+
+/// `ANALYZE` of each table the diagnosis names (those of the slow query).
+async fn analyze(host: &Host, tables: &[String]) -> Result<Vec<Effect>, ActionError> {
+    if tables.is_empty() {
+        return Err(ActionError::Unavailable(
+            "the diagnosis names no table to analyze (no slow query seen, or it reads none)"
+                .to_owned(),
+        ));
+    }
+    let client = database(host).await?;
+    let mut effects = Vec::new();
+    for table in tables.iter().take(MAX_ANALYZED_TABLES) {
+        effects.push(postgres::analyze(&client, table).await?);
+    }
+    Ok(effects)
+}
+
+/// A connection to the target's database for the database actions.
+async fn database(host: &Host) -> Result<tokio_postgres::Client, ActionError> {
+    let Some(url) = &host.database_url else {
+        return Err(ActionError::Unavailable(
+            "database actions need the database's URL (database.url / DATABASE_URL, or a \
+             postgres check)"
+                .to_owned(),
+        ));
+    };
+    let ca = host
+        .database_ca_file
+        .as_ref()
+        .map(|path| crate::tls::CaFile {
+            key: "database.ca_file".to_owned(),
+            path: path.clone(),
+        });
+    postgres::connect(url, ca.as_ref()).await
 }
 
 async fn restart(host: &Host) -> Result<Effect, ActionError> {
@@ -306,21 +435,7 @@ async fn sessions(
     selector: Selector,
     action: Option<SessionAction>,
 ) -> Result<Vec<Effect>, ActionError> {
-    let Some(url) = &host.database_url else {
-        return Err(ActionError::Unavailable(
-            "session actions need the database's URL (database.url / DATABASE_URL, or a \
-             postgres check)"
-                .to_owned(),
-        ));
-    };
-    let ca = host
-        .database_ca_file
-        .as_ref()
-        .map(|path| crate::tls::CaFile {
-            key: "database.ca_file".to_owned(),
-            path: path.clone(),
-        });
-    let client = postgres::connect(url, ca.as_ref()).await?;
+    let client = database(host).await?;
     let outcomes = postgres::act(&client, &host.sessions, selector, |session| {
         action.unwrap_or(if session.state == "active" {
             SessionAction::Cancel

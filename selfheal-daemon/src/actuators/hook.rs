@@ -23,14 +23,20 @@ fn cut(text: &str) -> String {
     }
 }
 
-/// Runs `argv` (no shell), killing it after `timeout`.
-pub async fn run_command(argv: &[String], timeout: Duration) -> Result<Effect, ActionError> {
+/// Runs `argv` (no shell) with `env` added to the daemon's environment, killing it after
+/// `timeout`.
+pub async fn run_command(
+    argv: &[String],
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> Result<Effect, ActionError> {
     let Some((program, arguments)) = argv.split_first() else {
         return Err(ActionError::Unsafe("an empty hook command".to_owned()));
     };
     let subject = argv.join(" ");
     let mut child = tokio::process::Command::new(program)
         .args(arguments)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -162,18 +168,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_command_succeeds_fails_or_times_out() {
-        let ok = run_command(&argv(&["sh", "-c", "echo cleared"]), Duration::from_secs(5))
-            .await
-            .expect("runs");
-        assert_eq!(ok.after, "exit 0: cleared");
+        let ok = run_command(
+            &argv(&["sh", "-c", "echo cleared $SELFHEAL_SIGNATURE"]),
+            &[("SELFHEAL_SIGNATURE", "http.error_spike".to_owned())],
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("runs");
+        assert_eq!(ok.after, "exit 0: cleared http.error_spike");
         let failed = run_command(
             &argv(&["sh", "-c", "echo no cache >&2; exit 3"]),
+            &[],
             Duration::from_secs(5),
         )
         .await
         .expect_err("exit 3");
         assert!(failed.to_string().contains("no cache"), "{failed}");
-        let slow = run_command(&argv(&["sleep", "10"]), Duration::from_millis(200))
+        let slow = run_command(&argv(&["sleep", "10"]), &[], Duration::from_millis(200))
             .await
             .expect_err("times out");
         assert!(
@@ -181,7 +192,7 @@ mod tests {
             "{slow}"
         );
         assert!(matches!(
-            run_command(&[], Duration::from_secs(1)).await,
+            run_command(&[], &[], Duration::from_secs(1)).await,
             Err(ActionError::Unsafe(_))
         ));
     }

@@ -19,6 +19,7 @@ use crate::{
     bus::{CheckReport, Diagnosis, Event, ExitStatus, ProcessSample},
     repairs::playbook,
     state::now_ms,
+    traffic::TrafficMoves,
 };
 
 /// Samples kept as evidence.
@@ -33,7 +34,13 @@ pub(super) struct Evidence {
     pub(super) checks: HashMap<String, CheckReport>,
     /// Alerts firing now: key → (rule, labels).
     pub(super) firing: BTreeMap<String, (String, Labels)>,
+    /// The traffic's last window against the one before, read for the alert being diagnosed
+    /// when it is about the traffic.
+    pub(super) traffic: Option<TrafficMoves>,
 }
+
+/// The alerts about the traffic, whose diagnoses name the query or route that moved.
+const TRAFFIC_RULES: &[&str] = &["http.latency_high", "http.error_rate", "db.query_slow"];
 
 /// A check is the target's own health when it is an HTTP check of a platform.
 fn is_own_health(report: &CheckReport) -> bool {
@@ -147,6 +154,9 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
         else {
             continue;
         };
+        evidence.traffic = TRAFFIC_RULES
+            .contains(&rule.as_str())
+            .then(|| ctx.traffic.moves(ctx.config.monitor.traffic_window_secs));
         let Some(mut diagnosis) = diagnose(&rule, &labels, &evidence) else {
             continue;
         };
@@ -185,6 +195,7 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
 /// The diagnosis of the alert `rule{labels}` from the evidence (its `actions` left empty).
 pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Option<Diagnosis> {
     let mut seen = Vec::new();
+    let mut tables = Vec::new();
     let dependency = evidence.dependency_down();
     if let Some(dependency) = dependency {
         seen.push(describe_check(dependency));
@@ -245,18 +256,23 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
         }
         "http.error_rate" => match dependency {
             Some(dependency) => outage(dependency, "the target answers with errors"),
-            None => (
+            None => {
+                blame_route(evidence, labels, &mut seen, true);
+                (
                 "http.error_spike",
                 format!(
                     "the target answers with server errors{} while its dependencies are up: the target itself is broken",
                     labels.get("platform").map(|p| format!(" on {p}")).unwrap_or_default()
                 ),
                 0.7,
-            ),
+            )
+            }
         },
         "http.latency_high" => {
             if evidence.is_firing("db.query_slow") {
                 seen.push("alert db.query_slow fires: the target's queries are slow".to_owned());
+                blame_route(evidence, labels, &mut seen, false);
+                blame_query(evidence, &mut seen, &mut tables);
                 (
                     "db.slow_query",
                     "the target is slow because its database queries are slow".to_owned(),
@@ -265,6 +281,7 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
             } else if let Some(dependency) = dependency {
                 outage(dependency, "the target is slow")
             } else {
+                blame_route(evidence, labels, &mut seen, false);
                 (
                     "target.slow",
                     "the target is slow while its queries are fast: the time goes in the target itself".to_owned(),
@@ -288,11 +305,14 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
             ),
             0.8,
         ),
-        "db.query_slow" => (
-            "db.slow_query",
-            "the target's database queries are slow".to_owned(),
-            0.7,
-        ),
+        "db.query_slow" => {
+            blame_query(evidence, &mut seen, &mut tables);
+            (
+                "db.slow_query",
+                "the target's database queries are slow".to_owned(),
+                0.7,
+            )
+        }
         "db.connections_high" => (
             "db.pool_exhausted",
             format!(
@@ -313,7 +333,41 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
         evidence: seen,
         actions: Vec::new(),
         dependency_down: dependency.map(|d| d.check.clone()),
+        tables,
     })
+}
+
+/// Names the slowest query of the last window and how far it moved, and the tables it reads.
+fn blame_query(evidence: &Evidence, seen: &mut Vec<String>, tables: &mut Vec<String>) {
+    let Some(traffic) = &evidence.traffic else {
+        return;
+    };
+    if let Some(query) = traffic.slowest_query() {
+        seen.push(query.describe(traffic.window_secs));
+        *tables = crate::protocols::fingerprint::tables(&query.fingerprint);
+        if !tables.is_empty() {
+            seen.push(format!("the query reads {}", tables.join(", ")));
+        }
+    }
+}
+
+/// Names the route of the alert's platform with the highest p95 (or the most 5xx answers)
+/// in the last window, and how far it moved.
+fn blame_route(evidence: &Evidence, labels: &Labels, seen: &mut Vec<String>, errors: bool) {
+    let Some(traffic) = &evidence.traffic else {
+        return;
+    };
+    let platform = labels.get("platform").map(String::as_str);
+    let line = if errors {
+        traffic
+            .most_errors(platform)
+            .map(|r| r.describe_errors(traffic.window_secs))
+    } else {
+        traffic
+            .slowest_route(platform)
+            .map(|r| r.describe_latency(traffic.window_secs))
+    };
+    seen.extend(line);
 }
 
 fn near_limit(evidence: &Evidence) -> Option<f64> {
@@ -688,5 +742,64 @@ mod tests {
             Some("target.slow")
         );
         assert_eq!(signature("check.slow", &Labels::new(), &evidence), None);
+    }
+
+    #[test]
+    fn a_slow_query_is_named_with_how_far_it_moved_and_its_tables() {
+        use crate::traffic::{QueryMove, RouteMove, TrafficMoves, Window};
+        let window = |count, errors, p95| Window {
+            count,
+            errors,
+            p95_ms: Some(p95),
+        };
+        let mut evidence = Evidence {
+            traffic: Some(TrafficMoves {
+                window_secs: 60,
+                queries: vec![QueryMove {
+                    fingerprint: "SELECT * FROM leads l JOIN campaigns c ON c.id = l.campaign_id"
+                        .to_owned(),
+                    query_id: "q7".to_owned(),
+                    now: window(50, 0, 900.0),
+                    before: window(500, 0, 3.0),
+                }],
+                routes: vec![
+                    RouteMove {
+                        platform: "leadsite.ai".to_owned(),
+                        method: "GET".to_owned(),
+                        route: "/api/v1/leads".to_owned(),
+                        now: window(50, 0, 950.0),
+                        before: window(500, 0, 5.0),
+                    },
+                    RouteMove {
+                        platform: "leadsite.ai".to_owned(),
+                        method: "GET".to_owned(),
+                        route: "/health".to_owned(),
+                        now: window(10, 4, 1.0),
+                        before: window(10, 0, 1.0),
+                    },
+                ],
+            }),
+            ..Evidence::default()
+        };
+        evidence.observe(&firing("db.query_slow", &[]));
+        let platform = Labels::from([("platform".to_owned(), "leadsite.ai".to_owned())]);
+        let slow = diagnose("http.latency_high", &platform, &evidence).expect("diagnosis");
+        assert_eq!(slow.signature, "db.slow_query");
+        assert_eq!(slow.tables, ["leads", "campaigns"]);
+        let text = slow.evidence.join("\n");
+        assert!(
+            text.contains("route GET /api/v1/leads on leadsite.ai: p95 950 ms over 50 requests in the last 60 s, against 5.0 ms in the 60 s before (×190.0)"),
+            "{text}"
+        );
+        assert!(text.contains("(q7): p95 900 ms"), "{text}");
+        assert!(text.contains("the query reads leads, campaigns"), "{text}");
+        let errors = diagnose("http.error_rate", &platform, &evidence).expect("diagnosis");
+        assert!(
+            errors.evidence.iter().any(|e| e
+                == "route GET /health on leadsite.ai: 4 of 10 requests answered 5xx in the last 60 s, against 0 of 10 in the 60 s before"),
+            "{:?}",
+            errors.evidence
+        );
+        assert!(errors.tables.is_empty());
     }
 }

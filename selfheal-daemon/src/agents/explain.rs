@@ -206,6 +206,7 @@ mod tests {
             evidence: vec!["check pg (postgres) is down".to_owned()],
             actions: Vec::new(),
             dependency_down: Some("pg".to_owned()),
+            tables: Vec::new(),
         }
     }
 

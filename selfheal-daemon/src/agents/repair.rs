@@ -23,7 +23,7 @@ use tokio::{
 use super::{AgentContext, AgentError};
 use crate::{
     actuators::{
-        action::{self, Action, Host},
+        action::{self, Host, Step},
         gate::{Decision, Gate, Request, Skip},
         postgres::SessionFilter,
     },
@@ -80,6 +80,7 @@ fn host(config: &Config, status: SharedStatus) -> Option<Host> {
         },
         idle_in_transaction: Duration::from_secs(config.monitor.idle_in_transaction_secs),
         running_longer_than: Duration::from_secs(sessions.running_secs),
+        hooks: repair.hooks.clone(),
     })
 }
 
@@ -239,12 +240,12 @@ impl Walker {
                 tracing::info!(alert = %key, "the alert cleared before the next repair: nothing more to do");
                 return Walked::Done;
             }
-            let Some(action) = Action::parse(&candidate.action) else {
+            let Some(step) = Step::parse(&candidate.action) else {
                 continue;
             };
             let request = Request {
                 target: target.clone(),
-                kind: action.kind(),
+                kind: step.kind(),
                 signature: diagnosis.signature.clone(),
                 dependency_down: diagnosis.dependency_down.is_some(),
             };
@@ -323,7 +324,9 @@ impl Walker {
                     }
                 }
                 Decision::Run => {
-                    let result = self.run_one(&diagnosis, &key, action, id).await;
+                    let result = self
+                        .run_one(&diagnosis, &key, &step, &candidate.action, id)
+                        .await;
                     self.gate
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
@@ -395,10 +398,10 @@ impl Walker {
         &self,
         diagnosis: &Diagnosis,
         key: &str,
-        action: Action,
+        step: &Step,
+        name: &str,
         id: Option<i64>,
     ) -> Result<(), String> {
-        let name = action.as_str();
         self.repair_event(
             diagnosis,
             name,
@@ -408,7 +411,7 @@ impl Walker {
             None,
         );
         let started = Instant::now();
-        let effects = match action::execute(action, &self.host).await {
+        let effects = match action::execute(step, &self.host, diagnosis).await {
             Ok(effects) => effects,
             Err(err) => {
                 let why = crate::app::error_chain(&err);

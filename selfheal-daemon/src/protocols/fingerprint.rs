@@ -49,6 +49,120 @@ pub fn fingerprint(sql: &str) -> String {
     render(&tokens)
 }
 
+/// The tables a SQL text names: after `FROM` and `JOIN` of a `SELECT` or `DELETE` (every
+/// one of a comma list), `UPDATE` and `INTO`; schema-qualified where written so, unquoted
+/// names folded to lower case, quoted ones kept; in order, once each. Names of the query's own
+/// `WITH` tables and set-returning functions (`FROM generate_series(…)`) are left out, and so
+/// is the `FROM` of `EXTRACT(… FROM …)`. A lexer's reading, not a parser's: what `analyze`
+/// refreshes, never what decides anything else.
+pub fn tables(sql: &str) -> Vec<String> {
+    let sql = &sql[..sql.floor_char_boundary(MAX_INPUT_BYTES)];
+    let mut lexer = Lexer { sql, pos: 0 };
+    let mut tokens = Vec::with_capacity(64);
+    while let Some(token) = lexer.next_token() {
+        if tokens.len() == MAX_TOKENS {
+            break;
+        }
+        tokens.push(token);
+    }
+    let is_name = |t: &Token<'_>| matches!(t.kind, Kind::Ident | Kind::Quoted);
+    // A (possibly qualified) name starting at `i`, and the index after it.
+    let name_at = |i: usize| -> Option<(String, usize)> {
+        let mut parts = Vec::new();
+        let mut j = i;
+        loop {
+            let token = tokens.get(j).filter(|t| is_name(t))?;
+            parts.push(match token.kind {
+                Kind::Quoted => token
+                    .text
+                    .get(1..token.text.len().saturating_sub(1))
+                    .unwrap_or("")
+                    .replace("\"\"", "\""),
+                _ => token.text.to_ascii_lowercase(),
+            });
+            j += 1;
+            if tokens.get(j).is_some_and(|t| t.kind == Kind::Dot) {
+                j += 1;
+            } else {
+                return Some((parts.join("."), j));
+            }
+        }
+    };
+    // `WITH name AS (…)`: the query's own tables.
+    let ctes: Vec<String> = (0..tokens.len())
+        .filter(|&k| {
+            tokens.get(k + 1).is_some_and(|t| t.is_keyword("as"))
+                && tokens.get(k + 2).is_some_and(|t| {
+                    t.kind == Kind::Open
+                        || t.kind == Kind::Ident && t.text.eq_ignore_ascii_case("materialized")
+                        || t.is_keyword("not")
+                })
+        })
+        .filter_map(|k| name_at(k).map(|(name, _)| name))
+        .collect();
+    let mut found: Vec<String> = Vec::new();
+    // Per parenthesis depth: whether a SELECT or DELETE was seen (a FROM of its own).
+    let mut statement = vec![false];
+    for (i, token) in tokens.iter().enumerate() {
+        match token.kind {
+            Kind::Open => statement.push(false),
+            Kind::Close if statement.len() > 1 => {
+                statement.pop();
+            }
+            _ => {}
+        }
+        if token.is_keyword("select") || token.is_keyword("delete") {
+            if let Some(top) = statement.last_mut() {
+                *top = true;
+            }
+        }
+        let previous = i.checked_sub(1).and_then(|p| tokens.get(p));
+        let from_list = token.is_keyword("from");
+        let starts = if from_list || token.is_keyword("join") {
+            statement.last() == Some(&true)
+        } else if token.is_keyword("update") {
+            // Not `FOR UPDATE` / `FOR NO KEY UPDATE` (a lock) nor `DO UPDATE` (an upsert).
+            !previous
+                .is_some_and(|p| p.is_keyword("for") || p.is_keyword("key") || p.is_keyword("do"))
+        } else {
+            token.is_keyword("into")
+        };
+        if !starts {
+            continue;
+        }
+        let mut j = i + 1;
+        if tokens.get(j).is_some_and(|t| t.is_keyword("only")) {
+            j += 1;
+        }
+        while let Some((name, next)) = name_at(j) {
+            // A set-returning function, not a table (`INTO t (columns)` is a table).
+            if !token.is_keyword("into") && tokens.get(next).is_some_and(|t| t.kind == Kind::Open) {
+                break;
+            }
+            if !ctes.contains(&name) && !found.contains(&name) {
+                found.push(name);
+            }
+            if !from_list {
+                break;
+            }
+            // `FROM a x, b AS y, c`: the next table after the alias and a comma.
+            let mut k = next;
+            if tokens.get(k).is_some_and(|t| t.is_keyword("as")) {
+                k += 1;
+            }
+            if tokens.get(k).is_some_and(|t| is_name(t)) {
+                k += 1;
+            }
+            if tokens.get(k).is_some_and(|t| t.kind == Kind::Comma) {
+                j = k + 1;
+            } else {
+                break;
+            }
+        }
+    }
+    found
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Keyword,
@@ -769,6 +883,34 @@ fn space_between(previous: Kind, current: Kind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_are_read_from_the_statement() {
+        let cases: &[(&str, &[&str])] = &[
+            ("SELECT pg_sleep($1)", &[]),
+            ("SELECT * FROM Leads WHERE id = $1", &["leads"]),
+            (
+                "SELECT l.id, c.name FROM leads l JOIN public.campaigns AS c ON c.id = l.campaign_id",
+                &["leads", "public.campaigns"],
+            ),
+            ("SELECT 1 FROM a, b AS y, \"Odd\"\"Name\" z", &["a", "b", "Odd\"Name"]),
+            ("UPDATE deals SET stage = $1 WHERE id = $2", &["deals"]),
+            ("INSERT INTO events (kind) VALUES ($1) ON CONFLICT DO UPDATE SET kind = $1", &["events"]),
+            ("DELETE FROM ONLY sessions WHERE expires < now()", &["sessions"]),
+            ("SELECT * FROM jobs WHERE id = $1 FOR UPDATE SKIP LOCKED", &["jobs"]),
+            ("SELECT EXTRACT(year FROM created) FROM leads", &["leads"]),
+            ("SELECT * FROM generate_series(1, 10) g JOIN leads ON true", &["leads"]),
+            (
+                "WITH recent AS (SELECT * FROM leads WHERE id > $1) SELECT * FROM recent",
+                &["leads"],
+            ),
+            ("SELECT id FROM a WHERE id IN (SELECT a_id FROM b)", &["a", "b"]),
+            ("SELECT * FROM leads JOIN leads ON true", &["leads"]),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(tables(sql), *want, "{sql}");
+        }
+    }
 
     #[test]
     fn literals_comments_whitespace_and_case_are_normalised() {

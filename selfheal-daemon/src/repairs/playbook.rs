@@ -1,7 +1,10 @@
 //! Playbooks: the candidate actions for each diagnosis signature, built in and overridable per
 //! signature (`[repair.playbooks]`).
 
-use crate::{actuators::action::Action, config::RepairConfig};
+use crate::{
+    actuators::action::{Action, HOOK_PREFIX},
+    config::RepairConfig,
+};
 
 /// Every signature the diagnostic agent gives, with its built-in candidates in order. A
 /// signature without candidates is alerted on and never acted on: a restart cannot bring a
@@ -23,7 +26,10 @@ pub const SIGNATURES: &[(&str, &[Action])] = &[
     ("http.error_spike", &[Action::Restart]),
     ("db.unreachable", &[]),
     ("dependency.down", &[]),
-    ("db.slow_query", &[Action::CancelSlowQueries]),
+    (
+        "db.slow_query",
+        &[Action::Analyze, Action::CancelSlowQueries],
+    ),
     ("db.lock_contention", &[Action::CancelBlockers]),
     (
         "db.idle_in_transaction",
@@ -36,16 +42,27 @@ pub fn is_signature(name: &str) -> bool {
     SIGNATURES.iter().any(|(s, _)| *s == name)
 }
 
-/// The candidate actions for `signature`: the configured playbook, else the built-in one.
+/// The candidate actions for `signature`: the configured playbook, else the built-in one,
+/// followed by the hooks configured `on` it that the playbook does not name already.
 pub fn candidates(config: &RepairConfig, signature: &str) -> Vec<String> {
-    if let Some(actions) = config.playbooks.get(signature) {
-        return actions.clone();
-    }
-    SIGNATURES
+    let mut actions = config.playbooks.get(signature).cloned().unwrap_or_else(|| {
+        SIGNATURES
+            .iter()
+            .find(|(s, _)| *s == signature)
+            .map(|(_, actions)| actions.iter().map(|a| a.as_str().to_owned()).collect())
+            .unwrap_or_default()
+    });
+    for hook in config
+        .hooks
         .iter()
-        .find(|(s, _)| *s == signature)
-        .map(|(_, actions)| actions.iter().map(|a| a.as_str().to_owned()).collect())
-        .unwrap_or_default()
+        .filter(|h| h.on.iter().any(|s| s == signature))
+    {
+        let name = format!("{HOOK_PREFIX}{}", hook.name);
+        if !actions.contains(&name) {
+            actions.push(name);
+        }
+    }
+    actions
 }
 
 #[cfg(test)]
@@ -66,5 +83,35 @@ mod tests {
         assert_eq!(candidates(&config, "target.crashed"), ["restart"]);
         assert!(candidates(&config, "db.unreachable").is_empty());
         assert!(candidates(&config, "no.such").is_empty());
+    }
+
+    #[test]
+    fn hooks_on_a_signature_come_after_its_playbook_once() {
+        let hook = |name: &str, on: &[&str]| crate::config::HookConfig {
+            name: name.to_owned(),
+            command: vec!["true".to_owned()],
+            url: None,
+            timeout_ms: 1000,
+            on: on.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let mut config = RepairConfig::default();
+        config.hooks = vec![
+            hook("failover", &["dependency.down", "db.unreachable"]),
+            hook("flush", &["http.error_spike"]),
+        ];
+        assert_eq!(candidates(&config, "dependency.down"), ["hook:failover"]);
+        assert_eq!(
+            candidates(&config, "http.error_spike"),
+            ["restart", "hook:flush"]
+        );
+        config.playbooks.insert(
+            "http.error_spike".to_owned(),
+            vec!["hook:flush".to_owned(), "restart".to_owned()],
+        );
+        assert_eq!(
+            candidates(&config, "http.error_spike"),
+            ["hook:flush", "restart"]
+        );
+        assert_eq!(candidates(&config, "target.crashed"), ["restart"]);
     }
 }

@@ -10,6 +10,7 @@
 //! locked once per batch, the store once per batch), or label anything with a value that
 //! identifies one request (paths go through route templates, SQL through fingerprints).
 
+mod moves;
 mod platform;
 mod record;
 #[cfg(test)]
@@ -21,6 +22,7 @@ use std::{
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
+pub use moves::{QueryMove, RouteMove, TrafficMoves, Window};
 pub use platform::{Platforms, OTHER};
 pub use record::{Recorder, HTTP_DURATION, HTTP_REQUESTS, QUERY_DURATION, QUERY_ERRORS};
 pub use views::{

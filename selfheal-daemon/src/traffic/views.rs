@@ -592,7 +592,7 @@ fn ns_to_ms(ns: u64) -> f64 {
 
 /// Milliseconds to the microsecond: finer digits would be noise (and sketches are within
 /// 6 % anyway).
-fn round_ms(ms: f64) -> f64 {
+pub(super) fn round_ms(ms: f64) -> f64 {
     (ms * 1000.0).round() / 1000.0
 }
 
@@ -766,7 +766,12 @@ impl Ranges {
     }
 }
 
-fn summarize(store: &Store, id: SeriesId, from_ms: i64, to_ms: i64) -> Option<Aggregate> {
+pub(super) fn summarize(
+    store: &Store,
+    id: SeriesId,
+    from_ms: i64,
+    to_ms: i64,
+) -> Option<Aggregate> {
     store
         .summarize(&[id], from_ms, to_ms)
         .ok()

@@ -316,6 +316,98 @@ fn with_the_database_down_the_backend_is_not_restarted() {
 }
 
 #[test]
+fn a_provider_down_runs_the_failover_hooks_and_never_restarts_the_backend() {
+    // The provider the backend depends on, down; a check watches it.
+    let provider = HttpRecorder::start_answering(503, "provider down").expect("provider");
+    // The backend's failover endpoint (played by the test): switching to the other provider
+    // brings the dependency back.
+    let failover = HttpRecorder::start().expect("failover endpoint");
+    let written = tempfile::tempdir().expect("temp dir");
+    let env_file = written.path().join("hook.env");
+    let (provider_url, failover_url) = (provider.url("/status"), failover.url("/admin/failover"));
+    let command = serde_json::to_string(&[
+        "sh".to_owned(),
+        "-c".to_owned(),
+        format!(
+            "env | grep ^SELFHEAL_ > {}; echo cache is read-only >&2; exit 4",
+            env_file.display()
+        ),
+    ])
+    .expect("json");
+    let scene = scene(&HEALING, move |health, pg| {
+        format!(
+            "{}\n[[checks]]\nname = \"crm\"\nkind = \"http\"\nurl = \"{provider_url}\"\n\
+             interval_ms = 1000\ntimeout_ms = 900\nalert_after_failures = 2\n\n\
+             [[repair.hooks]]\nname = \"flush\"\ncommand = {command}\non = [\"dependency.down\"]\n\n\
+             [[repair.hooks]]\nname = \"failover\"\nurl = \"{failover_url}\"\ntimeout_ms = 3000\n\
+             on = [\"dependency.down\"]\n",
+            checks(health, pg)
+        )
+    });
+    let pid = scene.backend.proc.pid();
+    let switched = std::thread::scope(|threads| {
+        let switch = threads.spawn(|| {
+            let called = failover
+                .wait_for_requests_blocking(1, Duration::from_secs(40))
+                .expect("the failover hook is called");
+            provider.answer(200, "ok");
+            called
+        });
+        let repair = wait_repair(
+            &scene,
+            "dependency.down",
+            &["recovered"],
+            Duration::from_secs(50),
+        );
+        (repair, switch.join().expect("switch"))
+    });
+    let (repair, called) = switched;
+    println!("failover: {repair:#}");
+    assert_eq!(repair["action"], "hook:failover", "{repair}");
+    assert_eq!(repair["labels"]["check"], "crm", "{repair}");
+    assert_eq!(repair["effects"][0]["action"], "hook.post", "{repair}");
+    // What the endpoint got: the diagnosis.
+    let body = called[0].json().expect("a JSON body");
+    assert_eq!(called[0].method, "POST");
+    assert_eq!(called[0].path, "/admin/failover");
+    assert_eq!(body["hook"], "failover");
+    assert_eq!(body["signature"], "dependency.down");
+    assert_eq!(body["dependency_down"], "crm");
+    // The command hook ran first (the playbook's order, nothing learned yet) and failed.
+    let log = repairs(&scene);
+    let flush = log
+        .iter()
+        .find(|r| r["action"] == "hook:flush")
+        .unwrap_or_else(|| panic!("the flush hook ran: {log:#?}"));
+    assert_eq!(flush["state"], "failed", "{flush}");
+    assert!(
+        flush["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("exit status: 4") && e.contains("cache is read-only")),
+        "{flush}"
+    );
+    let env = std::fs::read_to_string(&env_file).expect("the hook's environment");
+    for line in [
+        "SELFHEAL_HOOK=flush",
+        "SELFHEAL_SIGNATURE=dependency.down",
+        "SELFHEAL_RULE=check.down",
+        "SELFHEAL_DEPENDENCY=crm",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} not in {env}");
+    }
+    // No action on the backend's process.
+    assert!(
+        log.iter().all(|r| r["action"] != "restart"),
+        "no restart: {log:#?}"
+    );
+    assert_eq!(
+        scene.target_pid(),
+        Some(u64::from(pid)),
+        "the same process runs"
+    );
+}
+
+#[test]
 fn dry_run_decides_the_same_and_runs_nothing() {
     let scene = scene(
         &Setup {
