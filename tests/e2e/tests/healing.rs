@@ -408,6 +408,65 @@ fn a_provider_down_runs_the_failover_hooks_and_never_restarts_the_backend() {
 }
 
 #[test]
+fn a_descriptor_leak_toward_the_limit_is_restarted_before_the_backend_runs_out() {
+    // Half the limit: the 1.5 s the rule needs (3 samples) is far from running out.
+    let scene = scene(
+        &Setup {
+            monitor: "fd_threshold_percent = 50",
+            ..HEALING
+        },
+        checks,
+    );
+    let (backend, daemon) = (&scene.backend, &scene.daemon);
+    let old = backend.proc.pid();
+    // A unit's `LimitNOFILE=1024`, and 100 descriptors a second that are never closed: out
+    // of descriptors in about 10 s.
+    backend
+        .fault("fd_leak?per_sec=100&nofile=1024")
+        .expect("fd_leak");
+    let repair = wait_repair(
+        &scene,
+        "target.fd_exhaustion",
+        &["recovered"],
+        Duration::from_secs(40),
+    );
+    println!("fd leak: {repair:#}");
+    assert_eq!(repair["action"], "restart", "{repair}");
+    assert_eq!(repair["rule"], "target.fds_high", "{repair}");
+    let diagnoses = daemon.api("/api/v1/system/diagnoses").expect("diagnoses");
+    let diagnosis = diagnoses["diagnoses"]
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|d| d["signature"] == "target.fd_exhaustion")
+        })
+        .cloned()
+        .expect("the diagnosis");
+    assert!(
+        diagnosis["evidence"].to_string().contains("(limit 1024)"),
+        "{diagnosis}"
+    );
+    let open_then: u64 = diagnosis["summary"]
+        .as_str()
+        .and_then(|s| s.split('(').nth(1))
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a count in {diagnosis}"));
+    assert!(
+        (512..1000).contains(&open_then),
+        "diagnosed at {open_then} open descriptors, before running out: {diagnosis}"
+    );
+    let new = scene.target_pid().expect("a backend runs");
+    assert_ne!(new, u64::from(old), "a new process");
+    // The new process starts with its descriptors back to normal, and answers.
+    let open = std::fs::read_dir(format!("/proc/{new}/fd"))
+        .expect("its descriptors")
+        .count();
+    assert!(open < 200, "{open} descriptors open in the new process");
+    assert!(scene.backend_healthy());
+}
+
+#[test]
 fn dry_run_decides_the_same_and_runs_nothing() {
     let scene = scene(
         &Setup {

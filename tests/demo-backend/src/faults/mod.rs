@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 pub(crate) use params::{parse_fault, CrashMode, ErrorsSpec, FaultRequest, ParseError, Table};
-use workers::{FaultSession, Leak, Released, Spin};
+use workers::{FaultSession, FdLeak, Leak, Released, Spin};
 
 /// How long the `lock` fault waits to get its lock before giving up.
 const LOCK_ACQUIRE_TIMEOUT: &str = "5s";
@@ -35,6 +35,7 @@ pub(crate) struct Faults {
     /// Data requests left that run [`BAD_QUERY`] first; 0 = off.
     bad_queries: AtomicU64,
     leak: Mutex<Option<Leak>>,
+    fd_leak: Mutex<Option<FdLeak>>,
     spin: Mutex<Option<Spin>>,
     held: Arc<Mutex<HeldSessions>>,
     /// Bumped by `clear`; the tasks holding sessions wait on it.
@@ -109,6 +110,7 @@ impl Faults {
             errors: Mutex::new(None),
             bad_queries: AtomicU64::new(0),
             leak: Mutex::new(None),
+            fd_leak: Mutex::new(None),
             spin: Mutex::new(None),
             held: Arc::new(Mutex::new(HeldSessions::default())),
             clear_generation: watch::Sender::new(0),
@@ -240,6 +242,24 @@ impl Faults {
                 }
                 json!({ "fault": "leak", "mb_per_sec": mb_per_sec, "max_mb": max_mb })
             }
+            FaultRequest::FdLeak { per_sec, nofile } => {
+                let soft = match nofile {
+                    Some(n) => {
+                        Some(workers::lower_nofile(n).map_err(|e| ApplyError::Os(e.to_string()))?)
+                    }
+                    None => None,
+                };
+                let mut leak = locked(&self.fd_leak);
+                match leak.as_ref() {
+                    Some(running) => running.adjust(per_sec),
+                    None => {
+                        *leak = Some(
+                            FdLeak::start(per_sec).map_err(|e| ApplyError::Os(e.to_string()))?,
+                        );
+                    }
+                }
+                json!({ "fault": "fd_leak", "per_sec": per_sec, "nofile": soft })
+            }
             FaultRequest::Spin { threads } => {
                 let mut spin = locked(&self.spin);
                 // Replace: stop the old threads (drop) before starting the new set.
@@ -272,6 +292,7 @@ impl Faults {
         *locked(&self.errors) = None;
         self.bad_queries.store(0, Ordering::Relaxed);
         *locked(&self.leak) = None;
+        *locked(&self.fd_leak) = None;
         *locked(&self.spin) = None;
         self.clear_generation.send_modify(|g| *g += 1);
         tracing::info!("all faults cleared");
@@ -328,6 +349,10 @@ impl Faults {
         if leak.is_some() {
             active.push("leak");
         }
+        let fd_leak = locked(&self.fd_leak).as_ref().map(FdLeak::status);
+        if fd_leak.is_some() {
+            active.push("fd_leak");
+        }
         let spin = locked(&self.spin)
             .as_ref()
             .map(|s| json!({ "threads": s.threads() }));
@@ -360,6 +385,7 @@ impl Faults {
             "errors": errors,
             "bad_query": bad_query,
             "leak": leak,
+            "fd_leak": fd_leak,
             "spin": spin,
             "lock": locks,
             "idle_tx": idle_tx,

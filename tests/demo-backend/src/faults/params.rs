@@ -14,6 +14,12 @@ pub(crate) enum FaultRequest {
         mb_per_sec: u64,
         max_mb: u64,
     },
+    /// Open `/dev/null` `per_sec` times a second and keep every descriptor, after lowering
+    /// the soft `RLIMIT_NOFILE` to `nofile` when given.
+    FdLeak {
+        per_sec: u64,
+        nofile: Option<u64>,
+    },
     Spin {
         threads: usize,
     },
@@ -128,11 +134,12 @@ impl fmt::Display for ParseError {
 }
 
 /// Every name accepted after `/__fault/`.
-pub(crate) const FAULT_NAMES: [&str; 12] = [
+pub(crate) const FAULT_NAMES: [&str; 13] = [
     "clear",
     "crash",
     "hang",
     "leak",
+    "fd_leak",
     "spin",
     "slow_query",
     "lock",
@@ -148,6 +155,9 @@ pub(crate) const MAX_LEAK_MB_PER_SEC: u64 = 1024;
 pub(crate) const DEFAULT_LEAK_MAX_MB: u64 = 4096;
 pub(crate) const MAX_LEAK_MAX_MB: u64 = 65_536;
 pub(crate) const MAX_SPIN_THREADS: usize = 64;
+pub(crate) const MAX_FD_LEAK_PER_SEC: u64 = 10_000;
+/// `fd_leak?nofile=`: at least this many descriptors stay allowed (the server's own).
+pub(crate) const MIN_FD_LEAK_NOFILE: u64 = 64;
 pub(crate) const MAX_SLOW_QUERY_MS: u64 = 600_000;
 pub(crate) const MAX_LOCK_SECS: u64 = 3600;
 pub(crate) const MAX_IDLE_TX: usize = 50;
@@ -192,6 +202,13 @@ pub(crate) fn parse_fault(
                 max_mb: p
                     .num("max_mb", 1, MAX_LEAK_MAX_MB)?
                     .unwrap_or(DEFAULT_LEAK_MAX_MB),
+            })
+        }
+        "fd_leak" => {
+            p.only(&["per_sec", "nofile"])?;
+            Ok(FaultRequest::FdLeak {
+                per_sec: p.num("per_sec", 1, MAX_FD_LEAK_PER_SEC)?.unwrap_or(100),
+                nofile: p.num("nofile", MIN_FD_LEAK_NOFILE, u64::from(u32::MAX))?,
             })
         }
         "spin" => {
@@ -524,6 +541,22 @@ mod tests {
         )));
         assert!(is_bad(&parse("crash", &[("mode", "exit"), ("code", "-1")])));
         assert!(is_bad(&parse("leak", &[("mb_per_sec", "0")])));
+        assert_eq!(
+            parse("fd_leak", &[]),
+            Ok(FaultRequest::FdLeak {
+                per_sec: 100,
+                nofile: None
+            })
+        );
+        assert_eq!(
+            parse("fd_leak", &[("per_sec", "50"), ("nofile", "1024")]),
+            Ok(FaultRequest::FdLeak {
+                per_sec: 50,
+                nofile: Some(1024)
+            })
+        );
+        assert!(is_bad(&parse("fd_leak", &[("nofile", "10")])));
+        assert!(is_bad(&parse("fd_leak", &[("per_sec", "0")])));
         assert!(is_bad(&parse("leak", &[("mb_per_sec", "ten")])));
         assert!(is_bad(&parse("leak", &[("mb_per_sec", "99999")])));
         assert!(is_bad(&parse("spin", &[("threads", "0")])));

@@ -3,7 +3,7 @@
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::thread;
 use std::time::Duration;
 
@@ -84,6 +84,87 @@ impl Drop for Leak {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// A thread that opens `/dev/null` at a steady rate and keeps every descriptor until stopped
+/// (or until the process may open no more).
+pub(crate) struct FdLeak {
+    stop: Arc<AtomicBool>,
+    per_sec: Arc<AtomicU64>,
+    open: Arc<AtomicU64>,
+    /// The error that stopped the opening (`EMFILE` once the limit is reached).
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl FdLeak {
+    pub(crate) fn start(per_sec: u64) -> std::io::Result<FdLeak> {
+        let leak = FdLeak {
+            stop: Arc::new(AtomicBool::new(false)),
+            per_sec: Arc::new(AtomicU64::new(per_sec)),
+            open: Arc::new(AtomicU64::new(0)),
+            refused: Arc::default(),
+        };
+        let (stop, rate, open, refused) = (
+            Arc::clone(&leak.stop),
+            Arc::clone(&leak.per_sec),
+            Arc::clone(&leak.open),
+            Arc::clone(&leak.refused),
+        );
+        thread::Builder::new()
+            .name("fault-fd-leak".into())
+            .spawn(move || {
+                let mut kept: Vec<std::fs::File> = Vec::new();
+                let mut carry: u64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let owed = rate.load(Ordering::Relaxed) + carry;
+                    carry = owed % TICKS_PER_SEC;
+                    for _ in 0..owed / TICKS_PER_SEC {
+                        match std::fs::File::open("/dev/null") {
+                            Ok(file) => kept.push(file),
+                            Err(e) => {
+                                *refused.lock().unwrap_or_else(PoisonError::into_inner) =
+                                    Some(e.to_string());
+                                break;
+                            }
+                        }
+                    }
+                    open.store(kept.len() as u64, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(1000 / TICKS_PER_SEC));
+                }
+                drop(kept);
+                open.store(0, Ordering::Relaxed);
+            })?;
+        Ok(leak)
+    }
+
+    pub(crate) fn adjust(&self, per_sec: u64) {
+        self.per_sec.store(per_sec, Ordering::Relaxed);
+    }
+
+    pub(crate) fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "per_sec": self.per_sec.load(Ordering::Relaxed),
+            "open": self.open.load(Ordering::Relaxed),
+            "refused": *self.refused.lock().unwrap_or_else(PoisonError::into_inner),
+        })
+    }
+}
+
+impl Drop for FdLeak {
+    /// The thread sees the flag within one tick and closes everything it kept.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Lowers the soft `RLIMIT_NOFILE` to `nofile` (never above the hard limit); the new soft
+/// limit.
+pub(crate) fn lower_nofile(nofile: u64) -> std::io::Result<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let soft = nofile.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, soft, hard)?;
+    Ok(soft)
 }
 
 /// Busy-looping OS threads, until dropped.
