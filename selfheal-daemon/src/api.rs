@@ -33,8 +33,8 @@ use crate::{
     agents::{AgentHandle, AgentState},
     alerts::{
         views::{
-            ActiveAlertView, AlertDetailView, AlertListView, AlertView, AlertsQuery, ChangeBody,
-            SilenceBody, SilenceView,
+            optional_json, ActiveAlertView, AlertDetailView, AlertListView, AlertView, AlertsQuery,
+            ChangeBody, SilenceBody, SilenceView,
         },
         Action, AlertError, AlertManager,
     },
@@ -550,13 +550,6 @@ async fn diagnoses(
     }
 }
 
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ResetBody {
-    by: Option<String>,
-    note: Option<String>,
-}
-
 /// `POST /api/v1/system/repairs/circuits/{signature}/reset` with an optional
 /// `{"by": …, "note": …}`: a human closes an open circuit, and automatic repair of the
 /// signature resumes with a fresh budget. 409 when it is not open; audited.
@@ -565,18 +558,9 @@ async fn reset_circuit(
     Path(signature): Path<String>,
     body: Bytes,
 ) -> Response {
-    let body: ResetBody = if body.iter().all(u8::is_ascii_whitespace) {
-        ResetBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(body) => body,
-            Err(err) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("invalid body: expected {{\"by\": …, \"note\": …}} ({err})"),
-                )
-            }
-        }
+    let (actor, note) = match ChangeBody::parse(&body) {
+        Ok(parsed) => parsed,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let was_open = state
         .gate
@@ -589,11 +573,11 @@ async fn reset_circuit(
             format!("the circuit of {signature:?} is not open"),
         );
     }
-    let actor = body.by.unwrap_or_else(|| "api".to_owned());
-    let note = format!(
-        "{signature}{}",
-        body.note.map(|n| format!(": {n}")).unwrap_or_default()
-    );
+    let note = if note.is_empty() {
+        signature.clone()
+    } else {
+        format!("{signature}: {note}")
+    };
     tracing::info!(%signature, %actor, "circuit closed by an operator");
     if let Err(err) = state
         .repairs
@@ -647,20 +631,16 @@ async fn patterns(State(state): State<Arc<ApiState>>) -> Response {
 /// `POST /api/v1/system/checks/run` with an optional `{"name": …}`: runs the check (every
 /// check without a name) now and answers with the results.
 async fn run_checks(State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
-    let body: RunBody = if body.iter().all(u8::is_ascii_whitespace) {
-        RunBody::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(body) => body,
-            Err(err) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "invalid body: expected {{}} or {{\"name\": \"<check>\"}} ({})",
-                        err.to_string().replace("struct RunBody", "an object")
-                    ),
-                )
-            }
+    let body: RunBody = match optional_json(&body) {
+        Ok(body) => body,
+        Err(err) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "invalid body: expected {{}} or {{\"name\": \"<check>\"}} ({})",
+                    err.to_string().replace("struct RunBody", "an object")
+                ),
+            )
         }
     };
     match state.checks.run_now(body.name.as_deref()).await {

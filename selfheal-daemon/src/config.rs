@@ -514,7 +514,7 @@ pub struct HookConfig {
     /// `SELFHEAL_DIAGNOSIS_ID`). It worked when it exits 0 within the timeout.
     #[serde(default)]
     pub command: Vec<String>,
-    /// An `http://` URL that gets the diagnosis POSTed as JSON; it worked when it answers 2xx
+    /// An `http://` URL the diagnosis is posted to as JSON; it worked when it answers 2xx
     /// within the timeout. One of `command` and `url`.
     #[serde(default)]
     pub url: Option<String>,

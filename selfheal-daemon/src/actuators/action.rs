@@ -179,7 +179,7 @@ pub async fn execute(
 }
 
 /// Runs the configured hook `name` with the diagnosis: in the command's environment, or as
-/// the JSON body POSTed to its URL.
+/// the JSON body of a POST to its URL.
 async fn run_hook(host: &Host, name: &str, diagnosis: &Diagnosis) -> Result<Effect, ActionError> {
     let Some(hook) = host.hooks.iter().find(|h| h.name == name) else {
         return Err(ActionError::Unavailable(format!(

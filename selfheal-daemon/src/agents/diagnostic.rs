@@ -254,20 +254,21 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
                 )
             }
         }
-        "http.error_rate" => match dependency {
-            Some(dependency) => outage(dependency, "the target answers with errors"),
-            None => {
+        "http.error_rate" => {
+            if let Some(dependency) = dependency {
+                outage(dependency, "the target answers with errors")
+            } else {
                 blame_route(evidence, labels, &mut seen, true);
                 (
-                "http.error_spike",
-                format!(
-                    "the target answers with server errors{} while its dependencies are up: the target itself is broken",
-                    labels.get("platform").map(|p| format!(" on {p}")).unwrap_or_default()
-                ),
-                0.7,
-            )
+                    "http.error_spike",
+                    format!(
+                        "the target answers with server errors{} while its dependencies are up: the target itself is broken",
+                        labels.get("platform").map(|p| format!(" on {p}")).unwrap_or_default()
+                    ),
+                    0.7,
+                )
             }
-        },
+        }
         "http.latency_high" => {
             if evidence.is_firing("db.query_slow") {
                 seen.push("alert db.query_slow fires: the target's queries are slow".to_owned());

@@ -85,14 +85,21 @@ pub struct ChangeBody {
     pub note: Option<String>,
 }
 
+/// A JSON body that may be left out: empty (or blank) is the type's default.
+pub fn optional_json<T: Default + serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, serde_json::Error> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        serde_json::from_slice(bytes)
+    }
+}
+
 impl ChangeBody {
     /// Parses a body that may be empty; `(by, note)` with `by` defaulting to `api`.
     pub fn parse(bytes: &[u8]) -> Result<(String, String), String> {
-        let body: Self = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Self::default()
-        } else {
-            serde_json::from_slice(bytes).map_err(|e| format!("the body is not valid: {e}"))?
-        };
+        let body: Self = optional_json(bytes).map_err(|e| format!("the body is not valid: {e}"))?;
         let by = actor(body.by.as_deref())?;
         let note = body.note.unwrap_or_default();
         if note.chars().count() > MAX_NOTE_CHARS {

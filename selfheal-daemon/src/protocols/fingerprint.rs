@@ -150,7 +150,7 @@ pub fn tables(sql: &str) -> Vec<String> {
             if tokens.get(k).is_some_and(|t| t.is_keyword("as")) {
                 k += 1;
             }
-            if tokens.get(k).is_some_and(|t| is_name(t)) {
+            if tokens.get(k).is_some_and(is_name) {
                 k += 1;
             }
             if tokens.get(k).is_some_and(|t| t.kind == Kind::Comma) {

@@ -397,7 +397,8 @@ fn insert(c: &Connection, repair: &NewRepair) -> rusqlite::Result<i64> {
     Ok(c.last_insert_rowid())
 }
 
-fn json(text: Option<String>) -> Option<serde_json::Value> {
+/// A JSON column as `T`; `None` when empty or not that shape.
+fn json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Option<T> {
     text.and_then(|t| serde_json::from_str(&t).ok())
 }
 
@@ -416,9 +417,7 @@ fn list(c: &Connection, limit: usize, signature: Option<&str>) -> rusqlite::Resu
                 target: row.get(2)?,
                 signature: row.get(3)?,
                 rule: row.get(4)?,
-                labels: json(row.get(5)?)
-                    .and_then(|v| serde_json::from_value(v).ok())
-                    .unwrap_or_default(),
+                labels: json(row.get(5)?).unwrap_or_default(),
                 summary: row.get(6)?,
                 action: row.get(7)?,
                 decision: json(row.get(8)?).unwrap_or(serde_json::Value::Null),
@@ -439,24 +438,17 @@ fn diagnoses(c: &Connection, limit: usize) -> rusqlite::Result<Vec<DiagnosisRow>
         "SELECT id, at_ms, rule, labels, signature, summary, confidence, evidence, actions, \
          dependency_down, llm_summary, llm_error FROM diagnoses ORDER BY id DESC LIMIT ?1",
     )?;
-    let list = |text: Option<String>| -> Vec<String> {
-        json(text)
-            .and_then(|v| serde_json::from_value(v).ok())
-            .unwrap_or_default()
-    };
     let rows = statement.query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| {
         Ok(DiagnosisRow {
             id: row.get(0)?,
             at_ms: row.get(1)?,
             rule: row.get(2)?,
-            labels: json(row.get(3)?)
-                .and_then(|v| serde_json::from_value(v).ok())
-                .unwrap_or_default(),
+            labels: json(row.get(3)?).unwrap_or_default(),
             signature: row.get(4)?,
             summary: row.get(5)?,
             confidence: row.get(6)?,
-            evidence: list(row.get(7)?),
-            actions: list(row.get(8)?),
+            evidence: json(row.get(7)?).unwrap_or_default(),
+            actions: json(row.get(8)?).unwrap_or_default(),
             dependency_down: row.get(9)?,
             llm_summary: row.get(10)?,
             llm_error: row.get(11)?,

@@ -94,11 +94,13 @@ mod tests {
             timeout_ms: 1000,
             on: on.iter().map(|s| (*s).to_owned()).collect(),
         };
-        let mut config = RepairConfig::default();
-        config.hooks = vec![
-            hook("failover", &["dependency.down", "db.unreachable"]),
-            hook("flush", &["http.error_spike"]),
-        ];
+        let mut config = RepairConfig {
+            hooks: vec![
+                hook("failover", &["dependency.down", "db.unreachable"]),
+                hook("flush", &["http.error_spike"]),
+            ],
+            ..RepairConfig::default()
+        };
         assert_eq!(candidates(&config, "dependency.down"), ["hook:failover"]);
         assert_eq!(
             candidates(&config, "http.error_spike"),

@@ -433,8 +433,8 @@ fn a_descriptor_leak_toward_the_limit_is_restarted_before_the_backend_runs_out()
     println!("fd leak: {repair:#}");
     assert_eq!(repair["action"], "restart", "{repair}");
     assert_eq!(repair["rule"], "target.fds_high", "{repair}");
-    let diagnoses = daemon.api("/api/v1/system/diagnoses").expect("diagnoses");
-    let diagnosis = diagnoses["diagnoses"]
+    let answer = daemon.api("/api/v1/system/diagnoses").expect("diagnoses");
+    let diagnosis = answer["diagnoses"]
         .as_array()
         .and_then(|rows| {
             rows.iter()

@@ -36,8 +36,8 @@ fn wait_recovered(daemon: &Daemon, signature: &str) -> Value {
 const UNIT: &str = "backend.service";
 
 /// The demo backend as a unit of a private systemd (`Restart=no`: bringing it back is the
-/// daemon's job), watched by the daemon with self-healing on and `extra_config` (given the
-/// backend's health URL).
+/// daemon's job, `service` adds lines to its `[Service]`), watched by the daemon with
+/// self-healing on and `extra_config` (given the backend's health URL).
 struct Unit {
     daemon: Daemon,
     systemd: SystemdUser,
@@ -47,12 +47,12 @@ struct Unit {
     _pg: PgCluster,
 }
 
-fn unit(extra_config: impl Fn(&str) -> String) -> Unit {
+fn unit(service: &str, extra_config: impl Fn(&str) -> String) -> Unit {
     require_root();
     let pg = PgCluster::start().expect("postgres");
     let port = free_port().expect("port");
     let unit = format!(
-        "[Service]\nExecStart={} --listen 127.0.0.1:{port} --database-url {}\nRestart=no\n",
+        "[Service]\nExecStart={} --listen 127.0.0.1:{port} --database-url {}\nRestart=no\n{service}",
         bin("demo-backend").display(),
         pg.url()
     );
@@ -92,7 +92,7 @@ fn a_crashed_systemd_unit_is_restarted_over_dbus_and_verified_healthy() {
         health_url,
         first,
         _pg,
-    } = unit(|health_url| {
+    } = unit("", |health_url| {
         format!(
             "[[platforms]]\nname = \"leadsite.ai\"\nhosts = [\"leadsite.ai\"]\n\n\
              [[checks]]\nname = \"backend\"\nkind = \"http\"\nurl = \"{health_url}\"\n\
@@ -100,10 +100,7 @@ fn a_crashed_systemd_unit_is_restarted_over_dbus_and_verified_healthy() {
         )
     });
     let crashed_at = Instant::now();
-    http()
-        .post(format!("http://127.0.0.1:{port}/__fault/crash"))
-        .send_empty()
-        .expect("crash");
+    fault(port, "crash");
     let repair = wait_recovered(&daemon, "target.crashed");
     println!(
         "systemd: recovered {} ms after the fault switch: {repair:#}",
@@ -119,13 +116,7 @@ fn a_crashed_systemd_unit_is_restarted_over_dbus_and_verified_healthy() {
         format!("main pid {second}"),
         "read back from the unit: {repair}"
     );
-    assert!(
-        http()
-            .get(&health_url)
-            .call()
-            .is_ok_and(|r| r.status() == 200),
-        "the restarted backend answers"
-    );
+    assert!(answers(&health_url), "the restarted backend answers");
 }
 
 /// The demo backend as a container of a private Docker Engine, watched by the daemon with
@@ -173,6 +164,24 @@ fn answers(url: &str) -> bool {
     http().get(url).call().is_ok_and(|r| r.status() == 200)
 }
 
+/// Waits until the restarted backend answers `url` with 200.
+fn wait_answering(url: &str) {
+    wait_for(
+        "the restarted backend to answer",
+        Duration::from_secs(20),
+        || answers(url).then_some(()),
+    )
+    .expect("answers");
+}
+
+/// Turns on the backend's fault `name` (with its query string).
+fn fault(port: u16, name: &str) {
+    http()
+        .post(format!("http://127.0.0.1:{port}/__fault/{name}"))
+        .send_empty()
+        .unwrap_or_else(|err| panic!("fault {name}: {err}"));
+}
+
 #[test]
 fn a_crashed_container_is_restarted_through_the_engine_api_and_verified_healthy() {
     // The backend's own health check: the verification runs it after the restart.
@@ -184,10 +193,7 @@ fn a_crashed_container_is_restarted_through_the_engine_api_and_verified_healthy(
         )
     });
     let first = scene.engine.pid(&scene.name).expect("pid");
-    http()
-        .post(format!("http://127.0.0.1:{}/__fault/crash", scene.port))
-        .send_empty()
-        .expect("crash");
+    fault(scene.port, "crash");
     let repair = wait_recovered(&scene.daemon, "target.crashed");
     assert_eq!(repair["action"], "restart");
     // abort(3) as PID 1 of a PID namespace: SIGABRT has no handler there and is ignored, so
@@ -206,12 +212,7 @@ fn a_crashed_container_is_restarted_through_the_engine_api_and_verified_healthy(
         .daemon
         .wait_for_target(second)
         .expect("the daemon follows it");
-    wait_for(
-        "the restarted backend to answer",
-        Duration::from_secs(20),
-        || answers(&scene.health_url).then_some(()),
-    )
-    .expect("answers");
+    wait_answering(&scene.health_url);
 }
 
 #[test]
@@ -220,10 +221,7 @@ fn a_hung_container_is_restarted() {
         "[probes]\npayload_bytes = 512\n".to_owned()
     });
     let first = scene.engine.pid(&scene.name).expect("pid");
-    http()
-        .post(format!("http://127.0.0.1:{}/__fault/hang", scene.port))
-        .send_empty()
-        .expect("hang");
+    fault(scene.port, "hang");
     let url = format!("http://127.0.0.1:{}/api/v1/campaigns", scene.port);
     let waiting = std::thread::spawn(move || {
         let _ = http().get(&url).call();
@@ -232,12 +230,7 @@ fn a_hung_container_is_restarted() {
     assert_eq!(repair["action"], "restart");
     assert_eq!(repair["effects"][0]["action"], "docker.restart", "{repair}");
     assert_ne!(scene.engine.pid(&scene.name).expect("pid"), first);
-    wait_for(
-        "the restarted backend to answer",
-        Duration::from_secs(20),
-        || answers(&scene.health_url).then_some(()),
-    )
-    .expect("answers");
+    wait_answering(&scene.health_url);
     let _ = waiting.join();
 }
 
@@ -245,13 +238,7 @@ fn a_hung_container_is_restarted() {
 fn a_leaking_container_gets_a_higher_memory_limit_from_the_engine() {
     let scene = contained("leak", &["--memory", "256m"], |_| String::new());
     let first = scene.engine.pid(&scene.name).expect("pid");
-    http()
-        .post(format!(
-            "http://127.0.0.1:{}/__fault/leak?mb_per_sec=40&max_mb=220",
-            scene.port
-        ))
-        .send_empty()
-        .expect("leak");
+    fault(scene.port, "leak?mb_per_sec=40&max_mb=220");
     let repair = wait_recovered(&scene.daemon, "target.memory_leak");
     assert_eq!(repair["action"], "raise_memory_limit");
     assert_eq!(repair["effects"][0]["action"], "docker.update", "{repair}");
@@ -277,11 +264,8 @@ fn a_hung_systemd_unit_is_restarted() {
         health_url,
         first,
         _pg,
-    } = unit(|_| "[probes]\npayload_bytes = 512\n".to_owned());
-    http()
-        .post(format!("http://127.0.0.1:{port}/__fault/hang"))
-        .send_empty()
-        .expect("hang");
+    } = unit("", |_| "[probes]\npayload_bytes = 512\n".to_owned());
+    fault(port, "hang");
     let url = format!("http://127.0.0.1:{port}/api/v1/campaigns");
     let waiting = std::thread::spawn(move || {
         let _ = http().get(&url).call();
@@ -293,11 +277,58 @@ fn a_hung_systemd_unit_is_restarted() {
         "{repair}"
     );
     assert_ne!(systemd.main_pid(UNIT).expect("MainPID"), first);
-    wait_for(
-        "the restarted backend to answer",
-        Duration::from_secs(20),
-        || answers(&health_url).then_some(()),
-    )
-    .expect("answers");
+    wait_answering(&health_url);
     let _ = waiting.join();
+}
+
+/// The v1 memory limit of the cgroup process `pid` is in.
+fn memory_limit_of(pid: u32) -> u64 {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("its cgroups");
+    let path = cgroups
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then_some(path)
+        })
+        .expect("a v1 memory cgroup");
+    std::fs::read_to_string(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"))
+        .expect("memory.limit_in_bytes")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+#[test]
+fn a_leaking_systemd_unit_gets_a_higher_memory_max_over_dbus() {
+    let Unit {
+        daemon,
+        systemd,
+        port,
+        health_url,
+        first,
+        _pg,
+    } = unit("MemoryMax=256M\n", |_| String::new());
+    assert_eq!(
+        memory_limit_of(first),
+        256 << 20,
+        "the unit's limit in its cgroup"
+    );
+    fault(port, "leak?mb_per_sec=40&max_mb=220");
+    let repair = wait_recovered(&daemon, "target.memory_leak");
+    println!("systemd leak: {repair:#}");
+    assert_eq!(repair["action"], "raise_memory_limit");
+    let effect = &repair["effects"][0];
+    assert_eq!(effect["action"], "systemd.set_limits", "{repair}");
+    // What the kernel holds, not only what systemd says.
+    assert_eq!(memory_limit_of(first), 384 << 20, "raised by 50 %");
+    assert_eq!(
+        systemd.main_pid(UNIT).expect("MainPID"),
+        first,
+        "the same process: no OOM kill, no restart"
+    );
+    assert!(answers(&health_url));
 }
