@@ -324,6 +324,10 @@ pub enum RepairOutcome {
     Succeeded,
     /// The action failed, or ran and the recovery was not seen in time.
     Failed,
+    /// The action cannot be carried out on this target as configured (a restart without
+    /// `repair.start_command`, a session action without the database's URL): logged as
+    /// failed, but not learned as the action not working.
+    Unavailable,
     /// The safety gate held it back.
     Skipped,
 }
@@ -335,6 +339,7 @@ impl RepairOutcome {
             Self::Started => "started",
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
+            Self::Unavailable => "unavailable",
             Self::Skipped => "skipped",
         }
     }

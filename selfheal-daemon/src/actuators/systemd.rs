@@ -106,6 +106,21 @@ fn describe(memory_max: u64, cpu_quota: u64) -> String {
     format!("{memory} {cpu}")
 }
 
+/// The kernel's page: a memory limit is kept in whole pages.
+const PAGE: u64 = 4096;
+
+/// The memory cgroup of process `pid` and its limit (`None`: unlimited), when it has one.
+fn kernel_memory_limit(pid: u32) -> Option<(std::path::PathBuf, Option<u64>)> {
+    if pid == 0 {
+        return None;
+    }
+    let proc_cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let locations = crate::probes::cgroup::locate(&proc_cgroup);
+    let (version, dir) = crate::probes::cgroup::controller_dir(&locations, "memory")?;
+    let (_, limit) = crate::probes::cgroup::read_memory(version, &dir)?;
+    Some((dir, limit))
+}
+
 /// `unit`'s `MemoryMax` in bytes, `None` when it has none.
 pub async fn memory_max(unit: &str, bus: &str) -> Result<Option<u64>, ActionError> {
     let connection = connect(bus).await.map_err(dbus(unit))?;
@@ -115,7 +130,8 @@ pub async fn memory_max(unit: &str, bus: &str) -> Result<Option<u64>, ActionErro
 }
 
 /// Sets `unit`'s `MemoryMax` (bytes) and CPU quota (µs of CPU per second: 500 000 is half a
-/// CPU) at runtime, each when given (`Some(None)`: no limit); read back from the unit.
+/// CPU) at runtime, each when given (`Some(None)`: no limit); read back from the unit, and a
+/// memory limit also from the kernel's file of the unit's cgroup.
 pub async fn set_limits(
     unit: &str,
     bus: &str,
@@ -157,6 +173,30 @@ pub async fn set_limits(
             wanted: describe(wanted.0, wanted.1),
             found: describe(after.0, after.1),
         });
+    }
+    // systemd reports a MemoryMax the kernel refused (under the usage on v1) as set: the
+    // kernel's own file is what counts.
+    if memory_max.is_some() {
+        let pid = service.main_pid().await.map_err(dbus(unit))?;
+        if let Some((dir, found)) = kernel_memory_limit(pid) {
+            let limit = (wanted.0 != INFINITY).then_some(wanted.0);
+            let applied = match (limit, found) {
+                (None, None) => true,
+                // The kernel keeps whole pages.
+                (Some(limit), Some(found)) => limit.abs_diff(found) < PAGE,
+                _ => false,
+            };
+            if !applied {
+                return Err(ActionError::NotApplied {
+                    subject: format!("unit {unit} (cgroup {})", dir.display()),
+                    wanted: describe(wanted.0, wanted.1),
+                    found: format!(
+                        "the kernel's limit is {}",
+                        found.map_or_else(|| "none".to_owned(), |f| f.to_string())
+                    ),
+                });
+            }
+        }
     }
     Ok(Effect {
         action: "systemd.set_limits",

@@ -26,6 +26,7 @@ use crate::{
         action::{self, Host, Step},
         gate::{Decision, Gate, Request, Skip},
         postgres::SessionFilter,
+        ActionError,
     },
     alerts::{alert_key, Labels},
     bus::{Diagnosis, Event, RepairOutcome, Severity},
@@ -414,8 +415,13 @@ impl Walker {
         let effects = match action::execute(step, &self.host, diagnosis).await {
             Ok(effects) => effects,
             Err(err) => {
+                let outcome = if matches!(err, ActionError::Unavailable(_)) {
+                    RepairOutcome::Unavailable
+                } else {
+                    RepairOutcome::Failed
+                };
                 let why = crate::app::error_chain(&err);
-                return Err(self.failed(diagnosis, name, id, why).await);
+                return Err(self.failed(diagnosis, name, id, why, outcome).await);
             }
         };
         let changed = effects
@@ -428,7 +434,9 @@ impl Walker {
         }
         if let Err(why) = self.verify(key, started + self.verify_timeout).await {
             let why = format!("{changed}; {why}");
-            return Err(self.failed(diagnosis, name, id, why).await);
+            return Err(self
+                .failed(diagnosis, name, id, why, RepairOutcome::Failed)
+                .await);
         }
         let recover_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if let Some(id) = id {
@@ -448,13 +456,15 @@ impl Walker {
         Ok(())
     }
 
-    /// Records that the action did not work, and why; the reason back.
+    /// Records that the action did not work (`outcome`: failed, or unavailable here), and
+    /// why; the reason back.
     async fn failed(
         &self,
         diagnosis: &Diagnosis,
         action: &str,
         id: Option<i64>,
         why: String,
+        outcome: RepairOutcome,
     ) -> String {
         if let Some(id) = id {
             let _ = self
@@ -462,14 +472,7 @@ impl Walker {
                 .finished(id, now_ms(), None, Some(why.clone()))
                 .await;
         }
-        self.repair_event(
-            diagnosis,
-            action,
-            RepairOutcome::Failed,
-            why.clone(),
-            id,
-            None,
-        );
+        self.repair_event(diagnosis, action, outcome, why.clone(), id, None);
         why
     }
 

@@ -321,6 +321,16 @@ fn a_systemd_unit_is_restarted_resized_and_killed_over_dbus() {
         ])
         .expect("busctl");
     assert_eq!(memory_max, "t 268435456", "systemd holds it");
+    // Under what the process uses: systemd takes it, the kernel refuses it (v1: EBUSY).
+    let refused = runtime
+        .block_on(systemd::set_limits(UNIT, &bus, Some(Some(4096)), None))
+        .expect_err("a limit under the usage");
+    assert!(
+        refused
+            .to_string()
+            .contains("the kernel's limit is 268435456"),
+        "{refused}"
+    );
     let effect = runtime
         .block_on(systemd::set_limits(UNIT, &bus, Some(None), None))
         .expect("unlimit memory");

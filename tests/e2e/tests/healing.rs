@@ -338,6 +338,7 @@ fn a_provider_down_runs_the_failover_hooks_and_never_restarts_the_backend() {
         format!(
             "{}\n[[checks]]\nname = \"crm\"\nkind = \"http\"\nurl = \"{provider_url}\"\n\
              interval_ms = 1000\ntimeout_ms = 900\nalert_after_failures = 2\n\n\
+             [repair.playbooks]\n\"dependency.down\" = [\"analyze\"]\n\n\
              [[repair.hooks]]\nname = \"flush\"\ncommand = {command}\non = [\"dependency.down\"]\n\n\
              [[repair.hooks]]\nname = \"failover\"\nurl = \"{failover_url}\"\ntimeout_ms = 3000\n\
              on = [\"dependency.down\"]\n",
@@ -395,6 +396,45 @@ fn a_provider_down_runs_the_failover_hooks_and_never_restarts_the_backend() {
     ] {
         assert!(env.lines().any(|l| l == line), "{line} not in {env}");
     }
+    // `analyze` came first (the configured playbook) and has no table to work on here: it
+    // was unavailable, which learning does not count against it; the hooks' outcomes count.
+    let analyze = log
+        .iter()
+        .find(|r| r["action"] == "analyze")
+        .unwrap_or_else(|| panic!("analyze was tried: {log:#?}"));
+    assert!(
+        analyze["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("names no table")),
+        "{analyze}"
+    );
+    let patterns = wait_for(
+        "the hooks' outcomes learned",
+        Duration::from_secs(10),
+        || {
+            let patterns = scene.daemon.api("/api/v1/system/patterns").ok()?["patterns"].clone();
+            let rows = patterns.as_array()?.clone();
+            (rows.len() >= 2).then_some(rows)
+        },
+    )
+    .expect("patterns");
+    let learned = |action: &str| {
+        patterns
+            .iter()
+            .find(|p| p["signature"] == "dependency.down" && p["action"] == action)
+            .map(|p| (p["attempts"].as_u64(), p["successes"].as_u64()))
+    };
+    assert_eq!(
+        learned("hook:failover"),
+        Some((Some(1), Some(1))),
+        "{patterns:#?}"
+    );
+    assert_eq!(
+        learned("hook:flush"),
+        Some((Some(1), Some(0))),
+        "{patterns:#?}"
+    );
+    assert_eq!(learned("analyze"), None, "{patterns:#?}");
     // No action on the backend's process.
     assert!(
         log.iter().all(|r| r["action"] != "restart"),
