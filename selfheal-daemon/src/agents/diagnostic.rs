@@ -37,6 +37,9 @@ pub(super) struct Evidence {
     /// The traffic's last window against the one before, read for the alert being diagnosed
     /// when it is about the traffic.
     pub(super) traffic: Option<TrafficMoves>,
+    /// `monitor.db_query_threshold_ms`: a query with a p95 over it in the traffic's last
+    /// window is slow, even before `db.query_slow` (over all queries) fires.
+    pub(super) query_threshold_ms: Option<f64>,
 }
 
 /// The alerts about the traffic, whose diagnoses name the query or route that moved.
@@ -91,6 +94,25 @@ impl Evidence {
     fn is_firing(&self, rule: &str) -> bool {
         self.firing.values().any(|(r, _)| r == rule)
     }
+
+    /// The target's queries are slow: `db.query_slow` fires, or one query's p95 in the last
+    /// window is over the threshold.
+    fn queries_slow(&self, seen: &mut Vec<String>) -> bool {
+        if self.is_firing("db.query_slow") {
+            seen.push("alert db.query_slow fires: the target's queries are slow".to_owned());
+            return true;
+        }
+        let slowest = self.traffic.as_ref().and_then(TrafficMoves::slowest_query);
+        match (slowest.and_then(|q| q.now.p95_ms), self.query_threshold_ms) {
+            (Some(p95), Some(threshold)) if p95 > threshold => {
+                seen.push(format!(
+                    "a query's p95 ({p95:.0} ms) is over db_query_threshold_ms ({threshold:.0} ms)"
+                ));
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 fn describe_check(report: &CheckReport) -> String {
@@ -139,7 +161,10 @@ fn describe_dependency(report: &CheckReport) -> String {
 const SUMMARIES_IN_FLIGHT: usize = 2;
 
 pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
-    let mut evidence = Evidence::default();
+    let mut evidence = Evidence {
+        query_threshold_ms: Some(ctx.config.monitor.db_query_threshold_ms as f64),
+        ..Evidence::default()
+    };
     let explainer = super::explain::Explainer::new(&ctx.config.diagnostic);
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(SUMMARIES_IN_FLIGHT));
     loop {
@@ -270,8 +295,7 @@ pub(super) fn diagnose(rule: &str, labels: &Labels, evidence: &Evidence) -> Opti
             }
         }
         "http.latency_high" => {
-            if evidence.is_firing("db.query_slow") {
-                seen.push("alert db.query_slow fires: the target's queries are slow".to_owned());
+            if evidence.queries_slow(&mut seen) {
                 blame_route(evidence, labels, &mut seen, false);
                 blame_query(evidence, &mut seen, &mut tables);
                 (
@@ -752,6 +776,7 @@ mod tests {
             count,
             errors,
             p95_ms: Some(p95),
+            mean_ms: None,
         };
         let mut evidence = Evidence {
             traffic: Some(TrafficMoves {
@@ -762,6 +787,7 @@ mod tests {
                     query_id: "q7".to_owned(),
                     now: window(50, 0, 900.0),
                     before: window(500, 0, 3.0),
+                    before_since_start: false,
                 }],
                 routes: vec![
                     RouteMove {
@@ -787,6 +813,21 @@ mod tests {
         let slow = diagnose("http.latency_high", &platform, &evidence).expect("diagnosis");
         assert_eq!(slow.signature, "db.slow_query");
         assert_eq!(slow.tables, ["leads", "campaigns"]);
+        // Before db.query_slow fires (over all the queries), the slow one alone says it.
+        let mut early = Evidence {
+            traffic: evidence.traffic.clone(),
+            query_threshold_ms: Some(100.0),
+            ..Evidence::default()
+        };
+        assert_eq!(
+            signature("http.latency_high", &platform, &early).as_deref(),
+            Some("db.slow_query")
+        );
+        early.query_threshold_ms = Some(1000.0);
+        assert_eq!(
+            signature("http.latency_high", &platform, &early).as_deref(),
+            Some("target.slow")
+        );
         let text = slow.evidence.join("\n");
         assert!(
             text.contains("route GET /api/v1/leads on leadsite.ai: p95 950 ms over 50 requests in the last 60 s, against 5.0 ms in the 60 s before (×190.0)"),

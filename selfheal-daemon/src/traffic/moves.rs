@@ -1,15 +1,16 @@
-//! What moved in the traffic: per query fingerprint and per route, the last window against
-//! the window before it. The diagnostic agent names in its evidence the query or route that
+//! What moved in the traffic: per route (from the store) and per query fingerprint (from the
+//! recent queries: the store keeps one series for all of them), the last window against the
+//! window before it. The diagnostic agent names in its evidence the query or route that
 //! explains an alert, and how far it moved.
 
 use std::{collections::BTreeMap, time::SystemTime};
 
 use super::{
-    record::{HTTP_DURATION, HTTP_REQUESTS, QUERY_DURATION},
+    record::{monotonic_ns, HTTP_DURATION, HTTP_REQUESTS},
     views::{round_ms, summarize},
     TrafficView,
 };
-use crate::store::{self, Aggregate, MergedSketch, Selector, Store};
+use crate::store::{self, Aggregate, MergedSketch, Selector, Store, WindowSketch};
 
 /// One window's figures of a query or route.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -19,6 +20,7 @@ pub struct Window {
     /// 5xx answers (routes only).
     pub errors: u64,
     pub p95_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
 }
 
 /// A query fingerprint in the last window and the one before.
@@ -27,7 +29,10 @@ pub struct QueryMove {
     pub fingerprint: String,
     pub query_id: String,
     pub now: Window,
+    /// The window before; when the recent queries kept do not reach back that far, every
+    /// earlier run since the daemon started (`before_since_start`: a count and mean only).
     pub before: Window,
+    pub before_since_start: bool,
 }
 
 /// A route in the last window and the one before.
@@ -65,6 +70,7 @@ impl Acc {
             count: sketch.count().max(self.requests[at]),
             errors: self.errors[at],
             p95_ms: sketch.quantile(0.95).map(round_ms),
+            mean_ms: sketch.mean().map(round_ms),
         }
     }
 }
@@ -79,21 +85,8 @@ impl TrafficView {
             (to_ms - window_ms, to_ms),
             (to_ms - 2 * window_ms, to_ms - window_ms),
         ];
-        let mut queries: BTreeMap<(String, String), Acc> = BTreeMap::new();
         let mut routes: BTreeMap<(String, String, String), Acc> = BTreeMap::new();
         self.store().read(|store: &Store| {
-            for info in store.select(&Selector::name(QUERY_DURATION)) {
-                let label = |name| info.key.label(name).unwrap_or_default().to_owned();
-                let acc = queries
-                    .entry((label("fingerprint"), label("query_id")))
-                    .or_default();
-                for (at, (from, to)) in bounds.iter().enumerate() {
-                    if let Some(Aggregate::Distribution(d)) = summarize(store, info.id, *from, *to)
-                    {
-                        acc.sketches[at].merge(&d.sketch);
-                    }
-                }
-            }
             for info in store.select(&Selector::name(HTTP_DURATION)) {
                 let acc = routes.entry(route_of(&info.key)).or_default();
                 for (at, (from, to)) in bounds.iter().enumerate() {
@@ -117,16 +110,7 @@ impl TrafficView {
                 }
             }
         });
-        let mut queries: Vec<QueryMove> = queries
-            .into_iter()
-            .map(|((fingerprint, query_id), acc)| QueryMove {
-                fingerprint,
-                query_id,
-                now: acc.window(0),
-                before: acc.window(1),
-            })
-            .filter(|q| q.now.count > 0)
-            .collect();
+        let mut queries = self.query_moves(window_secs);
         queries.sort_by(|a, b| {
             b.now
                 .p95_ms
@@ -153,18 +137,104 @@ impl TrafficView {
     }
 }
 
+impl TrafficView {
+    /// Per fingerprint run in the last window: its recent runs then and in the window
+    /// before, else every run since the daemon started.
+    fn query_moves(&self, window_secs: u64) -> Vec<QueryMove> {
+        let tables = self.lock();
+        let now_ns = tables.now_ns.max(monotonic_ns());
+        let window_ns = window_secs.max(1).saturating_mul(1_000_000_000);
+        let middle = now_ns.saturating_sub(window_ns);
+        let start = middle.saturating_sub(window_ns);
+        let mut windows: BTreeMap<&str, [WindowSketch; 2]> = BTreeMap::new();
+        // The window before is known whole when the recent queries kept reach past it, or
+        // none was ever dropped.
+        let reaches_back = tables.recent_queries.len() < super::RECENT
+            || tables
+                .recent_queries
+                .front()
+                .is_some_and(|q| q.end_ns < start);
+        for query in &tables.recent_queries {
+            let at = if query.end_ns >= middle {
+                0
+            } else if query.end_ns >= start {
+                1
+            } else {
+                continue;
+            };
+            let ms = query.end_ns.saturating_sub(query.start_ns) as f64 * 1e-6;
+            windows.entry(&query.query_id).or_default()[at].insert(ms);
+        }
+        let window = |sketch: &MergedSketch| Window {
+            count: sketch.count(),
+            errors: 0,
+            p95_ms: sketch.quantile(0.95).map(round_ms),
+            mean_ms: sketch.mean().map(round_ms),
+        };
+        tables
+            .queries
+            .values()
+            .filter_map(|stats| {
+                let [now, before] = windows.get(&*stats.query_id)?;
+                let now_sketch = now.merged();
+                let now = window(&now_sketch);
+                if now.count == 0 {
+                    return None;
+                }
+                let before = if reaches_back {
+                    window(&before.merged())
+                } else {
+                    // Every run before these: the table's totals less the window's.
+                    let count = stats.count.saturating_sub(now.count);
+                    let total_ms = stats.total_ns as f64 * 1e-6 - now_sketch.sum();
+                    Window {
+                        count,
+                        errors: 0,
+                        p95_ms: None,
+                        mean_ms: (count > 0).then(|| round_ms(total_ms.max(0.0) / count as f64)),
+                    }
+                };
+                Some(QueryMove {
+                    fingerprint: stats.fingerprint.to_string(),
+                    query_id: stats.query_id.to_string(),
+                    now,
+                    before,
+                    before_since_start: !reaches_back,
+                })
+            })
+            .collect()
+    }
+}
+
 fn route_of(key: &store::SeriesKey) -> (String, String, String) {
     let label = |name| key.label(name).unwrap_or_default().to_owned();
     (label("platform"), label("method"), label("route"))
 }
 
 /// "p95 812 ms over 40 runs in the last 60 s, against 2.1 ms in the 60 s before (×387)".
-fn latency_moved(now: Window, before: Window, window_secs: u64, unit: &str) -> String {
+fn latency_moved(
+    now: Window,
+    before: Window,
+    window_secs: u64,
+    unit: &str,
+    since_start: bool,
+) -> String {
     let now_text = format!(
         "p95 {} over {} {unit} in the last {window_secs} s",
         ms(now.p95_ms),
         now.count
     );
+    if since_start {
+        return match before.mean_ms {
+            Some(mean) if before.count > 0 => format!(
+                "{now_text} (mean {}), against a mean of {} over {} earlier {unit}",
+                ms(now.mean_ms),
+                ms(Some(mean)),
+                before.count
+            ),
+            _ => format!("{now_text}, its first {unit}"),
+        };
+    }
     match (now.p95_ms, before.p95_ms) {
         (Some(now_ms), Some(before_ms)) if before.count > 0 => {
             let ratio = if before_ms > 0.0 {
@@ -196,7 +266,13 @@ impl QueryMove {
             "query {} ({}): {}",
             self.fingerprint,
             self.query_id,
-            latency_moved(self.now, self.before, window_secs, "runs")
+            latency_moved(
+                self.now,
+                self.before,
+                window_secs,
+                "runs",
+                self.before_since_start
+            )
         )
     }
 }
@@ -209,7 +285,7 @@ impl RouteMove {
             self.method,
             self.route,
             self.platform,
-            latency_moved(self.now, self.before, window_secs, "requests")
+            latency_moved(self.now, self.before, window_secs, "requests", false)
         )
     }
 
@@ -269,16 +345,30 @@ mod tests {
                 count: 40,
                 errors: 0,
                 p95_ms: Some(812.4),
+                mean_ms: Some(700.0),
             },
             before: Window {
                 count: 300,
                 errors: 0,
                 p95_ms: Some(2.0),
+                mean_ms: Some(1.5),
             },
+            before_since_start: false,
         };
         assert_eq!(
             query.describe(60),
             "query SELECT * FROM leads WHERE id = $1 (q1): p95 812 ms over 40 runs in the last 60 s, against 2.0 ms in the 60 s before (×406.2)"
+        );
+        let since_start = QueryMove {
+            before_since_start: true,
+            ..query.clone()
+        };
+        assert!(
+            since_start.describe(60).ends_with(
+                "in the last 60 s (mean 700 ms), against a mean of 1.5 ms over 300 earlier runs"
+            ),
+            "{}",
+            since_start.describe(60)
         );
         let new = QueryMove {
             before: Window::default(),

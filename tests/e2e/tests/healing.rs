@@ -507,6 +507,77 @@ fn a_descriptor_leak_toward_the_limit_is_restarted_before_the_backend_runs_out()
 }
 
 #[test]
+fn slow_requests_from_a_slow_query_name_the_query_and_the_route_that_moved() {
+    let scene = scene(
+        &Setup {
+            monitor: "api_response_threshold_ms = 150\ndb_query_threshold_ms = 100\n\
+                      traffic_window_secs = 10\nmin_requests = 5",
+            ..HEALING
+        },
+        |health, pg| format!("{}\n[probes]\npayload_bytes = 512\n", checks(health, pg)),
+    );
+    let backend = &scene.backend;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|threads| {
+        for _ in 0..4 {
+            threads.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = http()
+                        .get(backend.url("/api/v1/campaigns"))
+                        .header("Host", "leadsite.ai")
+                        .call();
+                    // About 15 requests a second each: slow ones soon make the p95.
+                    std::thread::sleep(Duration::from_millis(60));
+                }
+            });
+        }
+        // A window of fast requests first, then every campaigns query sleeps 300 ms.
+        std::thread::sleep(Duration::from_secs(11));
+        backend
+            .fault("slow_query?ms=300&path=/api/v1/campaigns")
+            .expect("slow_query");
+        let diagnosis = wait_for(
+            "the slow requests diagnosed",
+            Duration::from_secs(30),
+            || {
+                let answer = scene.daemon.api("/api/v1/system/diagnoses").ok()?;
+                answer["diagnoses"]
+                    .as_array()?
+                    .iter()
+                    .find(|d| d["rule"] == "http.latency_high")
+                    .cloned()
+            },
+        );
+        backend.fault("clear").expect("clear");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let diagnosis = diagnosis.expect("a diagnosis");
+        println!("slow query: {diagnosis:#}");
+        assert_eq!(diagnosis["signature"], "db.slow_query", "{diagnosis}");
+        let evidence = diagnosis["evidence"].to_string();
+        assert!(
+            evidence.contains("route GET /api/v1/campaigns on leadsite.ai: p95 "),
+            "{evidence}"
+        );
+        assert!(
+            evidence.contains("query SELECT pg_sleep($1) ("),
+            "{evidence}"
+        );
+        assert!(
+            evidence.contains("none in the 10 s before") || evidence.contains("its first runs"),
+            "the sleep is new: {evidence}"
+        );
+        assert!(
+            evidence.contains("in the 10 s before (×"),
+            "how far it moved: {evidence}"
+        );
+        assert_eq!(
+            diagnosis["actions"],
+            serde_json::json!(["analyze", "cancel_slow_queries"])
+        );
+    });
+}
+
+#[test]
 fn dry_run_decides_the_same_and_runs_nothing() {
     let scene = scene(
         &Setup {
