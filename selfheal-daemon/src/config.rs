@@ -510,8 +510,9 @@ pub struct HookConfig {
     /// Named in playbooks as `hook:<name>`: letters, digits, `_`, `-`, `.`.
     pub name: String,
     /// Program and arguments, run without a shell; the diagnosis comes in its environment
-    /// (`SELFHEAL_SIGNATURE`, `SELFHEAL_RULE`, `SELFHEAL_SUMMARY`, `SELFHEAL_DEPENDENCY`,
-    /// `SELFHEAL_DIAGNOSIS_ID`). It worked when it exits 0 within the timeout.
+    /// (`SELFHEAL_HOOK`, `SELFHEAL_TARGET`, `SELFHEAL_SIGNATURE`, `SELFHEAL_RULE`,
+    /// `SELFHEAL_SUMMARY`, `SELFHEAL_DEPENDENCY`, `SELFHEAL_DIAGNOSIS_ID`). It worked when it
+    /// exits 0 within the timeout.
     #[serde(default)]
     pub command: Vec<String>,
     /// An `http://` URL the diagnosis is posted to as JSON; it worked when it answers 2xx
