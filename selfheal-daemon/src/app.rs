@@ -178,6 +178,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let (exits_tx, exits_rx) = mpsc::channel(64);
     let (captures_tx, captures_rx) =
         mpsc::channel((config.probes.payload_queue / ebpf::CAPTURE_BATCH).max(1));
+    // Emptied batches back to the reader: a few spares are enough to allocate none.
+    let (recycle_tx, recycled_rx) = mpsc::channel(4);
     let (members_tx, members_rx) = watch::channel(Vec::new());
     let traffic_members = members_rx.clone();
     let interval = Duration::from_millis(config.monitor.interval_ms);
@@ -240,9 +242,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
                     members: members_rx,
                     exits: exits_tx,
                     captures: captures_tx,
+                    recycled: recycled_rx,
                 },
                 interval,
-                Duration::from_millis(config.probes.flush_interval_ms),
+                (config.probes.payload_bytes > 0)
+                    .then(|| Duration::from_millis(config.probes.flush_interval_ms)),
                 bus.clone(),
                 metrics.clone(),
                 cancel.clone(),
@@ -272,6 +276,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         agents::run_all(handles, shared, cancel.clone()),
         decode(
             captures_rx,
+            recycle_tx,
             traffic_members,
             recorder,
             metrics.clone(),
@@ -303,7 +308,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
 /// the exit and TCP events (which share the main runtime) nor compete with the target for
 /// CPU on equal terms. Linux keeps a nice value per thread.
 async fn decode(
-    captures: mpsc::Receiver<Vec<capture::Capture>>,
+    captures: mpsc::Receiver<capture::Batch>,
+    recycle: mpsc::Sender<capture::Batch>,
     members: watch::Receiver<Vec<u32>>,
     recorder: Recorder,
     metrics: Metrics,
@@ -324,6 +330,7 @@ async fn decode(
             {
                 Ok(runtime) => runtime.block_on(capture::run(
                     captures,
+                    recycle,
                     members,
                     recorder,
                     metrics,

@@ -38,6 +38,11 @@ pub(crate) enum Bench {
         /// Keep-alive client connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// Instead of the comparison: the daemon's CPU per request with capture off and on
+        /// under the same fixed load, and where it goes (`perf record` of the daemon, the
+        /// hottest functions printed; `perf` must be installed).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -48,7 +53,13 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
         Bench::Overhead {
             seconds,
             connections,
+            profile: false,
         } => crate::overhead::run(*seconds, *connections),
+        Bench::Overhead {
+            seconds,
+            connections,
+            profile: true,
+        } => crate::overhead::profile(*seconds, *connections),
     }
 }
 

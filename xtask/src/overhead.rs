@@ -464,3 +464,84 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// `--profile`: the daemon's own CPU per request under one fixed load (half the saturation
+/// rate) with payload capture off and on, then `perf record` of the daemon during one more
+/// run with capture on, and the functions it spends most of its time in.
+pub(crate) fn profile(seconds: u64, connections: usize) -> Result<()> {
+    let duration = Duration::from_secs(seconds);
+    let pg = PgCluster::start()?;
+    let backend = DemoBackend::start(&pg.url(), free_port()?)?;
+    load(&backend, connections, Duration::from_secs(2), None)?;
+    let rate =
+        (load(&backend, connections, Duration::from_secs(3), None)?.per_second / 2.0).round();
+    println!("## the daemon's own CPU per request: {rate} requests/s on {connections} connections, {seconds} s per run");
+    println!();
+    println!("| payload_bytes | requests | daemon CPU, s | per request, µs |");
+    println!("|---|---|---|---|");
+    for payload_bytes in [0, 256] {
+        let daemon = daemon_for(&backend, payload_bytes)?;
+        let before = daemon
+            .metric("selfheal_daemon_cpu_seconds_total")?
+            .unwrap_or(0.0);
+        let served = load(&backend, connections, duration, Some(rate))?;
+        let cpu = daemon
+            .metric("selfheal_daemon_cpu_seconds_total")?
+            .unwrap_or(0.0)
+            - before;
+        println!(
+            "| {payload_bytes} | {} | {cpu:.3} | {:.1} |",
+            served.requests,
+            cpu * 1e6 / served.requests.max(1) as f64
+        );
+    }
+    let daemon = daemon_for(&backend, 256)?;
+    let data = std::env::temp_dir().join(format!("selfheal-overhead-{}.perf", std::process::id()));
+    let mut perf = std::process::Command::new("perf")
+        .args(["record", "-F", "1999", "-g", "-o"])
+        .arg(&data)
+        .args(["-p", &daemon.proc.pid().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("perf record (is perf installed?)")?;
+    load(&backend, connections, duration, Some(rate))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(perf.id()).unwrap_or(0)),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .context("stop perf")?;
+    perf.wait().context("perf record")?;
+    println!();
+    println!("## where the daemon's time goes with capture on (perf, self time, ≥ 0.5 %)");
+    println!();
+    let report = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "comm,sym",
+            "--percent-limit",
+            "0.5",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(&data)
+        .output()
+        .context("perf report")?;
+    let text = String::from_utf8_lossy(&report.stdout);
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        println!("    {line}");
+    }
+    println!();
+    println!(
+        "perf data: {} (perf report -i … for call graphs)",
+        data.display()
+    );
+    Ok(())
+}

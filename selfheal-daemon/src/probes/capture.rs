@@ -13,12 +13,14 @@ use std::{
     collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    ops::Range,
 };
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
+use rustc_hash::FxHashMap;
 
 use crate::{
     protocols::{
@@ -182,8 +184,8 @@ pub enum Capture {
         direction: Direction,
         /// Bytes the operation moved.
         total_len: u64,
-        /// Their first bytes (up to `probes.payload_bytes`).
-        captured: Vec<u8>,
+        /// Where their first bytes (up to `probes.payload_bytes`) are in the batch's `bytes`.
+        captured: Range<usize>,
         /// `CLOCK_MONOTONIC` nanoseconds.
         ts_ns: u64,
     },
@@ -201,6 +203,54 @@ pub enum Capture {
     /// A process of the target exited (its last thread did): everything it read or wrote was
     /// captured before, so its connections end here, in order with their data.
     Exited { tgid: u32 },
+}
+
+/// Captures handed from the eBPF reader to the decoders at once, with the payloads of all of
+/// them in one buffer. The decoders send each batch back emptied, so once warmed up the
+/// reader allocates nothing per capture (and no memory is freed on another thread than the
+/// one that allocated it).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub captures: Vec<Capture>,
+    /// The payloads of the `Capture::Data` in `captures`, one after another.
+    pub bytes: Vec<u8>,
+}
+
+impl Batch {
+    pub fn with_capacity(captures: usize, bytes: usize) -> Self {
+        Self {
+            captures: Vec::with_capacity(captures),
+            bytes: Vec::with_capacity(bytes),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.captures.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.captures.is_empty()
+    }
+
+    /// Empties it, keeping what it has allocated.
+    pub fn clear(&mut self) {
+        self.captures.clear();
+        self.bytes.clear();
+    }
+
+    /// The payload at `range` of `bytes` (empty if out of it).
+    pub fn payload(&self, range: &Range<usize>) -> &[u8] {
+        self.bytes.get(range.clone()).unwrap_or_default()
+    }
+}
+
+impl From<Capture> for Batch {
+    fn from(capture: Capture) -> Self {
+        Self {
+            captures: vec![capture],
+            bytes: Vec::new(),
+        }
+    }
 }
 
 /// The most connections tracked at once; beyond it new ones are refused and counted.
@@ -290,7 +340,8 @@ struct ProblemTotals {
 /// The connection table and its accounting.
 pub struct Traffic {
     metrics: Metrics,
-    connections: HashMap<u64, Connection>,
+    /// By kernel socket pointer: the hottest lookup of the capture path, with a fast hasher.
+    connections: FxHashMap<u64, Connection>,
     /// Indexed by `direction * 3 + role` (client, server, unknown).
     counters: Vec<Counters>,
     /// Problems of parsers already dropped, and what was last exported.
@@ -324,7 +375,7 @@ impl Traffic {
         }
         Self {
             metrics,
-            connections: HashMap::new(),
+            connections: FxHashMap::default(),
             counters,
             closed: ProblemTotals::default(),
             exported: ProblemTotals::default(),
@@ -369,7 +420,7 @@ impl Traffic {
     }
 
     /// Handles one capture; what the decoders complete is appended to `out`.
-    pub fn handle(&mut self, capture: &Capture, out: &mut Decoded) {
+    fn handle(&mut self, capture: &Capture, payload: &[u8], out: &mut Decoded) {
         match *capture {
             Capture::Data {
                 tgid,
@@ -378,7 +429,7 @@ impl Traffic {
                 role,
                 direction,
                 total_len,
-                ref captured,
+                captured: _,
                 ts_ns,
             } => {
                 let is_new = !self.connections.contains_key(&sock);
@@ -416,7 +467,7 @@ impl Traffic {
                 }
                 connection.fd.get_or_insert(fd);
                 let total_len = usize::try_from(total_len).unwrap_or(usize::MAX);
-                feed(connection, direction, captured, total_len, ts_ns, out);
+                feed(connection, direction, payload, total_len, ts_ns, out);
                 out.collect(connection.origin());
             }
             Capture::Opened {
@@ -484,9 +535,13 @@ impl Traffic {
     }
 
     /// Handles a batch and updates the gauges once.
-    pub fn handle_batch(&mut self, batch: &[Capture], out: &mut Decoded) {
-        for capture in batch {
-            self.handle(capture, out);
+    pub fn handle_batch(&mut self, batch: &Batch, out: &mut Decoded) {
+        for capture in &batch.captures {
+            let payload = match capture {
+                Capture::Data { captured, .. } => batch.payload(captured),
+                _ => &[],
+            };
+            self.handle(capture, payload, out);
         }
         let tracked = i64::try_from(self.connections.len()).unwrap_or(i64::MAX);
         self.metrics.capture_connections.set(tracked);
@@ -812,7 +867,8 @@ fn sockets_of(
 /// processes that stop being the target's (see [`Traffic::set_members`]); hands what the
 /// decoders complete to `recorder`.
 pub async fn run(
-    mut captures: mpsc::Receiver<Vec<Capture>>,
+    mut captures: mpsc::Receiver<Batch>,
+    recycle: mpsc::Sender<Batch>,
     mut members: watch::Receiver<Vec<u32>>,
     mut recorder: Recorder,
     metrics: Metrics,
@@ -851,11 +907,14 @@ pub async fn run(
             }
             Some((tgid, sockets)) = seeds.recv() => traffic.seed(tgid, &sockets.connected),
             batch = captures.recv() => match batch {
-                Some(batch) => {
+                Some(mut batch) => {
                     let started = thread_cpu_seconds();
                     traffic.handle_batch(&batch, &mut decoded);
                     recorder.record(&decoded);
                     decoded.clear();
+                    // Back to the reader for reuse; dropped when it has enough spares.
+                    batch.clear();
+                    let _ = recycle.try_send(batch);
                     let spent = thread_cpu_seconds() - started;
                     if spent > 0.0 {
                         metrics.capture_decode_cpu_seconds.inc_by(spent);
@@ -887,17 +946,24 @@ fn thread_cpu_seconds() -> f64 {
 mod tests {
     use super::*;
 
-    fn data(sock: u64, role: Option<Role>, direction: Direction, bytes: &[u8]) -> Capture {
-        Capture::Data {
-            tgid: 1,
-            fd: 7,
-            sock,
-            role,
-            direction,
-            total_len: bytes.len() as u64,
-            captured: bytes.to_vec(),
-            ts_ns: 1,
+    fn data(sock: u64, role: Option<Role>, direction: Direction, bytes: &[u8]) -> Batch {
+        Batch {
+            captures: vec![Capture::Data {
+                tgid: 1,
+                fd: 7,
+                sock,
+                role,
+                direction,
+                total_len: bytes.len() as u64,
+                captured: 0..bytes.len(),
+                ts_ns: 1,
+            }],
+            bytes: bytes.to_vec(),
         }
+    }
+
+    fn handle(traffic: &mut Traffic, batch: impl Into<Batch>, out: &mut Decoded) {
+        traffic.handle_batch(&batch.into(), out);
     }
 
     #[test]
@@ -905,8 +971,9 @@ mod tests {
         let metrics = Metrics::new();
         let mut traffic = Traffic::new(metrics.clone());
         let mut out = Decoded::default();
-        traffic.handle(
-            &Capture::Opened {
+        handle(
+            &mut traffic,
+            Capture::Opened {
                 tgid: 1,
                 sock: 0xa0,
                 role: Role::Server,
@@ -916,8 +983,9 @@ mod tests {
             &mut out,
         );
         for _ in 0..3 {
-            traffic.handle(
-                &data(0xa0, None, Direction::Received, &[b'x'; 100]),
+            handle(
+                &mut traffic,
+                data(0xa0, None, Direction::Received, &[b'x'; 100]),
                 &mut out,
             );
         }
@@ -931,8 +999,9 @@ mod tests {
             text.contains("selfheal_capture_bytes_total{direction=\"recv\",role=\"server\"} 300"),
             "{text}"
         );
-        traffic.handle(
-            &Capture::Closed {
+        handle(
+            &mut traffic,
+            Capture::Closed {
                 sock: 0xa0,
                 ts_ns: 3,
             },
@@ -941,7 +1010,11 @@ mod tests {
         assert!(traffic.connections.is_empty());
 
         // A connection older than the daemon: no open seen, role unknown, still tracked.
-        traffic.handle(&data(0xb0, None, Direction::Sent, b"12345678"), &mut out);
+        handle(
+            &mut traffic,
+            data(0xb0, None, Direction::Sent, b"12345678"),
+            &mut out,
+        );
         assert!(metrics
             .encode()
             .contains("selfheal_capture_events_total{direction=\"send\",role=\"unknown\"} 1"));
@@ -951,7 +1024,7 @@ mod tests {
             1,
             "closed with the exit, not before"
         );
-        traffic.handle(&Capture::Exited { tgid: 1 }, &mut out);
+        handle(&mut traffic, Capture::Exited { tgid: 1 }, &mut out);
         assert!(traffic.connections.is_empty());
     }
 
@@ -970,11 +1043,19 @@ mod tests {
         traffic.set_members(&[1]);
         let query = b"Q\0\0\0\x0dSELECT 1\0";
         let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
-        traffic.handle(&data(2, None, Direction::Sent, query), &mut out);
+        handle(
+            &mut traffic,
+            data(2, None, Direction::Sent, query),
+            &mut out,
+        );
         traffic.set_members(&[]);
-        traffic.handle(&data(2, None, Direction::Received, answer), &mut out);
+        handle(
+            &mut traffic,
+            data(2, None, Direction::Received, answer),
+            &mut out,
+        );
         assert_eq!(queries(&out), 1);
-        traffic.handle(&Capture::Exited { tgid: 1 }, &mut out);
+        handle(&mut traffic, Capture::Exited { tgid: 1 }, &mut out);
         assert!(traffic.connections.is_empty());
         traffic.export_problems();
         assert_eq!(traffic.closed.postgres.dropped, 0);
@@ -982,7 +1063,11 @@ mod tests {
 
         // A process that left the target without its exit in the captures: its connections
         // close LEAVING_TICKS ticks later, an unanswered query dropped and counted.
-        traffic.handle(&data(3, None, Direction::Sent, query), &mut out);
+        handle(
+            &mut traffic,
+            data(3, None, Direction::Sent, query),
+            &mut out,
+        );
         for _ in 1..LEAVING_TICKS {
             traffic.tick(&mut out);
             assert_eq!(traffic.connections.len(), 1);
@@ -991,7 +1076,11 @@ mod tests {
         assert!(traffic.connections.is_empty());
         assert_eq!(traffic.closed.postgres.dropped, 1);
         // A member again before that: kept.
-        traffic.handle(&data(4, None, Direction::Sent, query), &mut out);
+        handle(
+            &mut traffic,
+            data(4, None, Direction::Sent, query),
+            &mut out,
+        );
         traffic.tick(&mut out);
         traffic.set_members(&[1]);
         for _ in 0..LEAVING_TICKS {
@@ -1072,8 +1161,9 @@ mod tests {
             endpoints: ends,
         };
         traffic.seed(1, &[(7, seed)]);
-        traffic.handle(
-            &data(0xc0, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
+        handle(
+            &mut traffic,
+            data(0xc0, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
             &mut out,
         );
         assert_eq!(traffic.connections[&0xc0].role, Some(Role::Server));
@@ -1083,8 +1173,9 @@ mod tests {
             .contains("selfheal_capture_events_total{direction=\"recv\",role=\"server\"} 1"));
         // The seed is used once: a later connection on a reused fd 7 is not given it.
         assert!(traffic.seeded.is_empty());
-        traffic.handle(
-            &data(0xc8, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
+        handle(
+            &mut traffic,
+            data(0xc8, None, Direction::Received, b"GET / HTTP/1.1\r\n"),
             &mut out,
         );
         assert_eq!(traffic.connections[&0xc8].endpoints, None);
@@ -1096,7 +1187,11 @@ mod tests {
         let mut out = Decoded::default();
         // Procfs is read on another thread: the connection's bytes can come first.
         let query = b"Q\0\0\0\x0dSELECT 1\0";
-        traffic.handle(&data(0xd0, None, Direction::Sent, query), &mut out);
+        handle(
+            &mut traffic,
+            data(0xd0, None, Direction::Sent, query),
+            &mut out,
+        );
         assert_eq!(traffic.connections[&0xd0].endpoints, None);
         let unix = Seed {
             role: None,
@@ -1190,8 +1285,9 @@ mod tests {
         let mut traffic = Traffic::new(Metrics::new());
         let mut out = Decoded::default();
         let served = tcp("127.0.0.1:8080", "127.0.0.1:51000");
-        traffic.handle(
-            &Capture::Opened {
+        handle(
+            &mut traffic,
+            Capture::Opened {
                 tgid: 1,
                 sock: 0xe0,
                 role: Role::Server,
@@ -1201,7 +1297,11 @@ mod tests {
             &mut out,
         );
         let request = b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n";
-        traffic.handle(&data(0xe0, None, Direction::Received, request), &mut out);
+        handle(
+            &mut traffic,
+            data(0xe0, None, Direction::Received, request),
+            &mut out,
+        );
         let (in_flight, _) = traffic.in_flight();
         let origin = Origin {
             tgid: 1,
@@ -1210,7 +1310,11 @@ mod tests {
         assert_eq!(in_flight.len(), 1);
         assert_eq!(in_flight[0].0, origin);
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        traffic.handle(&data(0xe0, None, Direction::Sent, response), &mut out);
+        handle(
+            &mut traffic,
+            data(0xe0, None, Direction::Sent, response),
+            &mut out,
+        );
         assert_eq!(out.http.len(), 1);
         assert_eq!(out.http[0].0, origin);
         let peer = out.http[0].0.endpoints.map(|e| e.remote().to_string());
@@ -1224,8 +1328,16 @@ mod tests {
         traffic.seed(1, &[(7, unix)]);
         let query = b"Q\0\0\0\x0dSELECT 1\0";
         let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
-        traffic.handle(&data(0xf0, None, Direction::Sent, query), &mut out);
-        traffic.handle(&data(0xf0, None, Direction::Received, answer), &mut out);
+        handle(
+            &mut traffic,
+            data(0xf0, None, Direction::Sent, query),
+            &mut out,
+        );
+        handle(
+            &mut traffic,
+            data(0xf0, None, Direction::Received, answer),
+            &mut out,
+        );
         assert!(!out.postgres.is_empty());
         assert!(
             out.postgres
@@ -1239,10 +1351,19 @@ mod tests {
         out.clear();
         let request = b"GET /a HTTP/1.1\r\n\r\n";
         let response = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nbody";
-        traffic.handle(&data(0xe0, None, Direction::Received, request), &mut out);
-        traffic.handle(&data(0xe0, None, Direction::Sent, response), &mut out);
-        traffic.handle(
-            &Capture::Closed {
+        handle(
+            &mut traffic,
+            data(0xe0, None, Direction::Received, request),
+            &mut out,
+        );
+        handle(
+            &mut traffic,
+            data(0xe0, None, Direction::Sent, response),
+            &mut out,
+        );
+        handle(
+            &mut traffic,
+            Capture::Closed {
                 sock: 0xe0,
                 ts_ns: 9,
             },
@@ -1259,12 +1380,14 @@ mod tests {
         let mut out = Decoded::default();
         let request = b"GET /api/v1/leads/7 HTTP/1.1\r\nHost: a\r\n\r\n";
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        traffic.handle(
-            &data(1, Some(Role::Server), Direction::Received, request),
+        handle(
+            &mut traffic,
+            data(1, Some(Role::Server), Direction::Received, request),
             &mut out,
         );
-        traffic.handle(
-            &data(1, Some(Role::Server), Direction::Sent, response),
+        handle(
+            &mut traffic,
+            data(1, Some(Role::Server), Direction::Sent, response),
             &mut out,
         );
         assert_eq!(out.http.len(), 1);
@@ -1274,8 +1397,16 @@ mod tests {
         // A pool connection older than the daemon: joined mid-way from a frontend message.
         let query = b"Q\0\0\0\x0dSELECT 1\0";
         let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
-        traffic.handle(&data(2, None, Direction::Sent, query), &mut out);
-        traffic.handle(&data(2, None, Direction::Received, answer), &mut out);
+        handle(
+            &mut traffic,
+            data(2, None, Direction::Sent, query),
+            &mut out,
+        );
+        handle(
+            &mut traffic,
+            data(2, None, Direction::Received, answer),
+            &mut out,
+        );
         assert!(
             out.postgres
                 .iter()

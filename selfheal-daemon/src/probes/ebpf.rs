@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::capture::{process_sockets, Capture, Direction, Endpoints, Role};
+use super::capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role};
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
     config::ProbesConfig,
@@ -341,8 +341,9 @@ pub enum Record {
     Capture(Capture),
 }
 
-/// Decodes one record; `None` for a truncated or unknown one.
-pub fn decode(bytes: &[u8]) -> Option<Record> {
+/// Decodes one record; `None` for a truncated or unknown one. A capture's payload is
+/// appended to `payloads`, which its `captured` range points into.
+pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
         kind::PROCESS_EXIT if bytes.len() >= size_of::<ProcessExit>() => {
@@ -374,19 +375,31 @@ pub fn decode(bytes: &[u8]) -> Option<Record> {
             };
             // Field offsets of `DataEvent` (`#[repr(C)]`, no padding).
             let captured = (u32_at(32)? as usize).min(selfheal_ebpf::MAX_CAPTURE);
+            let payload = bytes.get(header..header + captured)?;
+            let (tgid, fd, sock, role, direction_raw, total_len, ts_ns) = (
+                u32_at(4)?,
+                u32_at(12)?,
+                u64_at(40)?,
+                u32_at(36)?,
+                u32_at(20)?,
+                u64_at(24)?,
+                u64_at(48)?,
+            );
+            let start = payloads.len();
+            payloads.extend_from_slice(payload);
             Some(Record::Capture(Capture::Data {
-                tgid: u32_at(4)?,
-                fd: u32_at(12)?,
-                sock: u64_at(40)?,
-                role: Role::from_raw(u32_at(36)?),
-                direction: if u32_at(20)? == DIRECTION_SEND {
+                tgid,
+                fd,
+                sock,
+                role: Role::from_raw(role),
+                direction: if direction_raw == DIRECTION_SEND {
                     Direction::Sent
                 } else {
                     Direction::Received
                 },
-                total_len: u64_at(24)?,
-                captured: bytes.get(header..header + captured)?.to_vec(),
-                ts_ns: u64_at(48)?,
+                total_len,
+                captured: start..start + payload.len(),
+                ts_ns,
             }))
         }
         _ => None,
@@ -484,7 +497,9 @@ pub struct Links {
     /// Exits of the target's processes, to the tracker.
     pub exits: mpsc::Sender<KernelExit>,
     /// Socket payloads and opens/closes, to the traffic decoders.
-    pub captures: mpsc::Sender<Vec<Capture>>,
+    pub captures: mpsc::Sender<Batch>,
+    /// Batches the decoders are done with, to fill again.
+    pub recycled: mpsc::Receiver<Batch>,
 }
 
 /// Drains the ring buffer and keeps the filter maps current, until cancelled.
@@ -492,7 +507,7 @@ pub async fn run(
     loaded: Loaded,
     links: Links,
     report_interval: Duration,
-    flush_interval: Duration,
+    flush_interval: Option<Duration>,
     bus: Bus,
     metrics: Metrics,
     cancel: CancellationToken,
@@ -501,6 +516,7 @@ pub async fn run(
         mut members,
         exits,
         captures,
+        mut recycled,
     } = links;
     // `ebpf` is held to the end of this function: dropping it detaches the programs.
     let Loaded {
@@ -517,7 +533,9 @@ pub async fn run(
         .map_err(|err| EbpfError::Poll(err.into()))?;
     let mut window = Window::default();
     let mut ticker = tokio::time::interval(report_interval);
-    let mut flush = tokio::time::interval(flush_interval);
+    // Without payload capture nothing waits in the ring without a wake-up: no timer.
+    let flush_captures = flush_interval.is_some();
+    let mut flush = tokio::time::interval(flush_interval.unwrap_or(Duration::from_hours(1)));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -532,12 +550,12 @@ pub async fn run(
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EbpfError::Poll)?;
-                drain(guard.get_inner_mut(), &exits, &captures, &metrics, &mut window);
+                drain(guard.get_inner_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
                 guard.clear_ready();
             }
             // Captures do not wake the reader (see the eBPF program): drain on a timer.
-            _ = flush.tick() => {
-                drain(ring.get_mut(), &exits, &captures, &metrics, &mut window);
+            _ = flush.tick(), if flush_captures => {
+                drain(ring.get_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
             }
             _ = ticker.tick() => {
                 export_program_stats(&attached, &metrics, &mut window.programs);
@@ -571,20 +589,32 @@ pub async fn run(
 fn drain(
     ring: &mut RingBuf<MapData>,
     exits: &mpsc::Sender<KernelExit>,
-    captures: &mpsc::Sender<Vec<Capture>>,
+    captures: &mpsc::Sender<Batch>,
+    recycled: &mut mpsc::Receiver<Batch>,
     metrics: &Metrics,
     window: &mut Window,
 ) {
-    // Captures go to the decoders in batches, one queue slot and one wake-up per
-    // batch rather than per event. Most timer ticks find nothing: allocate on the first.
-    let mut batch = Vec::new();
+    // Captures go to the decoders in batches, one queue slot and one wake-up per batch
+    // rather than per event, in a batch the decoders sent back when there is one.
+    let mut fresh = || {
+        recycled.try_recv().unwrap_or_else(|_| {
+            Batch::with_capacity(
+                CAPTURE_BATCH,
+                CAPTURE_BATCH * selfheal_ebpf::MAX_CAPTURE / 2,
+            )
+        })
+    };
+    let mut batch = Batch::default();
     let keep_one_in = sampling(captures);
     metrics
         .capture_sampling_ratio
         .set(1.0 / f64::from(keep_one_in));
     let mut sampled_out = 0u64;
     while let Some(item) = ring.next() {
-        match decode(&item) {
+        if batch.captures.capacity() == 0 {
+            batch = fresh();
+        }
+        match decode(&item, &mut batch.bytes) {
             Some(Record::Exit(exit)) => {
                 let kernel_exit = KernelExit {
                     tgid: exit.tgid,
@@ -602,16 +632,19 @@ fn drain(
                 }
                 // The decoders learn of it in order with the process's captures, all of which
                 // the ring held before its exit.
-                batch.push(Capture::Exited { tgid: exit.tgid });
+                batch.captures.push(Capture::Exited { tgid: exit.tgid });
             }
             Some(Record::Tcp(event)) => {
                 record_tcp(&event, metrics, &mut window.summary);
-                batch.extend(connection_change(&event));
+                batch.captures.extend(connection_change(&event));
             }
             Some(Record::Capture(capture)) => {
                 if keeps(&capture, keep_one_in) {
-                    batch.push(capture);
+                    batch.captures.push(capture);
                 } else {
+                    if let Capture::Data { captured, .. } = capture {
+                        batch.bytes.truncate(captured.start);
+                    }
                     sampled_out += 1;
                 }
             }
@@ -625,11 +658,7 @@ fn drain(
             }
         }
         if batch.len() >= CAPTURE_BATCH {
-            hand_over(
-                captures,
-                std::mem::replace(&mut batch, Vec::with_capacity(CAPTURE_BATCH)),
-                metrics,
-            );
+            hand_over(captures, std::mem::take(&mut batch), metrics);
         }
     }
     if !batch.is_empty() {
@@ -648,7 +677,7 @@ fn drain(
 /// How many connections' payloads to keep one in, given how full the decoders' queue is:
 /// all while it is under half full, then fewer and fewer, so a daemon short of CPU sheds
 /// whole connections (whose parsers then resynchronise) rather than falling behind.
-fn sampling(captures: &mpsc::Sender<Vec<Capture>>) -> u32 {
+fn sampling(captures: &mpsc::Sender<Batch>) -> u32 {
     let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
     match free {
         f if f >= 0.5 => 1,
@@ -676,7 +705,7 @@ fn keeps(capture: &Capture, keep_one_in: u32) -> bool {
 pub const CAPTURE_BATCH: usize = 256;
 
 /// Gives a batch to the decoders, or drops and counts it when their queue is full.
-fn hand_over(captures: &mpsc::Sender<Vec<Capture>>, batch: Vec<Capture>, metrics: &Metrics) {
+fn hand_over(captures: &mpsc::Sender<Batch>, batch: Batch, metrics: &Metrics) {
     let len = batch.len() as u64;
     if captures.try_send(batch).is_err() {
         let reason = ReasonLabel {
@@ -793,14 +822,14 @@ mod tests {
 
     #[test]
     fn a_full_queue_sheds_whole_connections() {
-        let (tx, _rx) = mpsc::channel::<Vec<Capture>>(8);
+        let (tx, _rx) = mpsc::channel::<Batch>(8);
         assert_eq!(sampling(&tx), 1);
         for _ in 0..5 {
-            tx.try_send(Vec::new()).expect("room");
+            tx.try_send(Batch::default()).expect("room");
         }
         assert_eq!(sampling(&tx), 2);
         for _ in 0..3 {
-            tx.try_send(Vec::new()).expect("room");
+            tx.try_send(Batch::default()).expect("room");
         }
         assert_eq!(sampling(&tx), 16);
 
@@ -811,7 +840,7 @@ mod tests {
             role: None,
             direction: Direction::Received,
             total_len: 1,
-            captured: Vec::new(),
+            captured: 0..0,
             ts_ns: 0,
         };
         // Kernel socket pointers: 64-byte aligned.
@@ -895,15 +924,18 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const exit).cast::<u8>(), size_of::<ProcessExit>())
         };
-        match decode(bytes) {
+        match decode(bytes, &mut Vec::new()) {
             Some(Record::Exit(decoded)) => {
                 assert_eq!((decoded.tgid, decoded.exit_code, decoded.ts_ns), (42, 9, 7));
             }
             other => panic!("decoded {other:?}"),
         }
-        assert!(decode(&bytes[..20]).is_none(), "truncated");
-        assert!(decode(&[0xff; 80]).is_none(), "unknown kind");
-        assert!(decode(&[]).is_none(), "empty");
+        assert!(decode(&bytes[..20], &mut Vec::new()).is_none(), "truncated");
+        assert!(
+            decode(&[0xff; 80], &mut Vec::new()).is_none(),
+            "unknown kind"
+        );
+        assert!(decode(&[], &mut Vec::new()).is_none(), "empty");
     }
 
     #[test]
@@ -927,7 +959,8 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DataEvent>())
         };
-        let Some(Record::Capture(capture)) = decode(bytes) else {
+        let mut payloads = b"before".to_vec();
+        let Some(Record::Capture(capture)) = decode(bytes, &mut payloads) else {
             panic!("a capture")
         };
         assert_eq!(
@@ -939,21 +972,27 @@ mod tests {
                 role: Some(Role::Server),
                 direction: Direction::Sent,
                 total_len: 4096,
-                captured: b"HTTP/1.1 200 OK\r\n".to_vec(),
+                captured: 6..23,
                 ts_ns: 99,
             }
         );
+        assert_eq!(&payloads[6..], b"HTTP/1.1 200 OK\r\n");
         // A claimed length beyond the record is clamped, never read past the end.
         event.captured = 10_000;
         // SAFETY: as above.
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DataEvent>())
         };
-        let Some(Record::Capture(Capture::Data { captured, .. })) = decode(bytes) else {
+        let mut payloads = Vec::new();
+        let Some(Record::Capture(Capture::Data { captured, .. })) = decode(bytes, &mut payloads)
+        else {
             panic!("a capture")
         };
         assert_eq!(captured.len(), selfheal_ebpf::MAX_CAPTURE);
-        assert!(decode(&bytes[..40]).is_none(), "truncated header");
+        assert!(
+            decode(&bytes[..40], &mut payloads).is_none(),
+            "truncated header"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+use rustc_hash::FxHashMap;
 
 use super::{
     cut, query_id, sqlstate_label, InFlight, QueryStats, RecentQuery, Tables, Trace, TrafficView,
@@ -87,8 +88,9 @@ pub struct Recorder {
     metrics: Metrics,
     max_routes: usize,
     max_queries: usize,
-    routes: HashMap<(usize, Method, Box<str>), RouteEntry>,
-    queries: HashMap<Arc<str>, QueryEntry>,
+    /// Both bounded (`traffic.max_routes`, `traffic.max_queries`), with a fast hasher.
+    routes: FxHashMap<(usize, Method, Box<str>), RouteEntry>,
+    queries: FxHashMap<Arc<str>, QueryEntry>,
     /// Store series of all queries together.
     store_query_duration: Slot,
     store_query_errors: Slot,
@@ -102,8 +104,8 @@ impl Recorder {
             metrics,
             max_routes: config.max_routes,
             max_queries: config.max_queries,
-            routes: HashMap::new(),
-            queries: HashMap::new(),
+            routes: FxHashMap::default(),
+            queries: FxHashMap::default(),
             store_query_duration: Slot::Untried,
             store_query_errors: Slot::Untried,
             writes: Vec::new(),
