@@ -625,9 +625,12 @@ impl RepairConfig {
                 &known_signatures(),
             );
             for (i, action) in actions.iter().enumerate() {
-                let known = match action.strip_prefix(crate::actuators::action::HOOK_PREFIX) {
-                    Some(name) => self.hooks.iter().any(|h| h.name == name),
-                    None => crate::actuators::action::Action::parse(action).is_some(),
+                let known = match crate::actuators::action::Step::parse(action) {
+                    Some(crate::actuators::action::Step::Hook(name)) => {
+                        self.hooks.iter().any(|h| h.name == name)
+                    }
+                    Some(crate::actuators::action::Step::Action(_)) => true,
+                    None => false,
                 };
                 check(
                     known,
