@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    actuators, agents,
+    activity, actuators, agents,
     alerts::{self, AlertManager},
     api,
     bus::Bus,
@@ -42,6 +42,12 @@ pub enum AppError {
     },
     #[error("the admin server failed")]
     Serve(#[source] std::io::Error),
+    #[error("cannot listen on the unix socket {path}")]
+    Socket {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create the state directory {path}")]
     StateDir {
         path: std::path::PathBuf,
@@ -107,6 +113,16 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         .map_err(|source| AppError::Bind { address, source })?;
     let address = listener.local_addr().unwrap_or(address);
     create_state_dir(&config.state.dir)?;
+    let socket = match &config.admin.socket {
+        Some(path) => Some((
+            api::bind_socket(path).map_err(|source| AppError::Socket {
+                path: path.clone(),
+                source,
+            })?,
+            path.clone(),
+        )),
+        None => None,
+    };
     let (token, token_source) = api::resolve_token(&config.admin, &config.state.dir)?;
     match &token_source {
         api::TokenSource::Environment => {
@@ -136,6 +152,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         metrics.clone(),
     )
     .await?;
+    alert_manager.announce_on(bus.clone());
     let (checks, checks_runner) =
         Checks::new(checks::specs(&config), db.clone(), alerts::system_clock());
     tracing::info!(checks = checks.len(), "integration checks configured");
@@ -209,6 +226,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let repairs = RepairLog::new(db.clone());
     let gate = actuators::gate::shared(actuators::gate::GateConfig::from_config(&config.repair));
     let handles = agents::handles(&config);
+    let activity = activity::Activity::new();
     let api_state = Arc::new(api::ApiState {
         started: Instant::now(),
         target: target_status.clone(),
@@ -222,7 +240,24 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         repairs: repairs.clone(),
         gate: gate.clone(),
         repair_config: config.repair.clone(),
+        activity: activity.clone(),
+        bus: bus.clone(),
+        read_only: config.admin.read_only,
+        streams: std::sync::atomic::AtomicUsize::new(0),
     });
+    let socket_served = {
+        let state = api_state.clone();
+        let cancel = cancel.clone();
+        async move {
+            match socket {
+                Some((listener, path)) => {
+                    tracing::info!(path = %path.display(), "admin API listening on a unix socket");
+                    api::serve_socket(listener, path, state, cancel).await
+                }
+                None => Ok(()),
+            }
+        }
+    };
     let shared = agents::Shared {
         config: config.clone(),
         target: target_status.clone(),
@@ -258,8 +293,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         }
     };
     tracing::info!(%address, "admin API listening");
-    let (served, (), (), (), (), (), (), (), (), (), ()) = tokio::join!(
+    let (served, socket_served, (), (), (), (), (), (), (), (), (), (), ()) = tokio::join!(
         api::serve(listener, api_state, cancel.clone()),
+        socket_served,
+        activity::run(activity, store.clone(), bus.clone(), cancel.clone()),
         alerts::run(alert_manager, bus.clone(), cancel.clone()),
         delivery,
         state::retention::run(db, config.state.retention_days, cancel.clone()),
@@ -299,6 +336,9 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         .is_err()
     {
         tracing::warn!("the state database thread did not finish within 5 s");
+    }
+    if let Err(err) = socket_served {
+        tracing::error!(error = %err, "the admin API's unix socket failed");
     }
     served.map_err(AppError::Serve)
 }

@@ -266,6 +266,19 @@ pub enum Event {
         firing: bool,
         message: String,
     },
+    /// The alert manager created, acknowledged or resolved an alert (for live views: the
+    /// rules' `Alert` signals repeat while a condition holds; this is one per change).
+    AlertChanged {
+        id: i64,
+        key: String,
+        rule: String,
+        /// `firing`, `acknowledged` or `resolved`.
+        state: &'static str,
+        severity: Severity,
+        message: String,
+        /// Who changed it: `rule` for the rule's own changes, else the operator.
+        by: String,
+    },
     /// The diagnostic agent's explanation of an alert.
     Diagnosis(Diagnosis),
     /// What the repair agent did or would do about a diagnosis: one event per decision, and
@@ -357,6 +370,7 @@ impl Event {
             Self::Check(_) => "check",
             Self::Health { .. } => "health",
             Self::Alert { .. } => "alert",
+            Self::AlertChanged { .. } => "alert_changed",
             Self::Diagnosis(_) => "diagnosis",
             Self::Repair { .. } => "repair",
             Self::Prediction { .. } => "prediction",
@@ -396,6 +410,14 @@ impl Bus {
             receiver: self.sender.subscribe(),
             metrics: self.metrics.clone(),
         }
+    }
+}
+
+impl Bus {
+    /// A receiver that reports its own lag (the API's event streams tell their clients);
+    /// the caller counts what it loses in `selfheal_bus_lagged_events_total`.
+    pub fn subscribe_raw(&self) -> broadcast::Receiver<Event> {
+        self.sender.subscribe()
     }
 }
 

@@ -1,9 +1,11 @@
 //! The command line: `selfheal run --config FILE`, `selfheal check-config FILE`, and the
-//! clients of the admin API: `selfheal alerts`, `selfheal ack ID`, `selfheal resolve ID`.
+//! clients of the admin API: `selfheal status`, `selfheal alerts`, `selfheal ack ID`,
+//! `selfheal resolve ID`, `selfheal repairs`, `selfheal queries`.
 //!
 //! Usage errors and bad configs exit with 64 (`EX_USAGE`), every problem listed. The API
 //! clients exit 0 when the daemon did what was asked, 1 when it refused (the reason is
-//! printed), and 69 (`EX_UNAVAILABLE`) when it cannot be reached.
+//! printed), and 69 (`EX_UNAVAILABLE`) when it cannot be reached; `status` exits 0 when the
+//! daemon reports healthy and 1 when it reports degraded or critical.
 
 use std::{
     fmt::Write as _,
@@ -49,6 +51,12 @@ pub enum Command {
         /// The TOML config file.
         file: PathBuf,
     },
+    /// A summary of the daemon like `systemctl status`: target, health, agents, platforms,
+    /// active alerts, last repairs. Exits 0 when healthy, 1 when degraded or critical.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// List alerts (the active ones unless told otherwise).
     Alerts {
         /// firing, acknowledged, resolved, active or all.
@@ -82,6 +90,25 @@ pub enum Command {
         id: String,
         #[command(flatten)]
         change: ChangeArgs,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The repair decisions, newest first: what ran (or would have), and how it ended.
+    Repairs {
+        /// How many (1 to 1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Only this cause (`target.crashed`, `db.slow_query`, …).
+        #[arg(long)]
+        signature: Option<String>,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// The target's PostgreSQL queries per fingerprint, slowest in total first.
+    Queries {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -169,6 +196,25 @@ pub fn run_client(command: Command, env: &Env) -> u8 {
             client.print(&data, print_alerts);
             Ok(())
         }),
+        Command::Status { api } => return status(&api, env),
+        Command::Repairs {
+            limit,
+            signature,
+            api,
+        } => Client::new(&api, env).and_then(|client| {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(signature) = signature {
+                query.push(("signature", signature));
+            }
+            let data = client.get("/api/v1/system/repairs", &query)?;
+            client.print(&data, print_repairs);
+            Ok(())
+        }),
+        Command::Queries { limit, api } => Client::new(&api, env).and_then(|client| {
+            let data = client.get("/api/v1/system/queries", &[])?;
+            client.print(&data, |data| print_queries(data, limit));
+            Ok(())
+        }),
         Command::Ack { id, change, api } => change_alert(&api, env, &id, "acknowledge", &change),
         Command::Resolve { id, change, api } => change_alert(&api, env, &id, "resolve", &change),
         Command::Run { .. } | Command::CheckConfig { .. } => {
@@ -177,6 +223,23 @@ pub fn run_client(command: Command, env: &Env) -> u8 {
     };
     match outcome {
         Ok(()) => 0,
+        Err(failure) => {
+            eprintln!("selfheal: {}", failure.message);
+            failure.status
+        }
+    }
+}
+
+/// `selfheal status`: 0 healthy, 1 degraded or critical, 69 unreachable.
+fn status(api: &ApiArgs, env: &Env) -> u8 {
+    let outcome = Client::new(api, env).and_then(|client| {
+        let data = client.get("/api/v1/system/dashboard", &[])?;
+        client.print(&data, print_status);
+        Ok(data["system"]["status"] == "healthy")
+    });
+    match outcome {
+        Ok(true) => 0,
+        Ok(false) => EXIT_REFUSED,
         Err(failure) => {
             eprintln!("selfheal: {}", failure.message);
             failure.status
@@ -372,6 +435,225 @@ fn ago(now_ms: i64, at_ms: i64) -> String {
     }
 }
 
+/// Prints rows under a header, columns padded to their widest cell (the last one is not).
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                let _ = write!(out, "{cell:<width$}  ", width = widths[i]);
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(&header.map(str::to_owned));
+    for row in rows {
+        line(row);
+    }
+}
+
+fn text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn millis(value: &serde_json::Value) -> String {
+    value
+        .as_f64()
+        .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.1} ms"))
+}
+
+fn print_status(data: &serde_json::Value) {
+    let now = crate::state::now_ms();
+    let system = &data["system"];
+    let target = &system["target"];
+    let symbol = match system["status"].as_str() {
+        Some("healthy") => "●",
+        Some("degraded") => "◐",
+        _ => "○",
+    };
+    println!(
+        "{symbol} selfheal {} - {} (up {})",
+        text(&system["version"]),
+        text(&system["status"]),
+        ago(
+            now,
+            now - system["uptime_seconds"].as_i64().unwrap_or(0) * 1000
+        )
+    );
+    let pid = target["pid"]
+        .as_u64()
+        .map_or_else(String::new, |pid| format!(" pid {pid}"));
+    let since = target["running_since_unix_ms"]
+        .as_i64()
+        .map_or_else(String::new, |at| format!(", for {}", ago(now, at)));
+    println!(
+        "     Target: {} {}{pid}{since}, {} restart(s)",
+        text(&target["selector"]),
+        text(&target["state"]),
+        target["restarts"]
+    );
+    if let Some(error) = target["last_error"].as_str() {
+        println!("             {error}");
+    }
+    let healing = &system["self_healing"];
+    let circuits: Vec<String> = healing["open_circuits"]
+        .as_array()
+        .map(|list| list.iter().map(text).collect())
+        .unwrap_or_default();
+    println!(
+        "  Self-heal: {}{}",
+        if healing["enabled"] == true {
+            text(&healing["mode"])
+        } else {
+            "off".to_owned()
+        },
+        if circuits.is_empty() {
+            String::new()
+        } else {
+            format!(", circuits open: {}", circuits.join(", "))
+        }
+    );
+    let agents = data["agents"].as_array().map_or(&[][..], Vec::as_slice);
+    let running = agents.iter().filter(|a| a["state"] == "running").count();
+    let others: Vec<String> = agents
+        .iter()
+        .filter(|a| a["state"] != "running")
+        .map(|a| format!("{} {}", text(&a["name"]), text(&a["state"])))
+        .collect();
+    println!(
+        "     Agents: {running} of {} running{}",
+        agents.len(),
+        if others.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", others.join(", "))
+        }
+    );
+    for platform in data["platforms"].as_array().map_or(&[][..], Vec::as_slice) {
+        let traffic = &platform["traffic"];
+        let figures = if traffic.is_null() {
+            "no traffic in 5 min".to_owned()
+        } else {
+            format!(
+                "{:.2} req/s, p95 {}, {:.1} % errors",
+                traffic["rate_per_second"].as_f64().unwrap_or(0.0),
+                millis(&traffic["p95_ms"]),
+                traffic["error_rate"].as_f64().unwrap_or(0.0) * 100.0
+            )
+        };
+        println!(
+            "   Platform: {} {} ({figures})",
+            text(&platform["name"]),
+            text(&platform["status"])
+        );
+        for reason in platform["reasons"]
+            .as_array()
+            .map_or(&[][..], Vec::as_slice)
+        {
+            println!("             {}", text(reason));
+        }
+    }
+    let alerts = &data["alerts"];
+    println!(
+        "     Alerts: {} active ({} critical, {} warning), {} in all, {} auto-resolved",
+        alerts["active"],
+        alerts["critical"],
+        alerts["warning"],
+        alerts["total"],
+        alerts["auto_resolved"]
+    );
+    let repairs = &data["repairs"];
+    let rate = repairs["success_rate"].as_f64().map_or_else(
+        || "none verified yet".to_owned(),
+        |r| format!("{:.0} % succeeded", r * 100.0),
+    );
+    println!(
+        "    Repairs: {} decision(s), {rate}, {} active",
+        repairs["total"], repairs["active"]
+    );
+    for repair in repairs["last"].as_array().map_or(&[][..], Vec::as_slice) {
+        println!(
+            "             {} ago  {} -> {}: {}",
+            ago(now, repair["at_ms"].as_i64().unwrap_or(now)),
+            text(&repair["signature"]),
+            text(&repair["action"]),
+            text(&repair["state"])
+        );
+    }
+}
+
+fn print_repairs(data: &serde_json::Value) {
+    let repairs = data["repairs"].as_array().map_or(&[][..], Vec::as_slice);
+    println!(
+        "mode {}{}",
+        text(&data["mode"]),
+        data["open_circuits"]
+            .as_array()
+            .filter(|c| !c.is_empty())
+            .map_or_else(String::new, |c| format!(
+                ", circuits open: {}",
+                c.iter().map(text).collect::<Vec<_>>().join(", ")
+            ))
+    );
+    if repairs.is_empty() {
+        println!("no repairs yet");
+        return;
+    }
+    let now = crate::state::now_ms();
+    let rows: Vec<[String; 6]> = repairs
+        .iter()
+        .map(|r| {
+            [
+                text(&r["id"]),
+                ago(now, r["at_ms"].as_i64().unwrap_or(now)),
+                text(&r["signature"]),
+                text(&r["action"]),
+                text(&r["state"]),
+                r["error"]
+                    .as_str()
+                    .map_or_else(|| text(&r["summary"]), ToOwned::to_owned),
+            ]
+        })
+        .collect();
+    print_table(["ID", "AGE", "CAUSE", "ACTION", "STATE", "DETAIL"], &rows);
+}
+
+fn print_queries(data: &serde_json::Value, limit: usize) {
+    let queries = data["queries"].as_array().map_or(&[][..], Vec::as_slice);
+    if queries.is_empty() {
+        println!("no queries seen (payload capture is off unless probes.payload_bytes > 0)");
+        return;
+    }
+    let rows: Vec<[String; 6]> = queries
+        .iter()
+        .take(limit)
+        .map(|q| {
+            [
+                text(&q["count"]),
+                millis(&q["mean_ms"]),
+                millis(&q["p95_ms"]),
+                format!("{:.0} ms", q["total_ms"].as_f64().unwrap_or(0.0)),
+                text(&q["errors"]),
+                text(&q["fingerprint"]),
+            ]
+        })
+        .collect();
+    print_table(["COUNT", "MEAN", "P95", "TOTAL", "ERRORS", "QUERY"], &rows);
+    println!("{} of {} fingerprint(s)", rows.len(), queries.len());
+}
+
 fn print_alerts(data: &serde_json::Value) {
     let alerts = data["alerts"].as_array().map_or(&[][..], Vec::as_slice);
     if alerts.is_empty() {
@@ -379,7 +661,6 @@ fn print_alerts(data: &serde_json::Value) {
         return;
     }
     let now = crate::state::now_ms();
-    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
     let rows: Vec<[String; 8]> = alerts
         .iter()
         .map(|a| {
@@ -395,30 +676,12 @@ fn print_alerts(data: &serde_json::Value) {
             ]
         })
         .collect();
-    let header = [
-        "ID", "STATE", "SEVERITY", "KEY", "PLATFORM", "COUNT", "AGE", "MESSAGE",
-    ];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
-            *width = (*width).max(cell.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        let mut out = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                let _ = write!(out, "{cell:<width$}  ", width = widths[i]);
-            }
-        }
-        println!("{out}");
-    };
-    line(&header.map(str::to_owned));
-    for row in &rows {
-        line(row);
-    }
+    print_table(
+        [
+            "ID", "STATE", "SEVERITY", "KEY", "PLATFORM", "COUNT", "AGE", "MESSAGE",
+        ],
+        &rows,
+    );
     println!(
         "{} of {} alert(s), from offset {}",
         rows.len(),

@@ -240,6 +240,12 @@ pub struct AdminConfig {
     /// `SELFHEAL_ADMIN_TOKEN`: the bearer token itself (environment only).
     #[serde(skip)]
     pub token: Option<Secret>,
+    /// Refuse every endpoint that changes something (acknowledge, resolve, silences, agent
+    /// restarts, check runs, circuit resets) with 403: a view-only daemon.
+    pub read_only: bool,
+    /// Also serve the API on this unix socket (created mode 0600, replaced at start, removed
+    /// at exit); the bearer token is still required on it.
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -248,6 +254,8 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:9797".to_owned(),
             token_file: None,
             token: None,
+            read_only: false,
+            socket: None,
         }
     }
 }
@@ -1389,6 +1397,13 @@ impl Config {
                 .is_none_or(Path::is_absolute),
             "admin.token_file",
             "must be an absolute path",
+        );
+        check(
+            self.admin.socket.as_deref().is_none_or(|path| {
+                path.is_absolute() && path.as_os_str().len() < 108 && path.file_name().is_some()
+            }),
+            "admin.socket",
+            "must be an absolute file path shorter than 108 bytes",
         );
         check(
             self.state.dir.is_absolute(),

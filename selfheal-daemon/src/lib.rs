@@ -3,6 +3,7 @@
 //! `main.rs` is thin: it parses the command line, loads the config and calls [`app::run`].
 //! See ARCHITECTURE.md for the map of these modules and their invariants.
 
+pub mod activity;
 pub mod actuators;
 pub mod agents;
 pub mod alerts;

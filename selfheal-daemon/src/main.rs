@@ -57,7 +57,12 @@ fn main() -> ExitCode {
             };
             run(config)
         }
-        command @ (Command::Alerts { .. } | Command::Ack { .. } | Command::Resolve { .. }) => {
+        command @ (Command::Status { .. }
+        | Command::Alerts { .. }
+        | Command::Ack { .. }
+        | Command::Resolve { .. }
+        | Command::Repairs { .. }
+        | Command::Queries { .. }) => {
             ExitCode::from(selfheal_daemon::cli::run_client(command, &env))
         }
     }

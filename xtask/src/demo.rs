@@ -167,12 +167,16 @@ pub(crate) fn run(duration: Option<Duration>) -> Result<()> {
 
     println!();
     println!("selfheal is watching the demo backend:");
-    println!("  admin API (health):  http://{ADMIN}/api/v1/system/health");
+    println!(
+        "  dashboard:           http://{ADMIN}/  (the token it asks for: sudo cat {DEMO_TOKEN})"
+    );
+    println!("  admin API (health):  http://{ADMIN}/api/v1/system/health  (every endpoint: /api/v1/openapi.json)");
     println!("  Prometheus metrics:  http://{ADMIN}/metrics");
     println!("  traffic views:       TOKEN=$(sudo cat {DEMO_TOKEN}); curl -H \"Authorization: Bearer $TOKEN\" 'http://{ADMIN}/api/v1/system/metrics?window=5m'");
     println!(
         "                       (also /api/v1/system/queries, traces, alerts and integrations)"
     );
+    println!("  from the shell:      sudo target/debug/selfheal status --config config/demo.toml  (also alerts, repairs, queries)");
     println!("  demo backend:        http://127.0.0.1:{BACKEND_PORT}  (e.g. curl -H 'Host: api.tackle.io' http://127.0.0.1:{BACKEND_PORT}/api/v1/tackle/deals)");
     println!("  break it:            curl -X POST 'http://127.0.0.1:{BACKEND_PORT}/__fault/crash?mode=abort'  (or /__fault/hang)");
     println!("  watch it heal:       curl -H \"Authorization: Bearer $TOKEN\" http://{ADMIN}/api/v1/system/repairs  (also diagnoses, patterns)");

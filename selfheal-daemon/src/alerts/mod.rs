@@ -414,6 +414,8 @@ struct Inner {
     /// Signalled (`notify_waiters`) after a change that enqueued notifications, so the
     /// delivery worker does not wait for its next poll.
     enqueued: Arc<Notify>,
+    /// Where changes are announced (`Event::AlertChanged`), once set.
+    bus: std::sync::OnceLock<Bus>,
 }
 
 /// The active alerts as one database operation left them.
@@ -455,6 +457,7 @@ impl AlertManager {
                 }),
                 sequence,
                 enqueued: Arc::new(Notify::new()),
+                bus: std::sync::OnceLock::new(),
             }),
         };
         if !active.alerts.is_empty() {
@@ -507,6 +510,25 @@ impl AlertManager {
         (self.inner.clock)()
     }
 
+    /// Announces every later change on `bus` as an `Event::AlertChanged` (the live views).
+    pub fn announce_on(&self, bus: Bus) {
+        let _ = self.inner.bus.set(bus);
+    }
+
+    fn announce(&self, alert: &Alert, by: &str) {
+        if let Some(bus) = self.inner.bus.get() {
+            bus.publish(Event::AlertChanged {
+                id: alert.id,
+                key: alert.key.clone(),
+                rule: alert.rule.clone(),
+                state: alert.state.as_str(),
+                severity: alert.severity,
+                message: alert.message.clone(),
+                by: by.to_owned(),
+            });
+        }
+    }
+
     /// Applies a rule's signal. A database failure is logged and counted; the signal is lost
     /// (the rule fires again while the condition holds).
     pub async fn signal(&self, signal: Signal) {
@@ -544,6 +566,7 @@ impl AlertManager {
                     })
                     .inc();
                 tracing::warn!(id = alert.id, key = %alert.key, severity = severity_str(alert.severity), message = %alert.message, ?notified, "alert firing");
+                self.announce(alert, "rule");
                 notified
             }
             Outcome::Repeated { alert, notified } => {
@@ -552,6 +575,7 @@ impl AlertManager {
             }
             Outcome::Resolved { alert, notified } => {
                 tracing::info!(id = alert.id, key = %alert.key, ?notified, "alert resolved: the condition cleared");
+                self.announce(alert, "rule");
                 notified
             }
             Outcome::NothingActive => return,
@@ -633,6 +657,7 @@ impl AlertManager {
                     %by,
                     "alert changed by an operator"
                 );
+                self.announce(&alert, &by);
                 Ok(alert)
             }
             Err(error) => {
@@ -651,6 +676,15 @@ impl AlertManager {
             .inner
             .db
             .call("alerts_list", move |c| store::list(c, now, &filter))
+            .await?)
+    }
+
+    /// How many alerts are kept, resolved, and resolved by their rule.
+    pub async fn counts(&self) -> Result<store::Counts, AlertError> {
+        Ok(self
+            .inner
+            .db
+            .call("alerts_counts", |c| store::counts(c))
             .await?)
     }
 

@@ -107,6 +107,30 @@ pub fn active(c: &Connection) -> rusqlite::Result<Vec<Alert>> {
     rows.collect()
 }
 
+/// How many alerts the database keeps: every one, and the resolved ones by how.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counts {
+    pub total: i64,
+    pub resolved: i64,
+    /// Resolved by their rule, when the condition cleared.
+    pub auto_resolved: i64,
+}
+
+pub fn counts(c: &Connection) -> rusqlite::Result<Counts> {
+    c.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'resolved'), \
+         count(*) FILTER (WHERE state = 'resolved' AND resolved_by = 'rule') FROM alerts",
+        [],
+        |row| {
+            Ok(Counts {
+                total: row.get(0)?,
+                resolved: row.get(1)?,
+                auto_resolved: row.get(2)?,
+            })
+        },
+    )
+}
+
 fn active_silence_for(
     tx: &Connection,
     now: i64,

@@ -340,6 +340,11 @@ impl RepairLog {
             .await
     }
 
+    /// The repairs log in figures: decisions by state.
+    pub async fn counts(&self) -> Result<Counts, StateError> {
+        self.db.call("repairs_counts", |c| counts(c)).await
+    }
+
     /// Records the outcome of one action that ran (the learning agent).
     pub async fn learn(
         &self,
@@ -400,6 +405,46 @@ fn insert(c: &Connection, repair: &NewRepair) -> rusqlite::Result<i64> {
 /// A JSON column as `T`; `None` when empty or not that shape.
 fn json<T: serde::de::DeserializeOwned>(text: Option<String>) -> Option<T> {
     text.and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// The repairs log's decisions by state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Counts {
+    /// Every decision kept, skipped and dry-run ones included.
+    pub total: i64,
+    /// Actions that ran and were verified.
+    pub recovered: i64,
+    pub failed: i64,
+    /// Running or being verified now.
+    pub active: i64,
+    pub skipped: i64,
+    pub dry_run: i64,
+    /// Recovered among the actions that ran and ended (recovered + failed); `None` before any.
+    pub success_rate: Option<f64>,
+}
+
+fn counts(c: &Connection) -> rusqlite::Result<Counts> {
+    c.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE state = 'recovered'), \
+         count(*) FILTER (WHERE state = 'failed'), \
+         count(*) FILTER (WHERE state IN ('running', 'verifying')), \
+         count(*) FILTER (WHERE state = 'skipped'), count(*) FILTER (WHERE state = 'dry_run') \
+         FROM repairs",
+        [],
+        |row| {
+            let (recovered, failed): (i64, i64) = (row.get(1)?, row.get(2)?);
+            Ok(Counts {
+                total: row.get(0)?,
+                recovered,
+                failed,
+                active: row.get(3)?,
+                skipped: row.get(4)?,
+                dry_run: row.get(5)?,
+                success_rate: (recovered + failed > 0)
+                    .then(|| recovered as f64 / (recovered + failed) as f64),
+            })
+        },
+    )
 }
 
 fn list(c: &Connection, limit: usize, signature: Option<&str>) -> rusqlite::Result<Vec<Repair>> {

@@ -58,7 +58,7 @@ pub enum WriteError {
 
 /// What the store refused or dropped since it was created (not persisted across restarts:
 /// these are counters for `/metrics`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoreStats {
     /// Samples stored.
     pub samples_accepted: u64,
@@ -139,7 +139,7 @@ pub struct SeriesInfo {
 }
 
 /// Memory in use and limits, for `/metrics` and the admin API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct MemoryReport {
     /// Bytes charged against `max_bytes`: every series' rings, key and overhead.
     pub bytes_in_use: u64,

@@ -26,8 +26,8 @@ pub use moves::{QueryMove, RouteMove, TrafficMoves, Window};
 pub use platform::{Platforms, OTHER};
 pub use record::{Recorder, HTTP_DURATION, HTTP_REQUESTS, QUERY_DURATION, QUERY_ERRORS};
 pub use views::{
-    parse_window, Figures, MetricsQuery, MetricsSeriesView, MetricsView, QueriesView, TracesView,
-    TrafficHealth, ViewError, MAX_ANSWER_POINTS, MAX_SERIES_POINTS,
+    parse_window, Figures, MetricsQuery, MetricsSeriesView, MetricsView, QueriesView, QueryView,
+    TracesView, TrafficHealth, ViewError, MAX_ANSWER_POINTS, MAX_SERIES_POINTS,
 };
 
 use crate::{

@@ -372,7 +372,7 @@ impl TrafficView {
                 None => selector,
             }
         };
-        let (platforms, complete) = self.store().read(|store| {
+        let (platforms, complete, target) = self.store().read(|store| {
             let mut routes: BTreeMap<(String, String, String), RouteIds> = BTreeMap::new();
             for info in store.select(&selector(HTTP_REQUESTS)) {
                 let ids = routes.entry(route_key(&info.key)).or_default();
@@ -425,7 +425,33 @@ impl TrafficView {
                     routes: route_views,
                 });
             }
-            Ok((views, complete))
+            let mut target = Vec::new();
+            let cpu = store.lookup(crate::activity::TARGET_CPU, &[]);
+            let memory = store.lookup(crate::activity::TARGET_MEMORY, &[]);
+            if cpu.is_some() || memory.is_some() {
+                let gauge = |id: Option<SeriesId>| -> Result<Option<Range>, ViewError> {
+                    id.map(|id| store.range_of(&[id], from_ms, to_ms, step))
+                        .transpose()
+                        .map_err(ViewError::Store)
+                };
+                let (cpu, memory) = (gauge(cpu)?, gauge(memory)?);
+                let value = |range: &Option<Range>, k: usize| match range
+                    .as_ref()
+                    .and_then(|r| r.points.get(k))
+                    .and_then(|p| p.value)
+                {
+                    Some(PointValue::Gauge(g)) => Some(g),
+                    _ => None,
+                };
+                for k in 0..usize::try_from(points).unwrap_or(0) {
+                    target.push(ResourcePoint {
+                        at_unix_ms: from_ms + k as i64 * step_ms,
+                        cpu_percent: value(&cpu, k).map(|g| (g.mean * 10.0).round() / 10.0),
+                        memory_bytes: value(&memory, k).map(|g| g.max.round() as u64),
+                    });
+                }
+            }
+            Ok((views, complete, target))
         })?;
         Ok(MetricsSeriesView {
             window_seconds: window_secs,
@@ -435,6 +461,7 @@ impl TrafficView {
             to_unix_ms: to_ms,
             complete,
             platforms,
+            target,
         })
     }
 
@@ -794,6 +821,16 @@ pub struct MetricsSeriesView {
     /// False when the store no longer holds part of the window (older than its tiers keep).
     pub complete: bool,
     pub platforms: Vec<PlatformSeries>,
+    /// The target's CPU (mean over the step, 100 = one core) and memory (the step's peak),
+    /// on the same grid; empty before the first sample.
+    pub target: Vec<ResourcePoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResourcePoint {
+    pub at_unix_ms: i64,
+    pub cpu_percent: Option<f64>,
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]

@@ -1,44 +1,50 @@
-//! The admin HTTP server: `GET /api/v1/system/health`, `GET /metrics` (both open) and, behind
-//! the bearer token, `GET /api/v1/system/{metrics,queries,traces}`, the alerts
-//! (`GET alerts`, `GET alerts/{id}`, `POST alerts/{id}/acknowledge`,
-//! `POST alerts/{id}/resolve`), silences (`GET`/`POST silences`, `DELETE silences/{id}`),
-//! the integration checks (`GET integrations`, `POST checks/run`).
+//! The admin HTTP server: every endpoint of the contract under `/api/v1/system/`,
+//! `GET /metrics`, the `OpenAPI` document and the dashboard. [`routes`] lists them all with who may
+//! call them: `health`, `/metrics`, `/api/v1/openapi.json` and the dashboard's page are open;
+//! the rest needs the bearer token; the endpoints that change something answer 403 when
+//! `admin.read_only` is set.
 //!
 //! Owns: the routes, the bearer-token check (constant time), the admin token's resolution
 //! (`SELFHEAL_ADMIN_TOKEN`, `admin.token_file`, or one generated in the state directory),
 //! the JSON envelope (`{"success": true, "data": …}` or `{"success": false, "error": …}`),
 //! and the response types, which are built for the API rather than borrowed from internal
 //! structs. Must not: log or return the token, or change anything but through the alert
-//! manager.
+//! manager, the agents' supervisor, the checks' runner and the gate's circuit reset.
+
+mod dashboard;
+mod events;
+mod openapi;
+mod system;
 
 use std::{
-    sync::{Arc, PoisonError},
+    sync::{atomic::AtomicUsize, Arc},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
     body::Bytes,
     extract::{rejection::QueryRejection, Path, Query, Request, State},
-    http::{header, StatusCode},
+    http::{header, Method, StatusCode},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, MethodRouter},
     Json, Router,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    activity::Activity,
     actuators::gate::SharedGate,
-    agents::{AgentHandle, AgentState},
+    agents::AgentHandle,
     alerts::{
         views::{
-            optional_json, ActiveAlertView, AlertDetailView, AlertListView, AlertView, AlertsQuery,
-            ChangeBody, SilenceBody, SilenceView,
+            optional_json, AlertDetailView, AlertListView, AlertView, AlertsQuery, ChangeBody,
+            SilenceBody, SilenceView,
         },
         Action, AlertError, AlertManager,
     },
-    bus::{ExitStatus, Severity, Source, TargetState},
+    bus::Bus,
     checks::{
         views::{IntegrationView, IntegrationsView, RunBody, RunView},
         CheckError, Checks,
@@ -66,6 +72,14 @@ pub struct ApiState {
     pub repairs: RepairLog,
     pub gate: SharedGate,
     pub repair_config: crate::config::RepairConfig,
+    /// The agents' recent findings and the last samples.
+    pub activity: Activity,
+    /// What the event streams subscribe to.
+    pub bus: Bus,
+    /// `admin.read_only`: the endpoints that change something answer 403.
+    pub read_only: bool,
+    /// Event streams open now.
+    pub streams: AtomicUsize,
 }
 
 #[derive(Serialize)]
@@ -90,149 +104,6 @@ fn ok<T: Serialize>(data: T) -> Json<Envelope<T>> {
 fn unix_ms(at: SystemTime) -> u64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "snake_case")]
-enum Overall {
-    Healthy,
-    Degraded,
-    Critical,
-}
-
-#[derive(Serialize)]
-struct HealthView {
-    status: Overall,
-    version: &'static str,
-    uptime_seconds: u64,
-    target: TargetView,
-    /// Active alerts (firing or acknowledged), newest first.
-    alerts: Vec<ActiveAlertView>,
-    agents: Vec<AgentView>,
-    probes: ProbesView,
-}
-
-#[derive(Serialize)]
-struct TargetView {
-    selector: String,
-    state: TargetState,
-    pid: Option<u32>,
-    processes: usize,
-    restarts: u64,
-    running_since_unix_ms: Option<u64>,
-    last_exit: Option<ExitView>,
-    last_error: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ExitView {
-    pid: u32,
-    /// `exited`, `unknown` or the signal name, as in the metric label.
-    reason: &'static str,
-    status: ExitStatus,
-    signal: Option<i32>,
-    code: Option<i32>,
-    source: Source,
-    at_unix_ms: u64,
-    /// `CLOCK_MONOTONIC` nanoseconds when the kernel recorded the exit (eBPF only).
-    exited_monotonic_ns: Option<u64>,
-    /// `CLOCK_MONOTONIC` nanoseconds when the daemon received it.
-    observed_monotonic_ns: u64,
-}
-
-#[derive(Serialize)]
-struct AgentView {
-    name: &'static str,
-    enabled: bool,
-    state: AgentState,
-    started_at_unix_ms: Option<u64>,
-    last_activity_unix_ms: Option<u64>,
-    events_handled: u64,
-    events_published: u64,
-    restarts: u64,
-    last_error: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ProbesView {
-    ebpf: String,
-}
-
-async fn health(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
-    let target = state
-        .target
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let active = state.alerts.active();
-    let alerts: Vec<ActiveAlertView> = active.iter().map(ActiveAlertView::from).collect();
-    let agents: Vec<AgentView> = state
-        .agents
-        .iter()
-        .map(|handle| {
-            let s = handle.status();
-            AgentView {
-                name: s.name,
-                enabled: s.enabled,
-                state: s.state,
-                started_at_unix_ms: s.started_at.map(unix_ms),
-                last_activity_unix_ms: s.last_activity.map(unix_ms),
-                events_handled: s.events_handled,
-                events_published: s.events_published,
-                restarts: s.restarts,
-                last_error: s.last_error,
-            }
-        })
-        .collect();
-    let status = if target.state != TargetState::Running
-        || active.iter().any(|a| a.severity == Severity::Critical)
-    {
-        Overall::Critical
-    } else if !alerts.is_empty() || agents.iter().any(|a| a.state == AgentState::Restarting) {
-        Overall::Degraded
-    } else {
-        Overall::Healthy
-    };
-    let last_exit = target.last_exit.map(|exit| ExitView {
-        pid: exit.pid,
-        reason: exit.reason,
-        status: exit.status,
-        signal: match exit.status {
-            ExitStatus::Signaled { signal, .. } => Some(signal),
-            _ => None,
-        },
-        code: match exit.status {
-            ExitStatus::Exited { code } => Some(code),
-            _ => None,
-        },
-        source: exit.source,
-        at_unix_ms: unix_ms(exit.at),
-        exited_monotonic_ns: exit.exited_monotonic_ns,
-        observed_monotonic_ns: exit.observed_monotonic_ns,
-    });
-    ok(HealthView {
-        status,
-        version: env!("CARGO_PKG_VERSION"),
-        uptime_seconds: state.started.elapsed().as_secs(),
-        target: TargetView {
-            selector: target.selector,
-            state: target.state,
-            pid: target.pid,
-            processes: target.members.len(),
-            restarts: target.restarts,
-            running_since_unix_ms: target
-                .since
-                .filter(|_| target.state == TargetState::Running)
-                .map(unix_ms),
-            last_exit,
-            last_error: target.last_error,
-        },
-        alerts,
-        agents,
-        probes: ProbesView {
-            ebpf: state.ebpf.clone(),
-        },
-    })
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
@@ -689,39 +560,215 @@ fn token_matches(presented: &str, expected: &str) -> bool {
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-pub fn router(state: Arc<ApiState>) -> Router {
-    let protected = Router::new()
-        .route("/api/v1/system/metrics", get(traffic_metrics))
-        .route("/api/v1/system/queries", get(queries))
-        .route("/api/v1/system/traces", get(traces))
-        .route("/api/v1/system/alerts", get(list_alerts))
-        .route("/api/v1/system/alerts/{id}", get(alert_detail))
-        .route(
+/// Who may call an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No token needed.
+    Open,
+    /// The bearer token.
+    Read,
+    /// The bearer token, and refused with 403 under `admin.read_only`.
+    Change,
+}
+
+/// One endpoint: its path (axum's syntax, which is `OpenAPI`'s), method, access and handler.
+pub struct Route {
+    pub path: &'static str,
+    pub method: Method,
+    pub access: Access,
+    handler: MethodRouter<Arc<ApiState>>,
+}
+
+fn route(
+    path: &'static str,
+    method: Method,
+    access: Access,
+    handler: MethodRouter<Arc<ApiState>>,
+) -> Route {
+    Route {
+        path,
+        method,
+        access,
+        handler,
+    }
+}
+
+/// Every endpoint the admin server has. The `OpenAPI` document lists exactly these (a test
+/// holds them in step).
+pub fn routes() -> Vec<Route> {
+    use Access::{Change, Open, Read};
+    vec![
+        route("/", Method::GET, Open, get(dashboard::page)),
+        route("/metrics", Method::GET, Open, get(metrics)),
+        route(
+            "/api/v1/openapi.json",
+            Method::GET,
+            Open,
+            get(openapi::document),
+        ),
+        route(
+            "/api/v1/system/health",
+            Method::GET,
+            Open,
+            get(system::health),
+        ),
+        route(
+            "/api/v1/system/health/detailed",
+            Method::GET,
+            Read,
+            get(system::health_detailed),
+        ),
+        route(
+            "/api/v1/system/dashboard",
+            Method::GET,
+            Read,
+            get(system::dashboard),
+        ),
+        route(
+            "/api/v1/system/agents",
+            Method::GET,
+            Read,
+            get(system::agents),
+        ),
+        route(
+            "/api/v1/system/agents/{name}/restart",
+            Method::POST,
+            Change,
+            post(system::restart_agent),
+        ),
+        route(
+            "/api/v1/system/events",
+            Method::GET,
+            Read,
+            get(events::events),
+        ),
+        route(
+            "/api/v1/system/metrics",
+            Method::GET,
+            Read,
+            get(traffic_metrics),
+        ),
+        route("/api/v1/system/queries", Method::GET, Read, get(queries)),
+        route("/api/v1/system/traces", Method::GET, Read, get(traces)),
+        route(
+            "/api/v1/system/performance",
+            Method::GET,
+            Read,
+            get(system::performance),
+        ),
+        route(
+            "/api/v1/system/predictions",
+            Method::GET,
+            Read,
+            get(system::predictions),
+        ),
+        route(
+            "/api/v1/system/security",
+            Method::GET,
+            Read,
+            get(system::security),
+        ),
+        route("/api/v1/system/alerts", Method::GET, Read, get(list_alerts)),
+        route(
+            "/api/v1/system/alerts/{id}",
+            Method::GET,
+            Read,
+            get(alert_detail),
+        ),
+        route(
             "/api/v1/system/alerts/{id}/acknowledge",
+            Method::POST,
+            Change,
             post(acknowledge_alert),
-        )
-        .route("/api/v1/system/alerts/{id}/resolve", post(resolve_alert))
-        .route(
+        ),
+        route(
+            "/api/v1/system/alerts/{id}/resolve",
+            Method::POST,
+            Change,
+            post(resolve_alert),
+        ),
+        route(
             "/api/v1/system/silences",
-            get(list_silences).post(create_silence),
-        )
-        .route("/api/v1/system/silences/{id}", delete(expire_silence))
-        .route("/api/v1/system/integrations", get(integrations))
-        .route("/api/v1/system/repairs", get(repairs))
-        .route(
+            Method::GET,
+            Read,
+            get(list_silences),
+        ),
+        route(
+            "/api/v1/system/silences",
+            Method::POST,
+            Change,
+            post(create_silence),
+        ),
+        route(
+            "/api/v1/system/silences/{id}",
+            Method::DELETE,
+            Change,
+            delete(expire_silence),
+        ),
+        route(
+            "/api/v1/system/integrations",
+            Method::GET,
+            Read,
+            get(integrations),
+        ),
+        route(
+            "/api/v1/system/checks/run",
+            Method::POST,
+            Change,
+            post(run_checks),
+        ),
+        route("/api/v1/system/repairs", Method::GET, Read, get(repairs)),
+        route(
             "/api/v1/system/repairs/circuits/{signature}/reset",
+            Method::POST,
+            Change,
             post(reset_circuit),
-        )
-        .route("/api/v1/system/patterns", get(patterns))
-        .route("/api/v1/system/diagnoses", get(diagnoses))
-        .route("/api/v1/system/checks/run", post(run_checks))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/api/v1/system/health", get(health))
-        .route("/metrics", get(metrics))
-        .merge(protected)
-        .fallback(not_found)
-        .with_state(state)
+        ),
+        route("/api/v1/system/patterns", Method::GET, Read, get(patterns)),
+        route(
+            "/api/v1/system/diagnoses",
+            Method::GET,
+            Read,
+            get(diagnoses),
+        ),
+    ]
+}
+
+/// Refuses a change under `admin.read_only`.
+async fn refuse_changes(
+    State(state): State<Arc<ApiState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if state.read_only {
+        return error(
+            StatusCode::FORBIDDEN,
+            "this daemon's admin API is read-only (admin.read_only = true)",
+        );
+    }
+    next.run(request).await
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    let mut router = Router::new();
+    for route in routes() {
+        // The last layer added runs first: the token is checked before the read-only rule.
+        let handler = match route.access {
+            Access::Open => route.handler,
+            Access::Read => route
+                .handler
+                .route_layer(middleware::from_fn_with_state(state.clone(), require_token)),
+            Access::Change => route
+                .handler
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    refuse_changes,
+                ))
+                .route_layer(middleware::from_fn_with_state(state.clone(), require_token)),
+        };
+        router = router.route(route.path, handler);
+    }
+    router.fallback(not_found).with_state(state)
 }
 
 /// Where the admin token came from.
@@ -824,6 +871,44 @@ pub async fn serve(
     axum::serve(listener, router(state))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await
+}
+
+/// Binds `path` as a unix socket readable and writable by the daemon's user only (a stale
+/// socket file from an earlier run is replaced; anything else there is an error).
+pub fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "something other than a socket is there",
+            ))
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // Created with the umask's mode, then narrowed before anyone is served.
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the admin API on a unix socket until cancelled, then removes the socket file.
+pub async fn serve_socket(
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    state: Arc<ApiState>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let served = axum::serve(listener, router(state))
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
+    let _ = std::fs::remove_file(&path);
+    served
 }
 
 #[cfg(test)]
