@@ -923,12 +923,19 @@ impl Daemon {
     }
 
     pub fn start(config: &str) -> Result<Self> {
+        Self::start_admin(config, "")
+    }
+
+    /// [`Daemon::start`] with more `[admin]` settings (`admin` is TOML lines; `{dir}` in it
+    /// stands for the daemon's scratch directory).
+    pub fn start_admin(config: &str, admin: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("selfheal-daemon-")
             .tempdir()?;
         let port = free_port()?;
+        let admin = admin.replace("{dir}", &dir.path().display().to_string());
         let full = format!(
-            "{config}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[state]\ndir = \"{}\"\n",
+            "{config}\n[admin]\nlisten = \"127.0.0.1:{port}\"\n{admin}\n\n[state]\ndir = \"{}\"\n",
             dir.path().join("state").display()
         );
         let path = dir.path().join("selfheal.toml");
