@@ -1,5 +1,5 @@
 //! The admin API end to end, against a running daemon watching the demo backend: every
-//! operation of the served OpenAPI document is called (refused without a token and with a
+//! operation of the served `OpenAPI` document is called (refused without a token and with a
 //! wrong one, answered with the envelope with it), the new views carry real data (agents,
 //! platforms, the target's CPU and memory, the slowest routes), bad input gets a 4xx with a
 //! message, an agent restarts on request, the event stream delivers an alert's lifecycle as it
@@ -83,7 +83,7 @@ fn stream_events(
 ) -> std::sync::mpsc::Receiver<(String, Value)> {
     let mut socket = std::net::TcpStream::connect(daemon.admin).expect("connect");
     socket
-        .set_read_timeout(Some(Duration::from_secs(60)))
+        .set_read_timeout(Some(Duration::from_mins(1)))
         .expect("timeout");
     write!(
         socket,
@@ -97,7 +97,7 @@ fn stream_events(
         for line in BufReader::new(socket).lines() {
             let Ok(line) = line else { return };
             if let Some(name) = line.strip_prefix("event:") {
-                kind = name.trim().to_owned();
+                name.trim().clone_into(&mut kind);
             } else if let Some(data) = line.strip_prefix("data:") {
                 let data = serde_json::from_str(data.trim()).unwrap_or(Value::Null);
                 if tx.send((kind.clone(), data)).is_err() {
