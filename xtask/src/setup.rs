@@ -32,6 +32,15 @@ const PACKAGES: &[(&str, &str)] = &[
         "redis-server",
         "the Redis of the integration checks' end-to-end test",
     ),
+    (
+        "chromium",
+        "the dashboard's end-to-end test (a real browser)",
+    ),
+    (
+        "fonts-liberation",
+        "readable text in that test's screenshots",
+    ),
+    ("nodejs", "playwright-core, which drives that browser"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -87,6 +96,20 @@ fn install_missing() -> Result<bool> {
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(&names)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        did = true;
+    }
+
+    let dashboard = crate::root().join("tests/dashboard");
+    if !dashboard
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        exec(
+            "install playwright-core for the dashboard's test (npm ci, from package-lock.json)",
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dashboard),
         )?;
         did = true;
     }
