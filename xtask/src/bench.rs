@@ -30,6 +30,16 @@ pub(crate) enum Bench {
         #[arg(long)]
         only: Option<String>,
     },
+    /// Many concurrent clients on the admin API's read endpoints: errors, latency and the
+    /// daemon's memory over the run.
+    Api {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Concurrent clients (keep-alive connections).
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+    },
     /// What the daemon costs other processes and the target, side by side.
     Overhead {
         /// Seconds per load run.
@@ -50,6 +60,7 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
     match bench {
         Bench::CrashLatency { runs } => crash_latency(*runs),
         Bench::Healing { runs, only } => crate::healing::run(*runs, only.as_deref()),
+        Bench::Api { seconds, clients } => crate::api_load::run(*seconds, *clients),
         Bench::Overhead {
             seconds,
             connections,

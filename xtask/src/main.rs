@@ -5,8 +5,11 @@
 //! - `test`: format, lints, unit tests, then the privileged end-to-end tests and a demo run.
 //! - `bench crash-latency`: kill → event latency, eBPF against the pidfd fallback.
 //! - `bench healing`: per fault scenario, time to detect, diagnose and recover.
+//! - `bench overhead`: what the daemon costs the target and other processes, side by side.
+//! - `bench api`: many concurrent clients on the admin API's read endpoints.
 //! - `fuzz --seconds N`: each protocol parser's libFuzzer target for N seconds (nightly).
 
+mod api_load;
 mod bench;
 mod demo;
 mod fuzz;
