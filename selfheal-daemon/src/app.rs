@@ -244,6 +244,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         bus: bus.clone(),
         read_only: config.admin.read_only,
         streams: std::sync::atomic::AtomicUsize::new(0),
+        shutdown: cancel.clone(),
     });
     let socket_served = {
         let state = api_state.clone();

@@ -130,7 +130,11 @@ pub(super) async fn events(
                 return Some((Ok::<_, Infallible>(hello), (first, events, kinds, slot, id)));
             }
             loop {
-                match events.recv().await {
+                let received = tokio::select! {
+                    () = slot.0.shutdown.cancelled() => return None,
+                    received = events.recv() => received,
+                };
+                match received {
                     Ok(event) => {
                         if kinds.as_ref().is_some_and(|k| !k.contains(event.kind())) {
                             continue;

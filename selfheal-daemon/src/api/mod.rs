@@ -80,6 +80,9 @@ pub struct ApiState {
     pub read_only: bool,
     /// Event streams open now.
     pub streams: AtomicUsize,
+    /// Fires when the daemon stops: the event streams end, so the server's graceful shutdown
+    /// does not wait on them.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(Serialize)]

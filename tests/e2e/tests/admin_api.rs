@@ -551,6 +551,15 @@ fn every_endpoint_answers_checks_its_token_and_its_input_and_streams_events() {
     assert_eq!(status, 200, "{body}");
     let counts = daemon.api("/api/v1/system/dashboard").expect("dashboard")["alerts"].clone();
     assert!(counts["total"].as_i64() >= Some(1), "{counts}");
+
+    // An open event stream does not hold the daemon up when it is told to stop.
+    let mut daemon = daemon;
+    daemon.proc.signal(Signal::SIGTERM).expect("stop");
+    let status = daemon
+        .proc
+        .wait_timeout(Duration::from_secs(4))
+        .expect("the daemon stops with a stream open");
+    assert!(status.success(), "{status}");
 }
 
 #[test]
