@@ -15,6 +15,7 @@ use crate::bus::Event;
 const WINDOW: usize = 30;
 const HORIZON: Duration = Duration::from_hours(1);
 const COOLDOWN: Duration = Duration::from_mins(5);
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Seconds until `points` (t seconds, value) reach `limit`, when they are rising.
 pub(super) fn eta_seconds(points: &VecDeque<(f64, f64)>, limit: f64) -> Option<f64> {
@@ -67,11 +68,16 @@ pub(super) async fn run(mut ctx: AgentContext) -> Result<(), AgentError> {
                         resource: "memory".to_owned(),
                         threshold: limit,
                         eta_seconds: eta,
-                        detail: format!("memory grows by {:.0} bytes/s and reaches {limit:.0} bytes in {eta:.0} s", {
-                            let (first, last) = (points.front().map_or(0.0, |p| p.1), points.back().map_or(0.0, |p| p.1));
-                            let span = points.back().map_or(0.0, |p| p.0) - points.front().map_or(0.0, |p| p.0);
-                            if span > 0.0 { (last - first) / span } else { 0.0 }
-                        }),
+                        detail: format!(
+                            "memory grows by {:.2} MiB/s and reaches {:.0} MiB ({:.0} % of its limit) in {eta:.0} s",
+                            {
+                                let (first, last) = (points.front().map_or(0.0, |p| p.1), points.back().map_or(0.0, |p| p.1));
+                                let span = points.back().map_or(0.0, |p| p.0) - points.front().map_or(0.0, |p| p.0);
+                                if span > 0.0 { (last - first) / span / MIB } else { 0.0 }
+                            },
+                            limit / MIB,
+                            threshold * 100.0
+                        ),
                     });
                 }
             }
