@@ -113,6 +113,15 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         .map_err(|source| AppError::Bind { address, source })?;
     let address = listener.local_addr().unwrap_or(address);
     create_state_dir(&config.state.dir)?;
+    let (token, token_source) = api::resolve_token(&config.admin, &config.state.dir)?;
+    match &token_source {
+        api::TokenSource::Environment => {
+            tracing::info!("admin token from SELFHEAL_ADMIN_TOKEN");
+        }
+        api::TokenSource::File(path) | api::TokenSource::Generated(path) => {
+            tracing::info!(path = %path.display(), "admin token file");
+        }
+    }
     let socket = match &config.admin.socket {
         Some(path) => Some((
             api::bind_socket(path).map_err(|source| AppError::Socket {
@@ -123,15 +132,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         )),
         None => None,
     };
-    let (token, token_source) = api::resolve_token(&config.admin, &config.state.dir)?;
-    match &token_source {
-        api::TokenSource::Environment => {
-            tracing::info!("admin token from SELFHEAL_ADMIN_TOKEN");
-        }
-        api::TokenSource::File(path) | api::TokenSource::Generated(path) => {
-            tracing::info!(path = %path.display(), "admin token file");
-        }
-    }
     let (db, db_thread, opened) = state::open(
         &DbOptions {
             path: config.state.db_path(),

@@ -266,8 +266,9 @@ pub enum Event {
         firing: bool,
         message: String,
     },
-    /// The alert manager created, acknowledged or resolved an alert (for live views: the
-    /// rules' `Alert` signals repeat while a condition holds; this is one per change).
+    /// The alert manager created, acknowledged or resolved an alert, or its rule changed its
+    /// severity (for live views: the rules' `Alert` signals repeat while a condition holds;
+    /// this is one per change).
     AlertChanged {
         id: i64,
         key: String,

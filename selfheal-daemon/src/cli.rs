@@ -96,7 +96,7 @@ pub enum Command {
     /// The repair decisions, newest first: what ran (or would have), and how it ended.
     Repairs {
         /// How many (1 to 1000).
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
         limit: u32,
         /// Only this cause (`target.crashed`, `db.slow_query`, …).
         #[arg(long)]
@@ -106,9 +106,9 @@ pub enum Command {
     },
     /// The target's PostgreSQL queries per fingerprint, slowest in total first.
     Queries {
-        /// How many.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
+        /// How many (at least 1).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -147,7 +147,8 @@ pub struct ChangeArgs {
 /// Where and how to reach the API.
 struct Client {
     base: String,
-    token: String,
+    /// `None` only for `status` without a readable token: it falls back to the open health.
+    token: Option<String>,
     json: bool,
     agent: ureq::Agent,
 }
@@ -212,7 +213,9 @@ pub fn run_client(command: Command, env: &Env) -> u8 {
         }),
         Command::Queries { limit, api } => Client::new(&api, env).and_then(|client| {
             let data = client.get("/api/v1/system/queries", &[])?;
-            client.print(&data, |data| print_queries(data, limit));
+            client.print(&data, |data| {
+                print_queries(data, usize::try_from(limit).unwrap_or(usize::MAX));
+            });
             Ok(())
         }),
         Command::Ack { id, change, api } => change_alert(&api, env, &id, "acknowledge", &change),
@@ -230,12 +233,23 @@ pub fn run_client(command: Command, env: &Env) -> u8 {
     }
 }
 
-/// `selfheal status`: 0 healthy, 1 degraded or critical, 69 unreachable.
+/// `selfheal status`: 0 healthy, 1 degraded or critical, 69 unreachable. Without a token it
+/// can read (or with one the daemon refuses), the summary comes from the open health endpoint.
 fn status(api: &ApiArgs, env: &Env) -> u8 {
-    let outcome = Client::new(api, env).and_then(|client| {
-        let data = client.get("/api/v1/system/dashboard", &[])?;
-        client.print(&data, print_status);
-        Ok(data["system"]["status"] == "healthy")
+    let outcome = Client::with_token(api, env, false).and_then(|mut client| {
+        if client.token.is_some() {
+            match client.get("/api/v1/system/dashboard", &[]) {
+                Ok(data) => {
+                    client.print(&data, print_status);
+                    return Ok(data["system"]["status"] == "healthy");
+                }
+                Err(failure) if failure.message.contains("(401)") => client.token = None,
+                Err(failure) => return Err(failure),
+            }
+        }
+        let data = client.get("/api/v1/system/health", &[])?;
+        client.print(&data, print_health);
+        Ok(data["status"] == "healthy")
     });
     match outcome {
         Ok(true) => 0,
@@ -293,6 +307,11 @@ fn default_actor() -> String {
 
 impl Client {
     fn new(args: &ApiArgs, env: &Env) -> Result<Self, Failure> {
+        Self::with_token(args, env, true)
+    }
+
+    /// A client; without `required`, a token that cannot be read leaves it anonymous.
+    fn with_token(args: &ApiArgs, env: &Env, required: bool) -> Result<Self, Failure> {
         // The config is read only for what the flags and the environment leave open.
         let needed = args.addr.is_none()
             || (args.token_file.is_none() && env.get("SELFHEAL_ADMIN_TOKEN").is_none());
@@ -324,13 +343,18 @@ impl Client {
         );
         let addr = args.addr.clone().unwrap_or_else(|| admin.listen.clone());
         let token = if let Some(path) = &args.token_file {
-            read_token(path)?
+            read_token(path)
         } else if let Some(token) = env.get("SELFHEAL_ADMIN_TOKEN") {
-            token.trim().to_owned()
+            Ok(token.trim().to_owned())
         } else if let Some(path) = &admin.token_file {
-            read_token(path)?
+            read_token(path)
         } else {
-            read_token(&state_dir.join("admin.token"))?
+            read_token(&state_dir.join("admin.token"))
+        };
+        let token = match token {
+            Ok(token) => Some(token),
+            Err(failure) if required => return Err(failure),
+            Err(_) => None,
         };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -346,10 +370,10 @@ impl Client {
     }
 
     fn get(&self, path: &str, query: &[(&str, String)]) -> Result<serde_json::Value, Failure> {
-        let mut request = self
-            .agent
-            .get(format!("{}{path}", self.base))
-            .header("Authorization", &format!("Bearer {}", self.token));
+        let mut request = self.agent.get(format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
         for (name, value) in query {
             request = request.query(*name, value);
         }
@@ -357,10 +381,10 @@ impl Client {
     }
 
     fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, Failure> {
-        let request = self
-            .agent
-            .post(format!("{}{path}", self.base))
-            .header("Authorization", &format!("Bearer {}", self.token));
+        let request = self.agent.post(format!("{}{path}", self.base)).header(
+            "Authorization",
+            &format!("Bearer {}", self.token.as_deref().unwrap_or_default()),
+        );
         self.answer(path, request.send_json(body))
     }
 
@@ -460,9 +484,14 @@ fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
     }
 }
 
+/// A JSON value as a table cell: strings without their control characters (alert messages
+/// and query text come from the traffic), `-` for null.
 fn text(value: &serde_json::Value) -> String {
     match value {
-        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::String(s) => s
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
         serde_json::Value::Null => "-".to_owned(),
         other => other.to_string(),
     }
@@ -590,6 +619,44 @@ fn print_status(data: &serde_json::Value) {
             text(&repair["signature"]),
             text(&repair["action"]),
             text(&repair["state"])
+        );
+    }
+}
+
+/// `status` from the open health endpoint (no token): health, target, agents, alerts.
+fn print_health(data: &serde_json::Value) {
+    let now = crate::state::now_ms();
+    let target = &data["target"];
+    println!(
+        "selfheal {} - {} (up {}); no readable admin token: the summary from /health only",
+        text(&data["version"]),
+        text(&data["status"]),
+        ago(
+            now,
+            now - data["uptime_seconds"].as_i64().unwrap_or(0) * 1000
+        )
+    );
+    println!(
+        "     Target: {} {} {}, {} restart(s)",
+        text(&target["selector"]),
+        text(&target["state"]),
+        target["pid"]
+            .as_u64()
+            .map_or_else(String::new, |pid| format!("pid {pid}")),
+        target["restarts"]
+    );
+    let agents = data["agents"].as_array().map_or(&[][..], Vec::as_slice);
+    let running = agents.iter().filter(|a| a["state"] == "running").count();
+    println!("     Agents: {running} of {} running", agents.len());
+    let alerts = data["alerts"].as_array().map_or(&[][..], Vec::as_slice);
+    println!("     Alerts: {} active", alerts.len());
+    for alert in alerts {
+        println!(
+            "             #{} {} {}: {}",
+            alert["id"],
+            text(&alert["severity"]),
+            text(&alert["rule"]),
+            text(&alert["message"])
         );
     }
 }

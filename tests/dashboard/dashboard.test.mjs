@@ -75,6 +75,14 @@ try {
   await page.waitForSelector("#charts .chart svg path", { state: "attached" });
   const charts = await page.locator("#charts .chart").count();
   if (charts !== 5) problems.push(`${charts} charts, expected 5`);
+  // The busiest platform's traffic and the target's memory are drawn, not empty paths.
+  for (const chart of ["Latency", "Throughput", "Target memory"]) {
+    const drawn = await page.locator(`#charts .chart[data-chart="${chart}"] svg path`).evaluateAll(
+      (paths) => paths.some((p) => p.getAttribute("d") !== "M0 0"));
+    if (!drawn) problems.push(`the ${chart} chart is empty`);
+  }
+  const traffic = await page.textContent('#platforms .platform[data-name="tackle.io"]');
+  if (!/[0-9.]+ req\/s · p95 [0-9.]+ ms/.test(traffic)) problems.push(`tackle.io shows no traffic: ${traffic}`);
   await page.selectOption("#window", "24h");
   await page.waitForSelector("#charts .chart svg path", { state: "attached" });
   await page.screenshot({ path: join(shots, "1-healthy.png"), fullPage: true });

@@ -40,7 +40,6 @@ const PACKAGES: &[(&str, &str)] = &[
         "fonts-liberation",
         "readable text in that test's screenshots",
     ),
-    ("nodejs", "playwright-core, which drives that browser"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -100,10 +99,56 @@ fn install_missing() -> Result<bool> {
         did = true;
     }
 
+    // playwright-core (which drives that browser) needs Node.js 20 or newer with npm: the
+    // machine's own when it has one (Debian 12's nodejs is 18), else Debian's as a start.
+    let node_major = || {
+        Command::new("node")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .trim_start_matches('v')
+                    .split('.')
+                    .next()?
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    let has_npm = || {
+        Command::new("npm")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if (node_major().is_none() || !has_npm()) && is_root() {
+        exec(
+            "install Node.js and npm (Debian's) for the dashboard test",
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "nodejs",
+                    "npm",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        did = true;
+    }
+    if let Some(major) = node_major().filter(|major| *major < 20) {
+        println!(
+            "setup: Node.js {major} is older than the 20 that playwright-core needs: the dashboard \
+             test will fail until a newer Node.js is installed"
+        );
+    }
     let dashboard = crate::root().join("tests/dashboard");
-    if !dashboard
-        .join("node_modules/playwright-core/package.json")
-        .exists()
+    if has_npm()
+        && !dashboard
+            .join("node_modules/playwright-core/package.json")
+            .exists()
     {
         exec(
             "install playwright-core for the dashboard's test (npm ci, from package-lock.json)",

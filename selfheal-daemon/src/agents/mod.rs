@@ -319,6 +319,13 @@ async fn supervise<F, Fut>(
                 return;
             }
             () = tokio::time::sleep(backoff) => {}
+            // An operator's restart cuts the backoff short (and is not kept for later, which
+            // would restart the new task at once).
+            () = handle.restart.notified() => {
+                tracing::info!(agent = name, "agent restarted on request, before its backoff ended");
+                backoff = BACKOFF_START;
+                continue;
+            }
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -431,6 +438,53 @@ mod tests {
         cancel.cancel();
         supervisor.await.expect("supervisor ends");
         assert_eq!(handle.status().state, AgentState::Stopped);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_asked_for_during_the_backoff_happens_at_once_and_once() {
+        let shared = shared();
+        let handle = AgentHandle::new("monitor", true);
+        let cancel = CancellationToken::new();
+        let starts = Arc::new(AtomicU32::new(0));
+        let supervisor = {
+            let (handle, shared, cancel, starts) = (
+                handle.clone(),
+                shared.clone(),
+                cancel.clone(),
+                starts.clone(),
+            );
+            tokio::spawn(async move {
+                supervise("monitor", &handle, &shared, &cancel, move |mut ctx| {
+                    let n = starts.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        assert!(n >= 1, "the first start crashes");
+                        loop {
+                            ctx.next().await?;
+                        }
+                    }
+                })
+                .await;
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(handle.status().state, AgentState::Restarting);
+        handle.request_restart();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "started again before the 1 s backoff"
+        );
+        assert_eq!(handle.status().state, AgentState::Running);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "no second restart from a kept permit"
+        );
+        assert_eq!(handle.status().restarts, 1);
+        cancel.cancel();
+        supervisor.await.expect("supervisor ends");
     }
 
     #[test]

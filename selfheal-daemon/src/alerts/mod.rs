@@ -365,6 +365,8 @@ pub enum Outcome {
     Repeated {
         alert: Alert,
         notified: Notified,
+        /// Its severity changed with this signal.
+        escalated: bool,
     },
     Resolved {
         alert: Alert,
@@ -569,7 +571,14 @@ impl AlertManager {
                 self.announce(alert, "rule");
                 notified
             }
-            Outcome::Repeated { alert, notified } => {
+            Outcome::Repeated {
+                alert,
+                notified,
+                escalated,
+            } => {
+                if *escalated {
+                    self.announce(alert, "rule");
+                }
                 tracing::debug!(id = alert.id, key = %alert.key, count = alert.count, ?notified, "alert fired again");
                 notified
             }

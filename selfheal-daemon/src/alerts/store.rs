@@ -395,7 +395,11 @@ fn repeat(
     } else {
         trigger(tx, now, settings, &mut alert)?
     };
-    Ok(Outcome::Repeated { alert, notified })
+    Ok(Outcome::Repeated {
+        alert,
+        notified,
+        escalated,
+    })
 }
 
 /// Resolves an active alert; a `resolve` notification follows one that was notified.

@@ -129,7 +129,10 @@ fn the_same_key_while_active_updates_one_alert() {
         &fire("target.cpu_high", &[], Severity::Critical),
     )
     .expect("again");
-    let Outcome::Repeated { alert, notified } = again else {
+    let Outcome::Repeated {
+        alert, notified, ..
+    } = again
+    else {
         panic!("expected a repeat, got {again:?}")
     };
     assert_eq!(alert.id, first.id);
@@ -871,5 +874,68 @@ async fn a_database_failure_is_counted_and_the_manager_carries_on() {
     manager.signal(fire("x.y", &[], Severity::Info)).await;
     assert_eq!(manager.active().len(), 1);
     drop((manager, db));
+    thread.finished().await;
+}
+
+#[tokio::test]
+async fn every_change_of_an_alert_is_announced_once_on_the_bus() {
+    let dir = tempfile::tempdir().expect("dir");
+    let options = DbOptions {
+        path: dir.path().join(state::DB_FILE),
+        busy_timeout: Duration::from_secs(1),
+    };
+    let metrics = Metrics::new();
+    let (db, thread, _) = state::open(&options, metrics.clone()).expect("open");
+    let manager = AlertManager::start(db, settings(&[]), system_clock(), metrics.clone())
+        .await
+        .expect("start");
+    let bus = crate::bus::Bus::new(metrics);
+    let mut events = bus.subscribe();
+    manager.announce_on(bus.clone());
+
+    let warn = fire("target.memory_high", &[], Severity::Warning);
+    manager.signal(warn.clone()).await;
+    manager.signal(warn).await; // a repeat: no change
+    manager
+        .signal(fire("target.memory_high", &[], Severity::Critical))
+        .await;
+    let id = manager.active()[0].id;
+    manager
+        .change(id, Action::Acknowledge, "ana".into(), String::new())
+        .await
+        .expect("ack");
+    manager.signal(cleared("target.memory_high", &[])).await;
+    bus.publish(Event::Security {
+        kind: "end".into(),
+        detail: String::new(),
+    });
+
+    let mut seen = Vec::new();
+    while let Some(event) = events.recv().await {
+        if matches!(&event, Event::Security { kind, .. } if kind == "end") {
+            break;
+        }
+        if let Event::AlertChanged {
+            id: changed,
+            state,
+            severity,
+            by,
+            ..
+        } = event
+        {
+            assert_eq!(changed, id);
+            seen.push((state, severity, by));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            ("firing", Severity::Warning, "rule".to_owned()),
+            ("firing", Severity::Critical, "rule".to_owned()),
+            ("acknowledged", Severity::Critical, "ana".to_owned()),
+            ("resolved", Severity::Critical, "rule".to_owned()),
+        ]
+    );
+    drop(manager);
     thread.finished().await;
 }

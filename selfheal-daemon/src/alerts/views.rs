@@ -116,6 +116,10 @@ fn actor(by: Option<&str>) -> Result<String, String> {
             "by must be at most {MAX_ACTOR_CHARS} printable characters"
         ));
     }
+    if by == "rule" {
+        // What the alert manager records for a rule's own changes (auto-resolution).
+        return Err("by cannot be \"rule\": that names the alert rules themselves".to_owned());
+    }
     Ok(by.to_owned())
 }
 

@@ -186,6 +186,14 @@ mod tests {
         };
         assert!(KINDS.contains(&sample.kind()));
         let source = include_str!("../bus.rs");
+        let start = source.find("pub fn kind(&self)").expect("Event::kind");
+        let body = &source[start..];
+        let body = &body[..body.find("\n    }\n").expect("its end")];
+        assert_eq!(
+            body.matches("=> \"").count(),
+            KINDS.len(),
+            "every kind Event::kind names is streamable by name"
+        );
         for kind in KINDS {
             assert!(source.contains(&format!("=> \"{kind}\"")), "{kind}");
         }

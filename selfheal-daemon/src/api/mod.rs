@@ -131,6 +131,13 @@ async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
+async fn method_not_allowed(method: Method) -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here (see /api/v1/openapi.json)"),
+    )
+}
+
 /// `GET /api/v1/system/metrics?platform=…&window=…`: per platform and route over a window;
 /// with `&step=…`, as points in steps of it (the dashboard's charts).
 async fn traffic_metrics(
@@ -771,7 +778,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         };
         router = router.route(route.path, handler);
     }
-    router.fallback(not_found).with_state(state)
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
 }
 
 /// Where the admin token came from.
@@ -881,7 +891,15 @@ pub async fn serve(
 pub fn bind_socket(path: &std::path::Path) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     match std::fs::symlink_metadata(path) {
-        Ok(metadata) if metadata.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(metadata) if metadata.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is serving on it (a second daemon?)",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
         Ok(_) => {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
@@ -907,10 +925,15 @@ pub async fn serve_socket(
     state: Arc<ApiState>,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok();
     let served = axum::serve(listener, router(state))
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await;
-    let _ = std::fs::remove_file(&path);
+    // Only the file this daemon created: another may have replaced it since.
+    if ours.is_some() && std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).ok() == ours {
+        let _ = std::fs::remove_file(&path);
+    }
     served
 }
 

@@ -388,7 +388,7 @@ fn platform_health(
                 if rank(to) > rank(status) {
                     status = to;
                 }
-                if to != CheckStatus::Healthy && !why.is_empty() {
+                if matches!(to, CheckStatus::Degraded | CheckStatus::Down) && !why.is_empty() {
                     reasons.push(why);
                 }
             };

@@ -402,6 +402,13 @@ fn every_endpoint_answers_checks_its_token_and_its_input_and_streams_events() {
             400,
         ),
         ("GET", "/api/v1/system/nothing-here", "", 404),
+        ("DELETE", "/api/v1/system/agents", "", 405),
+        (
+            "POST",
+            "/api/v1/system/alerts/1/acknowledge",
+            r#"{"by": "rule"}"#,
+            400,
+        ),
     ] {
         refused(
             &call(&daemon, method, path, Some(token), body),
@@ -592,6 +599,17 @@ fn a_read_only_daemon_refuses_changes_and_serves_its_unix_socket() {
         // The token is checked first: a stranger learns nothing about the mode.
         refused(&call(&daemon, "POST", path, None, body), 401, path);
     }
+    // `status` needs no token: without one it reads the open health endpoint.
+    wait_for("a healthy daemon", Duration::from_secs(10), || {
+        (daemon.health().ok()?["status"] == "healthy").then_some(())
+    })
+    .expect("healthy");
+    let (code, out, err) = daemon.cli(&["status", "--token-file", "/nonexistent/admin.token"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("healthy") && out.contains("from /health only"),
+        "{out}"
+    );
     let agents = daemon.api("/api/v1/system/agents").expect("reads work");
     assert_eq!(agents["agents"][0]["restarts"], 0, "{agents}");
     let detailed = daemon
