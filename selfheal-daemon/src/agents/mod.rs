@@ -374,6 +374,35 @@ mod tests {
         }
     }
 
+    /// Supervises a "monitor" whose first `crashes` starts panic (`starts` counts them all)
+    /// and whose later ones handle events until the bus closes.
+    fn supervised(
+        handle: &AgentHandle,
+        shared: &Shared,
+        cancel: &CancellationToken,
+        starts: &Arc<AtomicU32>,
+        crashes: u32,
+    ) -> tokio::task::JoinHandle<()> {
+        let (handle, shared, cancel, starts) = (
+            handle.clone(),
+            shared.clone(),
+            cancel.clone(),
+            starts.clone(),
+        );
+        tokio::spawn(async move {
+            supervise("monitor", &handle, &shared, &cancel, move |mut ctx| {
+                let n = starts.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    assert!(n >= crashes, "crash number {n}");
+                    loop {
+                        ctx.next().await?;
+                    }
+                }
+            })
+            .await;
+        })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_crashing_agent_is_restarted_with_backoff_and_the_crash_is_published() {
         let shared = shared();
@@ -381,27 +410,8 @@ mod tests {
         let handle = AgentHandle::new("monitor", true);
         let cancel = CancellationToken::new();
         let starts = Arc::new(AtomicU32::new(0));
-        let supervisor = {
-            let (handle, shared, cancel, starts) = (
-                handle.clone(),
-                shared.clone(),
-                cancel.clone(),
-                starts.clone(),
-            );
-            tokio::spawn(async move {
-                supervise("monitor", &handle, &shared, &cancel, move |mut ctx| {
-                    let n = starts.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        assert!(n >= 2, "crash number {n}");
-                        // The third start behaves: it handles events until the bus closes.
-                        loop {
-                            ctx.next().await?;
-                        }
-                    }
-                })
-                .await;
-            })
-        };
+        // The third start behaves: it handles events until the bus closes.
+        let supervisor = supervised(&handle, &shared, &cancel, &starts, 2);
         let mut delays = Vec::new();
         while delays.len() < 2 {
             if let Some(Event::AgentCrashed {
@@ -446,26 +456,8 @@ mod tests {
         let handle = AgentHandle::new("monitor", true);
         let cancel = CancellationToken::new();
         let starts = Arc::new(AtomicU32::new(0));
-        let supervisor = {
-            let (handle, shared, cancel, starts) = (
-                handle.clone(),
-                shared.clone(),
-                cancel.clone(),
-                starts.clone(),
-            );
-            tokio::spawn(async move {
-                supervise("monitor", &handle, &shared, &cancel, move |mut ctx| {
-                    let n = starts.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        assert!(n >= 1, "the first start crashes");
-                        loop {
-                            ctx.next().await?;
-                        }
-                    }
-                })
-                .await;
-            })
-        };
+        // The first start crashes.
+        let supervisor = supervised(&handle, &shared, &cancel, &starts, 1);
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(handle.status().state, AgentState::Restarting);
         handle.request_restart();

@@ -441,7 +441,11 @@ pub(super) async fn dashboard(State(state): State<Arc<ApiState>>) -> Response {
     let target = target_status(&state);
     let active = state.alerts.active();
     let agents = agent_views(&state.agents);
-    let recent = state.activity.recent();
+    let mut recent = state.activity.recent();
+    if target.state != TargetState::Running {
+        // The last sample is of a process that is gone.
+        recent.process = None;
+    }
     let count = |f: &dyn Fn(&Alert) -> bool| active.iter().filter(|a| f(a)).count();
     let alerts = AlertCounts {
         active: active.len(),
@@ -626,10 +630,13 @@ pub(super) async fn performance(
     .into_response()
 }
 
-/// `GET /api/v1/system/predictions?limit=`: the predictive agent's forecasts, newest first.
-pub(super) async fn predictions(
-    State(state): State<Arc<ApiState>>,
+/// The findings of `agent` as `f` shapes them from the record (the newest `limit`), with
+/// whether the agent is enabled; 400 for a bad `limit`.
+fn findings(
+    state: &ApiState,
     query: Result<Query<FindingsQuery>, QueryRejection>,
+    agent: &str,
+    f: impl FnOnce(&activity::Recent, usize) -> serde_json::Value,
 ) -> Response {
     let limit = match findings_limit(query) {
         Ok(limit) => limit,
@@ -637,15 +644,25 @@ pub(super) async fn predictions(
     };
     let enabled = state.agents.iter().any(|h| {
         let s = h.status();
-        s.name == "predictive" && s.enabled
+        s.name == agent && s.enabled
     });
-    state.activity.read(|recent| {
-        ok(serde_json::json!({
-            "agent_enabled": enabled,
+    let mut data = state.activity.read(|recent| f(recent, limit));
+    if let Some(object) = data.as_object_mut() {
+        object.insert("agent_enabled".to_owned(), enabled.into());
+    }
+    ok(data).into_response()
+}
+
+/// `GET /api/v1/system/predictions?limit=`: the predictive agent's forecasts, newest first.
+pub(super) async fn predictions(
+    State(state): State<Arc<ApiState>>,
+    query: Result<Query<FindingsQuery>, QueryRejection>,
+) -> Response {
+    findings(&state, query, "predictive", |recent, limit| {
+        serde_json::json!({
             "total": recent.predictions_total,
             "predictions": recent.predictions.iter().take(limit).collect::<Vec<_>>(),
-        }))
-        .into_response()
+        })
     })
 }
 
@@ -655,21 +672,11 @@ pub(super) async fn security(
     State(state): State<Arc<ApiState>>,
     query: Result<Query<FindingsQuery>, QueryRejection>,
 ) -> Response {
-    let limit = match findings_limit(query) {
-        Ok(limit) => limit,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let enabled = state.agents.iter().any(|h| {
-        let s = h.status();
-        s.name == "security" && s.enabled
-    });
-    state.activity.read(|recent| {
-        ok(serde_json::json!({
-            "agent_enabled": enabled,
+    findings(&state, query, "security", |recent, limit| {
+        serde_json::json!({
             "total": recent.security_total,
             "findings": recent.security.iter().take(limit).collect::<Vec<_>>(),
             "connections": recent.tcp,
-        }))
-        .into_response()
+        })
     })
 }
