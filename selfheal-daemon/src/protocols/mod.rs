@@ -3,7 +3,9 @@
 //!
 //! Owns: one parser object per connection ([`http::HttpParser`], [`postgres::PgParser`]) that
 //! turns syscall payloads into completed exchanges and query events, and the bounded label
-//! makers [`route::route_template`] and [`fingerprint::fingerprint`].
+//! makers [`route::route_template`] and [`fingerprint::fingerprint`]; and
+//! [`tcp::Reassembler`], which turns captured TCP segments (a packet-level capture point)
+//! into this input model.
 //!
 //! Must not: do I/O, read a clock or keep globals (time comes in with every chunk); panic on
 //! any input; allocate in proportion to a length the peer claims; keep unbounded state per
@@ -24,6 +26,7 @@ pub mod fingerprint;
 pub mod http;
 pub mod postgres;
 pub mod route;
+pub mod tcp;
 
 #[cfg(test)]
 mod proptests;
