@@ -387,7 +387,8 @@ const CAPACITY: usize = 4096;
 
 #[derive(Clone)]
 pub struct Bus {
-    sender: broadcast::Sender<Event>,
+    /// Each event with when it was published (unix ms).
+    sender: broadcast::Sender<(i64, Event)>,
     metrics: Metrics,
 }
 
@@ -403,7 +404,8 @@ impl Bus {
             .bus_events
             .get_or_create(&crate::telemetry::KindLabel { kind: event.kind() })
             .inc();
-        let _ = self.sender.send(event);
+        let at = crate::store::unix_ms(SystemTime::now());
+        let _ = self.sender.send((at, event));
     }
 
     pub fn subscribe(&self) -> Subscriber {
@@ -415,15 +417,16 @@ impl Bus {
 }
 
 impl Bus {
-    /// A receiver that reports its own lag (the API's event streams tell their clients);
-    /// the caller counts what it loses in `selfheal_bus_lagged_events_total`.
-    pub fn subscribe_raw(&self) -> broadcast::Receiver<Event> {
+    /// A receiver of the events with when they were published (unix ms) that reports its
+    /// own lag (the API's event streams tell their clients); the caller counts what it loses
+    /// in `selfheal_bus_lagged_events_total`.
+    pub fn subscribe_raw(&self) -> broadcast::Receiver<(i64, Event)> {
         self.sender.subscribe()
     }
 }
 
 pub struct Subscriber {
-    receiver: broadcast::Receiver<Event>,
+    receiver: broadcast::Receiver<(i64, Event)>,
     metrics: Metrics,
 }
 
@@ -432,7 +435,7 @@ impl Subscriber {
     pub async fn recv(&mut self) -> Option<Event> {
         loop {
             match self.receiver.recv().await {
-                Ok(event) => return Some(event),
+                Ok((_, event)) => return Some(event),
                 Err(broadcast::error::RecvError::Lagged(lost)) => {
                     self.metrics.bus_lagged.inc_by(lost);
                 }

@@ -2,16 +2,16 @@
 //!
 //! Each bus event is one SSE message: `event:` its kind (`alert`, `alert_changed`, `repair`,
 //! `prediction`, …), `id:` a number counting up from 1 on this stream, `data:` the event as
-//! JSON with `at_unix_ms` added. The first message is `hello`. `?types=a,b` keeps only those
-//! kinds. A client that reads too slowly loses the oldest events (the bus counts them) and is
-//! told with a `lagged` message; at most [`MAX_STREAMS`] streams are open at once (503 past
+//! JSON with `at_unix_ms`, when it was published on the bus. The first message is `hello`.
+//! `?types=a,b` keeps only those kinds. A client that reads too slowly loses the oldest events
+//! (the bus counts them) and is told with a `lagged` message; at most [`MAX_STREAMS`] streams are open at once (503 past
 //! that), so live views cannot take the daemon's memory.
 
 use std::{
     collections::BTreeSet,
     convert::Infallible,
     sync::{atomic::Ordering, Arc},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use axum::{
@@ -81,13 +81,10 @@ fn parse_types(text: Option<&str>) -> Result<Option<BTreeSet<&'static str>>, Str
     Ok(Some(kinds))
 }
 
-fn message(id: u64, event: &Event) -> SseEvent {
+fn message(id: u64, at_unix_ms: i64, event: &Event) -> SseEvent {
     let mut data = serde_json::to_value(event).unwrap_or_default();
     if let Some(object) = data.as_object_mut() {
-        object.insert(
-            "at_unix_ms".to_owned(),
-            crate::store::unix_ms(SystemTime::now()).into(),
-        );
+        object.insert("at_unix_ms".to_owned(), at_unix_ms.into());
     }
     SseEvent::default()
         .event(event.kind())
@@ -135,12 +132,12 @@ pub(super) async fn events(
                     received = events.recv() => received,
                 };
                 match received {
-                    Ok(event) => {
+                    Ok((at, event)) => {
                         if kinds.as_ref().is_some_and(|k| !k.contains(event.kind())) {
                             continue;
                         }
                         id += 1;
-                        let message = message(id, &event);
+                        let message = message(id, at, &event);
                         return Some((Ok(message), (first, events, kinds, slot, id)));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(lost)) => {
