@@ -122,8 +122,11 @@ pub struct ApiArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
     /// The admin API's address, such as 127.0.0.1:9797 [default: admin.listen].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "socket")]
     pub addr: Option<String>,
+    /// The admin API's unix socket (`admin.socket`) instead of its address.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
     /// A file holding the bearer token [default: `SELFHEAL_ADMIN_TOKEN`, else
     /// `admin.token_file`, else `state.dir/admin.token`].
     #[arg(long)]
@@ -146,7 +149,9 @@ pub struct ChangeArgs {
 
 /// Where and how to reach the API.
 struct Client {
+    /// `http://<address>`, or `unix:<path>` with `socket` set.
     base: String,
+    socket: Option<PathBuf>,
     /// `None` only for `status` without a readable token: it falls back to the open health.
     token: Option<String>,
     json: bool,
@@ -362,7 +367,11 @@ impl Client {
             .build()
             .into();
         Ok(Self {
-            base: format!("http://{addr}"),
+            base: args.socket.as_ref().map_or_else(
+                || format!("http://{addr}"),
+                |path| format!("unix:{}", path.display()),
+            ),
+            socket: args.socket.clone(),
             token,
             json: args.json,
             agent,
@@ -370,6 +379,17 @@ impl Client {
     }
 
     fn get(&self, path: &str, query: &[(&str, String)]) -> Result<serde_json::Value, Failure> {
+        if let Some(socket) = &self.socket {
+            let mut target = path.to_owned();
+            for (i, (name, value)) in query.iter().enumerate() {
+                target.push(if i == 0 { '?' } else { '&' });
+                target.push_str(name);
+                target.push('=');
+                target.push_str(&percent_encode(value));
+            }
+            let answer = self.over_socket(socket, http::Method::GET, &target, None);
+            return self.answer(path, answer);
+        }
         let mut request = self.agent.get(format!("{}{path}", self.base));
         if let Some(token) = &self.token {
             request = request.header("Authorization", &format!("Bearer {token}"));
@@ -377,22 +397,56 @@ impl Client {
         for (name, value) in query {
             request = request.query(*name, value);
         }
-        self.answer(path, request.call())
+        self.answer(path, parts(request.call()))
     }
 
     fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, Failure> {
+        if let Some(socket) = &self.socket {
+            let answer = self.over_socket(
+                socket,
+                http::Method::POST,
+                path,
+                Some(body.to_string().into_bytes()),
+            );
+            return self.answer(path, answer);
+        }
         let request = self.agent.post(format!("{}{path}", self.base)).header(
             "Authorization",
             &format!("Bearer {}", self.token.as_deref().unwrap_or_default()),
         );
-        self.answer(path, request.send_json(body))
+        self.answer(path, parts(request.send_json(body)))
+    }
+
+    /// One request on the daemon's unix socket: the status and the body's text.
+    fn over_socket(
+        &self,
+        socket: &Path,
+        method: http::Method,
+        target: &str,
+        json: Option<Vec<u8>>,
+    ) -> Result<(u16, String), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let headers: Vec<_> = self
+            .token
+            .iter()
+            .map(|token| (http::header::AUTHORIZATION, format!("Bearer {token}")))
+            .collect();
+        let exchange =
+            crate::unix_http::request(socket, method, target, "selfheal", &headers, json);
+        let (status, body) = runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), exchange).await })
+            .map_err(|_| "no answer within 10 s".to_owned())??;
+        Ok((status.as_u16(), String::from_utf8_lossy(&body).into_owned()))
     }
 
     /// The `data` of a successful answer; a refusal (exit 1) or an unreachable daemon (69).
     fn answer(
         &self,
         path: &str,
-        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+        response: Result<(u16, String), String>,
     ) -> Result<serde_json::Value, Failure> {
         let unreachable = |err: &dyn std::fmt::Display| Failure {
             status: EXIT_UNAVAILABLE,
@@ -401,24 +455,19 @@ impl Client {
                 self.base
             ),
         };
-        let mut response = response.map_err(|err| unreachable(&err))?;
-        let status = response.status();
-        let text = response
-            .body_mut()
-            .read_to_string()
-            .map_err(|err| unreachable(&err))?;
+        let (status, text) = response.map_err(|err| unreachable(&err))?;
         let body: serde_json::Value = serde_json::from_str(&text).map_err(|_| Failure {
             status: EXIT_REFUSED,
             message: format!("{path} answered {status} with something that is not JSON: {text}"),
         })?;
-        if status.is_success() && body["success"] == true {
+        if (200..300).contains(&status) && body["success"] == true {
             Ok(body["data"].clone())
         } else {
             Err(Failure {
                 status: EXIT_REFUSED,
                 message: format!(
                     "the daemon refused ({}): {}",
-                    status.as_u16(),
+                    status,
                     body["error"].as_str().unwrap_or(&text)
                 ),
             })
@@ -435,6 +484,32 @@ impl Client {
             human(data);
         }
     }
+}
+
+/// A ureq answer as its status and text, or why there is none.
+fn parts(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<(u16, String), String> {
+    let mut response = response.map_err(|err| err.to_string())?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|err| err.to_string())?;
+    Ok((status, text))
+}
+
+/// A query value with everything but unreserved characters percent-encoded (RFC 3986).
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
 }
 
 fn read_token(path: &Path) -> Result<String, Failure> {
@@ -762,6 +837,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(percent_encode("tackle.io"), "tackle.io");
+        assert_eq!(percent_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+    }
+
+    #[test]
     fn ages_read_short() {
         assert_eq!(ago(10_000, 5_000), "5s");
         assert_eq!(ago(600_000, 0), "10m");
@@ -818,6 +899,7 @@ mod tests {
             .port();
         let api = ApiArgs {
             config: None,
+            socket: None,
             addr: Some(format!("127.0.0.1:{port}")),
             token_file: Some(token),
             json: false,

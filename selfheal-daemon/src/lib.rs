@@ -23,3 +23,4 @@ pub mod target;
 pub mod telemetry;
 pub mod tls;
 pub mod traffic;
+pub mod unix_http;

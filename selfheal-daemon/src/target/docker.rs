@@ -3,8 +3,6 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 
 use super::TargetError;
@@ -34,45 +32,7 @@ pub(crate) async fn request(
     path: &str,
     json: Option<Vec<u8>>,
 ) -> Result<(http::StatusCode, Bytes), String> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let mut builder = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, "docker");
-    if json.is_some() {
-        builder = builder.header(http::header::CONTENT_TYPE, "application/json");
-    }
-    let request = builder
-        .body(Full::new(Bytes::from(json.unwrap_or_default())))
-        .map_err(|e| format!("request: {e}"))?;
-    let exchange = async move {
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("request: {e}"))?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e}"))?
-            .to_bytes();
-        Ok((status, body))
-    };
-    // The connection future drives the socket; the exchange ends first unless the engine hangs
-    // up, and dropping the connection then closes it.
-    tokio::select! {
-        result = exchange => result,
-        result = connection => Err(match result {
-            Ok(()) => "the engine closed the connection".to_owned(),
-            Err(e) => format!("connection: {e}"),
-        }),
-    }
+    crate::unix_http::request(socket, method, path, "docker", &[], json).await
 }
 
 pub(super) async fn main_pid(name: &str, socket: &Path) -> Result<u32, TargetError> {

@@ -15,7 +15,7 @@ use std::{
 
 use nix::sys::signal::Signal;
 use selfheal_e2e::{
-    free_port, http, require_root, wait_for, Daemon, DemoBackend, KeepAlive, PgCluster,
+    bin, free_port, http, require_root, wait_for, Daemon, DemoBackend, KeepAlive, PgCluster,
     DEMO_PLATFORMS,
 };
 use serde_json::{json, Value};
@@ -645,6 +645,30 @@ fn a_read_only_daemon_refuses_changes_and_serves_its_unix_socket() {
     );
     let answer = over_socket("");
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // The CLI on the socket: reads work, a change is refused with the daemon's reason.
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(bin("selfheal"))
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .env("SELFHEAL_ADMIN_TOKEN", &token)
+            .output()
+            .expect("run the CLI");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = cli(&["status"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("7 of 7 running"), "{out}");
+    let (code, out, err) = cli(&["alerts", "--state", "all", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"alerts\""), "{out}");
+    let (code, _, err) = cli(&["ack", "1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("(403)") && err.contains("read-only"), "{err}");
 
     daemon.proc.signal(Signal::SIGTERM).expect("stop");
     daemon
