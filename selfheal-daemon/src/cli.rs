@@ -318,7 +318,7 @@ impl Client {
     /// A client; without `required`, a token that cannot be read leaves it anonymous.
     fn with_token(args: &ApiArgs, env: &Env, required: bool) -> Result<Self, Failure> {
         // The config is read only for what the flags and the environment leave open.
-        let needed = args.addr.is_none()
+        let needed = (args.addr.is_none() && args.socket.is_none())
             || (args.token_file.is_none() && env.get("SELFHEAL_ADMIN_TOKEN").is_none());
         let config_path = args.config.clone().or_else(|| {
             let default = PathBuf::from(DEFAULT_CONFIG);
