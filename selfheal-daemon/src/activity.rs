@@ -177,12 +177,24 @@ impl Activity {
         Self::default()
     }
 
-    /// A copy of what is kept (at most [`KEEP`] of each kind: a few hundred kB at worst).
-    pub fn recent(&self) -> Recent {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// A copy of the newest `n` findings of each kind, the counts and the last samples (the
+    /// views show a few; copying all that is kept would be most of the work of a call).
+    pub fn newest(&self, n: usize) -> Recent {
+        fn head<T: Clone>(list: &VecDeque<Stamped<T>>, n: usize) -> VecDeque<Stamped<T>> {
+            list.iter().take(n).cloned().collect()
+        }
+        self.read(|r| Recent {
+            predictions: head(&r.predictions, n),
+            security: head(&r.security, n),
+            optimizations: head(&r.optimizations, n),
+            health: head(&r.health, n),
+            predictions_total: r.predictions_total,
+            security_total: r.security_total,
+            optimizations_total: r.optimizations_total,
+            process: r.process.clone(),
+            host: r.host.clone(),
+            tcp: r.tcp.clone(),
+        })
     }
 
     /// Reads under the lock without copying everything.
@@ -268,6 +280,28 @@ mod tests {
                 restart_in_ms: 1
             }
         ));
+    }
+
+    #[test]
+    fn the_views_copy_only_the_newest() {
+        let activity = Activity::new();
+        for i in 0..50 {
+            activity.record(
+                i,
+                &Event::Optimization {
+                    area: "connections".into(),
+                    suggestion: i.to_string(),
+                },
+            );
+        }
+        let newest = activity.newest(3);
+        assert_eq!(newest.optimizations_total, 50);
+        let kept: Vec<_> = newest
+            .optimizations
+            .iter()
+            .map(|o| o.item.suggestion.as_str())
+            .collect();
+        assert_eq!(kept, ["49", "48", "47"]);
     }
 
     #[test]

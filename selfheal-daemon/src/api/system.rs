@@ -245,13 +245,13 @@ pub(super) async fn health_detailed(State(state): State<Arc<ApiState>>) -> Respo
         Ok(checks) => checks.into_iter().map(IntegrationView::from).collect(),
         Err(err) => return state_error("health", &err),
     };
-    let recent = state.activity.recent();
+    let recent = state.activity.newest(20);
     ok(DetailedView {
         health: health_view(&state),
         process: recent.process,
         host: recent.host,
         tcp: recent.tcp,
-        health_changes: recent.health.into_iter().take(20).collect(),
+        health_changes: recent.health.into(),
         integrations,
         store: state.traffic.store().memory(),
         self_healing: self_healing(&state),
@@ -441,7 +441,7 @@ pub(super) async fn dashboard(State(state): State<Arc<ApiState>>) -> Response {
     let target = target_status(&state);
     let active = state.alerts.active();
     let agents = agent_views(&state.agents);
-    let mut recent = state.activity.recent();
+    let mut recent = state.activity.newest(10);
     if target.state != TargetState::Running {
         // The last sample is of a process that is gone.
         recent.process = None;
@@ -475,9 +475,9 @@ pub(super) async fn dashboard(State(state): State<Arc<ApiState>>) -> Response {
             counts: repair_counts,
             last,
         },
-        predictions: recent.predictions.into_iter().take(10).collect(),
-        security: recent.security.into_iter().take(10).collect(),
-        optimizations: recent.optimizations.into_iter().take(10).collect(),
+        predictions: recent.predictions.into(),
+        security: recent.security.into(),
+        optimizations: recent.optimizations.into(),
     })
     .into_response()
 }
