@@ -325,6 +325,8 @@ pub struct ProbesConfig {
     /// 0, the default for now, turns payload capture off: its cost to other processes and to
     /// the target is still above the goals (see BENCHMARKS.md).
     pub payload_bytes: u32,
+    /// Where payloads are captured (see [`CaptureMode`]).
+    pub capture: CaptureMode,
     /// Captured payloads waiting for the decoders; beyond it they are dropped and counted.
     pub payload_queue: usize,
     /// How often the reader drains captures from the ring buffer (with payload capture on).
@@ -340,12 +342,29 @@ pub struct ProbesConfig {
     pub decode_nice: i32,
 }
 
+/// Where the target's socket payloads are captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// On the target's own cgroup2 (`cgroup_skb` programs: per TCP packet of the target's
+    /// sockets only; no other process runs them). Needs the target in a cgroup of its own —
+    /// a systemd unit, a container, or a process started in one — and PostgreSQL over TCP
+    /// (unix sockets are not seen). While the target shares its cgroup, nothing is captured
+    /// and the reason is logged and exported.
+    Cgroup,
+    /// On the socket syscalls of every process (BTF tracepoints, filtered to the target in
+    /// the kernel): sees unix sockets and a target in any cgroup, but every process on the
+    /// host pays for the filter on each socket operation (see BENCHMARKS.md).
+    Syscalls,
+}
+
 impl Default for ProbesConfig {
     fn default() -> Self {
         Self {
             ebpf: true,
             ring_buffer_bytes: 4 << 20,
             payload_bytes: 0,
+            capture: CaptureMode::Cgroup,
             payload_queue: 16_384,
             flush_interval_ms: 100,
             decode_nice: 0,

@@ -78,6 +78,11 @@ pub struct DeliveryLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabel {
     pub probe: &'static str,
 }
@@ -212,6 +217,7 @@ pub struct Metrics {
     pub capture_events: Family<CaptureLabel, Counter>,
     pub capture_bytes: Family<CaptureLabel, Counter>,
     pub capture_connections: Gauge,
+    pub capture_mode: Family<ModeLabel, Gauge>,
     pub capture_decode_cpu_seconds: Counter<f64, AtomicU64>,
     pub capture_sampling_ratio: FloatGauge,
     pub http_requests: Family<HttpRequestLabel, Counter>,
@@ -426,6 +432,14 @@ impl Metrics {
             "selfheal_capture_bytes",
             "Bytes the target's captured socket reads and writes moved (not only the captured prefix)",
             capture_bytes.clone(),
+        );
+        let capture_mode = Family::<ModeLabel, Gauge>::default();
+        registry.register(
+            "selfheal_capture_mode",
+            "1 for where payloads are captured now: cgroup (the target's own cgroup2), \
+             syscalls (every process's socket syscalls), none (off, or the target shares its \
+             cgroup; the log says why)",
+            capture_mode.clone(),
         );
         let capture_connections = Gauge::default();
         registry.register(
@@ -707,6 +721,7 @@ impl Metrics {
             capture_events,
             capture_bytes,
             capture_connections,
+            capture_mode,
             capture_decode_cpu_seconds,
             capture_sampling_ratio,
             http_requests,

@@ -30,12 +30,12 @@ use crate::programs::{bump, is_target, now_ns, EVENTS, SOCKETS};
 
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
-static CAPTURE_BYTES: u32 = 256;
+pub(crate) static CAPTURE_BYTES: u32 = 256;
 
 /// Bytes waiting in the ring buffer from which a capture wakes the reader (the loader sets
 /// it to a quarter of the ring).
 #[no_mangle]
-static WAKEUP_BYTES: u64 = 64 * 1024;
+pub(crate) static WAKEUP_BYTES: u64 = 64 * 1024;
 
 // x86_64 `struct pt_regs` offsets: the syscall number and its first two arguments.
 const REG_ORIG_AX: usize = 120;

@@ -17,6 +17,9 @@ pub mod names {
     pub const PROG_TCP_RESET: &str = "tcp_receive_reset";
     pub const PROG_CAPTURE_RECV: &str = "capture_recv";
     pub const PROG_CAPTURE_SEND: &str = "capture_send";
+    /// The segment capture on the target's cgroup (see `SegmentEvent`).
+    pub const PROG_SEGMENT_INGRESS: &str = "segment_ingress";
+    pub const PROG_SEGMENT_EGRESS: &str = "segment_egress";
     /// Bytes of payload captured per syscall, at most [`super::MAX_CAPTURE`].
     pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
     /// Bytes waiting in the ring buffer from which a capture wakes the reader at once.
@@ -71,7 +74,14 @@ pub mod stats {
     pub const PAYLOAD_READ_FAULTS: u32 = 4;
     /// Payload events written.
     pub const PAYLOAD_EVENTS: u32 = 5;
-    pub const LEN: u32 = 6;
+    /// Segments with payload written by the cgroup programs.
+    pub const SEGMENT_EVENTS: u32 = 6;
+    /// Segments lost because the ring buffer was full.
+    pub const DROPS_SEGMENT_RINGBUF_FULL: u32 = 7;
+    /// Packets the cgroup programs could not read (neither IPv4 nor IPv6, or a header load
+    /// failed); let through untouched and counted. Packets that are not TCP are not counted.
+    pub const SEGMENT_UNPARSED: u32 = 8;
+    pub const LEN: u32 = 9;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -98,6 +108,9 @@ pub mod kind {
     pub const TCP_RESET: u32 = 6;
     /// Bytes the target read from or wrote to a socket.
     pub const DATA: u32 = 7;
+    /// A TCP segment with payload that one of the target's sockets received or sent, seen
+    /// by the programs on the target's cgroup.
+    pub const SEGMENT: u32 = 8;
 }
 
 /// The most payload bytes captured from one syscall.
@@ -149,6 +162,41 @@ pub struct DataEvent {
     pub data: [u8; MAX_CAPTURE],
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 56 + MAX_CAPTURE);
+
+/// One TCP segment with payload on a socket of the target's cgroup (`cgroup_skb` ingress or
+/// egress). Per packet, not per syscall: the daemon rebuilds each direction's byte stream
+/// from the sequence numbers. The addresses are the packet's own (source and destination as
+/// on the wire), which on egress are the socket's local and remote ends and on ingress the
+/// reverse.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SegmentEvent {
+    pub kind: u32,
+    /// `DIRECTION_RECV` (ingress) or `DIRECTION_SEND` (egress).
+    pub direction: u32,
+    /// The kernel `struct sock *`, the same key as `TcpEvent::sock`.
+    pub sock: u64,
+    pub ts_ns: u64,
+    /// The sequence number of the first payload byte.
+    pub seq: u32,
+    /// Payload bytes in the segment.
+    pub len: u32,
+    /// How many of them are in `data` (a prefix).
+    pub captured: u32,
+    /// `AF_INET` or `AF_INET6`, from the IP header's version.
+    pub family: u16,
+    /// The TCP header's flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub tcp_flags: u16,
+    /// Network byte order; IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+    pub data: [u8; MAX_CAPTURE],
+}
+const _: () = assert!(core::mem::size_of::<SegmentEvent>() == 80 + MAX_CAPTURE);
 
 /// A process of the target exited (the whole thread group when the kernel says so).
 #[repr(C)]

@@ -8,6 +8,8 @@
 mod capture;
 #[cfg(target_arch = "bpf")]
 mod programs;
+#[cfg(target_arch = "bpf")]
+mod segments;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -26,6 +26,7 @@ use crate::{
     protocols::{
         http::{HttpExchange, HttpParser, HttpStats},
         postgres::{PgEvent, PgParser, PgStats},
+        tcp::{Reassembler, Segment},
     },
     telemetry::{CaptureLabel, Metrics, ProtocolLabel, ReasonLabel},
     traffic::Recorder,
@@ -165,6 +166,13 @@ pub struct Origin {
     pub endpoints: Option<Endpoints>,
 }
 
+fn direction_index(direction: Direction) -> usize {
+    match direction {
+        Direction::Received => 0,
+        Direction::Sent => 1,
+    }
+}
+
 fn direction_label(direction: Direction) -> &'static str {
     match direction {
         Direction::Received => "recv",
@@ -195,6 +203,24 @@ pub enum Capture {
         sock: u64,
         role: Role,
         /// `None` when the kernel reported an address family other than IPv4 and IPv6.
+        endpoints: Option<Endpoints>,
+        ts_ns: u64,
+    },
+    /// A TCP segment with payload on a socket of the target's cgroup (the segment capture):
+    /// one packet, not one syscall, so its bytes go through the connection's reassembler for
+    /// that direction before the decoders.
+    Segment {
+        /// The kernel `struct sock *`, as for `Data`.
+        sock: u64,
+        direction: Direction,
+        /// The sequence number of the first payload byte.
+        seq: u32,
+        /// Payload bytes in the segment.
+        total_len: u32,
+        /// Where their first bytes are in the batch's `bytes`.
+        captured: Range<usize>,
+        /// The connection's ends from the packet's headers (`None` for an address family
+        /// other than IPv4 and IPv6).
         endpoints: Option<Endpoints>,
         ts_ns: u64,
     },
@@ -280,6 +306,9 @@ enum Decoder {
 
 #[derive(Debug, Default)]
 struct Connection {
+    /// The process it is attributed to. The segment capture does not know which process
+    /// moved a packet (ingress runs in softirq): its connections belong to the process that
+    /// opened them (TCP events) or, for one found mid-stream, to the target's first process.
     tgid: u32,
     /// The fd of its first capture, to apply a procfs seed that arrives after it.
     fd: Option<u32>,
@@ -289,6 +318,10 @@ struct Connection {
     send_bytes: u64,
     decoder: Decoder,
     undecided_events: u8,
+    /// The byte streams received and sent, rebuilt from segments (segment capture only).
+    streams: Option<Box<[Reassembler; 2]>>,
+    /// When its last segment was seen: the time of what a flush at close completes.
+    last_ts_ns: u64,
 }
 
 impl Connection {
@@ -391,12 +424,23 @@ impl Traffic {
     pub fn seed(&mut self, tgid: u32, connected: &[(u32, Seed)]) {
         let mut seeds: HashMap<u32, Seed> = connected.iter().copied().collect();
         for connection in self.connections.values_mut() {
-            if connection.tgid != tgid || connection.endpoints.is_some() {
+            if connection.tgid != tgid {
                 continue;
             }
-            if let Some(seed) = connection.fd.and_then(|fd| seeds.remove(&fd)) {
-                connection.endpoints = Some(seed.endpoints);
-                connection.role = connection.role.or(seed.role);
+            if connection.endpoints.is_none() {
+                if let Some(seed) = connection.fd.and_then(|fd| seeds.remove(&fd)) {
+                    connection.endpoints = Some(seed.endpoints);
+                    connection.role = connection.role.or(seed.role);
+                }
+            } else if connection.role.is_none() && connection.fd.is_none() {
+                // A connection the segment capture found (it knows the addresses, not the
+                // fd): the seed with the same addresses tells the role.
+                if let Some(seed) = seeds
+                    .values()
+                    .find(|s| Some(s.endpoints) == connection.endpoints)
+                {
+                    connection.role = seed.role;
+                }
             }
         }
         for (fd, seed) in seeds {
@@ -470,6 +514,17 @@ impl Traffic {
                 feed(connection, direction, payload, total_len, ts_ns, out);
                 out.collect(connection.origin());
             }
+            Capture::Segment {
+                sock,
+                direction,
+                seq,
+                total_len,
+                captured: _,
+                endpoints,
+                ts_ns,
+            } => self.segment(
+                sock, direction, seq, total_len, payload, endpoints, ts_ns, out,
+            ),
             Capture::Opened {
                 tgid,
                 sock,
@@ -518,8 +573,90 @@ impl Traffic {
         }
     }
 
+    /// One segment of the segment capture: counted, then passed through the connection's
+    /// reassembler for its direction to the decoders.
+    #[allow(clippy::too_many_arguments)]
+    fn segment(
+        &mut self,
+        sock: u64,
+        direction: Direction,
+        seq: u32,
+        total_len: u32,
+        payload: &[u8],
+        endpoints: Option<Endpoints>,
+        ts_ns: u64,
+        out: &mut Decoded,
+    ) {
+        let existing = self.connections.get(&sock);
+        // A connection not seen open (one older than the daemon): procfs's seed with the
+        // same addresses tells its role and process, once.
+        let seed = match (existing, endpoints) {
+            (None, Some(ends)) if !self.seeded.is_empty() => self
+                .seeded
+                .iter()
+                .find(|(_, seed)| seed.endpoints == ends)
+                .map(|(&key, _)| key)
+                .and_then(|key| self.seeded.remove_entry(&key)),
+            _ => None,
+        };
+        let known = existing
+            .and_then(|c| c.role)
+            .or(seed.and_then(|(_, s)| s.role));
+        let counters = self.counters(direction, known);
+        counters.events.inc();
+        counters.bytes.inc_by(u64::from(total_len));
+        let owner = seed.map_or_else(
+            || self.members.first().copied().unwrap_or(0),
+            |((tgid, _), _)| tgid,
+        );
+        let connection = if self.connections.len() < MAX_CONNECTIONS {
+            Some(self.connections.entry(sock).or_insert_with(|| Connection {
+                tgid: owner,
+                role: known,
+                endpoints,
+                ..Connection::default()
+            }))
+        } else {
+            self.connections.get_mut(&sock)
+        };
+        let Some(connection) = connection else {
+            let reason = ReasonLabel {
+                reason: "connection_table_full",
+            };
+            self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+            return;
+        };
+        connection.endpoints = connection.endpoints.or(endpoints);
+        connection.last_ts_ns = ts_ns;
+        match direction {
+            Direction::Received => connection.recv_bytes += u64::from(total_len),
+            Direction::Sent => connection.send_bytes += u64::from(total_len),
+        }
+        let mut streams = connection.streams.take().unwrap_or_default();
+        let stream = &mut streams[direction_index(direction)];
+        let segment = Segment {
+            seq,
+            len: total_len,
+            captured: payload,
+        };
+        stream.push(segment, &mut |bytes, len| {
+            feed(connection, direction, bytes, len, ts_ns, out);
+        });
+        connection.streams = Some(streams);
+        out.collect(connection.origin());
+    }
+
     /// Closes a connection's parser (flushing what it completes) and keeps its counters.
     fn retire(&mut self, mut connection: Connection, out: &mut Decoded) {
+        // Segments still held past a hole are given up on: what follows the hole is decoded.
+        if let Some(mut streams) = connection.streams.take() {
+            let ts_ns = connection.last_ts_ns;
+            for direction in [Direction::Received, Direction::Sent] {
+                streams[direction_index(direction)].flush(&mut |bytes, len| {
+                    feed(&mut connection, direction, bytes, len, ts_ns, out);
+                });
+            }
+        }
         match &mut connection.decoder {
             Decoder::Http(parser) => {
                 parser.close(&mut out.http_out);
@@ -538,7 +675,9 @@ impl Traffic {
     pub fn handle_batch(&mut self, batch: &Batch, out: &mut Decoded) {
         for capture in &batch.captures {
             let payload = match capture {
-                Capture::Data { captured, .. } => batch.payload(captured),
+                Capture::Data { captured, .. } | Capture::Segment { captured, .. } => {
+                    batch.payload(captured)
+                }
                 _ => &[],
             };
             self.handle(capture, payload, out);

@@ -18,8 +18,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use selfheal_ebpf::{
-    kind, names, offsets, stats, tcp_state, DataEvent, ProcessExit, TargetSet, TcpEvent,
-    DIRECTION_SEND, ROLE_CLIENT,
+    kind, names, offsets, stats, tcp_state, DataEvent, ProcessExit, SegmentEvent, TargetSet,
+    TcpEvent, DIRECTION_SEND, ROLE_CLIENT,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -27,12 +27,15 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role};
+use super::{
+    capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role},
+    segments::{self, SegmentCapture},
+};
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
-    config::ProbesConfig,
+    config::{CaptureMode, ProbesConfig},
     target::{monotonic_ns, KernelExit},
-    telemetry::{HowLabel, Metrics, ProbeLabel, ProgramLabel, ReasonLabel},
+    telemetry::{HowLabel, Metrics, ModeLabel, ProbeLabel, ProgramLabel, ReasonLabel},
 };
 
 /// The object built by `build.rs`.
@@ -164,6 +167,8 @@ fn task_exit_code_offset() -> Result<u32, String> {
 pub struct Loaded {
     /// Keeps the programs attached; dropping it detaches them.
     ebpf: Ebpf,
+    /// Whether the segment capture is loaded, to attach to the target's cgroup.
+    segments: bool,
     ring: RingBuf<MapData>,
     filters: Filters,
     stats: PerCpuArray<MapData, u64>,
@@ -266,7 +271,17 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             })
         });
     report("tcp_reset", reset);
-    if config.payload_bytes > 0 {
+    let mut segments = false;
+    if config.payload_bytes > 0 && config.capture == CaptureMode::Cgroup {
+        // Attached to the target's cgroup by the reader, once it knows where the target is.
+        match segments::load(&mut ebpf) {
+            Ok(()) => {
+                segments = true;
+                attached += 1;
+            }
+            Err(reason) => report("payload_capture", Err(reason)),
+        }
+    } else if config.payload_bytes > 0 {
         // The programs read syscall arguments at x86_64 `pt_regs` offsets.
         let capture = if cfg!(target_arch = "x86_64") {
             aya::Btf::from_sys_fs()
@@ -286,7 +301,19 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         } else {
             Err("payload capture reads x86_64 syscall registers".to_owned())
         };
+        let on = capture.is_ok();
         report("payload_capture", capture);
+        for (mode, value) in [("syscalls", on), ("none", !on)] {
+            metrics
+                .capture_mode
+                .get_or_create(&ModeLabel { mode })
+                .set(i64::from(value));
+        }
+    } else {
+        metrics
+            .capture_mode
+            .get_or_create(&ModeLabel { mode: "none" })
+            .set(1);
     }
     if attached == 0 {
         return Err(EbpfError::NothingAttached);
@@ -305,6 +332,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
     Ok(Loaded {
         ebpf,
+        segments,
         ring,
         filters: Filters {
             targets,
@@ -402,8 +430,69 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
                 ts_ns,
             }))
         }
+        kind::SEGMENT if bytes.len() >= size_of::<SegmentEvent>() - selfheal_ebpf::MAX_CAPTURE => {
+            Some(Record::Capture(decode_segment(bytes, payloads)?))
+        }
         _ => None,
     }
+}
+
+/// A `SegmentEvent`'s fields, and its captured prefix appended to `payloads`.
+fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
+    let header = size_of::<SegmentEvent>() - selfheal_ebpf::MAX_CAPTURE;
+    let field = |at: usize, len: usize| bytes.get(at..at + len);
+    let u16_at = |at| {
+        field(at, 2)
+            .and_then(|b| b.try_into().ok())
+            .map(u16::from_ne_bytes)
+    };
+    let u32_at = |at| {
+        field(at, 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+    };
+    let u64_at = |at| {
+        field(at, 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+    };
+    let addr = |at| field(at, 16).and_then(|b| <[u8; 16]>::try_from(b).ok());
+    // Field offsets of `SegmentEvent` (`#[repr(C)]`, no padding).
+    let (direction_raw, sock, ts_ns, seq, len) = (
+        u32_at(4)?,
+        u64_at(8)?,
+        u64_at(16)?,
+        u32_at(24)?,
+        u32_at(28)?,
+    );
+    let captured = (u32_at(32)? as usize)
+        .min(selfheal_ebpf::MAX_CAPTURE)
+        .min(len as usize);
+    let (family, saddr, daddr, sport, dport) =
+        (u16_at(36)?, addr(40)?, addr(56)?, u16_at(72)?, u16_at(74)?);
+    let payload = bytes.get(header..header + captured)?;
+    let (direction, endpoints) = if direction_raw == DIRECTION_SEND {
+        (
+            Direction::Sent,
+            Endpoints::from_raw(family, saddr, sport, daddr, dport),
+        )
+    } else {
+        (
+            Direction::Received,
+            Endpoints::from_raw(family, daddr, dport, saddr, sport),
+        )
+    };
+    let start = payloads.len();
+    payloads.extend_from_slice(payload);
+    Some(Capture::Segment {
+        sock,
+        direction,
+        seq,
+        total_len: len,
+        captured: start..start + payload.len(),
+        endpoints,
+        ts_ns,
+    })
 }
 
 /// Exports each program's run count and time, as the kernel keeps them while
@@ -520,13 +609,18 @@ pub async fn run(
     } = links;
     // `ebpf` is held to the end of this function: dropping it detaches the programs.
     let Loaded {
-        ebpf: attached,
+        ebpf: mut attached,
+        segments,
         ring,
         mut filters,
         stats: counters,
     } = loaded;
+    let mut segments = segments.then(|| SegmentCapture::new(metrics.clone()));
     let initial = members.borrow_and_update().clone();
     filters.sync(&initial);
+    if let Some(segments) = &mut segments {
+        segments.sync(&mut attached, &initial);
+    }
     // SAFETY: the ring buffer owns its map fd for as long as it lives, and it lives inside
     // this `AsyncFd` until the end of this function.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
@@ -547,6 +641,9 @@ pub async fn run(
                 }
                 let current = members.borrow_and_update().clone();
                 filters.sync(&current);
+                if let Some(segments) = &mut segments {
+                    segments.sync(&mut attached, &current);
+                }
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EbpfError::Poll)?;
@@ -565,13 +662,15 @@ pub async fn run(
                     let delta = now.saturating_sub(window.seen[index as usize]);
                     window.seen[index as usize] = now;
                     let drop_reason = match index {
-                        stats::EVENTS | stats::PAYLOAD_EVENTS => {
+                        stats::EVENTS | stats::PAYLOAD_EVENTS | stats::SEGMENT_EVENTS => {
                             metrics.ebpf_ringbuf_events.inc_by(delta);
                             continue;
                         }
                         stats::DROPS_RINGBUF_FULL => "ringbuf_full",
                         stats::DROPS_PAYLOAD_RINGBUF_FULL => "payload_ringbuf_full",
                         stats::PAYLOAD_READ_FAULTS => "payload_unreadable",
+                        stats::DROPS_SEGMENT_RINGBUF_FULL => "segment_ringbuf_full",
+                        stats::SEGMENT_UNPARSED => "segment_unparsed",
                         _ => continue,
                     };
                     metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: drop_reason }).inc_by(delta);
@@ -642,7 +741,9 @@ fn drain(
                 if keeps(&capture, keep_one_in) {
                     batch.captures.push(capture);
                 } else {
-                    if let Capture::Data { captured, .. } = capture {
+                    if let Capture::Data { captured, .. } | Capture::Segment { captured, .. } =
+                        capture
+                    {
                         batch.bytes.truncate(captured.start);
                     }
                     sampled_out += 1;
@@ -691,7 +792,7 @@ fn sampling(captures: &mpsc::Sender<Batch>) -> u32 {
 /// pass, so the connection table stays right.
 fn keeps(capture: &Capture, keep_one_in: u32) -> bool {
     match capture {
-        Capture::Data { sock, .. } if keep_one_in > 1 => {
+        Capture::Data { sock, .. } | Capture::Segment { sock, .. } if keep_one_in > 1 => {
             // Socket pointers are aligned: mix the bits before taking the remainder.
             let mixed = sock.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
             mixed % u64::from(keep_one_in) == 0

@@ -8,3 +8,4 @@ pub mod capture;
 pub mod cgroup;
 pub mod ebpf;
 pub mod os;
+pub mod segments;

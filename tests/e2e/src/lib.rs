@@ -673,10 +673,85 @@ impl TableLock {
     }
 }
 
-/// The demo backend, started against a database and waited for until it listens.
+/// A cgroup2 directory of its own for a process the tests start, as a systemd unit or a
+/// container would give it: the daemon's segment capture attaches there. Removed on drop
+/// (drop it after the processes in it have ended).
+pub struct OwnCgroup {
+    dir: PathBuf,
+    procs: std::fs::File,
+}
+
+impl OwnCgroup {
+    /// Creates `selfheal-e2e/<name>-<pid>-<n>` under the cgroup2 mount
+    /// (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on unified ones).
+    pub fn create(name: &str) -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let hybrid = Path::new("/sys/fs/cgroup/unified");
+        let mount = if hybrid.join("cgroup.procs").exists() {
+            hybrid
+        } else {
+            Path::new("/sys/fs/cgroup")
+        };
+        let dir = mount.join("selfheal-e2e").join(format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create the cgroup {}", dir.display()))?;
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+            .with_context(|| format!("cannot open {}/cgroup.procs", dir.display()))?;
+        Ok(Self { dir, procs })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes `command`'s process start in this cgroup (it moves itself there between fork
+    /// and exec, so everything it creates, its listening socket first, belongs to it).
+    pub fn place(&self, command: &mut Command) -> Result<()> {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let fd = self.procs.try_clone()?;
+        // SAFETY: between fork and exec the closure only makes one write(2) on an open fd
+        // (no allocation, no lock); "0" moves the writing process.
+        unsafe {
+            command.pre_exec(move || {
+                let written = nix::libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1);
+                if written == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        // A process that just ended can take a moment to leave it.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("cannot remove the test cgroup {}", self.dir.display());
+    }
+}
+
+/// The demo backend, started against a database and waited for until it listens, in a
+/// cgroup2 directory of its own (as a systemd unit or a container would run it).
 pub struct DemoBackend {
     pub proc: Proc,
     pub address: SocketAddr,
+    /// Dropped after `proc` (fields drop in order), once the backend has ended.
+    _cgroup: Option<OwnCgroup>,
     _logs: tempfile::TempDir,
 }
 
@@ -700,6 +775,12 @@ impl DemoBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         let log = logs.path().join("demo-backend.log");
+        // Without a cgroup of its own (not root, no cgroup2) the backend still runs; only
+        // the daemon's segment capture needs it, and says so.
+        let cgroup = OwnCgroup::create("demo-backend")
+            .and_then(|cgroup| cgroup.place(&mut command).map(|()| cgroup))
+            .map_err(|err| eprintln!("the demo backend runs in the harness's cgroup: {err:#}"))
+            .ok();
         let mut proc = Proc::spawn_logged("demo-backend", command, &log)?;
         let stdout = proc
             .child
@@ -719,6 +800,7 @@ impl DemoBackend {
         Ok(Self {
             proc,
             address: SocketAddr::from(([127, 0, 0, 1], port)),
+            _cgroup: cgroup,
             _logs: logs,
         })
     }
