@@ -6,7 +6,8 @@ use std::{process::Command, time::Duration};
 
 use selfheal_daemon::protocols::fingerprint::fingerprint;
 use selfheal_e2e::{
-    json_f64, openmetrics, require_root, wait_for, wait_stable, Daemon, PgCluster, PgOptions, Proc,
+    json_f64, openmetrics, require_root, wait_for, wait_stable, Daemon, OwnCgroup, PgCluster,
+    PgOptions, Proc,
 };
 
 const CLIENTS: u32 = 2;
@@ -102,9 +103,10 @@ fn select_entry(daemon: &Daemon, expected: &str) -> Option<(u64, f64, f64)> {
     ))
 }
 
-/// Runs `pgbench -S` against `host` (an address, or the socket directory) with the daemon
-/// started first and watching it, and compares.
-fn check_pgbench(pg: &PgCluster, host: &str) {
+/// Runs `pgbench -S` against `host` (an address, or the socket directory) in a cgroup of its
+/// own, with the daemon started first and watching it with `capture` (`probes.capture`), and
+/// compares.
+fn check_pgbench(pg: &PgCluster, host: &str, capture: &str) {
     pgbench_setup(pg);
     // pgbench's first connection reads the scale from pgbench_branches: while this lock is
     // held it waits there, so the daemon can find it and attach before any benchmark
@@ -120,7 +122,8 @@ fn check_pgbench(pg: &PgCluster, host: &str) {
     // A unique piece of its command line (the binary's path comes before it).
     let selector = format!("pgbench {}", args.join(" "));
     let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{selector}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 512\n"
+        "[target]\ncommand = \"{selector}\"\npoll_interval_ms = 100\n\n\
+         [probes]\npayload_bytes = 512\ncapture = \"{capture}\"\n"
     ))
     .expect("daemon");
 
@@ -134,6 +137,8 @@ fn check_pgbench(pg: &PgCluster, host: &str) {
         .args(args)
         .args(["-U", "postgres", "postgres"])
         .stdout(std::fs::File::create(&report_path).expect("report file"));
+    let cgroup = OwnCgroup::create("pgbench").expect("a cgroup for pgbench");
+    cgroup.place(&mut command).expect("pgbench in its cgroup");
     let mut pgbench =
         Proc::spawn_logged("pgbench", command, &out.path().join("pgbench.log")).expect("pgbench");
     daemon
@@ -277,7 +282,8 @@ fn pgbench_select_count_and_latency_match_over_tcp() {
         ..PgOptions::default()
     })
     .expect("postgres");
-    check_pgbench(&pg, "127.0.0.1");
+    // On the target's own cgroup: pgbench's TCP segments.
+    check_pgbench(&pg, "127.0.0.1", "cgroup");
 }
 
 #[test]
@@ -289,5 +295,6 @@ fn pgbench_select_count_and_latency_match_over_the_unix_socket() {
     })
     .expect("postgres");
     let socket_dir = pg.socket_dir().display().to_string();
-    check_pgbench(&pg, &socket_dir);
+    // The cgroup capture sees TCP only: a unix-socket client is captured on its syscalls.
+    check_pgbench(&pg, &socket_dir, "syscalls");
 }
