@@ -163,11 +163,15 @@ pub struct DataEvent {
 }
 const _: () = assert!(core::mem::size_of::<DataEvent>() == 56 + MAX_CAPTURE);
 
+/// Bytes of [`SegmentEvent::headers`]: an IPv6 header (40) or an IPv4 header without options
+/// (20), then the TCP header without options (20).
+pub const SEGMENT_HEADERS: usize = 60;
+
 /// One TCP segment with payload on a socket of the target's cgroup (`cgroup_skb` ingress or
 /// egress). Per packet, not per syscall: the daemon rebuilds each direction's byte stream
-/// from the sequence numbers. The addresses are the packet's own (source and destination as
-/// on the wire), which on egress are the socket's local and remote ends and on ingress the
-/// reverse.
+/// from the sequence numbers. The kernel copies the headers as they are and the daemon reads
+/// them (addresses, ports, sequence number), which keeps the program short: on egress the
+/// packet's source is the socket's local end, on ingress its destination.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SegmentEvent {
@@ -177,26 +181,17 @@ pub struct SegmentEvent {
     /// The kernel `struct sock *`, the same key as `TcpEvent::sock`.
     pub sock: u64,
     pub ts_ns: u64,
-    /// The sequence number of the first payload byte.
-    pub seq: u32,
     /// Payload bytes in the segment.
     pub len: u32,
     /// How many of them are in `data` (a prefix).
     pub captured: u32,
-    /// `AF_INET` or `AF_INET6`, from the IP header's version.
-    pub family: u16,
-    /// The TCP header's flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
-    pub tcp_flags: u16,
-    /// Network byte order; IPv4 in the first 4 bytes.
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    /// Host byte order.
-    pub sport: u16,
-    pub dport: u16,
-    pub _pad: u32,
+    /// The IP header (its first 20 bytes for IPv4, all 40 for IPv6), then the TCP header's
+    /// first 20 bytes (at 20 or 40); the IP version is the first nibble.
+    pub headers: [u8; SEGMENT_HEADERS],
+    pub pad: u32,
     pub data: [u8; MAX_CAPTURE],
 }
-const _: () = assert!(core::mem::size_of::<SegmentEvent>() == 80 + MAX_CAPTURE);
+const _: () = assert!(core::mem::size_of::<SegmentEvent>() == 96 + MAX_CAPTURE);
 
 /// A process of the target exited (the whole thread group when the kernel says so).
 #[repr(C)]

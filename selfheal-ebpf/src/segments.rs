@@ -28,8 +28,6 @@ use crate::{
     programs::{bump, now_ns, EVENTS},
 };
 
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u8 = 6;
 /// Let the packet through (0 would drop it).
 const PASS: i32 = 1;
@@ -46,73 +44,46 @@ pub(crate) fn segment_egress(ctx: SkBuffContext) -> i32 {
     PASS
 }
 
-/// Where the TCP header starts and the packet's addresses.
-struct Ip {
-    family: u16,
-    header_len: u32,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-}
-
-/// The packet's IP header; `Ok(None)` for a packet that is not TCP (UDP, ICMP, an IPv6
-/// extension header, a later fragment), `Err` for one that cannot be read.
+/// Copies `N` bytes of the packet at `offset` to `to` (a record in the ring buffer).
 #[inline(always)]
-fn ip_header(ctx: &SkBuffContext) -> Result<Option<Ip>, ()> {
-    // The program sees the packet from its network header on (no link-layer header).
-    let first: u8 = ctx.load(0).map_err(drop)?;
-    let mut ip = Ip {
-        family: 0,
-        header_len: 0,
-        saddr: [0; 16],
-        daddr: [0; 16],
-    };
-    match first >> 4 {
-        4 => {
-            let header: [u8; 20] = ctx.load(0).map_err(drop)?;
-            // A fragment other than the first carries no TCP header.
-            let fragment_offset = (u16::from(header[6] & 0x1f) << 8) | u16::from(header[7]);
-            if header[9] != IPPROTO_TCP || fragment_offset != 0 {
-                return Ok(None);
-            }
-            ip.family = AF_INET;
-            ip.header_len = u32::from(header[0] & 0x0f) * 4;
-            ip.saddr[..4].copy_from_slice(&header[12..16]);
-            ip.daddr[..4].copy_from_slice(&header[16..20]);
-        }
-        6 => {
-            let header: [u8; 40] = ctx.load(0).map_err(drop)?;
-            // Extension headers are not walked: TCP must be the next header.
-            if header[6] != IPPROTO_TCP {
-                return Ok(None);
-            }
-            ip.family = AF_INET6;
-            ip.header_len = 40;
-            ip.saddr.copy_from_slice(&header[8..24]);
-            ip.daddr.copy_from_slice(&header[24..40]);
-        }
-        _ => return Err(()),
-    }
-    Ok(Some(ip))
+fn copy<const N: u32>(ctx: &SkBuffContext, offset: u32, to: *mut u8) -> bool {
+    // SAFETY: `to` points to at least `N` writable bytes (the caller's record field); the
+    // helper checks the packet's bounds.
+    unsafe { generated::bpf_skb_load_bytes(ctx.skb.skb.cast(), offset, to.cast(), N) == 0 }
 }
 
 #[inline(always)]
 fn segment(ctx: &SkBuffContext, direction: u32) {
-    let ip = match ip_header(ctx) {
-        Ok(Some(ip)) => ip,
-        Ok(None) => return,
-        Err(()) => {
+    // The program sees the packet from its network header on (no link-layer header). Only
+    // what decides whether the packet carries payload is read before a record is reserved:
+    // a handshake packet or a pure ACK leaves after two small loads.
+    let Ok(ip) = ctx.load::<[u8; 10]>(0) else {
+        bump(stats::SEGMENT_UNPARSED);
+        return;
+    };
+    let (ip_len, copied_ip) = match ip[0] >> 4 {
+        4 => {
+            // A fragment other than the first carries no TCP header.
+            if ip[9] != IPPROTO_TCP || (ip[6] & 0x1f) != 0 || ip[7] != 0 {
+                return;
+            }
+            (u32::from(ip[0] & 0x0f) * 4, 20)
+        }
+        // Extension headers are not walked: TCP must be the next header.
+        6 if ip[6] == IPPROTO_TCP => (40, 40),
+        6 => return,
+        _ => {
             bump(stats::SEGMENT_UNPARSED);
             return;
         }
     };
-    let Ok(tcp) = ctx.load::<[u8; 16]>(ip.header_len as usize) else {
+    let Ok(data_offset) = ctx.load::<u8>(ip_len as usize + 12) else {
         bump(stats::SEGMENT_UNPARSED);
         return;
     };
-    let payload_at = ip.header_len + u32::from(tcp[12] >> 4) * 4;
+    let payload_at = ip_len + u32::from(data_offset >> 4) * 4;
     let len = ctx.len();
     if len <= payload_at {
-        // A handshake packet or a pure ACK.
         return;
     }
     let payload_len = len - payload_at;
@@ -125,6 +96,21 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
         return;
     };
     let event = entry.as_mut_ptr();
+    // SAFETY: `event` points to a reserved record; `headers` holds 60 bytes: 20 or 40 of IP
+    // header at 0, 20 of TCP header after them.
+    let headers = unsafe { (*event).headers.as_mut_ptr() };
+    let headers_copied = if copied_ip == 20 {
+        // SAFETY: as above.
+        copy::<20>(ctx, 0, headers) && copy::<20>(ctx, ip_len, unsafe { headers.add(20) })
+    } else {
+        // SAFETY: as above.
+        copy::<40>(ctx, 0, headers) && copy::<20>(ctx, ip_len, unsafe { headers.add(40) })
+    };
+    if !headers_copied {
+        entry.discard(u64::from(BPF_RB_NO_WAKEUP));
+        bump(stats::SEGMENT_UNPARSED);
+        return;
+    }
     // SAFETY: a read of a constant the loader may have patched.
     let cap = unsafe { read_volatile(&CAPTURE_BYTES) };
     let mut n = payload_len;
@@ -136,8 +122,8 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
         // `bpf_skb_load_bytes` wants a length the verifier can bound away from 0 and above
         // the record's buffer: this mask gives 1..=MAX_CAPTURE and leaves `n` in it as is.
         let n = ((n - 1) & (MAX_CAPTURE as u32 - 1)) + 1;
-        // SAFETY: `event` is a reserved record; `data` holds MAX_CAPTURE bytes and `n` is at
-        // most that; the helper checks the packet's bounds.
+        // SAFETY: `data` holds MAX_CAPTURE bytes and `n` is at most that; the helper checks
+        // the packet's bounds.
         let status = unsafe {
             generated::bpf_skb_load_bytes(
                 ctx.skb.skb.cast(),
@@ -157,16 +143,9 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
         (*event).direction = direction;
         (*event).sock = sock;
         (*event).ts_ns = now_ns();
-        (*event).seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
         (*event).len = payload_len;
         (*event).captured = captured;
-        (*event).family = ip.family;
-        (*event).tcp_flags = u16::from(tcp[13]);
-        (*event).saddr = ip.saddr;
-        (*event).daddr = ip.daddr;
-        (*event).sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-        (*event).dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-        (*event)._pad = 0;
+        (*event).pad = 0;
     }
     // SAFETY: a read of a constant the loader may have patched.
     let wake_at = unsafe { read_volatile(&WAKEUP_BYTES) };

@@ -53,6 +53,11 @@ pub(crate) enum Bench {
         /// hottest functions printed; `perf` must be installed).
         #[arg(long)]
         profile: bool,
+        /// Where the daemon captures payloads (`probes.capture`): `cgroup` (the target's own
+        /// cgroup2; the demo backend runs in one) or `syscalls` (every process's socket
+        /// syscalls).
+        #[arg(long, default_value = "cgroup", value_parser = ["cgroup", "syscalls"])]
+        capture: String,
     },
 }
 
@@ -65,12 +70,14 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
             seconds,
             connections,
             profile: false,
-        } => crate::overhead::run(*seconds, *connections),
+            capture,
+        } => crate::overhead::run(*seconds, *connections, capture),
         Bench::Overhead {
             seconds,
             connections,
             profile: true,
-        } => crate::overhead::profile(*seconds, *connections),
+            capture,
+        } => crate::overhead::profile(*seconds, *connections, capture),
     }
 }
 

@@ -66,30 +66,62 @@ fn empty_recv_cost_ns() -> Result<f64> {
     Ok(started.elapsed().as_nanos() as f64 / f64::from(CALLS))
 }
 
-/// The three costs above, one round each.
-fn other_process_round() -> Result<[f64; 3]> {
+/// One round: 64 bytes written and read back on a loopback TCP connection, per socket
+/// operation, in ns — TCP traffic of a process outside the target's cgroup, which the
+/// segment capture must not touch.
+fn tcp_op_cost_ns() -> Result<f64> {
+    use std::io::Read as _;
+    const PAIRS: u32 = 200_000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let mut a = std::net::TcpStream::connect(listener.local_addr()?)?;
+    let (mut b, _) = listener.accept()?;
+    a.set_nodelay(true)?;
+    let mut buf = [0u8; 64];
+    let started = Instant::now();
+    for _ in 0..PAIRS {
+        a.write_all(&[7u8; 64])?;
+        b.read_exact(&mut buf)?;
+    }
+    Ok(started.elapsed().as_nanos() as f64 / f64::from(2 * PAIRS))
+}
+
+/// Costs to another process measured per round.
+const OTHER_OPERATIONS: [&str; 4] = [
+    "`write(2)` of 1 byte to /dev/null (no hook fires)",
+    "unix datagram send or recv of 1 byte",
+    "non-blocking recv on an empty unix socket",
+    "loopback TCP write or read of 64 bytes",
+];
+
+/// The costs above, one round each.
+fn other_process_round() -> Result<[f64; 4]> {
     Ok([
         write_cost_ns()?,
         socket_op_cost_ns()?,
         empty_recv_cost_ns()?,
+        tcp_op_cost_ns()?,
     ])
 }
 
 /// Rounds of the costs to a process that is not the target, without and with the daemon
 /// (payload capture on), alternated without/with/with/without; medians per condition.
-fn other_process_costs(backend: &DemoBackend, rounds: usize) -> Result<([f64; 3], [f64; 3])> {
-    let mut without: Vec<[f64; 3]> = Vec::new();
-    let mut with: Vec<[f64; 3]> = Vec::new();
+fn other_process_costs(
+    backend: &DemoBackend,
+    rounds: usize,
+    capture: &str,
+) -> Result<([f64; 4], [f64; 4])> {
+    let mut without: Vec<[f64; 4]> = Vec::new();
+    let mut with: Vec<[f64; 4]> = Vec::new();
     for round in 0..rounds * 2 {
         if matches!(round % 4, 1 | 2) {
-            let _daemon = daemon_for(backend, 256)?;
+            let _daemon = daemon_for(backend, 256, capture)?;
             with.push(other_process_round()?);
         } else {
             without.push(other_process_round()?);
         }
     }
     let medians =
-        |runs: &[[f64; 3]]| [0, 1, 2].map(|i| median(runs.iter().map(|r| r[i]).collect()));
+        |runs: &[[f64; 4]]| [0, 1, 2, 3].map(|i| median(runs.iter().map(|r| r[i]).collect()));
     Ok((medians(&without), medians(&with)))
 }
 
@@ -229,7 +261,13 @@ fn load(
     })
 }
 
-const PROGRAMS: [&str; 2] = ["capture_recv", "capture_send"];
+/// The payload capture programs of both modes (only one pair is loaded at a time).
+const PROGRAMS: [&str; 4] = [
+    "capture_recv",
+    "capture_send",
+    "segment_ingress",
+    "segment_egress",
+];
 
 /// Runs `work` with the kernel's BPF statistics on (`kernel.bpf_stats_enabled`, restored
 /// after) and returns the capture programs' `(runs, seconds)` totals as the daemon exports
@@ -274,7 +312,10 @@ fn with_program_stats(
 /// kernel's BPF statistics (`kernel.bpf_stats_enabled`, switched on for the measurement and
 /// restored after) as the daemon exports them: `(program, runs, ns per run)`.
 fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
-    let (before, after) = with_program_stats(daemon, || socket_op_cost_ns().map(|_| ()))?;
+    let (before, after) = with_program_stats(daemon, || {
+        socket_op_cost_ns()?;
+        tcp_op_cost_ns().map(|_| ())
+    })?;
     Ok(PROGRAMS
         .iter()
         .zip(before.iter().zip(&after))
@@ -285,9 +326,9 @@ fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
         .collect())
 }
 
-fn daemon_for(backend: &DemoBackend, payload_bytes: u32) -> Result<Daemon> {
+fn daemon_for(backend: &DemoBackend, payload_bytes: u32, capture: &str) -> Result<Daemon> {
     let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\n\n[probes]\npayload_bytes = {payload_bytes}\n\n[monitor]\ninterval_ms = 1000\n",
+        "[target]\ncommand = \"{}\"\n\n[probes]\npayload_bytes = {payload_bytes}\ncapture = \"{capture}\"\n\n[monitor]\ninterval_ms = 1000\n",
         backend.selector()
     ))?;
     daemon.wait_for_target(backend.proc.pid())?;
@@ -317,6 +358,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// Rounds without and with the daemon in the order without, with, with, without, …;
 /// prints each and returns (without, with).
 fn alternate(
+    capture: &str,
     backend: &DemoBackend,
     connections: usize,
     duration: Duration,
@@ -336,7 +378,7 @@ fn alternate(
             );
         };
         if daemon_on {
-            let daemon = daemon_for(backend, 256)?;
+            let daemon = daemon_for(backend, 256, capture)?;
             let cpu = || {
                 daemon
                     .metric("selfheal_daemon_cpu_seconds_total")
@@ -371,26 +413,21 @@ fn ratio(without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> f64 {
     median(with.iter().map(f).collect()) / median(without.iter().map(f).collect())
 }
 
-pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
+pub(crate) fn run(seconds: u64, connections: usize, capture: &str) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     let pg = PgCluster::start()?;
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
     // Warm the backend's pool and caches.
     load(&backend, connections, Duration::from_secs(2), None)?;
 
+    println!("payload capture: probes.capture = \"{capture}\", payload_bytes = 256");
+    println!();
     println!("## cost to a process that is not the target ({OTHER_ROUNDS} rounds per condition, alternated, medians)");
-    let (bare, with_capture) = other_process_costs(&backend, OTHER_ROUNDS)?;
-    let program_costs = program_cost(&daemon_for(&backend, 256)?)?;
+    let (bare, with_capture) = other_process_costs(&backend, OTHER_ROUNDS, capture)?;
+    let program_costs = program_cost(&daemon_for(&backend, 256, capture)?)?;
     println!("| operation | no daemon, ns | daemon with payload capture, ns | added, ns |");
     println!("|---|---|---|---|");
-    for (i, operation) in [
-        "`write(2)` of 1 byte to /dev/null (no hook fires)",
-        "unix datagram send or recv of 1 byte",
-        "non-blocking recv on an empty unix socket",
-    ]
-    .iter()
-    .enumerate()
-    {
+    for (i, operation) in OTHER_OPERATIONS.iter().enumerate() {
         println!(
             "| {operation} | {:.1} | {:.1} | {:+.1} |",
             bare[i],
@@ -399,7 +436,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
         );
     }
     println!();
-    println!("In-kernel time of the capture programs per run, for a process that is not the target (kernel BPF statistics, during 1 M socket operations):");
+    println!("In-kernel runs of the capture programs for a process that is not the target (kernel BPF statistics, during 1 M unix and 400 k loopback TCP socket operations):");
     println!();
     println!("| program | runs | ns per run |");
     println!("|---|---|---|");
@@ -408,7 +445,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     }
     println!();
     println!("## cost to the target at saturation: demo backend, {connections} keep-alive connections back to back, {seconds} s per run, {ROUNDS} runs each, alternated");
-    let (without, with) = alternate(&backend, connections, duration, None, ROUNDS)?;
+    let (without, with) = alternate(capture, &backend, connections, duration, None, ROUNDS)?;
     let throughput = ratio(&without, &with, |l| l.per_second);
     let saturated_p99 = ratio(&without, &with, |l| l.p99_ms);
     println!();
@@ -421,7 +458,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     let rate = (median(without.iter().map(|l| l.per_second).collect()) / 2.0).round();
     println!();
     println!("## cost to the target under a fixed load: {rate} requests/s (half the saturation rate) on {connections} connections, {seconds} s per run, {ROUNDS} runs each, alternated");
-    let (without, with) = alternate(&backend, connections, duration, Some(rate), ROUNDS)?;
+    let (without, with) = alternate(capture, &backend, connections, duration, Some(rate), ROUNDS)?;
     let served = ratio(&without, &with, |l| l.per_second);
     let p50 = ratio(&without, &with, |l| l.p50_ms);
     let p99 = ratio(&without, &with, |l| l.p99_ms);
@@ -438,7 +475,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
 
     // Where the added CPU goes: one more run with the daemon and the kernel's BPF statistics
     // on (they cost time themselves, so this run is not among the compared ones).
-    let daemon = daemon_for(&backend, 256)?;
+    let daemon = daemon_for(&backend, 256, capture)?;
     let cpu_before = daemon
         .metric("selfheal_daemon_cpu_seconds_total")?
         .unwrap_or(0.0);
@@ -456,7 +493,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
     });
     println!();
     println!(
-        "per request, same fixed load, one more run: the daemon's own CPU {:.1} µs (userspace and the kernel work of its syscalls), the capture programs {:.1} µs in the kernel ({:.1} runs of {:.0} ns, the target's and every other process's socket operations)",
+        "per request, same fixed load, one more run: the daemon's own CPU {:.1} µs (userspace and the kernel work of its syscalls), the capture programs {:.1} µs in the kernel ({:.1} runs of {:.0} ns, per socket operation of every process with the syscall capture, per TCP segment of the target with the cgroup capture)",
         daemon_cpu * 1e6 / requests.max(1.0),
         seconds * 1e6 / requests.max(1.0),
         runs / requests.max(1.0),
@@ -468,7 +505,7 @@ pub(crate) fn run(seconds: u64, connections: usize) -> Result<()> {
 /// `--profile`: the daemon's own CPU per request under one fixed load (half the saturation
 /// rate) with payload capture off and on, then `perf record` of the daemon during one more
 /// run with capture on, and the functions it spends most of its time in.
-pub(crate) fn profile(seconds: u64, connections: usize) -> Result<()> {
+pub(crate) fn profile(seconds: u64, connections: usize, capture: &str) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     let pg = PgCluster::start()?;
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
@@ -480,7 +517,7 @@ pub(crate) fn profile(seconds: u64, connections: usize) -> Result<()> {
     println!("| payload_bytes | requests | daemon CPU, s | per request, µs |");
     println!("|---|---|---|---|");
     for payload_bytes in [0, 256] {
-        let daemon = daemon_for(&backend, payload_bytes)?;
+        let daemon = daemon_for(&backend, payload_bytes, capture)?;
         let before = daemon
             .metric("selfheal_daemon_cpu_seconds_total")?
             .unwrap_or(0.0);
@@ -495,7 +532,7 @@ pub(crate) fn profile(seconds: u64, connections: usize) -> Result<()> {
             cpu * 1e6 / served.requests.max(1) as f64
         );
     }
-    let daemon = daemon_for(&backend, 256)?;
+    let daemon = daemon_for(&backend, 256, capture)?;
     let data = std::env::temp_dir().join(format!("selfheal-overhead-{}.perf", std::process::id()));
     let mut perf = std::process::Command::new("perf")
         .args(["record", "-F", "1999", "-g", "-o"])

@@ -1554,4 +1554,100 @@ mod tests {
             out.postgres
         );
     }
+
+    fn segment(sock: u64, direction: Direction, seq: u32, bytes: &[u8], ts_ns: u64) -> Batch {
+        Batch {
+            captures: vec![Capture::Segment {
+                sock,
+                direction,
+                seq,
+                total_len: bytes.len() as u32,
+                captured: 0..bytes.len(),
+                endpoints: Some(tcp("127.0.0.1:8080", "127.0.0.1:51000")),
+                ts_ns,
+            }],
+            bytes: bytes.to_vec(),
+        }
+    }
+
+    #[test]
+    fn segments_out_of_order_are_decoded_in_stream_order() {
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics.clone());
+        traffic.set_members(&[40]);
+        let mut out = Decoded::default();
+        // A connection older than the daemon: procfs's seed with the same addresses gives
+        // its role and process.
+        let seed = Seed {
+            role: Some(Role::Server),
+            endpoints: tcp("127.0.0.1:8080", "127.0.0.1:51000"),
+        };
+        traffic.seed(41, &[(9, seed)]);
+        let request = b"GET /api/v1/leads/7 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (first, rest) = request.split_at(12);
+        let (second, third) = rest.split_at(10);
+        // The stream starts at its first segment seen and wraps inside the request.
+        let isn = u32::MAX - 4;
+        // The third segment arrives before the second, then the first again (retransmitted).
+        for (seq, bytes, ts) in [
+            (isn, first, 100),
+            (isn.wrapping_add(22), third, 101),
+            (isn.wrapping_add(12), second, 102),
+            (isn, first, 103),
+        ] {
+            handle(
+                &mut traffic,
+                segment(5, Direction::Received, seq, bytes, ts),
+                &mut out,
+            );
+        }
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        handle(
+            &mut traffic,
+            segment(5, Direction::Sent, 7, response, 900),
+            &mut out,
+        );
+        assert_eq!(out.http.len(), 1, "{:?}", out.http);
+        let (origin, exchange) = &out.http[0];
+        assert_eq!(origin.tgid, 41);
+        assert_eq!(exchange.request.path, "/api/v1/leads/7");
+        assert_eq!(exchange.status, 200);
+        assert_eq!(
+            exchange.latency_ns(),
+            800,
+            "from the request's first segment"
+        );
+        assert!(metrics
+            .encode()
+            .contains("selfheal_capture_events_total{direction=\"recv\",role=\"server\"} 4"));
+        // A hole that never fills is given up at close: what was held past it is decoded.
+        let query = b"Q\0\0\0\x0dSELECT 1\0";
+        let answer = b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I";
+        out.clear();
+        for (direction, seq, bytes) in [
+            (Direction::Sent, 1000, &query[..]),
+            (Direction::Sent, 1000 + 50, &query[..]),
+            (Direction::Received, 5000, &answer[..]),
+        ] {
+            handle(
+                &mut traffic,
+                segment(6, direction, seq, bytes, 10),
+                &mut out,
+            );
+        }
+        assert_eq!(
+            traffic.connections[&6].tgid, 40,
+            "no seed: the target's first process"
+        );
+        handle(
+            &mut traffic,
+            Capture::Closed { sock: 6, ts_ns: 13 },
+            &mut out,
+        );
+        assert!(!traffic.connections.contains_key(&6));
+        assert!(
+            !out.postgres.is_empty(),
+            "the query before the hole completed"
+        );
+    }
 }

@@ -437,39 +437,49 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
     }
 }
 
-/// A `SegmentEvent`'s fields, and its captured prefix appended to `payloads`.
+/// A `SegmentEvent`'s fields, with its headers read, and its captured prefix appended to
+/// `payloads`.
 fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
+    const HEADERS_AT: usize = 32;
     let header = size_of::<SegmentEvent>() - selfheal_ebpf::MAX_CAPTURE;
-    let field = |at: usize, len: usize| bytes.get(at..at + len);
-    let u16_at = |at| {
-        field(at, 2)
-            .and_then(|b| b.try_into().ok())
-            .map(u16::from_ne_bytes)
-    };
-    let u32_at = |at| {
-        field(at, 4)
+    let u32_at = |at: usize| {
+        bytes
+            .get(at..at + 4)
             .and_then(|b| b.try_into().ok())
             .map(u32::from_ne_bytes)
     };
-    let u64_at = |at| {
-        field(at, 8)
+    let u64_at = |at: usize| {
+        bytes
+            .get(at..at + 8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_ne_bytes)
     };
-    let addr = |at| field(at, 16).and_then(|b| <[u8; 16]>::try_from(b).ok());
     // Field offsets of `SegmentEvent` (`#[repr(C)]`, no padding).
-    let (direction_raw, sock, ts_ns, seq, len) = (
-        u32_at(4)?,
-        u64_at(8)?,
-        u64_at(16)?,
-        u32_at(24)?,
-        u32_at(28)?,
-    );
-    let captured = (u32_at(32)? as usize)
+    let (direction_raw, sock, ts_ns, len) = (u32_at(4)?, u64_at(8)?, u64_at(16)?, u32_at(24)?);
+    let captured = (u32_at(28)? as usize)
         .min(selfheal_ebpf::MAX_CAPTURE)
         .min(len as usize);
-    let (family, saddr, daddr, sport, dport) =
-        (u16_at(36)?, addr(40)?, addr(56)?, u16_at(72)?, u16_at(74)?);
+    let headers = bytes.get(HEADERS_AT..HEADERS_AT + selfheal_ebpf::SEGMENT_HEADERS)?;
+    // The IP header's addresses (network order, IPv4 in the first 4 bytes) and where the TCP
+    // header starts.
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    let (family, tcp) = match headers[0] >> 4 {
+        4 => {
+            saddr[..4].copy_from_slice(&headers[12..16]);
+            daddr[..4].copy_from_slice(&headers[16..20]);
+            (AF_INET, &headers[20..40])
+        }
+        6 => {
+            saddr.copy_from_slice(&headers[8..24]);
+            daddr.copy_from_slice(&headers[24..40]);
+            (AF_INET6, &headers[40..60])
+        }
+        _ => return None,
+    };
+    let be16 = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
+    let (sport, dport) = (be16(0), be16(2));
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let payload = bytes.get(header..header + captured)?;
     let (direction, endpoints) = if direction_raw == DIRECTION_SEND {
         (
@@ -494,6 +504,10 @@ fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
         ts_ns,
     })
 }
+
+/// `AF_INET` and `AF_INET6`, as `Endpoints::from_raw` takes them.
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
 
 /// Exports each program's run count and time, as the kernel keeps them while
 /// `kernel.bpf_stats_enabled` is 1 (off by default: the accounting itself costs a little on
@@ -655,6 +669,11 @@ pub async fn run(
                 drain(ring.get_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
             }
             _ = ticker.tick() => {
+                // The target can move between cgroups without a change of processes.
+                if let Some(segments) = &mut segments {
+                    let current = members.borrow().clone();
+                    segments.sync(&mut attached, &current);
+                }
                 export_program_stats(&attached, &metrics, &mut window.programs);
                 // The kernel's per-CPU counters, as increments since the last report.
                 for index in 0..stats::LEN {
@@ -1037,6 +1056,104 @@ mod tests {
             "unknown kind"
         );
         assert!(decode(&[], &mut Vec::new()).is_none(), "empty");
+    }
+
+    #[test]
+    fn segment_records_decode_with_the_targets_end_as_local() {
+        let mut event = SegmentEvent {
+            kind: kind::SEGMENT,
+            direction: selfheal_ebpf::DIRECTION_RECV,
+            sock: 0xffff_8880_0bad_cafe,
+            ts_ns: 42,
+            len: 9000,
+            captured: 16,
+            headers: [0; selfheal_ebpf::SEGMENT_HEADERS],
+            pad: 0,
+            data: [0; selfheal_ebpf::MAX_CAPTURE],
+        };
+        // IPv4 from 10.0.0.2 to 127.0.0.1, then TCP from port 51000 to 8080, seq 0xfffffff0.
+        event.headers[0] = 0x45;
+        event.headers[9] = 6;
+        event.headers[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        event.headers[16..20].copy_from_slice(&[127, 0, 0, 1]);
+        event.headers[20..22].copy_from_slice(&51_000u16.to_be_bytes());
+        event.headers[22..24].copy_from_slice(&8080u16.to_be_bytes());
+        event.headers[24..28].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+        event.data[..16].copy_from_slice(b"GET / HTTP/1.1\r\n");
+        let as_bytes = |event: &SegmentEvent| {
+            // SAFETY: `SegmentEvent` is plain old data; viewing it as bytes is what the
+            // kernel does.
+            unsafe {
+                std::slice::from_raw_parts(
+                    std::ptr::from_ref(event).cast::<u8>(),
+                    size_of::<SegmentEvent>(),
+                )
+            }
+            .to_vec()
+        };
+        let mut payloads = b"xy".to_vec();
+        let Some(Record::Capture(capture)) = decode(&as_bytes(&event), &mut payloads) else {
+            panic!("a segment")
+        };
+        let ends = |local: &str, remote: &str| {
+            Some(Endpoints::Tcp {
+                local: local.parse().expect("address"),
+                remote: remote.parse().expect("address"),
+            })
+        };
+        // Received: the packet's destination is the target's end.
+        assert_eq!(
+            capture,
+            Capture::Segment {
+                sock: 0xffff_8880_0bad_cafe,
+                direction: Direction::Received,
+                seq: 0xffff_fff0,
+                total_len: 9000,
+                captured: 2..18,
+                endpoints: ends("127.0.0.1:8080", "10.0.0.2:51000"),
+                ts_ns: 42,
+            }
+        );
+        assert_eq!(&payloads[2..], b"GET / HTTP/1.1\r\n");
+        // Sent: its source is. A claimed capture beyond the record or the payload is clamped.
+        event.direction = DIRECTION_SEND;
+        event.captured = 10_000;
+        event.len = 100;
+        let mut payloads = Vec::new();
+        let Some(Record::Capture(Capture::Segment {
+            captured,
+            endpoints,
+            ..
+        })) = decode(&as_bytes(&event), &mut payloads)
+        else {
+            panic!("a segment")
+        };
+        assert_eq!(captured, 0..100);
+        assert_eq!(endpoints, ends("10.0.0.2:51000", "127.0.0.1:8080"));
+        // IPv6: the addresses are 16 bytes and TCP starts at 40.
+        event.headers = [0; selfheal_ebpf::SEGMENT_HEADERS];
+        event.headers[0] = 0x60;
+        event.headers[6] = 6;
+        event.headers[8..24].copy_from_slice(
+            &"fd00::2"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("v6")
+                .octets(),
+        );
+        event.headers[24..40].copy_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+        event.headers[40..42].copy_from_slice(&443u16.to_be_bytes());
+        event.headers[42..44].copy_from_slice(&40_000u16.to_be_bytes());
+        let Some(Record::Capture(Capture::Segment { endpoints, .. })) =
+            decode(&as_bytes(&event), &mut payloads)
+        else {
+            panic!("a segment")
+        };
+        assert_eq!(endpoints, ends("[fd00::2]:443", "[::1]:40000"));
+        // A truncated record and an unknown IP version are refused.
+        let bytes = as_bytes(&event);
+        assert!(decode(&bytes[..60], &mut payloads).is_none());
+        event.headers[0] = 0x50;
+        assert!(decode(&as_bytes(&event), &mut payloads).is_none());
     }
 
     #[test]

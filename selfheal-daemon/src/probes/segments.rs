@@ -56,8 +56,7 @@ pub fn own_cgroup_in(
     let v2_root = cgroup::locate_in("0::/\n", root)
         .into_iter()
         .next()
-        .map(|l| l.dir)
-        .unwrap_or_else(|| root.to_owned());
+        .map_or_else(|| root.to_owned(), |l| l.dir);
     if dir == v2_root || dir.as_os_str().is_empty() {
         return Err("the target is in the root cgroup, shared with every process".to_owned());
     }

@@ -762,6 +762,21 @@ impl DemoBackend {
 
     /// Like [`DemoBackend::start`], with more command-line arguments (`--pool-size 4`).
     pub fn start_with(database_url: &str, port: u16, extra_args: &[&str]) -> Result<Self> {
+        Self::start_in(database_url, port, extra_args, true)
+    }
+
+    /// Like [`DemoBackend::start`], in the harness's own cgroup, shared with other processes
+    /// (as a plain process started from a shell would be).
+    pub fn start_shared(database_url: &str, port: u16) -> Result<Self> {
+        Self::start_in(database_url, port, &[], false)
+    }
+
+    fn start_in(
+        database_url: &str,
+        port: u16,
+        extra_args: &[&str],
+        own_cgroup: bool,
+    ) -> Result<Self> {
         let logs = tempfile::Builder::new().prefix("demo-backend-").tempdir()?;
         let mut command = Command::new(bin("demo-backend"));
         command
@@ -777,10 +792,16 @@ impl DemoBackend {
         let log = logs.path().join("demo-backend.log");
         // Without a cgroup of its own (not root, no cgroup2) the backend still runs; only
         // the daemon's segment capture needs it, and says so.
-        let cgroup = OwnCgroup::create("demo-backend")
-            .and_then(|cgroup| cgroup.place(&mut command).map(|()| cgroup))
-            .map_err(|err| eprintln!("the demo backend runs in the harness's cgroup: {err:#}"))
-            .ok();
+        let cgroup = own_cgroup
+            .then(|| {
+                OwnCgroup::create("demo-backend")
+                    .and_then(|cgroup| cgroup.place(&mut command).map(|()| cgroup))
+                    .map_err(|err| {
+                        eprintln!("the demo backend runs in the harness's cgroup: {err:#}");
+                    })
+                    .ok()
+            })
+            .flatten();
         let mut proc = Proc::spawn_logged("demo-backend", command, &log)?;
         let stdout = proc
             .child

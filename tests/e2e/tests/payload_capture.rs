@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use selfheal_e2e::{free_port, require_root, wait_for, Daemon, DemoBackend, KeepAlive, PgCluster};
+use selfheal_e2e::{
+    free_port, require_root, wait_for, Daemon, DemoBackend, KeepAlive, OwnCgroup, PgCluster,
+};
 
 fn events(daemon: &Daemon, direction: &str, role: &str) -> f64 {
     let series =
@@ -100,8 +102,86 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
     .expect("captured on new client connections");
     backend.fault("clear").expect("fault switch");
 
-    let drops = daemon
-        .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"payload_ringbuf_full\"}")
+    for reason in ["segment_ringbuf_full", "segment_unparsed"] {
+        let drops = daemon
+            .metric(&format!(
+                "selfheal_ebpf_ringbuf_drops_total{{reason=\"{reason}\"}}"
+            ))
+            .expect("metrics");
+        assert_eq!(drops, Some(0.0), "nothing {reason} at this rate");
+    }
+    let mode = daemon
+        .metric("selfheal_capture_mode{mode=\"cgroup\"}")
         .expect("metrics");
-    assert_eq!(drops, Some(0.0), "nothing dropped at this rate");
+    assert_eq!(mode, Some(1.0), "captured on the backend's own cgroup");
+}
+
+/// A backend that shares its cgroup with other processes is not captured on it (other
+/// processes would pay and their traffic would be taken for the target's): the daemon says
+/// why, in its log and in `selfheal_capture_mode`, and captures nothing. Moved into a cgroup
+/// of its own, it is attached there without a restart of the daemon.
+#[test]
+fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let backend =
+        DemoBackend::start_shared(&pg.url(), free_port().expect("port")).expect("demo backend");
+    let daemon = Daemon::start(&format!(
+        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 256\n",
+        backend.selector()
+    ))
+    .expect("daemon");
+    daemon
+        .wait_for_target(backend.proc.pid())
+        .expect("the daemon finds the backend");
+    let mode = |mode: &str| {
+        daemon
+            .metric(&format!("selfheal_capture_mode{{mode=\"{mode}\"}}"))
+            .expect("metrics")
+    };
+    wait_for("capture mode none", Duration::from_secs(10), || {
+        (mode("none") == Some(1.0)).then_some(())
+    })
+    .expect("the capture is off");
+    assert_eq!(
+        daemon
+            .metric("selfheal_ebpf_probe_attached{probe=\"payload_capture\"}")
+            .expect("metrics"),
+        Some(0.0)
+    );
+    let log = daemon.proc.log().expect("daemon log");
+    let text = std::fs::read_to_string(log).expect("log");
+    assert!(
+        text.contains("payload capture is waiting for the target to run in a cgroup of its own")
+            && text.contains("root cgroup"),
+        "the log says why:\n{text}"
+    );
+    let mut client = KeepAlive::connect(backend.address).expect("connect");
+    for _ in 0..5 {
+        assert_eq!(
+            client
+                .get("/api/v1/tackle/deals", "api.tackle.io")
+                .expect("request"),
+            200
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let captured = events(&daemon, "recv", "server") + events(&daemon, "recv", "unknown");
+    assert!(captured < 0.5, "nothing captured, got {captured} events");
+
+    // Moved into a cgroup of its own while running: the daemon attaches there.
+    let cgroup = OwnCgroup::create("moved-backend").expect("cgroup");
+    std::fs::write(
+        cgroup.dir().join("cgroup.procs"),
+        backend.proc.pid().to_string(),
+    )
+    .expect("move the backend");
+    wait_for("capture mode cgroup", Duration::from_secs(10), || {
+        (mode("cgroup") == Some(1.0)).then_some(())
+    })
+    .expect("attached to the backend's new cgroup");
+    drop(client);
+    drop(daemon);
+    drop(backend);
+    drop(cgroup);
 }
