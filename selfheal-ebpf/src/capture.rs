@@ -131,6 +131,13 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         Some(n) => unsafe { (*event).captured = n },
         None => bump(stats::PAYLOAD_READ_FAULTS),
     }
+    entry.submit(wake_flags());
+    bump(stats::PAYLOAD_EVENTS);
+}
+
+/// The submit flags of a capture: no wake-up of the reader unless `WAKEUP_BYTES` are waiting.
+#[inline(always)]
+pub(crate) fn wake_flags() -> u64 {
     // SAFETY: a read of a constant the loader may have patched.
     let wake_at = unsafe { read_volatile(&WAKEUP_BYTES) };
     let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= wake_at {
@@ -138,8 +145,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(u64::from(flags));
-    bump(stats::PAYLOAD_EVENTS);
+    u64::from(flags)
 }
 
 /// The user buffer holding the operation's first bytes: the syscall's buffer, or the first

@@ -16,15 +16,12 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated,
-    macros::cgroup_skb,
-    programs::SkBuffContext,
+    bindings::BPF_RB_NO_WAKEUP, helpers::generated, macros::cgroup_skb, programs::SkBuffContext,
 };
 use selfheal_ebpf::{kind, stats, SegmentEvent, DIRECTION_RECV, DIRECTION_SEND, MAX_CAPTURE};
 
 use crate::{
-    capture::{CAPTURE_BYTES, WAKEUP_BYTES},
+    capture::{wake_flags, CAPTURE_BYTES},
     programs::{bump, now_ns, EVENTS},
 };
 
@@ -147,13 +144,6 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
         (*event).captured = captured;
         (*event).pad = 0;
     }
-    // SAFETY: a read of a constant the loader may have patched.
-    let wake_at = unsafe { read_volatile(&WAKEUP_BYTES) };
-    let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= wake_at {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(u64::from(flags));
+    entry.submit(wake_flags());
     bump(stats::SEGMENT_EVENTS);
 }

@@ -486,23 +486,13 @@ impl Traffic {
                 let counters = self.counters(direction, known);
                 counters.events.inc();
                 counters.bytes.inc_by(total_len);
-                let room = self.connections.len() < MAX_CONNECTIONS;
-                let connection = if room {
-                    Some(self.connections.entry(sock).or_insert_with(|| Connection {
-                        tgid,
-                        fd: Some(fd),
-                        role,
-                        endpoints: seed.map(|s| s.endpoints),
-                        ..Connection::default()
-                    }))
-                } else {
-                    self.connections.get_mut(&sock)
-                };
-                let Some(connection) = connection else {
-                    let reason = ReasonLabel {
-                        reason: "connection_table_full",
-                    };
-                    self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+                let Some(connection) = self.connection(sock, || Connection {
+                    tgid,
+                    fd: Some(fd),
+                    role,
+                    endpoints: seed.map(|s| s.endpoints),
+                    ..Connection::default()
+                }) else {
                     return;
                 };
                 match direction {
@@ -573,6 +563,28 @@ impl Traffic {
         }
     }
 
+    /// The connection of `sock`, made with `new` if it is not tracked yet; `None` (counted)
+    /// when the table is full.
+    fn connection(
+        &mut self,
+        sock: u64,
+        new: impl FnOnce() -> Connection,
+    ) -> Option<&mut Connection> {
+        let room = self.connections.len() < MAX_CONNECTIONS;
+        let connection = if room {
+            Some(self.connections.entry(sock).or_insert_with(new))
+        } else {
+            self.connections.get_mut(&sock)
+        };
+        if connection.is_none() {
+            let reason = ReasonLabel {
+                reason: "connection_table_full",
+            };
+            self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+        }
+        connection
+    }
+
     /// One segment of the segment capture: counted, then passed through the connection's
     /// reassembler for its direction to the decoders.
     #[allow(clippy::too_many_arguments)]
@@ -609,21 +621,12 @@ impl Traffic {
             || self.members.first().copied().unwrap_or(0),
             |((tgid, _), _)| tgid,
         );
-        let connection = if self.connections.len() < MAX_CONNECTIONS {
-            Some(self.connections.entry(sock).or_insert_with(|| Connection {
-                tgid: owner,
-                role: known,
-                endpoints,
-                ..Connection::default()
-            }))
-        } else {
-            self.connections.get_mut(&sock)
-        };
-        let Some(connection) = connection else {
-            let reason = ReasonLabel {
-                reason: "connection_table_full",
-            };
-            self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+        let Some(connection) = self.connection(sock, || Connection {
+            tgid: owner,
+            role: known,
+            endpoints,
+            ..Connection::default()
+        }) else {
             return;
         };
         connection.endpoints = connection.endpoints.or(endpoints);

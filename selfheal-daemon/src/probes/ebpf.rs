@@ -389,18 +389,7 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
         }
         kind::DATA if bytes.len() >= size_of::<DataEvent>() - selfheal_ebpf::MAX_CAPTURE => {
             let header = size_of::<DataEvent>() - selfheal_ebpf::MAX_CAPTURE;
-            let u32_at = |at: usize| {
-                bytes
-                    .get(at..at + 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u32::from_ne_bytes)
-            };
-            let u64_at = |at: usize| {
-                bytes
-                    .get(at..at + 8)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_ne_bytes)
-            };
+            let (u32_at, u64_at) = (|at| ne_u32(bytes, at), |at| ne_u64(bytes, at));
             // Field offsets of `DataEvent` (`#[repr(C)]`, no padding).
             let captured = (u32_at(32)? as usize).min(selfheal_ebpf::MAX_CAPTURE);
             let payload = bytes.get(header..header + captured)?;
@@ -437,23 +426,27 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
     }
 }
 
+/// The native-endian integer at `at` of a record, `None` past its end.
+fn ne_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    bytes
+        .get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_ne_bytes)
+}
+
+fn ne_u64(bytes: &[u8], at: usize) -> Option<u64> {
+    bytes
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_ne_bytes)
+}
+
 /// A `SegmentEvent`'s fields, with its headers read, and its captured prefix appended to
 /// `payloads`.
 fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
     const HEADERS_AT: usize = 32;
     let header = size_of::<SegmentEvent>() - selfheal_ebpf::MAX_CAPTURE;
-    let u32_at = |at: usize| {
-        bytes
-            .get(at..at + 4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_ne_bytes)
-    };
-    let u64_at = |at: usize| {
-        bytes
-            .get(at..at + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_ne_bytes)
-    };
+    let (u32_at, u64_at) = (|at| ne_u32(bytes, at), |at| ne_u64(bytes, at));
     // Field offsets of `SegmentEvent` (`#[repr(C)]`, no padding).
     let (direction_raw, sock, ts_ns, len) = (u32_at(4)?, u64_at(8)?, u64_at(16)?, u32_at(24)?);
     let captured = (u32_at(28)? as usize)
