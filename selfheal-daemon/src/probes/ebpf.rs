@@ -278,6 +278,8 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             Ok(()) => {
                 segments = true;
                 attached += 1;
+                // Not attached until the target is found in a cgroup of its own.
+                segments::export(metrics, false);
             }
             Err(reason) => report("payload_capture", Err(reason)),
         }

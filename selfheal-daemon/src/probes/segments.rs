@@ -148,8 +148,13 @@ impl SegmentCapture {
     }
 
     /// Attaches the programs to the target's own cgroup, moves them when it changed, and
-    /// detaches them while the target has none.
+    /// detaches them while the target runs without one. Between two runs of the target
+    /// (no members) they stay where they are: a unit or container restarted into the same
+    /// cgroup is seen from its first packet.
     pub fn sync(&mut self, ebpf: &mut Ebpf, members: &[u32]) {
+        if members.is_empty() && self.attached.is_some() {
+            return;
+        }
         let wanted = own_cgroup(members);
         let current = self.attached.as_ref().map(|(dir, _)| dir);
         if let (Ok(dir), Some(current)) = (&wanted, current) {
@@ -201,19 +206,24 @@ impl SegmentCapture {
     }
 
     fn export(&self) {
-        let on = self.attached.is_some();
-        self.metrics
-            .ebpf_probe_attached
-            .get_or_create(&ProbeLabel {
-                probe: "payload_capture",
-            })
-            .set(i64::from(on));
-        for (mode, value) in [("cgroup", on), ("none", !on)] {
-            self.metrics
-                .capture_mode
-                .get_or_create(&ModeLabel { mode })
-                .set(i64::from(value));
-        }
+        export(&self.metrics, self.attached.is_some());
+    }
+}
+
+/// Whether the segment capture is attached, as `selfheal_ebpf_probe_attached` and
+/// `selfheal_capture_mode` say it.
+pub fn export(metrics: &Metrics, on: bool) {
+    metrics
+        .ebpf_probe_attached
+        .get_or_create(&ProbeLabel {
+            probe: "payload_capture",
+        })
+        .set(i64::from(on));
+    for (mode, value) in [("cgroup", on), ("none", !on)] {
+        metrics
+            .capture_mode
+            .get_or_create(&ModeLabel { mode })
+            .set(i64::from(value));
     }
 }
 

@@ -90,6 +90,7 @@ impl Scene {
             extra(&backend.url("/health"), &pg.url()),
         ))?;
         daemon.wait_for_target(backend.proc.pid())?;
+        daemon.wait_capturing()?;
         Ok(Self {
             daemon,
             _reaper: reaper,

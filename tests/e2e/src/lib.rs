@@ -1014,15 +1014,27 @@ impl Daemon {
             backend.selector()
         ))?;
         daemon.wait_for_target(backend.proc.pid())?;
-        let attached = daemon.metric("selfheal_ebpf_probe_attached{probe=\"payload_capture\"}")?;
-        if attached != Some(1.0) {
-            bail!(
-                "the payload capture probe is not attached: {}",
-                daemon.health()?
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
+        daemon.wait_capturing()?;
         Ok(daemon)
+    }
+
+    /// With payload capture configured, waits until it is attached (on the target's cgroup
+    /// that happens just after the target is found; traffic before it is not seen), and
+    /// fails if it is not within 10 s; without, returns at once.
+    pub fn wait_capturing(&self) -> Result<()> {
+        let series = "selfheal_ebpf_probe_attached{probe=\"payload_capture\"}";
+        if self.metric(series)?.is_none() {
+            return Ok(());
+        }
+        wait_for(
+            "the payload capture to attach",
+            Duration::from_secs(10),
+            || (self.metric(series).ok().flatten() == Some(1.0)).then_some(()),
+        )
+        .with_context(|| format!("health: {}", self.health().unwrap_or_default()))?;
+        // The syscall capture's filter maps are updated asynchronously: let them settle.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(())
     }
 
     pub fn start(config: &str) -> Result<Self> {

@@ -73,6 +73,7 @@ fn unit(service: &str, extra_config: impl Fn(&str) -> String) -> Unit {
     ))
     .expect("daemon");
     daemon.wait_for_target(first).expect("unit resolved");
+    daemon.wait_capturing().expect("capture attached");
     Unit {
         daemon,
         systemd,
@@ -150,6 +151,7 @@ fn contained(label: &str, extra_run: &[&str], extra_config: impl Fn(u16) -> Stri
     ))
     .expect("daemon");
     daemon.wait_for_target(first).expect("container resolved");
+    daemon.wait_capturing().expect("capture attached");
     Contained {
         daemon,
         engine,

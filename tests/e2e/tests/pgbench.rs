@@ -144,6 +144,7 @@ fn check_pgbench(pg: &PgCluster, host: &str, capture: &str) {
     daemon
         .wait_for_target(pgbench.pid())
         .expect("the daemon finds pgbench");
+    daemon.wait_capturing().expect("capture attached");
     wait_for(
         "pgbench to wait for the lock",
         Duration::from_secs(10),
