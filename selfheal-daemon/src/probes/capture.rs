@@ -289,6 +289,11 @@ const MAX_CONNECTIONS: usize = 65_536;
 /// to be decoded first.
 const LEAVING_TICKS: u8 = 3;
 
+/// Bytes all connections' reassemblers may hold for out-of-order segments together; a
+/// segment held past it makes its stream give up its holes (decoded as gaps, counted as
+/// `reassembly_budget`), so out-of-order traffic cannot grow the daemon's memory.
+const MAX_HELD_BYTES: usize = 16 << 20;
+
 /// Data events on a connection whose protocol is still unknown before it is given up on.
 const MAX_UNDECIDED_EVENTS: u8 = 8;
 
@@ -380,6 +385,8 @@ pub struct Traffic {
     /// Problems of parsers already dropped, and what was last exported.
     closed: ProblemTotals,
     exported: ProblemTotals,
+    /// Bytes the live connections' reassemblers hold (see [`MAX_HELD_BYTES`]).
+    held_bytes: usize,
     /// Roles and addresses of the target's connections that existed before the daemon saw
     /// them open, by (tgid, fd), from procfs; each is used once, by the first capture on
     /// that fd (or by the connection already seen on it when the seed arrives late).
@@ -412,6 +419,7 @@ impl Traffic {
             counters,
             closed: ProblemTotals::default(),
             exported: ProblemTotals::default(),
+            held_bytes: 0,
             seeded: HashMap::new(),
             members: Vec::new(),
             leaving: HashMap::new(),
@@ -621,6 +629,7 @@ impl Traffic {
             || self.members.first().copied().unwrap_or(0),
             |((tgid, _), _)| tgid,
         );
+        let held_elsewhere = self.held_bytes;
         let Some(connection) = self.connection(sock, || Connection {
             tgid: owner,
             role: known,
@@ -642,17 +651,34 @@ impl Traffic {
             len: total_len,
             captured: payload,
         };
-        stream.push(segment, &mut |bytes, len| {
+        let before = stream.heap_bytes();
+        let mut feed_out = |bytes: &[u8], len| {
             feed(connection, direction, bytes, len, ts_ns, out);
-        });
+        };
+        stream.push(segment, &mut feed_out);
+        let over_budget = stream.heap_bytes() > before
+            && held_elsewhere.saturating_sub(before) + stream.heap_bytes() > MAX_HELD_BYTES;
+        if over_budget {
+            stream.flush(&mut feed_out);
+        }
+        let after = stream.heap_bytes();
         connection.streams = Some(streams);
         out.collect(connection.origin());
+        self.held_bytes = held_elsewhere.saturating_sub(before) + after;
+        if over_budget {
+            let reason = ReasonLabel {
+                reason: "reassembly_budget",
+            };
+            self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+        }
     }
 
     /// Closes a connection's parser (flushing what it completes) and keeps its counters.
     fn retire(&mut self, mut connection: Connection, out: &mut Decoded) {
         // Segments still held past a hole are given up on: what follows the hole is decoded.
         if let Some(mut streams) = connection.streams.take() {
+            let held: usize = streams.iter().map(Reassembler::heap_bytes).sum();
+            self.held_bytes = self.held_bytes.saturating_sub(held);
             let ts_ns = connection.last_ts_ns;
             for direction in [Direction::Received, Direction::Sent] {
                 streams[direction_index(direction)].flush(&mut |bytes, len| {
@@ -1652,5 +1678,52 @@ mod tests {
             !out.postgres.is_empty(),
             "the query before the hole completed"
         );
+    }
+
+    #[test]
+    fn out_of_order_segments_held_across_connections_stay_under_the_budget() {
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics.clone());
+        traffic.set_members(&[1]);
+        let mut out = Decoded::default();
+        let payload = [b'x'; 512];
+        // Each connection starts its stream, then gets segments past a hole that never fills:
+        // far more held bytes in total than the budget allows.
+        let connections = 2 * MAX_HELD_BYTES / (crate::protocols::tcp::MAX_HELD * 512) + 1;
+        for sock in 1..=connections as u64 {
+            handle(
+                &mut traffic,
+                segment(sock, Direction::Received, 0, &payload, 1),
+                &mut out,
+            );
+            for i in 0..crate::protocols::tcp::MAX_HELD as u32 {
+                let seq = 10_000 + i * 512;
+                handle(
+                    &mut traffic,
+                    segment(sock, Direction::Received, seq, &payload, 2),
+                    &mut out,
+                );
+            }
+            assert!(
+                traffic.held_bytes <= MAX_HELD_BYTES,
+                "{}",
+                traffic.held_bytes
+            );
+        }
+        let held: usize = traffic
+            .connections
+            .values()
+            .filter_map(|c| c.streams.as_ref())
+            .flat_map(|s| s.iter().map(Reassembler::heap_bytes))
+            .sum();
+        assert_eq!(held, traffic.held_bytes, "the running total is exact");
+        assert!(metrics
+            .encode()
+            .contains("selfheal_ebpf_ringbuf_drops_total{reason=\"reassembly_budget\"}"));
+        // Closing them all gives the budget back.
+        for sock in 1..=connections as u64 {
+            handle(&mut traffic, Capture::Closed { sock, ts_ns: 3 }, &mut out);
+        }
+        assert_eq!(traffic.held_bytes, 0);
     }
 }

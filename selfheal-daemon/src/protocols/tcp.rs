@@ -117,6 +117,8 @@ impl Reassembler {
         while !self.held.is_empty() {
             self.give_up_hole(out);
         }
+        // Nothing is held now: give the memory back too.
+        self.held = Vec::new();
     }
 
     /// Passes on the part of a segment at or after the stream's position; false when all of
