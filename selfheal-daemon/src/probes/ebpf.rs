@@ -1053,6 +1053,28 @@ mod tests {
         assert!(decode(&[], &mut Vec::new()).is_none(), "empty");
     }
 
+    proptest::proptest! {
+        /// Whatever follows a known kind, a record decodes or is refused without a panic, and
+        /// a capture's range lies inside the payloads it was appended to.
+        #[test]
+        fn any_record_bytes_are_safe(
+            kind_index in 0usize..4,
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..700),
+        ) {
+            let kinds = [kind::PROCESS_EXIT, kind::TCP_CONNECT, kind::DATA, kind::SEGMENT];
+            let mut bytes = kinds[kind_index].to_ne_bytes().to_vec();
+            bytes.extend_from_slice(&body);
+            let mut payloads = Vec::new();
+            if let Some(Record::Capture(
+                Capture::Data { captured, .. } | Capture::Segment { captured, .. },
+            )) = decode(&bytes, &mut payloads)
+            {
+                proptest::prop_assert!(captured.end <= payloads.len());
+                proptest::prop_assert!(captured.len() <= selfheal_ebpf::MAX_CAPTURE);
+            }
+        }
+    }
+
     #[test]
     fn segment_records_decode_with_the_targets_end_as_local() {
         let mut event = SegmentEvent {
