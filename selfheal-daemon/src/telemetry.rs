@@ -77,6 +77,9 @@ pub struct DeliveryLabel {
     pub result: &'static str,
 }
 
+/// The values of `selfheal_capture_mode`'s `mode` label.
+pub const CAPTURE_MODES: [&str; 3] = ["cgroup", "syscalls", "none"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModeLabel {
     pub mode: &'static str,
@@ -218,6 +221,7 @@ pub struct Metrics {
     pub capture_bytes: Family<CaptureLabel, Counter>,
     pub capture_connections: Gauge,
     pub capture_mode: Family<ModeLabel, Gauge>,
+    pub capture_unseen_postgres_connections: Gauge,
     pub capture_decode_cpu_seconds: Counter<f64, AtomicU64>,
     pub capture_sampling_ratio: FloatGauge,
     pub http_requests: Family<HttpRequestLabel, Counter>,
@@ -268,6 +272,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Sets `selfheal_capture_mode` to 1 for `mode` and 0 for the other modes.
+    pub fn set_capture_mode(&self, mode: &'static str) {
+        for each in CAPTURE_MODES {
+            self.capture_mode
+                .get_or_create(&ModeLabel { mode: each })
+                .set(i64::from(each == mode));
+        }
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let target_up = Gauge::default();
@@ -440,6 +453,13 @@ impl Metrics {
              syscalls (every process's socket syscalls), none (off, or the target shares its \
              cgroup; the log says why)",
             capture_mode.clone(),
+        );
+        let capture_unseen_postgres_connections = Gauge::default();
+        registry.register(
+            "selfheal_capture_unseen_postgres_connections",
+            "The target's connections to PostgreSQL over a unix socket, which the cgroup capture \
+             does not see (TCP only): their queries are not measured. Counted in cgroup mode only",
+            capture_unseen_postgres_connections.clone(),
         );
         let capture_connections = Gauge::default();
         registry.register(
@@ -722,6 +742,7 @@ impl Metrics {
             capture_bytes,
             capture_connections,
             capture_mode,
+            capture_unseen_postgres_connections,
             capture_decode_cpu_seconds,
             capture_sampling_ratio,
             http_requests,

@@ -35,7 +35,7 @@ use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
     config::{CaptureMode, ProbesConfig},
     target::{monotonic_ns, KernelExit},
-    telemetry::{HowLabel, Metrics, ModeLabel, ProbeLabel, ProgramLabel, ReasonLabel},
+    telemetry::{HowLabel, Metrics, ProbeLabel, ProgramLabel, ReasonLabel},
 };
 
 /// The object built by `build.rs`.
@@ -305,17 +305,9 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         };
         let on = capture.is_ok();
         report("payload_capture", capture);
-        for (mode, value) in [("syscalls", on), ("none", !on)] {
-            metrics
-                .capture_mode
-                .get_or_create(&ModeLabel { mode })
-                .set(i64::from(value));
-        }
+        metrics.set_capture_mode(if on { "syscalls" } else { "none" });
     } else {
-        metrics
-            .capture_mode
-            .get_or_create(&ModeLabel { mode: "none" })
-            .set(1);
+        metrics.set_capture_mode("none");
     }
     if attached == 0 {
         return Err(EbpfError::NothingAttached);
@@ -668,6 +660,7 @@ pub async fn run(
                 if let Some(segments) = &mut segments {
                     let current = members.borrow().clone();
                     segments.sync(&mut attached, &current);
+                    segments.count_unseen(&current);
                 }
                 export_program_stats(&attached, &metrics, &mut window.programs);
                 // The kernel's per-CPU counters, as increments since the last report.

@@ -9,3 +9,4 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod os;
 pub mod segments;
+pub mod unix_peers;

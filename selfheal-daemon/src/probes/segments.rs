@@ -23,20 +23,19 @@ use aya::{
 };
 use selfheal_ebpf::names;
 
-use super::cgroup::{self, Version};
-use crate::telemetry::{Metrics, ModeLabel, ProbeLabel};
+use super::{
+    cgroup::{self, Version},
+    unix_peers,
+};
+use crate::telemetry::{Metrics, ProbeLabel};
 
 /// Directories below the target's cgroup looked at before it is taken as not its own.
 const MAX_SUBTREE_DIRS: usize = 256;
 
-/// The cgroup2 directory the target's processes share, when it is theirs alone.
+/// The cgroup2 directory all the target's processes are in, when it is not the root.
 ///
 /// `proc_cgroups` holds each member's `/proc/<pid>/cgroup`; `root` is the cgroup mount.
-pub fn own_cgroup_in(
-    proc_cgroups: &[(u32, String)],
-    root: &Path,
-    members: &[u32],
-) -> Result<PathBuf, String> {
+pub fn common_cgroup_in(proc_cgroups: &[(u32, String)], root: &Path) -> Result<PathBuf, String> {
     let mut dirs = proc_cgroups.iter().map(|(pid, text)| {
         cgroup::locate_in(text, root)
             .into_iter()
@@ -60,6 +59,17 @@ pub fn own_cgroup_in(
     if dir == v2_root || dir.as_os_str().is_empty() {
         return Err("the target is in the root cgroup, shared with every process".to_owned());
     }
+    Ok(dir)
+}
+
+/// The cgroup2 directory the target's processes share, when it is theirs alone: no other
+/// process in it or below it.
+pub fn own_cgroup_in(
+    proc_cgroups: &[(u32, String)],
+    root: &Path,
+    members: &[u32],
+) -> Result<PathBuf, String> {
+    let dir = common_cgroup_in(proc_cgroups, root)?;
     let members: HashSet<u32> = members.iter().copied().collect();
     let mut pending = vec![dir.clone()];
     let mut seen = 0;
@@ -95,17 +105,16 @@ pub fn own_cgroup_in(
     Ok(dir)
 }
 
-/// [`own_cgroup_in`] for the running processes.
-pub fn own_cgroup(members: &[u32]) -> Result<PathBuf, String> {
-    let texts: Vec<(u32, String)> = members
+/// Each running member's `/proc/<pid>/cgroup`.
+fn proc_cgroups(members: &[u32]) -> Vec<(u32, String)> {
+    members
         .iter()
         .filter_map(|&pid| {
             std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
                 .ok()
                 .map(|text| (pid, text))
         })
-        .collect();
-    own_cgroup_in(&texts, Path::new(cgroup::ROOT), members)
+        .collect()
 }
 
 /// The segment programs' links to the target's cgroup.
@@ -113,6 +122,8 @@ pub struct SegmentCapture {
     attached: Option<(PathBuf, [CgroupSkbLinkId; 2])>,
     /// Why nothing is attached, as last logged (logged again only when it changes).
     reason: Option<String>,
+    /// The target's unix-socket connections to PostgreSQL last counted.
+    unseen: usize,
     metrics: Metrics,
 }
 
@@ -143,25 +154,57 @@ impl SegmentCapture {
         Self {
             attached: None,
             reason: None,
+            unseen: 0,
             metrics,
         }
+    }
+
+    /// Counts the target's connections to PostgreSQL over a unix socket, which these
+    /// programs cannot see, and says so in the log when some appear.
+    pub fn count_unseen(&mut self, members: &[u32]) {
+        let found = match unix_peers::postgres_connections(members) {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::debug!(error = %err, "cannot list unix sockets (sock_diag)");
+                return;
+            }
+        };
+        self.metrics
+            .capture_unseen_postgres_connections
+            .set(i64::try_from(found.connections).unwrap_or(i64::MAX));
+        if found.connections > 0 && self.unseen == 0 {
+            tracing::warn!(
+                connections = found.connections,
+                socket = found.path.as_deref().unwrap_or("?"),
+                "the target talks to PostgreSQL over a unix socket, which the cgroup capture \
+                 does not see: its queries are not measured; connect it over TCP \
+                 (host=127.0.0.1) or set probes.capture = \"syscalls\""
+            );
+        }
+        self.unseen = found.connections;
     }
 
     /// Attaches the programs to the target's own cgroup, moves them when it changed, and
     /// detaches them while the target runs without one. Between two runs of the target
     /// (no members) they stay where they are: a unit or container restarted into the same
     /// cgroup is seen from its first packet.
+    ///
+    /// Only the first attachment asks for the cgroup to be the target's alone: once attached,
+    /// the programs stay while every member is still in that directory, so a short-lived
+    /// process the target starts there (a child it forks, a health script) does not turn the
+    /// capture off; its segments, if it has any, count as the target's.
     pub fn sync(&mut self, ebpf: &mut Ebpf, members: &[u32]) {
         if members.is_empty() && self.attached.is_some() {
             return;
         }
-        let wanted = own_cgroup(members);
-        let current = self.attached.as_ref().map(|(dir, _)| dir);
-        if let (Ok(dir), Some(current)) = (&wanted, current) {
-            if dir == current {
+        let texts = proc_cgroups(members);
+        let root = Path::new(cgroup::ROOT);
+        if let Some((current, _)) = &self.attached {
+            if common_cgroup_in(&texts, root).is_ok_and(|dir| &dir == current) {
                 return;
             }
         }
+        let wanted = own_cgroup_in(&texts, root, members);
         self.detach(ebpf);
         let outcome = wanted.and_then(|dir| {
             let links = attach(ebpf, &dir)?;
@@ -219,12 +262,7 @@ pub fn export(metrics: &Metrics, on: bool) {
             probe: "payload_capture",
         })
         .set(i64::from(on));
-    for (mode, value) in [("cgroup", on), ("none", !on)] {
-        metrics
-            .capture_mode
-            .get_or_create(&ModeLabel { mode })
-            .set(i64::from(value));
-    }
+    metrics.set_capture_mode(if on { "cgroup" } else { "none" });
 }
 
 /// Attaches both programs to `dir`; on a failure the one already attached is detached.

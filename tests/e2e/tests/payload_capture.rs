@@ -127,7 +127,8 @@ fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
     let backend =
         DemoBackend::start_shared(&pg.url(), free_port().expect("port")).expect("demo backend");
     let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 256\n",
+        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n[probes]\npayload_bytes = 256\n\n\
+         [monitor]\ninterval_ms = 500\n",
         backend.selector()
     ))
     .expect("daemon");
@@ -180,8 +181,93 @@ fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
         (mode("cgroup") == Some(1.0)).then_some(())
     })
     .expect("attached to the backend's new cgroup");
+
+    // A process that is not the target joins its cgroup (as a child the backend forked
+    // would): the capture stays where it is over several re-checks, since every process of
+    // the target is still there. Only a first attachment asks for the cgroup to be its alone.
+    let mut stranger = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    std::fs::write(cgroup.dir().join("cgroup.procs"), stranger.id().to_string())
+        .expect("move the stranger in");
+    std::thread::sleep(Duration::from_secs(2));
+    let still = (mode("cgroup"), mode("none"));
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    assert_eq!(
+        still,
+        (Some(1.0), Some(0.0)),
+        "the capture stays on the target's cgroup with a stranger in it"
+    );
     drop(client);
     drop(daemon);
     drop(backend);
+    drop(cgroup);
+}
+
+/// A target that talks to PostgreSQL over a unix socket is not seen by the cgroup capture
+/// (TCP only): the daemon counts those connections and says so in its log, rather than
+/// showing no queries without a word.
+#[test]
+fn unix_socket_postgres_connections_are_counted_as_unseen_on_the_cgroup_capture() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let socket_dir = pg.socket_dir().display().to_string();
+    let port = pg.port.to_string();
+    // A unique piece of its command line, for the daemon's selector.
+    let marker = "select 'selfheal-unix-client', pg_sleep(30)";
+    let daemon = Daemon::start(&format!(
+        "[target]\ncommand = \"{marker}\"\npoll_interval_ms = 100\n\n\
+         [probes]\npayload_bytes = 256\n\n[monitor]\ninterval_ms = 500\n"
+    ))
+    .expect("daemon");
+    let mut command = std::process::Command::new(pg.program("psql"));
+    command.args([
+        "-X",
+        "-h",
+        &socket_dir,
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-At",
+        "-c",
+        marker,
+    ]);
+    let cgroup = OwnCgroup::create("unix-client").expect("cgroup");
+    cgroup.place(&mut command).expect("psql in its cgroup");
+    let mut client = command
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql");
+    daemon
+        .wait_for_target(client.id())
+        .expect("the daemon finds psql");
+    daemon.wait_capturing().expect("capture attached");
+    let unseen = wait_for(
+        "the unix-socket connection to be counted",
+        Duration::from_secs(10),
+        || {
+            let value = daemon
+                .metric("selfheal_capture_unseen_postgres_connections")
+                .ok()??;
+            (value >= 1.0).then_some(value)
+        },
+    );
+    let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    let _ = client.kill();
+    let _ = client.wait();
+    let unseen = unseen.expect("counted");
+    assert!(
+        (unseen - 1.0).abs() < f64::EPSILON,
+        "psql's one connection, got {unseen}"
+    );
+    assert!(
+        log.contains("the target talks to PostgreSQL over a unix socket")
+            && log.contains(&format!(".s.PGSQL.{port}")),
+        "the log says so, with the socket:\n{log}"
+    );
+    drop(daemon);
     drop(cgroup);
 }
