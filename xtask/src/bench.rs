@@ -58,6 +58,10 @@ pub(crate) enum Bench {
         /// syscalls).
         #[arg(long, default_value = "cgroup", value_parser = ["cgroup", "syscalls"])]
         capture: String,
+        /// One more line of the daemon's `[probes]` table, e.g. `--set "decode_nice = 19"`
+        /// or `--set "flush_interval_ms = 250"` (repeatable).
+        #[arg(long = "set", value_name = "KEY = VALUE")]
+        set: Vec<String>,
     },
 }
 
@@ -69,15 +73,20 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
         Bench::Overhead {
             seconds,
             connections,
-            profile: false,
+            profile,
             capture,
-        } => crate::overhead::run(*seconds, *connections, capture),
-        Bench::Overhead {
-            seconds,
-            connections,
-            profile: true,
-            capture,
-        } => crate::overhead::profile(*seconds, *connections, capture),
+            set,
+        } => {
+            let probes = crate::overhead::Probes {
+                capture: capture.clone(),
+                set: set.clone(),
+            };
+            if *profile {
+                crate::overhead::profile(*seconds, *connections, &probes)
+            } else {
+                crate::overhead::run(*seconds, *connections, &probes)
+            }
+        }
     }
 }
 

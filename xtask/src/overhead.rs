@@ -108,7 +108,7 @@ fn other_process_round() -> Result<[f64; 4]> {
 fn other_process_costs(
     backend: &DemoBackend,
     rounds: usize,
-    capture: &str,
+    capture: &Probes,
 ) -> Result<([f64; 4], [f64; 4])> {
     let mut without: Vec<[f64; 4]> = Vec::new();
     let mut with: Vec<[f64; 4]> = Vec::new();
@@ -308,6 +308,13 @@ fn with_program_stats(
     measured
 }
 
+/// All capture programs' runs and seconds between two readings of [`with_program_stats`].
+fn program_totals(before: &[(f64, f64)], after: &[(f64, f64)]) -> (f64, f64) {
+    before.iter().zip(after).fold((0.0, 0.0), |acc, (b, a)| {
+        (acc.0 + a.0 - b.0, acc.1 + a.1 - b.1)
+    })
+}
+
 /// The capture programs' own time per run for processes that are not the target, from the
 /// kernel's BPF statistics (`kernel.bpf_stats_enabled`, switched on for the measurement and
 /// restored after) as the daemon exports them: `(program, runs, ns per run)`.
@@ -326,9 +333,19 @@ fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
         .collect())
 }
 
-fn daemon_for(backend: &DemoBackend, payload_bytes: u32, capture: &str) -> Result<Daemon> {
+/// The daemon's probe settings for a bench: `probes.capture` and more `[probes]` lines
+/// (`--set`, e.g. `decode_nice = 19`).
+pub(crate) struct Probes {
+    pub capture: String,
+    pub set: Vec<String>,
+}
+
+/// `probes`: the `[probes]` lines besides `payload_bytes` (see [`Probes`]).
+fn daemon_for(backend: &DemoBackend, payload_bytes: u32, probes: &Probes) -> Result<Daemon> {
+    let capture = &probes.capture;
+    let extra = probes.set.join("\n");
     let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\n\n[probes]\npayload_bytes = {payload_bytes}\ncapture = \"{capture}\"\n\n[monitor]\ninterval_ms = 1000\n",
+        "[target]\ncommand = \"{}\"\n\n[probes]\npayload_bytes = {payload_bytes}\ncapture = \"{capture}\"\n{extra}\n\n[monitor]\ninterval_ms = 1000\n",
         backend.selector()
     ))?;
     daemon.wait_for_target(backend.proc.pid())?;
@@ -358,7 +375,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 /// Rounds without and with the daemon in the order without, with, with, without, …;
 /// prints each and returns (without, with).
 fn alternate(
-    capture: &str,
+    capture: &Probes,
     backend: &DemoBackend,
     connections: usize,
     duration: Duration,
@@ -413,14 +430,22 @@ fn ratio(without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> f64 {
     median(with.iter().map(f).collect()) / median(without.iter().map(f).collect())
 }
 
-pub(crate) fn run(seconds: u64, connections: usize, capture: &str) -> Result<()> {
+pub(crate) fn run(seconds: u64, connections: usize, capture: &Probes) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     let pg = PgCluster::start()?;
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
     // Warm the backend's pool and caches.
     load(&backend, connections, Duration::from_secs(2), None)?;
 
-    println!("payload capture: probes.capture = \"{capture}\", payload_bytes = 256");
+    println!(
+        "payload capture: probes.capture = \"{}\", payload_bytes = 256{}",
+        capture.capture,
+        if capture.set.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", capture.set.join(", "))
+        }
+    );
     println!();
     println!("## cost to a process that is not the target ({OTHER_ROUNDS} rounds per condition, alternated, medians)");
     let (bare, with_capture) = other_process_costs(&backend, OTHER_ROUNDS, capture)?;
@@ -488,9 +513,7 @@ pub(crate) fn run(seconds: u64, connections: usize, capture: &str) -> Result<()>
         .metric("selfheal_daemon_cpu_seconds_total")?
         .unwrap_or(0.0)
         - cpu_before;
-    let (runs, seconds) = before.iter().zip(&after).fold((0.0, 0.0), |acc, (b, a)| {
-        (acc.0 + a.0 - b.0, acc.1 + a.1 - b.1)
-    });
+    let (runs, seconds) = program_totals(&before, &after);
     println!();
     println!(
         "per request, same fixed load, one more run: the daemon's own CPU {:.1} µs (userspace and the kernel work of its syscalls), the capture programs {:.1} µs in the kernel ({:.1} runs of {:.0} ns, per socket operation of every process with the syscall capture, per TCP segment of the target with the cgroup capture)",
@@ -505,7 +528,7 @@ pub(crate) fn run(seconds: u64, connections: usize, capture: &str) -> Result<()>
 /// `--profile`: the daemon's own CPU per request under one fixed load (half the saturation
 /// rate) with payload capture off and on, then `perf record` of the daemon during one more
 /// run with capture on, and the functions it spends most of its time in.
-pub(crate) fn profile(seconds: u64, connections: usize, capture: &str) -> Result<()> {
+pub(crate) fn profile(seconds: u64, connections: usize, capture: &Probes) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     let pg = PgCluster::start()?;
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
@@ -514,22 +537,30 @@ pub(crate) fn profile(seconds: u64, connections: usize, capture: &str) -> Result
         (load(&backend, connections, Duration::from_secs(3), None)?.per_second / 2.0).round();
     println!("## the daemon's own CPU per request: {rate} requests/s on {connections} connections, {seconds} s per run");
     println!();
-    println!("| payload_bytes | requests | daemon CPU, s | per request, µs |");
-    println!("|---|---|---|---|");
+    println!("| payload_bytes | requests | daemon CPU, s | per request, µs | capture programs per request (kernel BPF statistics) |");
+    println!("|---|---|---|---|---|");
     for payload_bytes in [0, 256] {
         let daemon = daemon_for(&backend, payload_bytes, capture)?;
         let before = daemon
             .metric("selfheal_daemon_cpu_seconds_total")?
             .unwrap_or(0.0);
-        let served = load(&backend, connections, duration, Some(rate))?;
+        let mut served = None;
+        let (stats_before, stats_after) = with_program_stats(&daemon, || {
+            served = Some(load(&backend, connections, duration, Some(rate))?);
+            Ok(())
+        })?;
+        let requests = served.map_or(0, |s| s.requests).max(1) as f64;
         let cpu = daemon
             .metric("selfheal_daemon_cpu_seconds_total")?
             .unwrap_or(0.0)
             - before;
+        let (runs, seconds) = program_totals(&stats_before, &stats_after);
         println!(
-            "| {payload_bytes} | {} | {cpu:.3} | {:.1} |",
-            served.requests,
-            cpu * 1e6 / served.requests.max(1) as f64
+            "| {payload_bytes} | {requests} | {cpu:.3} | {:.1} | {:.1} µs: {:.1} runs of {:.0} ns |",
+            cpu * 1e6 / requests,
+            seconds * 1e6 / requests,
+            runs / requests,
+            seconds * 1e9 / runs.max(1.0),
         );
     }
     let daemon = daemon_for(&backend, 256, capture)?;
