@@ -7,6 +7,9 @@
 //!
 //! Not a test: it prints numbers and asserts nothing.
 
+#[path = "common/wire.rs"]
+mod wire;
+
 use std::{hint::black_box, time::Instant};
 
 use selfheal_daemon::protocols::{
@@ -14,6 +17,7 @@ use selfheal_daemon::protocols::{
     postgres::{PgEvent, PgParser},
     Direction,
 };
+use wire::pg_message as msg;
 
 /// The capture bound of the eBPF side.
 const CAPTURE: usize = 512;
@@ -23,17 +27,6 @@ struct Workload {
     name: &'static str,
     syscalls: Vec<(Direction, Vec<u8>)>,
     events_per_round: u64,
-}
-
-fn msg(ty: u8, body: &[u8]) -> Vec<u8> {
-    let mut m = vec![ty];
-    m.extend_from_slice(
-        &u32::try_from(body.len() + 4)
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    m.extend_from_slice(body);
-    m
 }
 
 fn http_keep_alive() -> Workload {

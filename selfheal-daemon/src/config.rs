@@ -918,6 +918,24 @@ pub struct PlatformConfig {
     pub error_rate_critical_percent: Option<f64>,
 }
 
+impl PlatformConfig {
+    /// A platform told apart by `hosts` and `path_prefixes`, every other setting as a config
+    /// file that leaves it out would have it.
+    pub fn new(name: &str, hosts: &[&str], path_prefixes: &[&str]) -> Self {
+        Self {
+            name: name.to_owned(),
+            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+            path_prefixes: path_prefixes.iter().map(|p| (*p).to_owned()).collect(),
+            health_url: None,
+            health_interval_ms: defaults::check_interval_ms(),
+            health_timeout_ms: defaults::check_timeout_ms(),
+            api_response_threshold_ms: None,
+            error_rate_warning_percent: None,
+            error_rate_critical_percent: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {

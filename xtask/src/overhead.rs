@@ -562,6 +562,16 @@ pub(crate) fn profile(seconds: u64, connections: usize, capture: &Probes) -> Res
             runs / requests,
             seconds * 1e9 / runs.max(1.0),
         );
+        for (program, (b, a)) in PROGRAMS.iter().zip(stats_before.iter().zip(&stats_after)) {
+            let runs = a.0 - b.0;
+            if runs > 0.0 {
+                println!(
+                    "|   `{program}` | | | | {:.1} runs of {:.0} ns |",
+                    runs / requests,
+                    (a.1 - b.1) * 1e9 / runs
+                );
+            }
+        }
     }
     let daemon = daemon_for(&backend, 256, capture)?;
     let data = std::env::temp_dir().join(format!("selfheal-overhead-{}.perf", std::process::id()));

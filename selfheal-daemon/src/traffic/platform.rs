@@ -100,17 +100,7 @@ mod tests {
     use super::*;
 
     fn platform(name: &str, hosts: &[&str], prefixes: &[&str]) -> PlatformConfig {
-        PlatformConfig {
-            name: name.to_owned(),
-            hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
-            path_prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
-            health_url: None,
-            health_interval_ms: 30_000,
-            health_timeout_ms: 5_000,
-            api_response_threshold_ms: None,
-            error_rate_warning_percent: None,
-            error_rate_critical_percent: None,
-        }
+        PlatformConfig::new(name, hosts, prefixes)
     }
 
     #[test]

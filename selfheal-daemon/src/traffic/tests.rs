@@ -20,17 +20,11 @@ const MS: u64 = 1_000_000;
 
 fn view(config: &TrafficConfig) -> (TrafficView, Recorder, Metrics) {
     let store = StoreHandle::new(StoreConfig::default()).expect("store");
-    let platforms = Platforms::new(&[PlatformConfig {
-        name: "tackle.io".to_owned(),
-        hosts: vec!["api.tackle.io".to_owned()],
-        path_prefixes: vec!["/api/v1/tackle".to_owned()],
-        health_url: None,
-        health_interval_ms: 30_000,
-        health_timeout_ms: 5_000,
-        api_response_threshold_ms: None,
-        error_rate_warning_percent: None,
-        error_rate_critical_percent: None,
-    }]);
+    let platforms = Platforms::new(&[PlatformConfig::new(
+        "tackle.io",
+        &["api.tackle.io"],
+        &["/api/v1/tackle"],
+    )]);
     let view = TrafficView::new(store, platforms, config.slowest_requests);
     let metrics = Metrics::new();
     let recorder = Recorder::new(view.clone(), config, metrics.clone());
