@@ -45,7 +45,8 @@ fn classify(segment: &str) -> Option<&'static str> {
     if bytes.iter().all(u8::is_ascii_digit) {
         return Some(":id");
     }
-    if bytes.len() > MAX_SEGMENT_BYTES || segment.contains('\u{fffd}') {
+    // U+FFFD (a byte that was not UTF-8) is never ASCII: most segments need no search.
+    if bytes.len() > MAX_SEGMENT_BYTES || (!bytes.is_ascii() && segment.contains('\u{fffd}')) {
         return Some(":param");
     }
     if is_uuid(bytes) {
@@ -86,15 +87,16 @@ fn is_date(bytes: &[u8]) -> bool {
 }
 
 fn is_email(segment: &str) -> bool {
+    let bytes = segment.as_bytes();
     // `%40` is an `@` that a client percent-encoded.
-    let (local, domain) = match segment.split_once('@') {
-        Some(parts) => parts,
-        None => match segment.split_once("%40") {
-            Some(parts) => parts,
-            None => return false,
-        },
+    let (local, domain) = if let Some(at) = bytes.iter().position(|&b| b == b'@') {
+        (&bytes[..at], &bytes[at + 1..])
+    } else if let Some(at) = bytes.windows(3).position(|w| w == b"%40") {
+        (&bytes[..at], &bytes[at + 3..])
+    } else {
+        return false;
     };
-    !local.is_empty() && domain.contains('.') && !domain.starts_with('.')
+    !local.is_empty() && domain.contains(&b'.') && !domain.starts_with(b".")
 }
 
 /// Random-looking: long, in the base64 (url) alphabet, and some word mixes letters and digits.
@@ -140,6 +142,12 @@ mod tests {
             ("", "/"),
             ("/a//b/", "/a//b/"),
             ("/deadbeefdeadbeef", "/deadbeefdeadbeef"),
+            // A byte that was not UTF-8 (read lossily); other non-ASCII text stays.
+            ("/files/a\u{fffd}b/raw", "/files/:param/raw"),
+            ("/städte/köln", "/städte/köln"),
+            ("/users/@handle", "/users/@handle"),
+            ("/users/a%40b", "/users/a%40b"),
+            ("/users/%40b.c", "/users/%40b.c"),
         ];
         for (path, want) in cases {
             assert_eq!(route_template(path), want, "{path}");
