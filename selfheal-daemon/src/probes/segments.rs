@@ -124,6 +124,8 @@ pub struct SegmentCapture {
     reason: Option<String>,
     /// The target's unix-socket connections to PostgreSQL last counted.
     unseen: usize,
+    /// Listing unix sockets failed once (said once).
+    unix_diag_failed: bool,
     metrics: Metrics,
 }
 
@@ -155,6 +157,7 @@ impl SegmentCapture {
             attached: None,
             reason: None,
             unseen: 0,
+            unix_diag_failed: false,
             metrics,
         }
     }
@@ -162,10 +165,22 @@ impl SegmentCapture {
     /// Counts the target's connections to PostgreSQL over a unix socket, which these
     /// programs cannot see, and says so in the log when some appear.
     pub fn count_unseen(&mut self, members: &[u32]) {
+        if members.is_empty() {
+            self.metrics.capture_unseen_postgres_connections.set(0);
+            self.unseen = 0;
+            return;
+        }
         let found = match unix_peers::postgres_connections(members) {
             Ok(found) => found,
             Err(err) => {
-                tracing::debug!(error = %err, "cannot list unix sockets (sock_diag)");
+                if !self.unix_diag_failed {
+                    tracing::warn!(
+                        error = %err,
+                        "cannot list unix sockets (sock_diag; is the unix_diag module loaded?): \
+                         a target talking to PostgreSQL over a unix socket would not be noticed"
+                    );
+                    self.unix_diag_failed = true;
+                }
                 return;
             }
         };
