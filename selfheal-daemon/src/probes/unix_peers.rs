@@ -15,7 +15,7 @@ use std::{
     collections::{HashMap, HashSet},
     ffi::OsStr,
     io,
-    os::unix::ffi::OsStrExt as _,
+    os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _},
 };
 
 use netlink_packet_core::{
@@ -63,6 +63,26 @@ pub fn postgres_clients(sockets: &[UnixSocket]) -> HashMap<u64, &[u8]> {
 /// and names, from `sock_diag`.
 pub fn dump() -> io::Result<Vec<UnixSocket>> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    // The caller is the ring-buffer reader's task: a dump the kernel never finished must not
+    // hold it. One second is ample for any host's unix sockets.
+    let timeout = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: `setsockopt` reads `size_of::<timeval>()` bytes from a live `timeval` on the
+    // stack, for a socket this function owns.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&timeout).cast(),
+            libc::socklen_t::try_from(size_of::<libc::timeval>()).unwrap_or(0),
+        )
+    };
+    if set != 0 {
+        return Err(io::Error::last_os_error());
+    }
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut header = NetlinkHeader::default();
