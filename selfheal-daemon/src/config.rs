@@ -327,6 +327,9 @@ pub struct ProbesConfig {
     pub payload_bytes: u32,
     /// Where payloads are captured (see [`CaptureMode`]).
     pub capture: CaptureMode,
+    /// With `capture = "cgroup"`: how the target's unix-socket connections to PostgreSQL,
+    /// which the cgroup programs cannot see, are captured (see [`UnixSockets`]).
+    pub unix_sockets: UnixSockets,
     /// Captured payloads waiting for the decoders; beyond it they are dropped and counted.
     pub payload_queue: usize,
     /// How often the reader drains captures from the ring buffer (with payload capture on).
@@ -348,14 +351,33 @@ pub struct ProbesConfig {
 pub enum CaptureMode {
     /// On the target's own cgroup2 (`cgroup_skb` programs: per TCP packet of the target's
     /// sockets only; no other process runs them). Needs the target in a cgroup of its own —
-    /// a systemd unit, a container, or a process started in one — and PostgreSQL over TCP
-    /// (unix sockets are not seen). While the target shares its cgroup, nothing is captured
-    /// and the reason is logged and exported.
+    /// a systemd unit, a container, or a process started in one. Unix sockets are not
+    /// packets: PostgreSQL over one is captured as [`ProbesConfig::unix_sockets`] says. While
+    /// the target shares its cgroup, nothing is captured and the reason is logged and
+    /// exported.
     Cgroup,
     /// On the socket syscalls of every process (BTF tracepoints, filtered to the target in
     /// the kernel): sees unix sockets and a target in any cgroup, but every process on the
     /// host pays for the filter on each socket operation (see BENCHMARKS.md).
     Syscalls,
+}
+
+/// How the cgroup capture treats the target's unix-socket connections to PostgreSQL
+/// (`/run/postgresql/.s.PGSQL.5432`): they are not packets, so no cgroup program sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnixSockets {
+    /// Found once per report interval; while the target has one, the socket-operation hooks
+    /// of the `syscalls` capture are attached, filtered in the kernel to the target's unix
+    /// sockets. Every process's socket operations pay their filter during that time only.
+    /// A connection is captured from the interval after it opened: its startup (and a
+    /// refused login) can be missed, its queries from then on are not.
+    Auto,
+    /// The same hooks for as long as the daemon runs: every connection from its first byte,
+    /// startup included, at the filter's cost to every process all the time.
+    Always,
+    /// Not captured: counted in `selfheal_capture_unseen_postgres_connections` and logged.
+    Off,
 }
 
 impl Default for ProbesConfig {
@@ -365,6 +387,7 @@ impl Default for ProbesConfig {
             ring_buffer_bytes: 4 << 20,
             payload_bytes: 0,
             capture: CaptureMode::Cgroup,
+            unix_sockets: UnixSockets::Auto,
             payload_queue: 16_384,
             flush_interval_ms: 100,
             decode_nice: 0,
@@ -2229,6 +2252,29 @@ kind = "smtp"
             "{found:?}"
         );
         assert_eq!(found.len(), 4, "{found:?}");
+    }
+
+    #[test]
+    fn capture_modes_parse_and_a_wrong_one_is_named() {
+        let config = parse(
+            "[target]\npid = 1\n[probes]\ncapture = \"cgroup\"\nunix_sockets = \"always\"\n",
+            &Env::default(),
+        )
+        .expect("valid");
+        assert_eq!(config.probes.capture, CaptureMode::Cgroup);
+        assert_eq!(config.probes.unix_sockets, UnixSockets::Always);
+        assert_eq!(
+            ProbesConfig::default().unix_sockets,
+            UnixSockets::Auto,
+            "the default"
+        );
+        let found = problems("[target]\npid = 1\n[probes]\nunix_sockets = \"sometimes\"\n");
+        assert!(
+            found.iter().any(|p| p.starts_with(
+                "probes.unix_sockets: unknown variant `sometimes`, expected one of `auto`, `always`, `off`"
+            )),
+            "{found:?}"
+        );
     }
 
     #[test]

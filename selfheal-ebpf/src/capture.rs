@@ -1,6 +1,11 @@
 //! Payload capture: the first bytes of every socket read and write of the target, with the
 //! fd, the connection (`struct sock *`), direction, byte count and time.
 //!
+//! With the segment capture (`segments.rs`) seeing the target's TCP on its cgroup, the same
+//! programs capture only its unix sockets (`CAPTURE_UNIX_ONLY`): PostgreSQL reached through
+//! `/run/postgresql/.s.PGSQL.5432`, which no cgroup hook sees. The daemon attaches them then
+//! only while the target has such a connection (or always, if so configured).
+//!
 //! Attach points: the BTF tracepoints `sock_recv_length` and `sock_send_length`. They fire
 //! only for socket I/O — never for file I/O or any other syscall — and at a moment when
 //! received data is already in the target's buffer and sent data is still in it, so one hook
@@ -36,6 +41,17 @@ pub(crate) static CAPTURE_BYTES: u32 = 256;
 /// it to a quarter of the ring).
 #[no_mangle]
 pub(crate) static WAKEUP_BYTES: u64 = 64 * 1024;
+
+/// 1: capture unix sockets only (the loader sets it when the segment capture sees TCP).
+#[no_mangle]
+static CAPTURE_UNIX_ONLY: u32 = 0;
+
+/// Offset of `skc_family` in `struct sock` (the loader sets it from the kernel's BTF).
+#[no_mangle]
+static SOCK_FAMILY_OFFSET: u32 = 16;
+
+const AF_UNIX: u16 = 1;
+const MSG_PEEK: i64 = 2;
 
 // x86_64 `struct pt_regs` offsets: the syscall number and its first two arguments.
 const REG_ORIG_AX: usize = 120;
@@ -73,7 +89,22 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
     if ret <= 0 {
         return;
     }
+    // A peek leaves the data for the next read, which is captured then.
+    let flags: i64 = ctx.arg(2);
+    if direction == DIRECTION_RECV && flags & MSG_PEEK != 0 {
+        return;
+    }
     let sock: u64 = ctx.arg(0);
+    // SAFETY: reads of constants the loader may have patched.
+    if unsafe { read_volatile(&CAPTURE_UNIX_ONLY) } != 0 {
+        // SAFETY: as above.
+        let offset = unsafe { read_volatile(&SOCK_FAMILY_OFFSET) };
+        let family = (sock as usize + offset as usize) as *const u16;
+        // SAFETY: `bpf_probe_read_kernel` validates the address; a bad one is not captured.
+        if unsafe { bpf_probe_read_kernel(family) } != Ok(AF_UNIX) {
+            return;
+        }
+    }
     // SAFETY: helpers without preconditions; `bpf_task_pt_regs` takes the BTF task pointer
     // the first one returns.
     let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) } as u64;

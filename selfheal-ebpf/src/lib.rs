@@ -28,6 +28,11 @@ pub mod names {
     pub const GLOBAL_TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
     /// 1 when `sched_process_exit` carries `group_dead` (Linux 6.16+), else 0.
     pub const GLOBAL_EXIT_HAS_GROUP_DEAD: &str = "EXIT_HAS_GROUP_DEAD";
+    /// 1 to capture the target's unix-socket I/O only (beside the segment capture, which sees
+    /// its TCP), else 0 (every socket of the target).
+    pub const GLOBAL_CAPTURE_UNIX_ONLY: &str = "CAPTURE_UNIX_ONLY";
+    /// Offset of `skc_family` in `struct sock`, found in the kernel's BTF at load time.
+    pub const GLOBAL_SOCK_FAMILY_OFFSET: &str = "SOCK_FAMILY_OFFSET";
 }
 
 /// Field offsets of the tracepoints the programs read, as this build expects them. The loader

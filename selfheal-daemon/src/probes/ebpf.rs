@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint, TracePoint},
+    programs::{RawTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use selfheal_ebpf::{
@@ -30,10 +30,11 @@ use tokio_util::sync::CancellationToken;
 use super::{
     capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role},
     segments::{self, SegmentCapture},
+    socket_ops::{self, UnixCapture},
 };
 use crate::{
     bus::{Bus, Event, ExitStatus, TcpSummary},
-    config::{CaptureMode, ProbesConfig},
+    config::{CaptureMode, ProbesConfig, UnixSockets},
     target::{monotonic_ns, KernelExit},
     telemetry::{HowLabel, Metrics, ProbeLabel, ProgramLabel, ReasonLabel},
 };
@@ -141,26 +142,23 @@ fn check_layout(
     Ok(())
 }
 
-/// Offset of `exit_code` in the running kernel's `struct task_struct`, from its BTF.
-fn task_exit_code_offset() -> Result<u32, String> {
+/// Byte offset of `member` in the running kernel's `struct name`, from its BTF.
+fn member_offset(name: &str, member: &str) -> Result<u32, String> {
     let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux")
         .map_err(|e| format!("cannot read kernel BTF: {e}"))?;
     let types = btf
-        .resolve_types_by_name("task_struct")
-        .map_err(|e| format!("no task_struct in BTF: {e}"))?;
+        .resolve_types_by_name(name)
+        .map_err(|e| format!("no {name} in BTF: {e}"))?;
     for ty in types {
-        if let btf_rs::Type::Struct(task) = ty {
-            for member in &task.members {
-                if btf
-                    .resolve_name(member)
-                    .is_ok_and(|name| name == "exit_code")
-                {
-                    return Ok(member.bit_offset() / 8);
+        if let btf_rs::Type::Struct(st) = ty {
+            for m in &st.members {
+                if btf.resolve_name(m).is_ok_and(|n| n == member) {
+                    return Ok(m.bit_offset() / 8);
                 }
             }
         }
     }
-    Err("task_struct has no exit_code member".to_owned())
+    Err(format!("{name} has no {member} member"))
 }
 
 /// The loaded object with the maps userspace uses.
@@ -169,6 +167,9 @@ pub struct Loaded {
     ebpf: Ebpf,
     /// Whether the segment capture is loaded, to attach to the target's cgroup.
     segments: bool,
+    /// With the segment capture: the unix-socket capture's mode (`Off` when its programs
+    /// could not be loaded).
+    unix: Option<UnixSockets>,
     ring: RingBuf<MapData>,
     filters: Filters,
     stats: PerCpuArray<MapData, u64>,
@@ -190,9 +191,17 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
     if OBJECT.is_empty() {
         return Err(EbpfError::EmptyObject);
     }
-    let exit_code_offset = task_exit_code_offset().unwrap_or_else(|reason| {
+    let exit_code_offset = member_offset("task_struct", "exit_code").unwrap_or_else(|reason| {
         tracing::warn!(%reason, "exit codes will be reported as unknown");
         0
+    });
+    let segment_capture = config.payload_bytes > 0 && config.capture == CaptureMode::Cgroup;
+    // Beside the segment capture, the socket-operation programs capture unix sockets only,
+    // which needs `struct sock`'s family field.
+    let unix_capture = (segment_capture && config.unix_sockets != UnixSockets::Off).then(|| {
+        member_offset("sock_common", "skc_family").map_err(|reason| {
+            format!("cannot find a socket's address family in the kernel's BTF: {reason}")
+        })
     });
     let tracefs = tracefs();
     let has_group_dead = tracefs.as_deref().is_some_and(|dir| {
@@ -206,6 +215,19 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             true,
         )
         .override_global(names::GLOBAL_CAPTURE_BYTES, &config.payload_bytes, true)
+        .override_global(
+            names::GLOBAL_CAPTURE_UNIX_ONLY,
+            &u32::from(segment_capture),
+            true,
+        )
+        .override_global(
+            names::GLOBAL_SOCK_FAMILY_OFFSET,
+            unix_capture
+                .as_ref()
+                .and_then(|offset| offset.as_ref().ok())
+                .unwrap_or(&16),
+            true,
+        )
         .override_global(
             names::GLOBAL_WAKEUP_BYTES,
             &u64::from(config.ring_buffer_bytes / 4),
@@ -272,44 +294,37 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         });
     report("tcp_reset", reset);
     let mut segments = false;
-    if config.payload_bytes > 0 && config.capture == CaptureMode::Cgroup {
+    let mut unix = None;
+    if segment_capture {
         // Attached to the target's cgroup by the reader, once it knows where the target is.
         match segments::load(&mut ebpf) {
             Ok(()) => {
                 segments = true;
-                attached += 1;
                 // Not attached until the target is found in a cgroup of its own.
                 segments::export(metrics, false);
             }
             Err(reason) => report("payload_capture", Err(reason)),
         }
+        // Attached by the reader as `probes.unix_sockets` says; counted even when off.
+        let loaded = unix_capture.map(|offset| offset.and_then(|_| socket_ops::load(&mut ebpf)));
+        unix = Some(match loaded {
+            Some(Ok(())) => config.unix_sockets,
+            Some(Err(reason)) => {
+                report("unix_capture", Err(reason));
+                UnixSockets::Off
+            }
+            None => UnixSockets::Off,
+        });
     } else if config.payload_bytes > 0 {
-        // The programs read syscall arguments at x86_64 `pt_regs` offsets.
-        let capture = if cfg!(target_arch = "x86_64") {
-            aya::Btf::from_sys_fs()
-                .map_err(|e| format!("kernel BTF: {e}"))
-                .and_then(|btf| {
-                    for (program, tracepoint) in [
-                        (names::PROG_CAPTURE_RECV, "sock_recv_length"),
-                        (names::PROG_CAPTURE_SEND, "sock_send_length"),
-                    ] {
-                        attach(&mut ebpf, program, |p: &mut BtfTracePoint| {
-                            p.load(tracepoint, &btf)?;
-                            p.attach().map(drop)
-                        })?;
-                    }
-                    Ok(())
-                })
-        } else {
-            Err("payload capture reads x86_64 syscall registers".to_owned())
-        };
+        let capture =
+            socket_ops::load(&mut ebpf).and_then(|()| socket_ops::attach(&mut ebpf).map(drop));
         let on = capture.is_ok();
         report("payload_capture", capture);
         metrics.set_capture_mode(if on { "syscalls" } else { "none" });
     } else {
         metrics.set_capture_mode("none");
     }
-    if attached == 0 {
+    if attached == 0 && !segments {
         return Err(EbpfError::NothingAttached);
     }
 
@@ -327,6 +342,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
     Ok(Loaded {
         ebpf,
         segments,
+        unix,
         ring,
         filters: Filters {
             targets,
@@ -612,15 +628,20 @@ pub async fn run(
     let Loaded {
         ebpf: mut attached,
         segments,
+        unix,
         ring,
         mut filters,
         stats: counters,
     } = loaded;
     let mut segments = segments.then(|| SegmentCapture::new(metrics.clone()));
+    let mut unix = unix.map(|mode| UnixCapture::new(mode, metrics.clone()));
     let initial = members.borrow_and_update().clone();
     filters.sync(&initial);
     if let Some(segments) = &mut segments {
         segments.sync(&mut attached, &initial);
+    }
+    if let Some(unix) = &mut unix {
+        unix.check(&mut attached, &initial);
     }
     // SAFETY: the ring buffer owns its map fd for as long as it lives, and it lives inside
     // this `AsyncFd` until the end of this function.
@@ -660,7 +681,10 @@ pub async fn run(
                 if let Some(segments) = &mut segments {
                     let current = members.borrow().clone();
                     segments.sync(&mut attached, &current);
-                    segments.count_unseen(&current);
+                }
+                if let Some(unix) = &mut unix {
+                    let current = members.borrow().clone();
+                    unix.check(&mut attached, &current);
                 }
                 export_program_stats(&attached, &metrics, &mut window.programs);
                 // The kernel's per-CPU counters, as increments since the last report.

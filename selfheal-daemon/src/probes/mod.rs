@@ -9,4 +9,5 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod os;
 pub mod segments;
+pub mod socket_ops;
 pub mod unix_peers;

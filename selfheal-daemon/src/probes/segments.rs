@@ -23,10 +23,7 @@ use aya::{
 };
 use selfheal_ebpf::names;
 
-use super::{
-    cgroup::{self, Version},
-    unix_peers,
-};
+use super::cgroup::{self, Version};
 use crate::telemetry::{Metrics, ProbeLabel};
 
 /// Directories below the target's cgroup looked at before it is taken as not its own.
@@ -122,10 +119,6 @@ pub struct SegmentCapture {
     attached: Option<(PathBuf, [CgroupSkbLinkId; 2])>,
     /// Why nothing is attached, as last logged (logged again only when it changes).
     reason: Option<String>,
-    /// The target's unix-socket connections to PostgreSQL last counted.
-    unseen: usize,
-    /// Listing unix sockets failed once (said once).
-    unix_diag_failed: bool,
     metrics: Metrics,
 }
 
@@ -156,47 +149,8 @@ impl SegmentCapture {
         Self {
             attached: None,
             reason: None,
-            unseen: 0,
-            unix_diag_failed: false,
             metrics,
         }
-    }
-
-    /// Counts the target's connections to PostgreSQL over a unix socket, which these
-    /// programs cannot see, and says so in the log when some appear.
-    pub fn count_unseen(&mut self, members: &[u32]) {
-        if members.is_empty() {
-            self.metrics.capture_unseen_postgres_connections.set(0);
-            self.unseen = 0;
-            return;
-        }
-        let found = match unix_peers::postgres_connections(members) {
-            Ok(found) => found,
-            Err(err) => {
-                if !self.unix_diag_failed {
-                    tracing::warn!(
-                        error = %err,
-                        "cannot list unix sockets (sock_diag; is the unix_diag module loaded?): \
-                         a target talking to PostgreSQL over a unix socket would not be noticed"
-                    );
-                    self.unix_diag_failed = true;
-                }
-                return;
-            }
-        };
-        self.metrics
-            .capture_unseen_postgres_connections
-            .set(i64::try_from(found.connections).unwrap_or(i64::MAX));
-        if found.connections > 0 && self.unseen == 0 {
-            tracing::warn!(
-                connections = found.connections,
-                socket = found.path.as_deref().unwrap_or("?"),
-                "the target talks to PostgreSQL over a unix socket, which the cgroup capture \
-                 does not see: its queries are not measured; connect it over TCP \
-                 (host=127.0.0.1) or set probes.capture = \"syscalls\""
-            );
-        }
-        self.unseen = found.connections;
     }
 
     /// Attaches the programs to the target's own cgroup, moves them when it changed, and

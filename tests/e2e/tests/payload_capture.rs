@@ -206,41 +206,17 @@ fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
     drop(cgroup);
 }
 
-/// A target that talks to PostgreSQL over a unix socket is not seen by the cgroup capture
-/// (TCP only): the daemon counts those connections and says so in its log, rather than
-/// showing no queries without a word.
+/// With `probes.unix_sockets = "off"`, a target that talks to PostgreSQL over a unix socket
+/// is not seen by the cgroup capture (TCP only): the daemon counts those connections and says
+/// so in its log, rather than showing no queries without a word.
 #[test]
-fn unix_socket_postgres_connections_are_counted_as_unseen_on_the_cgroup_capture() {
+fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
     require_root();
     let pg = PgCluster::start().expect("postgres");
-    let socket_dir = pg.socket_dir().display().to_string();
-    let port = pg.port.to_string();
-    // A unique piece of its command line, for the daemon's selector.
-    let marker = "select 'selfheal-unix-client', pg_sleep(30)";
-    let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{marker}\"\npoll_interval_ms = 100\n\n\
-         [probes]\npayload_bytes = 256\n\n[monitor]\ninterval_ms = 500\n"
-    ))
-    .expect("daemon");
-    let mut command = std::process::Command::new(pg.program("psql"));
-    command.args([
-        "-X",
-        "-h",
-        &socket_dir,
-        "-p",
-        &port,
-        "-U",
-        "postgres",
-        "-At",
-        "-c",
-        marker,
-    ]);
-    let cgroup = OwnCgroup::create("unix-client").expect("cgroup");
-    cgroup.place(&mut command).expect("psql in its cgroup");
-    let mut client = command
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("psql");
+    let marker = "selfheal_marker=unix-off";
+    let daemon = Daemon::start(&unix_config(marker, "off")).expect("daemon");
+    let cgroup = OwnCgroup::create("unix-off").expect("cgroup");
+    let mut client = psql_on_socket(&pg, marker, false, &cgroup);
     daemon
         .wait_for_target(client.id())
         .expect("the daemon finds psql");
@@ -256,6 +232,7 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_on_the_cgroup_capture(
         },
     );
     let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    let unix_capture = daemon.metric(UNIX_CAPTURE).expect("metrics");
     let _ = client.kill();
     let _ = client.wait();
     let unseen = unseen.expect("counted");
@@ -263,11 +240,255 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_on_the_cgroup_capture(
         (unseen - 1.0).abs() < f64::EPSILON,
         "psql's one connection, got {unseen}"
     );
+    assert_eq!(unix_capture, Some(0.0), "{UNIX_CAPTURE}");
     assert!(
         log.contains("the target talks to PostgreSQL over a unix socket")
-            && log.contains(&format!(".s.PGSQL.{port}")),
+            && log.contains(&format!(".s.PGSQL.{}", pg.port)),
         "the log says so, with the socket:\n{log}"
     );
     drop(daemon);
     drop(cgroup);
+}
+
+/// By default (`probes.unix_sockets = "auto"`) the daemon notices the target's unix-socket
+/// connection to PostgreSQL, hooks its unix sockets, and measures its queries from then on,
+/// exactly: counts per fingerprint and the SQLSTATE of a failing one.
+#[test]
+fn unix_socket_postgres_queries_are_captured_once_the_connection_is_noticed() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let marker = "selfheal_marker=unix-auto";
+    let daemon = Daemon::start(&unix_config(marker, "auto")).expect("daemon");
+    assert_eq!(
+        daemon.metric(UNIX_CAPTURE).expect("metrics"),
+        Some(0.0),
+        "nothing hooked before the target has such a connection"
+    );
+    let cgroup = OwnCgroup::create("unix-auto").expect("cgroup");
+    // psql connects at once and then waits for its script on stdin.
+    let mut client = psql_on_socket(&pg, marker, false, &cgroup);
+    daemon
+        .wait_for_target(client.id())
+        .expect("the daemon finds psql");
+    daemon.wait_capturing().expect("capture attached");
+    wait_for(
+        "the unix-socket capture to attach",
+        Duration::from_secs(10),
+        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
+    )
+    .expect("attached once the connection is noticed");
+    let before = queries(&daemon);
+    run_script(
+        &mut client,
+        "select 'unix-auto', 1;\nselect 'unix-auto', 2;\nselect 'unix-auto', 3;\n\
+         select * from no_such_table_unix;\n",
+    );
+    let seen = wait_for("the queries to be decoded", Duration::from_secs(10), || {
+        let delta = delta(&before, &queries(&daemon));
+        (delta.values().map(|q| q.0).sum::<u64>() >= 4).then_some(delta)
+    });
+    let unseen = daemon
+        .metric("selfheal_capture_unseen_postgres_connections")
+        .expect("metrics");
+    let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    let seen = seen.unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{log}",
+            daemon.api("/api/v1/system/queries").unwrap_or_default()
+        )
+    });
+    let selects: Vec<_> = seen
+        .iter()
+        .filter(|(f, _)| f.eq_ignore_ascii_case("select ?, ?"))
+        .collect();
+    let failing: Vec<_> = seen
+        .iter()
+        .filter(|(f, _)| f.contains("no_such_table_unix"))
+        .collect();
+    assert_eq!(
+        selects.len(),
+        1,
+        "one fingerprint for the three selects: {seen:?}"
+    );
+    assert_eq!(selects[0].1 .0, 3, "three selects: {seen:?}");
+    assert_eq!(failing.len(), 1, "{seen:?}");
+    assert_eq!(
+        failing[0].1 .1.get("42P01"),
+        Some(&1),
+        "the failing query's SQLSTATE: {seen:?}"
+    );
+    assert_eq!(
+        seen.values().map(|q| q.0).sum::<u64>(),
+        4,
+        "nothing else: {seen:?}"
+    );
+    assert_eq!(unseen, Some(0.0), "captured connections are not unseen");
+    assert!(
+        log.contains("capturing the target's unix-socket connections to PostgreSQL"),
+        "the log says so:\n{log}"
+    );
+    drop(daemon);
+    drop(cgroup);
+}
+
+/// With `probes.unix_sockets = "always"` the unix sockets are hooked from the start, so even
+/// a connection's startup is seen: the query sent right after connecting, and a connection
+/// refused at startup (a database that does not exist, SQLSTATE 3D000).
+#[test]
+fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_captured() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let marker = "selfheal_marker=unix-always";
+    let daemon = Daemon::start(&unix_config(marker, "always")).expect("daemon");
+    wait_for(
+        "the unix-socket capture to attach",
+        Duration::from_secs(10),
+        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
+    )
+    .expect("attached from the start");
+    let cgroup = OwnCgroup::create("unix-always").expect("cgroup");
+    // The shell waits for a line before it becomes psql (same pid), so the daemon knows the
+    // target before its first connection.
+    let mut client = psql_on_socket(&pg, marker, true, &cgroup);
+    daemon
+        .wait_for_target(client.id())
+        .expect("the daemon finds the target");
+    daemon.wait_capturing().expect("capture attached");
+    let before = queries(&daemon);
+    let refused_before = auth_failures(&daemon, "3D000");
+    run_script(
+        &mut client,
+        "go\nselect 'unix-always', 1;\nselect 'unix-always', 2;\n\\c no_such_database_unix\n",
+    );
+    let seen = wait_for(
+        "the queries and the refused connection to be decoded",
+        Duration::from_secs(10),
+        || {
+            let delta = delta(&before, &queries(&daemon));
+            let refused = auth_failures(&daemon, "3D000") - refused_before;
+            (delta.values().map(|q| q.0).sum::<u64>() >= 2 && refused >= 1)
+                .then_some((delta, refused))
+        },
+    );
+    let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    let (seen, refused) = seen.unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{log}",
+            daemon.api("/api/v1/system/queries").unwrap_or_default()
+        )
+    });
+    assert_eq!(seen.len(), 1, "one fingerprint: {seen:?}");
+    assert_eq!(
+        seen.values().next().map(|q| q.0),
+        Some(2),
+        "both selects, the first one sent right after connecting: {seen:?}"
+    );
+    assert_eq!(refused, 1, "the connection refused at startup");
+    drop(daemon);
+    drop(cgroup);
+}
+
+const UNIX_CAPTURE: &str = "selfheal_ebpf_probe_attached{probe=\"unix_capture\"}";
+
+/// A daemon watching the process whose command line holds `marker`, capturing payloads on
+/// its cgroup, with `probes.unix_sockets = mode` and a short report interval (the unix-socket
+/// connections are looked for once per interval).
+fn unix_config(marker: &str, mode: &str) -> String {
+    format!(
+        "[target]\ncommand = \"{marker}\"\npoll_interval_ms = 100\n\n\
+         [probes]\npayload_bytes = 256\nunix_sockets = \"{mode}\"\n\n[monitor]\ninterval_ms = 500\n"
+    )
+}
+
+/// psql on the cluster's unix socket, in `cgroup`, reading its script from stdin; `marker`
+/// is on its command line. With `wait`, a shell reads one line first and then becomes psql.
+fn psql_on_socket(
+    pg: &PgCluster,
+    marker: &str,
+    wait: bool,
+    cgroup: &OwnCgroup,
+) -> std::process::Child {
+    let psql = pg.program("psql").display().to_string();
+    let socket_dir = pg.socket_dir().display().to_string();
+    let port = pg.port.to_string();
+    let args = [
+        "-X",
+        "-h",
+        &socket_dir,
+        "-p",
+        &port,
+        "-U",
+        "postgres",
+        "-At",
+        "-q",
+    ];
+    let mut command = if wait {
+        let mut sh = std::process::Command::new("sh");
+        sh.arg("-c")
+            .arg(format!("read go; exec \"$0\" \"$@\" --set={marker}"));
+        sh.arg(&psql).args(args);
+        sh
+    } else {
+        let mut command = std::process::Command::new(&psql);
+        command.args(args).arg(format!("--set={marker}"));
+        command
+    };
+    cgroup.place(&mut command).expect("psql in its cgroup");
+    command
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("psql")
+}
+
+/// Sends `script` to the client's stdin, closes it, and waits for the client to finish.
+fn run_script(client: &mut std::process::Child, script: &str) {
+    use std::io::Write as _;
+    let mut stdin = client.stdin.take().expect("stdin");
+    stdin.write_all(script.as_bytes()).expect("script");
+    drop(stdin);
+    let status = client.wait().expect("psql");
+    println!("psql exited: {status}");
+}
+
+/// Per fingerprint: count and errors by SQLSTATE, from `/api/v1/system/queries`.
+type Queries = std::collections::BTreeMap<String, (u64, std::collections::BTreeMap<String, u64>)>;
+
+fn queries(daemon: &Daemon) -> Queries {
+    let data = daemon.api("/api/v1/system/queries").unwrap_or_default();
+    let mut out = Queries::new();
+    for q in data["queries"].as_array().into_iter().flatten() {
+        let entry = out
+            .entry(q["fingerprint"].as_str().unwrap_or_default().to_owned())
+            .or_default();
+        entry.0 += q["count"].as_u64().unwrap_or(0);
+        for (state, n) in q["sqlstates"].as_object().into_iter().flatten() {
+            *entry.1.entry(state.clone()).or_default() += n.as_u64().unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// What moved between two query views.
+fn delta(before: &Queries, after: &Queries) -> Queries {
+    after
+        .iter()
+        .filter_map(|(fingerprint, (count, states))| {
+            let (then, then_states) = before.get(fingerprint).cloned().unwrap_or_default();
+            (*count > then).then(|| {
+                let states = states
+                    .iter()
+                    .map(|(s, n)| (s.clone(), n - then_states.get(s).copied().unwrap_or(0)))
+                    .filter(|(_, n)| *n > 0)
+                    .collect();
+                (fingerprint.clone(), (count - then, states))
+            })
+        })
+        .collect()
+}
+
+fn auth_failures(daemon: &Daemon, sqlstate: &str) -> u64 {
+    daemon.api("/api/v1/system/queries").unwrap_or_default()["auth_failures"][sqlstate]
+        .as_u64()
+        .unwrap_or(0)
 }
