@@ -177,9 +177,15 @@ pub const SEGMENT_HEADERS: usize = 60;
 /// from the sequence numbers. The kernel copies the headers as they are and the daemon reads
 /// them (addresses, ports, sequence number), which keeps the program short: on egress the
 /// packet's source is the socket's local end, on ingress its destination.
+///
+/// The kernel reserves the smallest of [`SEGMENT_CLASSES`] that holds the captured prefix
+/// (`SegmentRecord<N>`): the fields before `data` are the same in every size, and the record's
+/// length says how much `data` it has. Each ring-buffer byte a record takes is memory the
+/// kernel writes cold, with the target waiting (a 64-byte class halves a short segment's
+/// record).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct SegmentEvent {
+pub struct SegmentRecord<const N: usize> {
     pub kind: u32,
     /// `DIRECTION_RECV` (ingress) or `DIRECTION_SEND` (egress).
     pub direction: u32,
@@ -194,9 +200,17 @@ pub struct SegmentEvent {
     /// first 20 bytes (at 20 or 40); the IP version is the first nibble.
     pub headers: [u8; SEGMENT_HEADERS],
     pub pad: u32,
-    pub data: [u8; MAX_CAPTURE],
+    pub data: [u8; N],
 }
+
+/// The largest segment record.
+pub type SegmentEvent = SegmentRecord<MAX_CAPTURE>;
 const _: () = assert!(core::mem::size_of::<SegmentEvent>() == 96 + MAX_CAPTURE);
+const _: () = assert!(core::mem::size_of::<SegmentRecord<64>>() == 96 + 64);
+
+/// The sizes of `data` the segment programs reserve, smallest first (powers of two, the last
+/// [`MAX_CAPTURE`]).
+pub const SEGMENT_CLASSES: [usize; 4] = [64, 128, 256, MAX_CAPTURE];
 
 /// A process of the target exited (the whole thread group when the kernel says so).
 #[repr(C)]

@@ -6,8 +6,9 @@
 //! Per packet: the IPv4 or IPv6 header (no extension headers) and the TCP header are read,
 //! packets without payload (handshakes, pure ACKs) leave at once, and a segment record with
 //! the sequence number, the payload's length and its first `CAPTURE_BYTES` goes to the ring
-//! buffer, keyed by the kernel `struct sock *` like the TCP state events. The daemon rebuilds
-//! each direction's byte stream from the sequence numbers (`protocols::tcp`).
+//! buffer (in the smallest of the record sizes that holds them, see `SegmentRecord`), keyed
+//! by the kernel `struct sock *` like the TCP state events. The daemon rebuilds each
+//! direction's byte stream from the sequence numbers (`protocols::tcp`).
 //!
 //! Every path returns 1: a `cgroup_skb` program that returns 0 drops the target's packet.
 //! What cannot be parsed is let through and counted; a full ring buffer drops the record,
@@ -18,7 +19,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::BPF_RB_NO_WAKEUP, helpers::generated, macros::cgroup_skb, programs::SkBuffContext,
 };
-use selfheal_ebpf::{kind, stats, SegmentEvent, DIRECTION_RECV, DIRECTION_SEND, MAX_CAPTURE};
+use selfheal_ebpf::{kind, stats, SegmentRecord, DIRECTION_RECV, DIRECTION_SEND, SEGMENT_CLASSES};
 
 use crate::{
     capture::{wake_flags, CAPTURE_BYTES},
@@ -88,7 +89,46 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
     // packet is filtered for (a full socket of the cgroup; null is possible and kept as 0).
     let sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
 
-    let Some(mut entry) = EVENTS.reserve::<SegmentEvent>(0) else {
+    // SAFETY: a read of a constant the loader may have patched.
+    let cap = unsafe { read_volatile(&CAPTURE_BYTES) };
+    let mut n = payload_len;
+    if cap < n {
+        n = cap;
+    }
+    let segment = Segment {
+        direction,
+        sock,
+        payload_len,
+        payload_at,
+        ip_len,
+        ipv4: copied_ip == 20,
+    };
+    // The smallest record that holds the prefix (see `SegmentRecord`).
+    if n <= SEGMENT_CLASSES[0] as u32 {
+        record::<{ SEGMENT_CLASSES[0] }>(ctx, &segment, n);
+    } else if n <= SEGMENT_CLASSES[1] as u32 {
+        record::<{ SEGMENT_CLASSES[1] }>(ctx, &segment, n);
+    } else if n <= SEGMENT_CLASSES[2] as u32 {
+        record::<{ SEGMENT_CLASSES[2] }>(ctx, &segment, n);
+    } else {
+        record::<{ SEGMENT_CLASSES[3] }>(ctx, &segment, n);
+    }
+}
+
+/// What [`segment`] found in a packet with payload.
+struct Segment {
+    direction: u32,
+    sock: u64,
+    payload_len: u32,
+    payload_at: u32,
+    ip_len: u32,
+    ipv4: bool,
+}
+
+/// Sends the segment with the first `n` (1..=N) bytes of its payload in a record of `N`.
+#[inline(always)]
+fn record<const N: usize>(ctx: &SkBuffContext, segment: &Segment, n: u32) {
+    let Some(mut entry) = EVENTS.reserve::<SegmentRecord<N>>(0) else {
         bump(stats::DROPS_SEGMENT_RINGBUF_FULL);
         return;
     };
@@ -96,7 +136,8 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
     // SAFETY: `event` points to a reserved record; `headers` holds 60 bytes: 20 or 40 of IP
     // header at 0, 20 of TCP header after them.
     let headers = unsafe { (*event).headers.as_mut_ptr() };
-    let headers_copied = if copied_ip == 20 {
+    let ip_len = segment.ip_len;
+    let headers_copied = if segment.ipv4 {
         // SAFETY: as above.
         copy::<20>(ctx, 0, headers) && copy::<20>(ctx, ip_len, unsafe { headers.add(20) })
     } else {
@@ -108,39 +149,31 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
         bump(stats::SEGMENT_UNPARSED);
         return;
     }
-    // SAFETY: a read of a constant the loader may have patched.
-    let cap = unsafe { read_volatile(&CAPTURE_BYTES) };
-    let mut n = payload_len;
-    if cap < n {
-        n = cap;
-    }
-    let mut captured = 0;
-    if n > 0 {
-        // `bpf_skb_load_bytes` wants a length the verifier can bound away from 0 and above
-        // the record's buffer: this mask gives 1..=MAX_CAPTURE and leaves `n` in it as is.
-        let n = ((n - 1) & (MAX_CAPTURE as u32 - 1)) + 1;
-        // SAFETY: `data` holds MAX_CAPTURE bytes and `n` is at most that; the helper checks
-        // the packet's bounds.
-        let status = unsafe {
-            generated::bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                payload_at,
-                (*event).data.as_mut_ptr().cast(),
-                n,
-            )
-        };
-        if status == 0 {
-            captured = n;
-        }
-    }
+    // `bpf_skb_load_bytes` wants a length the verifier can bound away from 0 and above the
+    // record's buffer: this mask gives 1..=N and leaves `n` (1..=N) as it is. The volatile
+    // read keeps the compiler, which knows `n`'s range on this path, from dropping the mask.
+    // SAFETY: a read of a local.
+    let n = unsafe { read_volatile(&n) };
+    let n = ((n.wrapping_sub(1)) & (N as u32 - 1)) + 1;
+    // SAFETY: `data` holds N bytes and `n` is at most that; the helper checks the packet's
+    // bounds.
+    let status = unsafe {
+        generated::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            segment.payload_at,
+            (*event).data.as_mut_ptr().cast(),
+            n,
+        )
+    };
+    let captured = if status == 0 { n } else { 0 };
     // SAFETY: `event` points to a reserved ring-buffer record of the right size; every field
     // but the uncaptured tail of `data` is written before it is submitted.
     unsafe {
         (*event).kind = kind::SEGMENT;
-        (*event).direction = direction;
-        (*event).sock = sock;
+        (*event).direction = segment.direction;
+        (*event).sock = segment.sock;
         (*event).ts_ns = now_ns();
-        (*event).len = payload_len;
+        (*event).len = segment.payload_len;
         (*event).captured = captured;
         (*event).pad = 0;
     }

@@ -459,8 +459,9 @@ fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
     let (u32_at, u64_at) = (|at| ne_u32(bytes, at), |at| ne_u64(bytes, at));
     // Field offsets of `SegmentEvent` (`#[repr(C)]`, no padding).
     let (direction_raw, sock, ts_ns, len) = (u32_at(4)?, u64_at(8)?, u64_at(16)?, u32_at(24)?);
+    // Records come in several sizes (`SegmentRecord`): the capture ends with the record.
     let captured = (u32_at(28)? as usize)
-        .min(selfheal_ebpf::MAX_CAPTURE)
+        .min(bytes.len().saturating_sub(header))
         .min(len as usize);
     let headers = bytes.get(HEADERS_AT..HEADERS_AT + selfheal_ebpf::SEGMENT_HEADERS)?;
     // The IP header's addresses (network order, IPv4 in the first 4 bytes) and where the TCP
@@ -1183,6 +1184,27 @@ mod tests {
             panic!("a segment")
         };
         assert_eq!(endpoints, ends("[fd00::2]:443", "[::1]:40000"));
+        // The smallest record size: the same fields, 64 bytes of data.
+        let small = selfheal_ebpf::SEGMENT_CLASSES[0];
+        assert_eq!(size_of::<selfheal_ebpf::SegmentRecord<64>>(), 96 + small);
+        event.data[..4].copy_from_slice(b"HTTP");
+        event.captured = 4;
+        let bytes = as_bytes(&event);
+        let mut payloads = Vec::new();
+        let Some(Record::Capture(Capture::Segment { captured, .. })) =
+            decode(&bytes[..96 + small], &mut payloads)
+        else {
+            panic!("a small segment")
+        };
+        assert_eq!(&payloads[captured], b"HTTP");
+        // A claimed capture beyond a small record ends with the record.
+        event.captured = 100;
+        let Some(Record::Capture(Capture::Segment { captured, .. })) =
+            decode(&as_bytes(&event)[..96 + small], &mut payloads)
+        else {
+            panic!("a small segment")
+        };
+        assert_eq!(captured.len(), small);
         // A truncated record and an unknown IP version are refused.
         let bytes = as_bytes(&event);
         assert!(decode(&bytes[..60], &mut payloads).is_none());
