@@ -461,6 +461,7 @@ fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
     let (direction_raw, sock, ts_ns, len) = (u32_at(4)?, u64_at(8)?, u64_at(16)?, u32_at(24)?);
     // Records come in several sizes (`SegmentRecord`): the capture ends with the record.
     let captured = (u32_at(28)? as usize)
+        .min(selfheal_ebpf::MAX_CAPTURE)
         .min(bytes.len().saturating_sub(header))
         .min(len as usize);
     let headers = bytes.get(HEADERS_AT..HEADERS_AT + selfheal_ebpf::SEGMENT_HEADERS)?;
