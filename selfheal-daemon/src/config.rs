@@ -370,11 +370,13 @@ pub enum UnixSockets {
     /// Found once per report interval; while the target has one, the socket-operation hooks
     /// of the `syscalls` capture are attached, filtered in the kernel to the target's unix
     /// sockets. Every process's socket operations pay their filter during that time only.
-    /// A connection is captured from the interval after it opened: its startup (and a
-    /// refused login) can be missed, its queries from then on are not.
+    /// A connection is captured from the interval (`monitor.interval_ms`) after it opened: its
+    /// startup (and a refused login) can be missed, its queries from then on are not. The
+    /// target's other unix sockets (a journald stdout) are captured too while it is on.
     Auto,
-    /// The same hooks for as long as the daemon runs: every connection from its first byte,
-    /// startup included, at the filter's cost to every process all the time.
+    /// The same hooks for as long as the daemon runs: every connection of a process the daemon
+    /// knows from its first byte, startup included, at the filter's cost to every process all
+    /// the time.
     Always,
     /// Not captured: counted in `selfheal_capture_unseen_postgres_connections` and logged.
     Off,

@@ -407,7 +407,8 @@ impl Metrics {
         let ebpf_probe_attached = Family::<ProbeLabel, Gauge>::default();
         registry.register(
             "selfheal_ebpf_probe_attached",
-            "1 when the eBPF probe is attached, 0 when it fell back to procfs",
+            "1 when the eBPF probe is attached, else 0 (not attached, or not now: the unix-socket \
+             capture is attached only while the target needs it)",
             ebpf_probe_attached.clone(),
         );
         let ebpf_ringbuf_events = Counter::default();
@@ -457,8 +458,9 @@ impl Metrics {
         let capture_unseen_postgres_connections = Gauge::default();
         registry.register(
             "selfheal_capture_unseen_postgres_connections",
-            "The target's connections to PostgreSQL over a unix socket, which the cgroup capture \
-             does not see (TCP only): their queries are not measured. Counted in cgroup mode only",
+            "The target's connections to PostgreSQL over a unix socket that nothing captures (the \
+             cgroup capture sees TCP only, and the unix-socket capture is off or not attached): \
+             their queries are not measured. Counted in cgroup mode only",
             capture_unseen_postgres_connections.clone(),
         );
         let capture_connections = Gauge::default();

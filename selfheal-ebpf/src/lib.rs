@@ -180,9 +180,8 @@ pub const SEGMENT_HEADERS: usize = 60;
 ///
 /// The kernel reserves the smallest of [`SEGMENT_CLASSES`] that holds the captured prefix
 /// (`SegmentRecord<N>`): the fields before `data` are the same in every size, and the record's
-/// length says how much `data` it has. Each ring-buffer byte a record takes is memory the
-/// kernel writes cold, with the target waiting (a 64-byte class halves a short segment's
-/// record).
+/// length says how much `data` it has. The ring then holds more records before it drops any
+/// (at 256 captured bytes, 360 ring bytes a record instead of 616).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SegmentRecord<const N: usize> {
@@ -211,6 +210,17 @@ const _: () = assert!(core::mem::size_of::<SegmentRecord<64>>() == 96 + 64);
 /// The sizes of `data` the segment programs reserve, smallest first (powers of two, the last
 /// [`MAX_CAPTURE`]).
 pub const SEGMENT_CLASSES: [usize; 4] = [64, 128, 256, MAX_CAPTURE];
+// The programs bound a copy's length with `& (N - 1)`: powers of two, ascending, up to the
+// largest record.
+const _: () = {
+    let mut i = 0;
+    while i < SEGMENT_CLASSES.len() {
+        assert!(SEGMENT_CLASSES[i].is_power_of_two());
+        assert!(i == 0 || SEGMENT_CLASSES[i - 1] < SEGMENT_CLASSES[i]);
+        i += 1;
+    }
+    assert!(SEGMENT_CLASSES[SEGMENT_CLASSES.len() - 1] == MAX_CAPTURE);
+};
 
 /// A process of the target exited (the whole thread group when the kernel says so).
 #[repr(C)]

@@ -167,9 +167,9 @@ pub struct Loaded {
     ebpf: Ebpf,
     /// Whether the segment capture is loaded, to attach to the target's cgroup.
     segments: bool,
-    /// With the segment capture: the unix-socket capture's mode (`Off` when its programs
-    /// could not be loaded).
-    unix: Option<UnixSockets>,
+    /// With the segment capture: the unix-socket capture's mode, and whether its programs
+    /// are loaded.
+    unix: Option<(UnixSockets, bool)>,
     ring: RingBuf<MapData>,
     filters: Filters,
     stats: PerCpuArray<MapData, u64>,
@@ -307,14 +307,14 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         }
         // Attached by the reader as `probes.unix_sockets` says; counted even when off.
         let loaded = unix_capture.map(|offset| offset.and_then(|_| socket_ops::load(&mut ebpf)));
-        unix = Some(match loaded {
-            Some(Ok(())) => config.unix_sockets,
-            Some(Err(reason)) => {
-                report("unix_capture", Err(reason));
-                UnixSockets::Off
-            }
-            None => UnixSockets::Off,
-        });
+        if let Some(Err(reason)) = &loaded {
+            tracing::warn!(
+                %reason,
+                "the target's unix sockets cannot be captured: its connections to PostgreSQL \
+                 over one are only counted"
+            );
+        }
+        unix = Some((config.unix_sockets, matches!(loaded, Some(Ok(())))));
     } else if config.payload_bytes > 0 {
         let capture =
             socket_ops::load(&mut ebpf).and_then(|()| socket_ops::attach(&mut ebpf).map(drop));
@@ -636,7 +636,7 @@ pub async fn run(
         stats: counters,
     } = loaded;
     let mut segments = segments.then(|| SegmentCapture::new(metrics.clone()));
-    let mut unix = unix.map(|mode| UnixCapture::new(mode, metrics.clone()));
+    let mut unix = unix.map(|(mode, loaded)| UnixCapture::new(mode, loaded, metrics.clone()));
     let initial = members.borrow_and_update().clone();
     filters.sync(&initial);
     if let Some(segments) = &mut segments {

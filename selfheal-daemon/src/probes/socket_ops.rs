@@ -107,8 +107,9 @@ fn step(
     match (mode, attached) {
         (UnixSockets::Always, false) => Step::Attach,
         (UnixSockets::Auto, false) if connections.is_some_and(|n| n > 0) => Step::Attach,
+        // A count that fails for as long detaches too: the hooks cost every process.
         (UnixSockets::Auto, true)
-            if connections == Some(0) && since_seen.is_none_or(|idle| idle >= IDLE) =>
+            if connections.is_none_or(|n| n == 0) && since_seen.is_none_or(|idle| idle >= IDLE) =>
         {
             Step::Detach
         }
@@ -119,6 +120,8 @@ fn step(
 /// The unix-socket capture beside the cgroup capture.
 pub struct UnixCapture {
     mode: UnixSockets,
+    /// Whether the programs are loaded (else the connections are only counted).
+    loaded: bool,
     links: Option<[BtfTracePointLinkId; 2]>,
     /// When the target last had a unix-socket connection to PostgreSQL.
     last_seen: Option<Instant>,
@@ -132,10 +135,11 @@ pub struct UnixCapture {
 }
 
 impl UnixCapture {
-    /// For programs already loaded by [`load`] (with `Off`, nothing need be loaded).
-    pub fn new(mode: UnixSockets, metrics: Metrics) -> Self {
+    /// `loaded`: whether [`load`] succeeded; without it the connections are only counted.
+    pub fn new(mode: UnixSockets, loaded: bool, metrics: Metrics) -> Self {
         let capture = Self {
             mode,
+            loaded,
             links: None,
             last_seen: None,
             unseen: 0,
@@ -149,8 +153,15 @@ impl UnixCapture {
 
     /// Counts the target's connections to PostgreSQL over a unix socket and attaches or
     /// detaches the programs as the mode says. Connections are "unseen" while the programs
-    /// are not attached; the log says so when some appear.
+    /// are not attached; the log says so when some appear. A count that fails leaves the
+    /// last one standing.
     pub fn check(&mut self, ebpf: &mut Ebpf, members: &[u32]) {
+        let can_attach = self.loaded && !self.attach_failed;
+        if self.mode == UnixSockets::Always && self.links.is_some() {
+            // Nothing to decide, and nothing unseen while attached: no count.
+            self.set_unseen(0);
+            return;
+        }
         let found = if members.is_empty() {
             Some(unix_peers::PostgresUnix::default())
         } else {
@@ -158,12 +169,17 @@ impl UnixCapture {
                 Ok(found) => Some(found),
                 Err(err) => {
                     if !self.unix_diag_failed {
+                        let hint = if self.mode == UnixSockets::Auto && can_attach {
+                            "; set probes.unix_sockets = \"always\" to capture its unix sockets \
+                             anyway"
+                        } else {
+                            ""
+                        };
                         tracing::warn!(
                             error = %err,
                             "cannot list unix sockets (sock_diag; is the unix_diag module \
                              loaded?): a target talking to PostgreSQL over a unix socket would \
-                             not be noticed; set probes.unix_sockets = \"always\" to capture \
-                             its unix sockets anyway"
+                             not be noticed{hint}"
                         );
                         self.unix_diag_failed = true;
                     }
@@ -176,13 +192,20 @@ impl UnixCapture {
             self.last_seen = Some(Instant::now());
         }
         let since_seen = self.last_seen.map(|at| at.elapsed());
-        match step(self.mode, self.links.is_some(), connections, since_seen) {
-            Step::Attach if !self.attach_failed => match attach(ebpf) {
+        let mode = if self.loaded {
+            self.mode
+        } else {
+            UnixSockets::Off
+        };
+        match step(mode, self.links.is_some(), connections, since_seen) {
+            Step::Attach if can_attach => match attach(ebpf) {
                 Ok(links) => {
                     tracing::info!(
                         mode = ?self.mode,
-                        "capturing the target's unix-socket connections to PostgreSQL: every \
-                         process's socket operations pay the in-kernel filter while this is on"
+                        "capturing the target's unix sockets (for its connections to \
+                         PostgreSQL; its other unix sockets, such as a journald stdout, are \
+                         captured too): every process's socket operations pay the in-kernel \
+                         filter while this is on"
                     );
                     self.links = Some(links);
                 }
@@ -196,27 +219,42 @@ impl UnixCapture {
                     detach(ebpf, links);
                     tracing::info!(
                         idle = ?IDLE,
-                        "unix-socket capture detached: the target has had no unix-socket \
-                         connection to PostgreSQL for a while"
+                        "unix-socket capture detached: no unix-socket connection of the target \
+                         to PostgreSQL was seen for a while"
                     );
                 }
             }
             Step::Attach | Step::Keep => {}
         }
-        let unseen = match (&found, self.links.is_some()) {
-            (Some(found), false) => found.connections,
-            _ => 0,
+        // A failed count leaves the last one standing.
+        let Some(found) = found else {
+            self.export();
+            return;
         };
-        if let Some(found) = found.filter(|_| unseen > 0 && self.unseen == 0) {
+        let unseen = if self.links.is_some() {
+            0
+        } else {
+            found.connections
+        };
+        if unseen > 0 && self.unseen == 0 {
+            let hint = if self.mode == UnixSockets::Off {
+                "connect it over TCP (host=127.0.0.1), or have its unix sockets captured \
+                 (probes.unix_sockets = \"auto\", or probes.capture = \"syscalls\")"
+            } else {
+                "the unix-socket capture is not available here (see the warning above); \
+                 connect it over TCP (host=127.0.0.1)"
+            };
             tracing::warn!(
                 connections = found.connections,
                 socket = found.path.as_deref().unwrap_or("?"),
                 "the target talks to PostgreSQL over a unix socket, which the cgroup capture \
-                 does not see: its queries are not measured; connect it over TCP \
-                 (host=127.0.0.1), or have its unix sockets captured (probes.unix_sockets = \
-                 \"auto\", or probes.capture = \"syscalls\")"
+                 does not see: its queries are not measured; {hint}"
             );
         }
+        self.set_unseen(unseen);
+    }
+
+    fn set_unseen(&mut self, unseen: usize) {
         self.unseen = unseen;
         self.metrics
             .capture_unseen_postgres_connections
@@ -251,10 +289,11 @@ mod tests {
         assert_eq!(auto(true, Some(2), Some(0)), Step::Keep);
         assert_eq!(auto(true, Some(0), Some(5)), Step::Keep, "a quiet moment");
         assert_eq!(auto(true, Some(0), Some(60)), Step::Detach);
+        assert_eq!(auto(true, None, Some(5)), Step::Keep, "a count failed once");
         assert_eq!(
             auto(true, None, Some(600)),
-            Step::Keep,
-            "no count, no change"
+            Step::Detach,
+            "no count for a minute"
         );
         assert_eq!(auto(false, None, None), Step::Keep);
     }

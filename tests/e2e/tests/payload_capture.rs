@@ -324,7 +324,7 @@ fn unix_socket_postgres_queries_are_captured_once_the_connection_is_noticed() {
     );
     assert_eq!(unseen, Some(0.0), "captured connections are not unseen");
     assert!(
-        log.contains("capturing the target's unix-socket connections to PostgreSQL"),
+        log.contains("capturing the target's unix sockets (for its connections to PostgreSQL"),
         "the log says so:\n{log}"
     );
     drop(daemon);
@@ -333,7 +333,8 @@ fn unix_socket_postgres_queries_are_captured_once_the_connection_is_noticed() {
 
 /// With `probes.unix_sockets = "always"` the unix sockets are hooked from the start, so even
 /// a connection's startup is seen: the query sent right after connecting, and a connection
-/// refused at startup (a database that does not exist, SQLSTATE 3D000).
+/// refused at startup (a database that does not exist, SQLSTATE 3D000). TCP stays the
+/// segment capture's: a query over TCP meanwhile counts once.
 #[test]
 fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_captured() {
     require_root();
@@ -356,17 +357,25 @@ fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_c
     daemon.wait_capturing().expect("capture attached");
     let before = queries(&daemon);
     let refused_before = auth_failures(&daemon, "3D000");
-    run_script(
-        &mut client,
-        "go\nselect 'unix-always', 1;\nselect 'unix-always', 2;\n\\c no_such_database_unix\n",
+    // Two selects over the unix socket; one over TCP (the segment capture's, which the unix
+    // hooks must leave alone: taken by both, it would count twice); then a refused startup
+    // over the unix socket again.
+    let socket_dir = pg.socket_dir().display().to_string();
+    let script = format!(
+        "go\nselect 'unix-always', 1;\nselect 'unix-always', 2;\n\
+         \\c \"host=127.0.0.1 port={port} user=postgres dbname=postgres\"\n\
+         select 'over-tcp', 3;\n\
+         \\c \"host={socket_dir} port={port} user=postgres dbname=no_such_database_unix\"\n",
+        port = pg.port
     );
+    run_script(&mut client, &script);
     let seen = wait_for(
         "the queries and the refused connection to be decoded",
         Duration::from_secs(10),
         || {
             let delta = delta(&before, &queries(&daemon));
             let refused = auth_failures(&daemon, "3D000") - refused_before;
-            (delta.values().map(|q| q.0).sum::<u64>() >= 2 && refused >= 1)
+            (delta.values().map(|q| q.0).sum::<u64>() >= 3 && refused >= 1)
                 .then_some((delta, refused))
         },
     );
@@ -378,10 +387,13 @@ fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_c
         )
     });
     assert_eq!(seen.len(), 1, "one fingerprint: {seen:?}");
+    // Settled: nothing more arrives (a TCP query taken twice would show up here).
+    std::thread::sleep(Duration::from_millis(1500));
+    let seen = delta(&before, &queries(&daemon));
     assert_eq!(
         seen.values().next().map(|q| q.0),
-        Some(2),
-        "both selects, the first one sent right after connecting: {seen:?}"
+        Some(3),
+        "the three selects, the first one sent right after connecting, the TCP one once: {seen:?}"
     );
     assert_eq!(refused, 1, "the connection refused at startup");
     drop(daemon);
