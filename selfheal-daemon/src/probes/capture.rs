@@ -289,6 +289,11 @@ const MAX_CONNECTIONS: usize = 65_536;
 /// to be decoded first.
 const LEAVING_TICKS: u8 = 3;
 
+/// How long a connection no close event ends (a unix socket, whose close the kernel side does
+/// not report) stays in the table without traffic. Past it, it is closed like any other, so
+/// connections a pool opens and closes over unix sockets cannot fill the table.
+const IDLE_UNCLOSED_NS: u64 = 3_600 * 1_000_000_000;
+
 /// Bytes all connections' reassemblers may hold for out-of-order segments together; a
 /// segment held past it makes its stream give up its holes (decoded as gaps, counted as
 /// `reassembly_budget`), so out-of-order traffic cannot grow the daemon's memory.
@@ -508,6 +513,7 @@ impl Traffic {
                     Direction::Sent => connection.send_bytes += total_len,
                 }
                 connection.fd.get_or_insert(fd);
+                connection.last_ts_ns = connection.last_ts_ns.max(ts_ns);
                 let total_len = usize::try_from(total_len).unwrap_or(usize::MAX);
                 feed(connection, direction, payload, total_len, ts_ns, out);
                 out.collect(connection.origin());
@@ -735,9 +741,10 @@ impl Traffic {
         }
     }
 
-    /// One tick of the capture task: closes the connections of processes that left the target
-    /// `LEAVING_TICKS` ticks ago.
-    pub fn tick(&mut self, out: &mut Decoded) {
+    /// One tick of the capture task at `now_ns` (kernel monotonic time): closes the
+    /// connections of processes that left the target `LEAVING_TICKS` ticks ago, and those no
+    /// close event will end that have been idle too long.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Decoded) {
         self.mark_leaving();
         let mut expired = Vec::new();
         for (&tgid, ticks) in &mut self.leaving {
@@ -749,6 +756,28 @@ impl Traffic {
         for tgid in expired {
             self.leaving.remove(&tgid);
             self.retire_process(tgid, out);
+        }
+        self.retire_idle(now_ns, out);
+    }
+
+    /// Closes the connections no close event will end (see [`IDLE_UNCLOSED_NS`]) that have
+    /// had no traffic since `now_ns - IDLE_UNCLOSED_NS` (kernel monotonic time).
+    fn retire_idle(&mut self, now_ns: u64, out: &mut Decoded) {
+        let idle: Vec<u64> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| {
+                c.streams.is_none()
+                    && !matches!(c.endpoints, Some(Endpoints::Tcp { .. }))
+                    && c.last_ts_ns > 0
+                    && now_ns.saturating_sub(c.last_ts_ns) > IDLE_UNCLOSED_NS
+            })
+            .map(|(&sock, _)| sock)
+            .collect();
+        for sock in idle {
+            if let Some(old) = self.connections.remove(&sock) {
+                self.retire(old, out);
+            }
         }
     }
 
@@ -1091,7 +1120,7 @@ pub async fn run(
                 None => return,
             },
             _ = tick.tick() => {
-                traffic.tick(&mut decoded);
+                traffic.tick(crate::target::monotonic_ns(), &mut decoded);
                 traffic.export_problems();
                 let (requests, queries) = traffic.in_flight();
                 recorder.set_in_flight(requests, queries);
@@ -1132,6 +1161,43 @@ mod tests {
 
     fn handle(traffic: &mut Traffic, batch: impl Into<Batch>, out: &mut Decoded) {
         traffic.handle_batch(&batch.into(), out);
+    }
+
+    #[test]
+    fn unix_connections_without_traffic_for_an_hour_are_closed() {
+        let mut traffic = Traffic::new(Metrics::new());
+        let mut out = Decoded::default();
+        // A unix-socket connection (data at 1 ns, no TCP event) and a TCP one opened by the
+        // kernel's events: only the first has no close event to end it.
+        handle(
+            &mut traffic,
+            data(
+                0xb0,
+                Some(Role::Client),
+                Direction::Sent,
+                b"Q\0\0\0\x0dselect 1\0",
+            ),
+            &mut out,
+        );
+        handle(
+            &mut traffic,
+            Capture::Opened {
+                tgid: 1,
+                sock: 0xc0,
+                role: Role::Client,
+                endpoints: Some(tcp("127.0.0.1:40000", "127.0.0.1:5432")),
+                ts_ns: 0,
+            },
+            &mut out,
+        );
+        traffic.retire_idle(1 + IDLE_UNCLOSED_NS, &mut out);
+        assert_eq!(traffic.connections.len(), 2, "an hour is not over yet");
+        traffic.retire_idle(2 + IDLE_UNCLOSED_NS, &mut out);
+        assert!(!traffic.connections.contains_key(&0xb0), "closed when idle");
+        assert!(
+            traffic.connections.contains_key(&0xc0),
+            "TCP waits for its close"
+        );
     }
 
     #[test]
@@ -1237,10 +1303,10 @@ mod tests {
             &mut out,
         );
         for _ in 1..LEAVING_TICKS {
-            traffic.tick(&mut out);
+            traffic.tick(1, &mut out);
             assert_eq!(traffic.connections.len(), 1);
         }
-        traffic.tick(&mut out);
+        traffic.tick(1, &mut out);
         assert!(traffic.connections.is_empty());
         assert_eq!(traffic.closed.postgres.dropped, 1);
         // A member again before that: kept.
@@ -1249,10 +1315,10 @@ mod tests {
             data(4, None, Direction::Sent, query),
             &mut out,
         );
-        traffic.tick(&mut out);
+        traffic.tick(1, &mut out);
         traffic.set_members(&[1]);
         for _ in 0..LEAVING_TICKS {
-            traffic.tick(&mut out);
+            traffic.tick(1, &mut out);
         }
         assert_eq!(traffic.connections.len(), 1);
     }
