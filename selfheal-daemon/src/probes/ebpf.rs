@@ -353,6 +353,17 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
     })
 }
 
+/// Program `name` of the object, as a `P` (a `CgroupSkb`, a `BtfTracePoint`…).
+pub(super) fn program<'e, P>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut P, String>
+where
+    for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("no program {name} in the object"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e}"))
+}
+
 /// Finds program `name` as a `P` and loads and attaches it with `load_and_attach`.
 fn attach<P>(
     ebpf: &mut Ebpf,
@@ -362,12 +373,7 @@ fn attach<P>(
 where
     for<'p> &'p mut P: TryFrom<&'p mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program: &mut P = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("no program {name} in the object"))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    load_and_attach(program).map_err(|e| format!("{name}: {e}"))
+    load_and_attach(program(ebpf, name)?).map_err(|e| format!("{name}: {e}"))
 }
 
 /// A decoded ring-buffer record.

@@ -138,10 +138,7 @@ pub fn load(ebpf: &mut Ebpf) -> Result<(), String> {
 }
 
 fn program<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut CgroupSkb, String> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("no program {name} in the object"))?
-        .try_into()
-        .map_err(|e| format!("{name}: {e}"))
+    super::ebpf::program(ebpf, name)
 }
 
 impl SegmentCapture {

@@ -38,10 +38,7 @@ const PROGRAMS: [(&str, &str); 2] = [
 const PROBE: &str = "unix_capture";
 
 fn program<'e>(ebpf: &'e mut Ebpf, name: &str) -> Result<&'e mut BtfTracePoint, String> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("no program {name} in the object"))?
-        .try_into()
-        .map_err(|e| format!("{name}: {e}"))
+    super::ebpf::program(ebpf, name)
 }
 
 /// Loads both programs into the kernel, unattached.
