@@ -156,17 +156,7 @@ fn by_command(pattern: &str) -> Result<Resolved, TargetError> {
         if process.pid == me {
             continue;
         }
-        let Ok(cmdline) = process.cmdline() else {
-            continue;
-        };
-        if cmdline.is_empty() || !cmdline.join(" ").contains(pattern) {
-            continue;
-        }
-        let Ok(stat) = process.stat() else { continue };
-        if stat.state == 'Z' || stat.state == 'X' {
-            continue;
-        }
-        matches.push((stat.pid, stat.ppid, stat.starttime));
+        matches.extend(command_match(&process, pattern));
     }
     let pids: Vec<i32> = matches.iter().map(|m| m.0).collect();
     let main = matches
@@ -183,6 +173,68 @@ fn by_command(pattern: &str) -> Result<Resolved, TargetError> {
         pid: main as u32,
         members,
     })
+}
+
+/// A live process whose command line contains `pattern`: its pid, parent and start time.
+fn command_match(process: &procfs::process::Process, pattern: &str) -> Option<(i32, i32, u64)> {
+    let cmdline = process.cmdline().ok()?;
+    if cmdline.is_empty() || !cmdline.join(" ").contains(pattern) {
+        return None;
+    }
+    let stat = process.stat().ok()?;
+    if stat.state == 'Z' || stat.state == 'X' {
+        return None;
+    }
+    Some((stat.pid, stat.ppid, stat.starttime))
+}
+
+/// The target's processes again while its main process lives, for the tracker's periodic
+/// refresh. A `command` target is refreshed from its main process, its parent and its
+/// children (the kernel's list, `/proc/<pid>/task/<tid>/children`) instead of every process
+/// on the host: reading every command line twice a second costs the host CPU in proportion
+/// to its process count, and each read takes that process's memory-map lock. It gives what
+/// [`by_command`] would, and falls back to it when the list cannot be read (a kernel without
+/// `CONFIG_PROC_CHILDREN`) or the main process is no longer the top-most match.
+async fn refresh(selector: &TargetSelector, current: &Resolved) -> Result<Resolved, TargetError> {
+    if let TargetSelector::Command(pattern) = selector {
+        if let Some(fresh) = command_members(pattern, current.pid) {
+            return Ok(fresh);
+        }
+    }
+    resolve(selector).await
+}
+
+/// `main` and its matching children, if `main` still matches and its parent does not.
+fn command_members(pattern: &str, main: u32) -> Option<Resolved> {
+    let process = procfs::process::Process::new(i32::try_from(main).ok()?).ok()?;
+    let (_, ppid, _) = command_match(&process, pattern)?;
+    if procfs::process::Process::new(ppid)
+        .ok()
+        .and_then(|parent| command_match(&parent, pattern))
+        .is_some()
+    {
+        return None;
+    }
+    let mut children = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{main}/task")).ok()? {
+        let text = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
+        children.extend(
+            text.split_whitespace()
+                .filter_map(|pid| pid.parse::<i32>().ok()),
+        );
+    }
+    // In /proc's order, as a full scan lists them.
+    children.sort_unstable();
+    children.dedup();
+    let mut members = vec![main];
+    members.extend(
+        children
+            .into_iter()
+            .filter_map(|pid| procfs::process::Process::new(pid).ok())
+            .filter_map(|child| command_match(&child, pattern))
+            .map(|(pid, _, _)| pid as u32),
+    );
+    Some(Resolved { pid: main, members })
 }
 
 fn by_cgroup(dir: &Path) -> Result<Resolved, TargetError> {
@@ -458,7 +510,7 @@ impl Tracker {
                 () = tokio::time::sleep(self.poll_interval) => {
                     // Refresh the member list (workers come and go) and notice a selector that
                     // now points elsewhere (a rewritten pidfile, a unit restarted between polls).
-                    if let Ok(fresh) = resolve(&self.selector).await {
+                    if let Ok(fresh) = refresh(&self.selector, &current).await {
                         if fresh.pid != current.pid {
                             self.exited(current.pid, None);
                             return true;
@@ -609,6 +661,71 @@ mod tests {
         };
         assert_eq!(resolved.pid, child.id());
         let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The refresh from the main process's children gives what a scan of every process
+    /// gives, as the children come and go.
+    #[tokio::test]
+    async fn a_command_targets_refresh_finds_what_a_full_scan_finds() {
+        let marker = format!("selfheal-refresh-test-{}", std::process::id());
+        // A matching shell with two matching children, one that does not match, and a
+        // matching grandchild (not a member: only the main process's children are).
+        let script = format!(
+            "sh -c 'sleep 30; : {marker}' & a=$!; sh -c 'sleep 30; : {marker}' & b=$!; \
+             sleep 30 & c=$!; sh -c 'sh -c \"sleep 30; : {marker}\"; : {marker}' & d=$!; \
+             read line; kill $a $b $c $d 2>/dev/null; wait # {marker}"
+        );
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let selector = TargetSelector::Command(marker.clone());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let full = loop {
+            if let Ok(r) = resolve(&selector).await {
+                if r.members.len() == 4 {
+                    break r;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shell and its three matching children should match"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(full.pid, child.id());
+        let fresh = command_members(&marker, full.pid).expect("children list readable");
+        assert_eq!(fresh, full);
+        assert_eq!(refresh(&selector, &full).await.expect("refresh"), full);
+
+        // One member gone: the refresh no longer names it.
+        let gone = full.members[1];
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(gone as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill a member");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let fresh = command_members(&marker, full.pid).expect("children list readable");
+            if !fresh.members.contains(&gone) {
+                assert_eq!(fresh.members.len(), 3, "{fresh:?}");
+                assert_eq!(fresh, resolve(&selector).await.expect("full scan"));
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{gone} still listed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // A main process that no longer matches is not refreshed from its children.
+        assert_eq!(
+            command_members("selfheal-no-such-command-line", full.pid),
+            None
+        );
+        // End of input: the shell stops its jobs and exits.
+        drop(child.stdin.take());
         let _ = child.wait();
     }
 }
