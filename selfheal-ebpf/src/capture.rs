@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 use selfheal_ebpf::{kind, stats, syscall, DataEvent, DIRECTION_RECV, DIRECTION_SEND, MAX_CAPTURE};
 
-use crate::programs::{bump, is_target, now_ns, EVENTS, SOCKETS};
+use crate::programs::{bump, in_target_cgroup, is_target, now_ns, EVENTS, SOCKETS};
 
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
@@ -80,7 +80,11 @@ fn reg(regs: u64, offset: usize) -> u64 {
 fn capture(ctx: &BtfTracePointContext, direction: u32) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if !is_target(tgid) {
+    // SAFETY: a read of a constant the loader may have patched.
+    let unix_only = unsafe { read_volatile(&CAPTURE_UNIX_ONLY) } != 0;
+    // Beside the segment capture, a process of the target's cgroup the daemon has not listed
+    // yet (a worker just forked, the target just restarted) is taken too, as its TCP is.
+    if !is_target(tgid) && !(unix_only && in_target_cgroup()) {
         return;
     }
     // TP_PROTO(struct sock *sk, int ret, int flags)
@@ -95,9 +99,8 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         return;
     }
     let sock: u64 = ctx.arg(0);
-    // SAFETY: reads of constants the loader may have patched.
-    if unsafe { read_volatile(&CAPTURE_UNIX_ONLY) } != 0 {
-        // SAFETY: as above.
+    if unix_only {
+        // SAFETY: a read of a constant the loader may have patched.
         let offset = unsafe { read_volatile(&SOCK_FAMILY_OFFSET) };
         let family = (sock as usize + offset as usize) as *const u16;
         // SAFETY: `bpf_probe_read_kernel` validates the address; a bad one is not captured.

@@ -274,15 +274,19 @@ pub struct SockInfo {
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 16);
 
 /// How many of the target's thread groups [`TargetSet`] holds inline.
-pub const TARGET_SET_LEN: usize = 15;
+pub const TARGET_SET_LEN: usize = 13;
 
 /// The target's thread-group ids as the hot programs check them: one slot of an array map,
 /// which the verifier turns into a direct load, then a few compares — no hashing. Empty slots
 /// are 0 (never a user process). When the target has more thread groups than fit, `overflow`
 /// is 1 and the programs fall back to the `TARGET_TGIDS` hash map, which always holds all.
+/// `cgroup` is the id of the target's own cgroup2 directory while the segment capture is
+/// attached there (0 otherwise): the unix-socket capture takes a process of that cgroup the
+/// daemon has not listed yet, as the segment capture does.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TargetSet {
+    pub cgroup: u64,
     pub overflow: u32,
     pub tgids: [u32; TARGET_SET_LEN],
 }
@@ -290,9 +294,12 @@ const _: () = assert!(core::mem::size_of::<TargetSet>() == 64);
 
 impl TargetSet {
     /// The set for these thread groups (the first [`TARGET_SET_LEN`], with `overflow` set
-    /// when there are more).
-    pub fn of(members: &[u32]) -> Self {
-        let mut set = Self::default();
+    /// when there are more) and this cgroup id.
+    pub fn of(members: &[u32], cgroup: u64) -> Self {
+        let mut set = Self {
+            cgroup,
+            ..Self::default()
+        };
         for (slot, tgid) in set.tgids.iter_mut().zip(members) {
             *slot = *tgid;
         }

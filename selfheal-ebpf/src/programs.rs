@@ -11,6 +11,7 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated,
     },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -67,6 +68,19 @@ pub(crate) fn is_target(tgid: u32) -> bool {
         i += 1;
     }
     set.overflow != 0 && TARGET_TGIDS.get_ptr(tgid).is_some()
+}
+
+/// Whether the current task runs in the target's own cgroup (`TargetSet::cgroup`, set while
+/// the segment capture is attached there).
+#[inline(always)]
+pub(crate) fn in_target_cgroup() -> bool {
+    let Some(set) = TARGET_SET.get_ptr(0) else {
+        return false;
+    };
+    // SAFETY: as in `is_target`.
+    let cgroup = unsafe { (*set).cgroup };
+    // SAFETY: a helper without preconditions.
+    cgroup != 0 && unsafe { generated::bpf_get_current_cgroup_id() } == cgroup
 }
 
 /// Listening ports of the target (port in host order → tgid).

@@ -180,6 +180,8 @@ struct Filters {
     targets: BpfHashMap<MapData, u32, u32>,
     target_set: Array<MapData, TargetSet>,
     listen_ports: BpfHashMap<MapData, u16, u32>,
+    /// What `target_set` holds: the members, sorted, and the cgroup id.
+    set: (Vec<u32>, u64),
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, EbpfError> {
@@ -348,6 +350,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             targets,
             target_set,
             listen_ports,
+            set: (Vec::new(), 0),
         },
         stats,
     })
@@ -561,6 +564,20 @@ struct Window {
 }
 
 impl Filters {
+    /// The id of the target's own cgroup (0: none), for the unix-socket capture.
+    fn set_cgroup(&mut self, cgroup: u64) {
+        if cgroup != self.set.1 {
+            self.write_set(self.set.0.clone(), cgroup);
+        }
+    }
+
+    fn write_set(&mut self, sorted: Vec<u32>, cgroup: u64) {
+        if let Err(err) = self.target_set.set(0, TargetSet::of(&sorted, cgroup), 0) {
+            tracing::warn!(error = %err, "cannot update the eBPF target set");
+        }
+        self.set = (sorted, cgroup);
+    }
+
     fn sync(&mut self, members: &[u32]) {
         let wanted: HashSet<u32> = members.iter().copied().collect();
         // The hash map holds every process; the inline set the first few, and sends the
@@ -573,9 +590,7 @@ impl Filters {
         }
         let mut sorted: Vec<u32> = wanted.iter().copied().collect();
         sorted.sort_unstable();
-        if let Err(err) = self.target_set.set(0, TargetSet::of(&sorted), 0) {
-            tracing::warn!(error = %err, "cannot update the eBPF target set");
-        }
+        self.write_set(sorted, self.set.1);
         let stale: Vec<u32> = self
             .targets
             .keys()
@@ -645,9 +660,7 @@ pub async fn run(
     let mut unix = unix.map(|(mode, loaded)| UnixCapture::new(mode, loaded, metrics.clone()));
     let initial = members.borrow_and_update().clone();
     filters.sync(&initial);
-    if let Some(segments) = &mut segments {
-        segments.sync(&mut attached, &initial);
-    }
+    sync_segments(&mut segments, &mut attached, &mut filters, &initial);
     if let Some(unix) = &mut unix {
         unix.check(&mut attached, &initial);
     }
@@ -671,9 +684,7 @@ pub async fn run(
                 }
                 let current = members.borrow_and_update().clone();
                 filters.sync(&current);
-                if let Some(segments) = &mut segments {
-                    segments.sync(&mut attached, &current);
-                }
+                sync_segments(&mut segments, &mut attached, &mut filters, &current);
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EbpfError::Poll)?;
@@ -686,10 +697,8 @@ pub async fn run(
             }
             _ = ticker.tick() => {
                 // The target can move between cgroups without a change of processes.
-                if let Some(segments) = &mut segments {
-                    let current = members.borrow().clone();
-                    segments.sync(&mut attached, &current);
-                }
+                let current = members.borrow().clone();
+                sync_segments(&mut segments, &mut attached, &mut filters, &current);
                 if let Some(unix) = &mut unix {
                     let current = members.borrow().clone();
                     unix.check(&mut attached, &current);
@@ -720,6 +729,20 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// Keeps the segment capture on the target's cgroup (see [`SegmentCapture::sync`]) and the
+/// filters' cgroup id where it is attached.
+fn sync_segments(
+    segments: &mut Option<SegmentCapture>,
+    ebpf: &mut Ebpf,
+    filters: &mut Filters,
+    members: &[u32],
+) {
+    if let Some(segments) = segments {
+        segments.sync(ebpf, members);
+        filters.set_cgroup(segments.cgroup_id());
     }
 }
 
@@ -942,13 +965,13 @@ mod tests {
 
     #[test]
     fn the_inline_target_set_holds_the_first_processes_and_flags_the_rest() {
-        let few = TargetSet::of(&[7, 42]);
+        let few = TargetSet::of(&[7, 42], 0);
         assert_eq!(few.overflow, 0);
         assert_eq!(&few.tgids[..3], &[7, 42, 0]);
         let exactly: Vec<u32> = (1..=selfheal_ebpf::TARGET_SET_LEN as u32).collect();
-        assert_eq!(TargetSet::of(&exactly).overflow, 0);
+        assert_eq!(TargetSet::of(&exactly, 0).overflow, 0);
         let many: Vec<u32> = (1..=selfheal_ebpf::TARGET_SET_LEN as u32 + 1).collect();
-        let set = TargetSet::of(&many);
+        let set = TargetSet::of(&many, 9);
         assert_eq!(
             set.overflow, 1,
             "more processes than slots send the kernel to the hash map"
@@ -957,7 +980,7 @@ mod tests {
             set.tgids.to_vec(),
             many[..selfheal_ebpf::TARGET_SET_LEN].to_vec()
         );
-        assert_eq!(TargetSet::of(&[]), TargetSet::default());
+        assert_eq!(TargetSet::of(&[], 0), TargetSet::default());
     }
 
     #[test]

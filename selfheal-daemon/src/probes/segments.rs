@@ -200,6 +200,14 @@ impl SegmentCapture {
         self.export();
     }
 
+    /// The id of the cgroup the programs are attached to (its directory's inode number on
+    /// cgroup2, what `bpf_get_current_cgroup_id` returns), 0 when detached.
+    pub fn cgroup_id(&self) -> u64 {
+        self.attached.as_ref().map_or(0, |(dir, _)| {
+            std::fs::metadata(dir).map_or(0, |meta| std::os::unix::fs::MetadataExt::ino(&meta))
+        })
+    }
+
     fn detach(&mut self, ebpf: &mut Ebpf) {
         let Some((dir, links)) = self.attached.take() else {
             return;

@@ -400,6 +400,87 @@ fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_c
     drop(cgroup);
 }
 
+/// With `always`, a process in the target's cgroup that the daemon has not listed (a worker
+/// just forked, a target just restarted, here a `psql` it never looks for) is seen from its
+/// first byte, as its TCP segments are: a query sent right after connecting and a refused
+/// startup, both over and done in a few milliseconds.
+#[test]
+fn unix_socket_postgres_of_a_process_not_yet_found_in_the_targets_cgroup_is_seen() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let marker = "selfheal_marker=unix-cgroup";
+    let daemon = Daemon::start(&unix_config(marker, "always")).expect("daemon");
+    let cgroup = OwnCgroup::create("unix-cgroup").expect("cgroup");
+    // The target: a shell in the cgroup that waits for its input to end.
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "read go", marker]);
+    cgroup.place(&mut sh).expect("target in its cgroup");
+    let mut target = sh
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("target");
+    daemon
+        .wait_for_target(target.id())
+        .expect("the daemon finds the target");
+    daemon.wait_capturing().expect("capture attached");
+    wait_for(
+        "the unix-socket capture to attach",
+        Duration::from_secs(10),
+        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
+    )
+    .expect("attached from the start");
+    let before = queries(&daemon);
+    let refused_before = auth_failures(&daemon, "3D000");
+    let socket_dir = pg.socket_dir().display().to_string();
+    let port = pg.port.to_string();
+    for (database, sql) in [
+        ("postgres", "select 'unix-cgroup', 1"),
+        ("no_such_database_cgroup", "select 1"),
+    ] {
+        let mut psql = std::process::Command::new(pg.program("psql"));
+        psql.args(["-X", "-h", &socket_dir, "-p", &port, "-U", "postgres"])
+            .args(["-d", database, "-At", "-q", "-c", sql]);
+        cgroup
+            .place(&mut psql)
+            .expect("psql in the target's cgroup");
+        let status = psql
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("psql");
+        println!("psql on {database}: {status}");
+    }
+    let seen = wait_for(
+        "the query and the refused connection to be decoded",
+        Duration::from_secs(10),
+        || {
+            let delta = delta(&before, &queries(&daemon));
+            let refused = auth_failures(&daemon, "3D000") - refused_before;
+            (!delta.is_empty() && refused >= 1).then_some((delta, refused))
+        },
+    );
+    let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    let (seen, refused) = seen.unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}\n{log}",
+            daemon.api("/api/v1/system/queries").unwrap_or_default()
+        )
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let settled = delta(&before, &queries(&daemon));
+    assert_eq!(settled, seen, "nothing more arrives");
+    assert_eq!(
+        seen.values().map(|q| q.0).collect::<Vec<_>>(),
+        vec![1],
+        "the one select: {seen:?}"
+    );
+    assert_eq!(refused, 1, "the connection refused at startup");
+    drop(target.stdin.take());
+    let _ = target.wait();
+    drop(daemon);
+    drop(cgroup);
+}
+
 const UNIX_CAPTURE: &str = "selfheal_ebpf_probe_attached{probe=\"unix_capture\"}";
 
 /// A daemon watching the process whose command line holds `marker`, capturing payloads on
