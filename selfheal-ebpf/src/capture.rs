@@ -2,8 +2,9 @@
 //! fd, the connection (`struct sock *`), direction, byte count and time.
 //!
 //! With the segment capture (`segments.rs`) seeing the target's TCP on its cgroup, the same
-//! programs capture only its unix sockets (`CAPTURE_UNIX_ONLY`): PostgreSQL reached through
-//! `/run/postgresql/.s.PGSQL.5432`, which no cgroup hook sees. The daemon attaches them then
+//! programs capture only its unix sockets (`CAPTURE_UNIX_ONLY`), and of those only the ones
+//! connected to PostgreSQL (`UNIX_PEER_LAYOUT`: the peer is bound to
+//! `/run/postgresql/.s.PGSQL.5432` or the like), which no cgroup hook sees. The daemon attaches them then
 //! only while the target has such a connection (or always, if so configured).
 //!
 //! Attach points: the BTF tracepoints `sock_recv_length` and `sock_send_length`. They fire
@@ -29,7 +30,10 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use selfheal_ebpf::{kind, stats, syscall, DataEvent, DIRECTION_RECV, DIRECTION_SEND, MAX_CAPTURE};
+use selfheal_ebpf::{
+    ends_with_postgres_socket, kind, stats, syscall, DataEvent, UnixPeerLayout, DIRECTION_RECV,
+    DIRECTION_SEND, MAX_CAPTURE,
+};
 
 use crate::programs::{bump, in_target_cgroup, is_target, now_ns, EVENTS, SOCKETS};
 
@@ -49,6 +53,16 @@ static CAPTURE_UNIX_ONLY: u32 = 0;
 /// Offset of `skc_family` in `struct sock` (the loader sets it from the kernel's BTF).
 #[no_mangle]
 static SOCK_FAMILY_OFFSET: u32 = 16;
+
+/// Where a unix socket's peer's path is (the loader sets it from the kernel's BTF; all 0:
+/// every unix socket is taken).
+#[no_mangle]
+static UNIX_PEER_LAYOUT: UnixPeerLayout = UnixPeerLayout {
+    peer: 0,
+    addr: 0,
+    addr_len: 0,
+    addr_name: 0,
+};
 
 const AF_UNIX: u16 = 1;
 const MSG_PEEK: i64 = 2;
@@ -104,7 +118,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         let offset = unsafe { read_volatile(&SOCK_FAMILY_OFFSET) };
         let family = (sock as usize + offset as usize) as *const u16;
         // SAFETY: `bpf_probe_read_kernel` validates the address; a bad one is not captured.
-        if unsafe { bpf_probe_read_kernel(family) } != Ok(AF_UNIX) {
+        if unsafe { bpf_probe_read_kernel(family) } != Ok(AF_UNIX) || !peer_is_postgres(sock) {
             return;
         }
     }
@@ -167,6 +181,58 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
     }
     entry.submit(wake_flags());
     bump(stats::PAYLOAD_EVENTS);
+}
+
+/// Whether a unix socket is connected to a PostgreSQL server socket (its peer — the socket
+/// the server accepted, which shares its listener's address — is bound to
+/// `<dir>/.s.PGSQL.<port>`), or the layout is unknown. The target's other unix sockets (a
+/// journald stdout, a local cache) cost it nothing more than this test.
+#[inline(always)]
+fn peer_is_postgres(sock: u64) -> bool {
+    // SAFETY: a read of a constant the loader may have patched.
+    let layout = unsafe { read_volatile(&UNIX_PEER_LAYOUT) };
+    if layout.peer == 0 {
+        return true;
+    }
+    // SAFETY (all reads): `bpf_probe_read_kernel` validates the address; a bad one is not
+    // captured.
+    let Ok(peer) =
+        (unsafe { bpf_probe_read_kernel((sock + u64::from(layout.peer)) as *const u64) })
+    else {
+        return false;
+    };
+    if peer == 0 {
+        return false;
+    }
+    let Ok(addr) =
+        (unsafe { bpf_probe_read_kernel((peer + u64::from(layout.addr)) as *const u64) })
+    else {
+        return false;
+    };
+    if addr == 0 {
+        return false;
+    }
+    let Ok(len) =
+        (unsafe { bpf_probe_read_kernel((addr + u64::from(layout.addr_len)) as *const i32) })
+    else {
+        return false;
+    };
+    // `len` counts the family (2 bytes), the path and, for a path, its NUL: at most 110.
+    if !(12..=110).contains(&len) {
+        return false;
+    }
+    let end = addr + u64::from(layout.addr_name) + len as u64;
+    let Ok(tail) = (unsafe { bpf_probe_read_kernel((end - 17) as *const [u8; 17]) }) else {
+        return false;
+    };
+    let mut path = [0u8; 16];
+    let shift = usize::from(tail[16] != 0);
+    let mut i = 0;
+    while i < 16 {
+        path[i] = if shift == 1 { tail[i + 1] } else { tail[i] };
+        i += 1;
+    }
+    ends_with_postgres_socket(&path)
 }
 
 /// The submit flags of a capture: no wake-up of the reader unless `WAKEUP_BYTES` are waiting.

@@ -33,6 +33,8 @@ pub mod names {
     pub const GLOBAL_CAPTURE_UNIX_ONLY: &str = "CAPTURE_UNIX_ONLY";
     /// Offset of `skc_family` in `struct sock`, found in the kernel's BTF at load time.
     pub const GLOBAL_SOCK_FAMILY_OFFSET: &str = "SOCK_FAMILY_OFFSET";
+    /// Where a unix socket's peer's bound path is (see [`super::UnixPeerLayout`]).
+    pub const GLOBAL_UNIX_PEER_LAYOUT: &str = "UNIX_PEER_LAYOUT";
 }
 
 /// Field offsets of the tracepoints the programs read, as this build expects them. The loader
@@ -308,6 +310,48 @@ impl TargetSet {
     }
 }
 
+/// Where the unix-socket capture finds the path a socket's peer is bound to: byte offsets in
+/// the running kernel's `struct unix_sock` (`peer`, `addr`) and `struct unix_address` (`len`,
+/// `name`), from its BTF. With them the capture takes only connections to a PostgreSQL
+/// server socket (`<dir>/.s.PGSQL.<port>`; an accepted socket shares its listener's address);
+/// all 0 (not found) it takes every unix socket of the target.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixPeerLayout {
+    pub peer: u32,
+    pub addr: u32,
+    pub addr_len: u32,
+    pub addr_name: u32,
+}
+const _: () = assert!(core::mem::size_of::<UnixPeerLayout>() == 16);
+
+/// Whether `tail`, the last bytes of a bound unix socket path (without its NUL), ends with a
+/// PostgreSQL server socket's name: `/.s.PGSQL.` and one to five digits.
+#[inline(always)]
+pub fn ends_with_postgres_socket(tail: &[u8; 16]) -> bool {
+    const NAME: &[u8; 9] = b".s.PGSQL.";
+    let mut digits = 1;
+    while digits <= 5 {
+        let start = 16 - digits - NAME.len();
+        let mut ok = tail[start - 1] == b'/';
+        let mut i = 0;
+        while i < NAME.len() {
+            ok &= tail[start + i] == NAME[i];
+            i += 1;
+        }
+        let mut d = 16 - digits;
+        while d < 16 {
+            ok &= tail[d].is_ascii_digit();
+            d += 1;
+        }
+        if ok {
+            return true;
+        }
+        digits += 1;
+    }
+    false
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -319,4 +363,6 @@ mod pod {
     unsafe impl aya::Pod for super::SockInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TargetSet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixPeerLayout {}
 }

@@ -19,7 +19,7 @@ use aya::{
 };
 use selfheal_ebpf::{
     kind, names, offsets, stats, tcp_state, DataEvent, ProcessExit, SegmentEvent, TargetSet,
-    TcpEvent, DIRECTION_SEND, ROLE_CLIENT,
+    TcpEvent, UnixPeerLayout, DIRECTION_SEND, ROLE_CLIENT,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -144,21 +144,63 @@ fn check_layout(
 
 /// Byte offset of `member` in the running kernel's `struct name`, from its BTF.
 fn member_offset(name: &str, member: &str) -> Result<u32, String> {
+    member_offsets(&[(name, member)]).map(|offsets| offsets[0])
+}
+
+/// Byte offsets of each `(struct, member)`, from one read of the running kernel's BTF.
+fn member_offsets(wanted: &[(&str, &str)]) -> Result<Vec<u32>, String> {
     let btf = btf_rs::Btf::from_file("/sys/kernel/btf/vmlinux")
         .map_err(|e| format!("cannot read kernel BTF: {e}"))?;
-    let types = btf
-        .resolve_types_by_name(name)
-        .map_err(|e| format!("no {name} in BTF: {e}"))?;
-    for ty in types {
-        if let btf_rs::Type::Struct(st) = ty {
-            for m in &st.members {
-                if btf.resolve_name(m).is_ok_and(|n| n == member) {
-                    return Ok(m.bit_offset() / 8);
+    let offset = |name: &str, member: &str| {
+        let types = btf
+            .resolve_types_by_name(name)
+            .map_err(|e| format!("no {name} in BTF: {e}"))?;
+        for ty in types {
+            if let btf_rs::Type::Struct(st) = ty {
+                for m in &st.members {
+                    if btf.resolve_name(m).is_ok_and(|n| n == member) {
+                        return Ok(m.bit_offset() / 8);
+                    }
                 }
             }
         }
+        Err(format!("{name} has no {member} member"))
+    };
+    wanted
+        .iter()
+        .map(|(name, member)| offset(name, member))
+        .collect()
+}
+
+/// Where the unix-socket capture finds a socket's peer's path, from the kernel's BTF; all 0
+/// (every unix socket of the target is taken) when it is not there, which the log says.
+fn unix_peer_layout() -> UnixPeerLayout {
+    let found = member_offsets(&[
+        ("unix_sock", "peer"),
+        ("unix_sock", "addr"),
+        ("unix_address", "len"),
+        ("unix_address", "name"),
+    ]);
+    match found.as_deref() {
+        Ok(&[peer, addr, addr_len, addr_name]) if peer != 0 => UnixPeerLayout {
+            peer,
+            addr,
+            addr_len,
+            addr_name,
+        },
+        other => {
+            let reason = match other {
+                Err(reason) => reason.clone(),
+                Ok(_) => "unix_sock.peer at offset 0".to_owned(),
+            };
+            tracing::warn!(
+                %reason,
+                "cannot find a unix socket's peer in the kernel's BTF: the unix-socket capture \
+                 takes every unix socket of the target, not only its connections to PostgreSQL"
+            );
+            UnixPeerLayout::default()
+        }
     }
-    Err(format!("{name} has no {member} member"))
 }
 
 /// The loaded object with the maps userspace uses.
@@ -228,6 +270,15 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
                 .as_ref()
                 .and_then(|offset| offset.as_ref().ok())
                 .unwrap_or(&16),
+            true,
+        )
+        .override_global(
+            names::GLOBAL_UNIX_PEER_LAYOUT,
+            &if matches!(unix_capture, Some(Ok(_))) {
+                unix_peer_layout()
+            } else {
+                UnixPeerLayout::default()
+            },
             true,
         )
         .override_global(

@@ -199,10 +199,8 @@ impl UnixCapture {
                 Ok(links) => {
                     tracing::info!(
                         mode = ?self.mode,
-                        "capturing the target's unix sockets (for its connections to \
-                         PostgreSQL; its other unix sockets, such as a journald stdout, are \
-                         captured too): every process's socket operations pay the in-kernel \
-                         filter while this is on"
+                        "capturing the target's unix-socket connections to PostgreSQL: every \
+                         process's socket operations pay the in-kernel filter while this is on"
                     );
                     self.links = Some(links);
                 }

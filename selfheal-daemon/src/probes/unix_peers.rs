@@ -39,11 +39,14 @@ pub struct UnixSocket {
     pub path: Option<Vec<u8>>,
 }
 
-/// Whether `path` names a PostgreSQL server socket (`<dir>/.s.PGSQL.<port>`).
+/// Whether `path` names a PostgreSQL server socket (`<dir>/.s.PGSQL.<port>`): the test the
+/// unix-socket capture makes in the kernel, on the path's last 16 bytes (a shorter path is
+/// taken as relative to a directory).
 pub fn is_postgres_path(path: &[u8]) -> bool {
-    let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
-    name.strip_prefix(b".s.PGSQL.")
-        .is_some_and(|port| !port.is_empty() && port.iter().all(u8::is_ascii_digit))
+    let mut tail = [b'/'; 16];
+    let take = path.len().min(16);
+    tail[16 - take..].copy_from_slice(&path[path.len() - take..]);
+    selfheal_ebpf::ends_with_postgres_socket(&tail)
 }
 
 /// The sockets whose peer is a PostgreSQL server socket: inode → the server socket's path.
@@ -193,6 +196,17 @@ mod tests {
         assert!(!is_postgres_path(b"/var/run/postgresql/.s.PGSQL.5432.lock"));
         assert!(!is_postgres_path(b"/var/run/postgresql/.s.PGSQL."));
         assert!(!is_postgres_path(b"/run/systemd/journal/stdout"));
+        assert!(is_postgres_path(b"/tmp/.s.PGSQL.1"));
+        assert!(is_postgres_path(
+            b"/a/very/long/directory/name/.s.PGSQL.65535"
+        ));
+        assert!(!is_postgres_path(b"/tmp/.s.PGSQL.123456"), "six digits");
+        assert!(
+            !is_postgres_path(b"/tmp/x.s.PGSQL.5432"),
+            "not the whole name"
+        );
+        assert!(!is_postgres_path(b"/tmp/.s.PGSQL.54a2"));
+        assert!(!is_postgres_path(b""));
     }
 
     #[test]

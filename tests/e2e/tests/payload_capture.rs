@@ -324,7 +324,7 @@ fn unix_socket_postgres_queries_are_captured_once_the_connection_is_noticed() {
     );
     assert_eq!(unseen, Some(0.0), "captured connections are not unseen");
     assert!(
-        log.contains("capturing the target's unix sockets (for its connections to PostgreSQL"),
+        log.contains("capturing the target's unix-socket connections to PostgreSQL"),
         "the log says so:\n{log}"
     );
     drop(daemon);
@@ -475,6 +475,110 @@ fn unix_socket_postgres_of_a_process_not_yet_found_in_the_targets_cgroup_is_seen
         "the one select: {seen:?}"
     );
     assert_eq!(refused, 1, "the connection refused at startup");
+    drop(target.stdin.take());
+    let _ = target.wait();
+    drop(daemon);
+    drop(cgroup);
+}
+
+/// The unix-socket capture takes connections to PostgreSQL only: a process of the target's
+/// cgroup writing 2000 lines to a stdout that is a unix socket (as a systemd unit's is, to
+/// journald) costs no ring-buffer record, while a query over PostgreSQL's socket is still seen.
+#[test]
+fn unix_sockets_other_than_postgres_ones_are_not_captured() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let marker = "selfheal_marker=unix-other";
+    let daemon = Daemon::start(&unix_config(marker, "always")).expect("daemon");
+    let cgroup = OwnCgroup::create("unix-other").expect("cgroup");
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "read go", marker]);
+    cgroup.place(&mut sh).expect("target in its cgroup");
+    let mut target = sh
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("target");
+    daemon
+        .wait_for_target(target.id())
+        .expect("the daemon finds the target");
+    daemon.wait_capturing().expect("capture attached");
+    wait_for(
+        "the unix-socket capture to attach",
+        Duration::from_secs(10),
+        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
+    )
+    .expect("attached from the start");
+    let records = || {
+        daemon
+            .metric("selfheal_ebpf_ringbuf_events_total")
+            .ok()
+            .flatten()
+            .unwrap_or(0.0)
+    };
+    // Two report intervals: the counter is exported once per interval.
+    std::thread::sleep(Duration::from_millis(1200));
+    let before = records();
+    let (stdout, mut reader) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let drained = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut text).expect("read the lines");
+        text.lines().count()
+    });
+    let mut chatter = std::process::Command::new("sh");
+    chatter.args([
+        "-c",
+        "i=0; while [ $i -lt 2000 ]; do echo \"line $i of a service's log\"; i=$((i+1)); done",
+    ]);
+    cgroup
+        .place(&mut chatter)
+        .expect("chatter in the target's cgroup");
+    let status = chatter
+        .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            stdout,
+        )))
+        .status()
+        .expect("chatter");
+    // The command holds the socket's other end until dropped: the reader's end of file.
+    drop(chatter);
+    assert!(status.success());
+    assert_eq!(drained.join().expect("reader"), 2000, "every line written");
+    std::thread::sleep(Duration::from_millis(1200));
+    let added = records() - before;
+    assert!(
+        added < 50.0,
+        "2000 writes to a unix socket that is not PostgreSQL's took {added} ring records"
+    );
+    // PostgreSQL's socket is still captured.
+    let queries_before = queries(&daemon);
+    let mut psql = std::process::Command::new(pg.program("psql"));
+    psql.args(["-X", "-h", &pg.socket_dir().display().to_string()])
+        .args([
+            "-p",
+            &pg.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
+        .args(["-At", "-q", "-c", "select 'unix-other', 1"]);
+    cgroup
+        .place(&mut psql)
+        .expect("psql in the target's cgroup");
+    assert!(psql
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("psql")
+        .success());
+    let seen = wait_for("the query to be decoded", Duration::from_secs(10), || {
+        let delta = delta(&queries_before, &queries(&daemon));
+        (!delta.is_empty()).then_some(delta)
+    })
+    .expect("the query over PostgreSQL's unix socket is seen");
+    assert_eq!(
+        seen.values().map(|q| q.0).collect::<Vec<_>>(),
+        vec![1],
+        "{seen:?}"
+    );
     drop(target.stdin.take());
     let _ = target.wait();
     drop(daemon);
