@@ -8,8 +8,10 @@
 //! PostgreSQL server. Must not: run on the capture's hot path (it is called once per report
 //! interval, in `cgroup` mode only).
 //!
-//! The dump covers the daemon's network namespace: a target in another one (a container with
-//! its own network) is not counted.
+//! Unix sockets belong to network namespaces, and a dump lists one namespace's: the daemon's,
+//! and each other one a member of the target runs in (a container with its own network,
+//! which still reaches a PostgreSQL socket on the host through a mounted directory), dumped
+//! from a short-lived thread that joins it.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -156,9 +158,54 @@ pub struct PostgresUnix {
     pub path: Option<String>,
 }
 
-/// `members`' connections to PostgreSQL over unix sockets. Blocking I/O.
+/// The unix sockets of the network namespace `netns` (a `/proc/<pid>/ns/net` path), dumped
+/// from a thread that joins it: a netlink socket lists the namespace it was made in.
+pub fn dump_in(netns: &std::path::Path) -> io::Result<Vec<UnixSocket>> {
+    let file = std::fs::File::open(netns)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(io::Error::from)?;
+                dump()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the namespace's dump panicked")))
+    })
+}
+
+/// The network namespaces `members` run in besides the daemon's: one `/proc/<pid>/ns/net`
+/// path each.
+fn other_namespaces(members: &[u32]) -> Vec<std::path::PathBuf> {
+    let own = std::fs::read_link("/proc/self/ns/net").ok();
+    let mut seen = HashSet::new();
+    members
+        .iter()
+        .filter_map(|pid| {
+            let path = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+            let id = std::fs::read_link(&path).ok()?;
+            (Some(&id) != own.as_ref() && seen.insert(id)).then_some(path)
+        })
+        .collect()
+}
+
+/// `members`' connections to PostgreSQL over unix sockets, in whichever network namespace
+/// they are (socket inodes are unique across namespaces, so the dumps join). Blocking I/O.
 pub fn postgres_connections(members: &[u32]) -> io::Result<PostgresUnix> {
-    let sockets = dump()?;
+    let mut sockets = dump()?;
+    for netns in other_namespaces(members) {
+        match dump_in(&netns) {
+            Ok(more) => sockets.extend(more),
+            // The process exited since: its namespace is nobody's concern.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(io::Error::new(
+                    err.kind(),
+                    format!("in the network namespace of {}: {err}", netns.display()),
+                ))
+            }
+        }
+    }
     let clients = postgres_clients(&sockets);
     let mut found = PostgresUnix::default();
     if clients.is_empty() {

@@ -216,7 +216,7 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
     let marker = "selfheal_marker=unix-off";
     let daemon = Daemon::start(&unix_config(marker, "off")).expect("daemon");
     let cgroup = OwnCgroup::create("unix-off").expect("cgroup");
-    let mut client = psql_on_socket(&pg, marker, false, &cgroup);
+    let mut client = psql_on_socket(&pg, marker, false, false, &cgroup);
     daemon
         .wait_for_target(client.id())
         .expect("the daemon finds psql");
@@ -255,18 +255,30 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
 /// exactly: counts per fingerprint and the SQLSTATE of a failing one.
 #[test]
 fn unix_socket_postgres_queries_are_captured_once_the_connection_is_noticed() {
+    auto_capture("selfheal_marker=unix-auto", false);
+}
+
+/// The same for a target in a network namespace of its own (a container with its own
+/// network, reaching PostgreSQL's socket through a shared directory): its connection is in
+/// that namespace's socket list, not the daemon's.
+#[test]
+fn unix_socket_postgres_is_noticed_in_the_targets_own_network_namespace() {
+    auto_capture("selfheal_marker=unix-netns", true);
+}
+
+fn auto_capture(marker: &str, own_netns: bool) {
     require_root();
     let pg = PgCluster::start().expect("postgres");
-    let marker = "selfheal_marker=unix-auto";
     let daemon = Daemon::start(&unix_config(marker, "auto")).expect("daemon");
     assert_eq!(
         daemon.metric(UNIX_CAPTURE).expect("metrics"),
         Some(0.0),
         "nothing hooked before the target has such a connection"
     );
-    let cgroup = OwnCgroup::create("unix-auto").expect("cgroup");
+    let cgroup =
+        OwnCgroup::create(if own_netns { "unix-netns" } else { "unix-auto" }).expect("cgroup");
     // psql connects at once and then waits for its script on stdin.
-    let mut client = psql_on_socket(&pg, marker, false, &cgroup);
+    let mut client = psql_on_socket(&pg, marker, false, own_netns, &cgroup);
     daemon
         .wait_for_target(client.id())
         .expect("the daemon finds psql");
@@ -350,7 +362,7 @@ fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_c
     let cgroup = OwnCgroup::create("unix-always").expect("cgroup");
     // The shell waits for a line before it becomes psql (same pid), so the daemon knows the
     // target before its first connection.
-    let mut client = psql_on_socket(&pg, marker, true, &cgroup);
+    let mut client = psql_on_socket(&pg, marker, true, false, &cgroup);
     daemon
         .wait_for_target(client.id())
         .expect("the daemon finds the target");
@@ -598,17 +610,19 @@ fn unix_config(marker: &str, mode: &str) -> String {
 }
 
 /// psql on the cluster's unix socket, in `cgroup`, reading its script from stdin; `marker`
-/// is on its command line. With `wait`, a shell reads one line first and then becomes psql.
+/// is on its command line. With `wait`, a shell reads one line first and then becomes psql;
+/// with `own_netns`, it runs in a new network namespace (`unshare -n`, which becomes it).
 fn psql_on_socket(
     pg: &PgCluster,
     marker: &str,
     wait: bool,
+    own_netns: bool,
     cgroup: &OwnCgroup,
 ) -> std::process::Child {
     let psql = pg.program("psql").display().to_string();
     let socket_dir = pg.socket_dir().display().to_string();
     let port = pg.port.to_string();
-    let args = [
+    let options = [
         "-X",
         "-h",
         &socket_dir,
@@ -618,18 +632,25 @@ fn psql_on_socket(
         "postgres",
         "-At",
         "-q",
-    ];
-    let mut command = if wait {
-        let mut sh = std::process::Command::new("sh");
-        sh.arg("-c")
-            .arg(format!("read go; exec \"$0\" \"$@\" --set={marker}"));
-        sh.arg(&psql).args(args);
-        sh
+    ]
+    .map(ToString::to_string);
+    // Each of `unshare` and `sh` becomes the next program (same pid).
+    let mut line: Vec<String> = Vec::new();
+    if own_netns {
+        line.extend(["unshare".to_owned(), "-n".to_owned()]);
+    }
+    if wait {
+        line.extend(["sh".to_owned(), "-c".to_owned()]);
+        line.push(format!("read go; exec \"$0\" \"$@\" --set={marker}"));
+        line.push(psql);
+        line.extend(options);
     } else {
-        let mut command = std::process::Command::new(&psql);
-        command.args(args).arg(format!("--set={marker}"));
-        command
-    };
+        line.push(psql);
+        line.extend(options);
+        line.push(format!("--set={marker}"));
+    }
+    let mut command = std::process::Command::new(&line[0]);
+    command.args(&line[1..]);
     cgroup.place(&mut command).expect("psql in its cgroup");
     command
         .stdin(std::process::Stdio::piped())
