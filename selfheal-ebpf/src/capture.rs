@@ -217,19 +217,29 @@ fn peer_is_postgres(sock: u64) -> bool {
     else {
         return false;
     };
-    // `len` counts the family (2 bytes), the path and, for a path, its NUL: at most 110.
-    if !(12..=110).contains(&len) {
+    // `len` counts the family (2 bytes), the path and, for a path, its NUL: at most 111.
+    if !(12..=111).contains(&len) {
         return false;
     }
     let end = addr + u64::from(layout.addr_name) + len as u64;
     let Ok(tail) = (unsafe { bpf_probe_read_kernel((end - 17) as *const [u8; 17]) }) else {
         return false;
     };
-    let mut path = [0u8; 16];
+    // The path's last 16 bytes, without its NUL; for a path shorter than that, what precedes
+    // it (the family) reads as a directory's `/`, as `unix_peers::is_postgres_path` takes it.
     let shift = usize::from(tail[16] != 0);
+    let path_starts = 19 - len.min(19) as usize;
+    let mut path = [0u8; 16];
     let mut i = 0;
     while i < 16 {
-        path[i] = if shift == 1 { tail[i + 1] } else { tail[i] };
+        let at = i + shift;
+        path[i] = if at < path_starts {
+            b'/'
+        } else if shift == 1 {
+            tail[i + 1]
+        } else {
+            tail[i]
+        };
         i += 1;
     }
     ends_with_postgres_socket(&path)

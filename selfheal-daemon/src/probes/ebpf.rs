@@ -623,10 +623,10 @@ impl Filters {
     }
 
     fn write_set(&mut self, sorted: Vec<u32>, cgroup: u64) {
-        if let Err(err) = self.target_set.set(0, TargetSet::of(&sorted, cgroup), 0) {
-            tracing::warn!(error = %err, "cannot update the eBPF target set");
+        match self.target_set.set(0, TargetSet::of(&sorted, cgroup), 0) {
+            Ok(()) => self.set = (sorted, cgroup),
+            Err(err) => tracing::warn!(error = %err, "cannot update the eBPF target set"),
         }
-        self.set = (sorted, cgroup);
     }
 
     fn sync(&mut self, members: &[u32]) {

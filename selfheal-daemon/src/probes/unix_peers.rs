@@ -41,9 +41,9 @@ pub struct UnixSocket {
     pub path: Option<Vec<u8>>,
 }
 
-/// Whether `path` names a PostgreSQL server socket (`<dir>/.s.PGSQL.<port>`): the test the
-/// unix-socket capture makes in the kernel, on the path's last 16 bytes (a shorter path is
-/// taken as relative to a directory).
+/// Whether `path` (a bound `sun_path`: an abstract name starts with a NUL) names a PostgreSQL
+/// server socket, `<dir>/.s.PGSQL.<port>`: the test the unix-socket capture makes in the
+/// kernel, on the path's last 16 bytes (a shorter path is taken as relative to a directory).
 pub fn is_postgres_path(path: &[u8]) -> bool {
     let mut tail = [b'/'; 16];
     let take = path.len().min(16);
@@ -131,6 +131,10 @@ pub fn dump() -> io::Result<Vec<UnixSocket>> {
                             Nla::Name(UnixDiagName::Pathname(path)) => {
                                 socket.path = Some(path.as_bytes().to_vec());
                             }
+                            // As the kernel holds it: a NUL, then the name.
+                            Nla::Name(UnixDiagName::Abstract(name)) => {
+                                socket.path = Some([&[0], name.as_slice()].concat());
+                            }
                             _ => {}
                         }
                     }
@@ -198,11 +202,18 @@ pub fn postgres_connections(members: &[u32]) -> io::Result<PostgresUnix> {
             Ok(more) => sockets.extend(more),
             // The process exited since: its namespace is nobody's concern.
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            // The other namespaces' connections still count.
             Err(err) => {
-                return Err(io::Error::new(
-                    err.kind(),
-                    format!("in the network namespace of {}: {err}", netns.display()),
-                ))
+                static SAID: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        netns = %netns.display(),
+                        error = %err,
+                        "cannot list the unix sockets of the target's network namespace: its \
+                         connections to PostgreSQL there are not noticed"
+                    );
+                }
             }
         }
     }
@@ -221,8 +232,11 @@ pub fn postgres_connections(members: &[u32]) -> io::Result<PostgresUnix> {
                 if let Some(path) = clients.get(&inode) {
                     if seen.insert(inode) {
                         found.connections += 1;
-                        found.path.get_or_insert_with(|| {
-                            OsStr::from_bytes(path).to_string_lossy().into_owned()
+                        found.path.get_or_insert_with(|| match path.split_first() {
+                            Some((0, name)) => {
+                                format!("@{}", OsStr::from_bytes(name).to_string_lossy())
+                            }
+                            _ => OsStr::from_bytes(path).to_string_lossy().into_owned(),
                         });
                     }
                 }
@@ -254,6 +268,9 @@ mod tests {
         );
         assert!(!is_postgres_path(b"/tmp/.s.PGSQL.54a2"));
         assert!(!is_postgres_path(b""));
+        // PostgreSQL's abstract sockets (`unix_socket_directories = '@pg'`).
+        assert!(is_postgres_path(b"\0pg/.s.PGSQL.5432"));
+        assert!(!is_postgres_path(b"\0.s.PGSQL.5432"));
     }
 
     #[test]

@@ -194,10 +194,12 @@ fn command_match(process: &procfs::process::Process, pattern: &str) -> Option<(i
 /// on the host: reading every command line twice a second costs the host CPU in proportion
 /// to its process count, and each read takes that process's memory-map lock. It gives what
 /// [`by_command`] would, and falls back to it when the list cannot be read (a kernel without
-/// `CONFIG_PROC_CHILDREN`) or the main process is no longer the top-most match.
+/// `CONFIG_PROC_CHILDREN`) or the main process is no longer the top-most match. Unlike the
+/// scan, it does not move the target to an older matching process that appears later (a
+/// process renaming itself): the main process stays the target while it lives and matches.
 async fn refresh(selector: &TargetSelector, current: &Resolved) -> Result<Resolved, TargetError> {
     if let TargetSelector::Command(pattern) = selector {
-        if let Some(fresh) = command_members(pattern, current.pid) {
+        if let Some(fresh) = command_members(pattern, current.pid, &current.members) {
             return Ok(fresh);
         }
     }
@@ -205,7 +207,10 @@ async fn refresh(selector: &TargetSelector, current: &Resolved) -> Result<Resolv
 }
 
 /// `main` and its matching children, if `main` still matches and its parent does not.
-fn command_members(pattern: &str, main: u32) -> Option<Resolved> {
+/// `known` are the members found last time: the kernel's children lists are not exact while
+/// children come and go (a child reaped during the read can hide a live one), so a known
+/// member still a matching child of `main` stays one.
+fn command_members(pattern: &str, main: u32, known: &[u32]) -> Option<Resolved> {
     let process = procfs::process::Process::new(i32::try_from(main).ok()?).ok()?;
     let (_, ppid, _) = command_match(&process, pattern)?;
     if procfs::process::Process::new(ppid)
@@ -215,23 +220,37 @@ fn command_members(pattern: &str, main: u32) -> Option<Resolved> {
     {
         return None;
     }
-    let mut children = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{main}/task")).ok()? {
-        let text = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
-        children.extend(
-            text.split_whitespace()
-                .filter_map(|pid| pid.parse::<i32>().ok()),
-        );
+    let leader = std::fs::read_to_string(format!("/proc/{main}/task/{main}/children")).ok()?;
+    let mut children: Vec<i32> = leader
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect();
+    // The other threads' children; a thread that ended meanwhile has none.
+    for task in std::fs::read_dir(format!("/proc/{main}/task"))
+        .ok()?
+        .flatten()
+    {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|pid| pid.parse::<i32>().ok()),
+            );
+        }
     }
+    children.extend(known.iter().filter_map(|&pid| i32::try_from(pid).ok()));
     // In /proc's order, as a full scan lists them.
     children.sort_unstable();
     children.dedup();
+    let me = std::process::id() as i32;
+    let main_pid = main as i32;
     let mut members = vec![main];
     members.extend(
         children
             .into_iter()
+            .filter(|&pid| pid != main_pid && pid != me)
             .filter_map(|pid| procfs::process::Process::new(pid).ok())
             .filter_map(|child| command_match(&child, pattern))
+            .filter(|&(_, ppid, _)| ppid == main_pid)
             .map(|(pid, _, _)| pid as u32),
     );
     Some(Resolved { pid: main, members })
@@ -682,22 +701,36 @@ mod tests {
             .spawn()
             .expect("spawn sh");
         let selector = TargetSelector::Command(marker.clone());
+        let cmdline = |pid: u32| {
+            procfs::process::Process::new(pid as i32)
+                .and_then(|p| p.cmdline())
+                .unwrap_or_default()
+        };
+        // Two views of a live process tree taken one after the other: compared until they
+        // agree, or the deadline says they do not.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let full = loop {
             if let Ok(r) = resolve(&selector).await {
-                if r.members.len() == 4 {
+                // A child forked but not yet exec'd still has the shell's command line.
+                let settled = r.members[1..]
+                    .iter()
+                    .all(|&pid| cmdline(pid) != cmdline(r.pid));
+                let fresh = command_members(&marker, r.pid, &[]);
+                if r.members.len() == 4 && settled && fresh.as_ref() == Some(&r) {
                     break r;
                 }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the shell and its three matching children, found alike: {r:?} {fresh:?}"
+                );
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the shell and its three matching children should match"
+                "the shell should match"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         assert_eq!(full.pid, child.id());
-        let fresh = command_members(&marker, full.pid).expect("children list readable");
-        assert_eq!(fresh, full);
         assert_eq!(refresh(&selector, &full).await.expect("refresh"), full);
 
         // One member gone: the refresh no longer names it.
@@ -709,19 +742,22 @@ mod tests {
         .expect("kill a member");
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let fresh = command_members(&marker, full.pid).expect("children list readable");
-            if !fresh.members.contains(&gone) {
-                assert_eq!(fresh.members.len(), 3, "{fresh:?}");
-                assert_eq!(fresh, resolve(&selector).await.expect("full scan"));
+            let fresh =
+                command_members(&marker, full.pid, &full.members).expect("children list readable");
+            let scan = resolve(&selector).await.expect("full scan");
+            if !fresh.members.contains(&gone) && fresh.members.len() == 3 && fresh == scan {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "{gone} still listed");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{gone} gone, the others alike: {fresh:?} {scan:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
 
         // A main process that no longer matches is not refreshed from its children.
         assert_eq!(
-            command_members("selfheal-no-such-command-line", full.pid),
+            command_members("selfheal-no-such-command-line", full.pid, &full.members),
             None
         );
         // End of input: the shell stops its jobs and exits.

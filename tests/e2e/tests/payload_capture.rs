@@ -418,29 +418,12 @@ fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_c
 /// startup, both over and done in a few milliseconds.
 #[test]
 fn unix_socket_postgres_of_a_process_not_yet_found_in_the_targets_cgroup_is_seen() {
-    require_root();
-    let pg = PgCluster::start().expect("postgres");
-    let marker = "selfheal_marker=unix-cgroup";
-    let daemon = Daemon::start(&unix_config(marker, "always")).expect("daemon");
-    let cgroup = OwnCgroup::create("unix-cgroup").expect("cgroup");
-    // The target: a shell in the cgroup that waits for its input to end.
-    let mut sh = std::process::Command::new("sh");
-    sh.args(["-c", "read go", marker]);
-    cgroup.place(&mut sh).expect("target in its cgroup");
-    let mut target = sh
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("target");
-    daemon
-        .wait_for_target(target.id())
-        .expect("the daemon finds the target");
-    daemon.wait_capturing().expect("capture attached");
-    wait_for(
-        "the unix-socket capture to attach",
-        Duration::from_secs(10),
-        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
-    )
-    .expect("attached from the start");
+    let Waiting {
+        pg,
+        daemon,
+        cgroup,
+        target,
+    } = waiting_target("unix-cgroup");
     let before = queries(&daemon);
     let refused_before = auth_failures(&daemon, "3D000");
     let socket_dir = pg.socket_dir().display().to_string();
@@ -487,10 +470,7 @@ fn unix_socket_postgres_of_a_process_not_yet_found_in_the_targets_cgroup_is_seen
         "the one select: {seen:?}"
     );
     assert_eq!(refused, 1, "the connection refused at startup");
-    drop(target.stdin.take());
-    let _ = target.wait();
-    drop(daemon);
-    drop(cgroup);
+    end(target, daemon, cgroup);
 }
 
 /// The unix-socket capture takes connections to PostgreSQL only: a process of the target's
@@ -498,28 +478,12 @@ fn unix_socket_postgres_of_a_process_not_yet_found_in_the_targets_cgroup_is_seen
 /// journald) costs no ring-buffer record, while a query over PostgreSQL's socket is still seen.
 #[test]
 fn unix_sockets_other_than_postgres_ones_are_not_captured() {
-    require_root();
-    let pg = PgCluster::start().expect("postgres");
-    let marker = "selfheal_marker=unix-other";
-    let daemon = Daemon::start(&unix_config(marker, "always")).expect("daemon");
-    let cgroup = OwnCgroup::create("unix-other").expect("cgroup");
-    let mut sh = std::process::Command::new("sh");
-    sh.args(["-c", "read go", marker]);
-    cgroup.place(&mut sh).expect("target in its cgroup");
-    let mut target = sh
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("target");
-    daemon
-        .wait_for_target(target.id())
-        .expect("the daemon finds the target");
-    daemon.wait_capturing().expect("capture attached");
-    wait_for(
-        "the unix-socket capture to attach",
-        Duration::from_secs(10),
-        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
-    )
-    .expect("attached from the start");
+    let Waiting {
+        pg,
+        daemon,
+        cgroup,
+        target,
+    } = waiting_target("unix-other");
     let records = || {
         daemon
             .metric("selfheal_ebpf_ringbuf_events_total")
@@ -591,6 +555,51 @@ fn unix_sockets_other_than_postgres_ones_are_not_captured() {
         vec![1],
         "{seen:?}"
     );
+    end(target, daemon, cgroup);
+}
+
+/// A daemon with `probes.unix_sockets = "always"`, hooked, watching its target: a shell in a
+/// cgroup of its own (`name`) that waits for its input to end.
+struct Waiting {
+    pg: PgCluster,
+    daemon: Daemon,
+    cgroup: OwnCgroup,
+    target: std::process::Child,
+}
+
+fn waiting_target(name: &str) -> Waiting {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let marker = format!("selfheal_marker={name}");
+    let daemon = Daemon::start(&unix_config(&marker, "always")).expect("daemon");
+    let cgroup = OwnCgroup::create(name).expect("cgroup");
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "read go", &marker]);
+    cgroup.place(&mut sh).expect("target in its cgroup");
+    let target = sh
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("target");
+    daemon
+        .wait_for_target(target.id())
+        .expect("the daemon finds the target");
+    daemon.wait_capturing().expect("capture attached");
+    wait_for(
+        "the unix-socket capture to attach",
+        Duration::from_secs(10),
+        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
+    )
+    .expect("attached from the start");
+    Waiting {
+        pg,
+        daemon,
+        cgroup,
+        target,
+    }
+}
+
+/// Ends the waiting target, then the daemon, then the cgroup.
+fn end(mut target: std::process::Child, daemon: Daemon, cgroup: OwnCgroup) {
     drop(target.stdin.take());
     let _ = target.wait();
     drop(daemon);
