@@ -4,8 +4,9 @@
 //! With the segment capture (`segments.rs`) seeing the target's TCP on its cgroup, the same
 //! programs capture only its unix sockets (`CAPTURE_UNIX_ONLY`), and of those only the ones
 //! connected to PostgreSQL (`UNIX_PEER_LAYOUT`: the peer is bound to
-//! `/run/postgresql/.s.PGSQL.5432` or the like), which no cgroup hook sees. The daemon attaches them then
-//! only while the target has such a connection (or always, if so configured).
+//! `/run/postgresql/.s.PGSQL.5432` or the like), which no cgroup hook sees. The daemon
+//! attaches them then only while the target has such a connection (or always, if so
+//! configured).
 //!
 //! Attach points: the BTF tracepoints `sock_recv_length` and `sock_send_length`. They fire
 //! only for socket I/O — never for file I/O or any other syscall — and at a moment when
@@ -84,10 +85,12 @@ pub(crate) fn capture_send(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// The kernel's 8 bytes at `base + offset` (a saved register, a pointer field); 0 when
+/// unreadable.
 #[inline(always)]
-fn reg(regs: u64, offset: usize) -> u64 {
+fn kernel_u64(base: u64, offset: usize) -> u64 {
     // SAFETY: `bpf_probe_read_kernel` validates the address; a bad one reads as 0.
-    unsafe { bpf_probe_read_kernel((regs as usize + offset) as *const u64) }.unwrap_or(0)
+    unsafe { bpf_probe_read_kernel((base as usize + offset) as *const u64) }.unwrap_or(0)
 }
 
 #[inline(always)]
@@ -125,7 +128,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
     // SAFETY: helpers without preconditions; `bpf_task_pt_regs` takes the BTF task pointer
     // the first one returns.
     let regs = unsafe { generated::bpf_task_pt_regs(generated::bpf_get_current_task_btf()) } as u64;
-    let nr = reg(regs, REG_ORIG_AX) as u32;
+    let nr = kernel_u64(regs, REG_ORIG_AX) as u32;
     let role = SOCKETS.get_ptr(sock).map_or(0, |info| {
         // SAFETY: a map value pointer, read once.
         unsafe { (*info).role }
@@ -142,7 +145,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         (*event).kind = kind::DATA;
         (*event).tgid = tgid;
         (*event).pid = pid_tgid as u32;
-        (*event).fd = reg(regs, REG_DI) as u32;
+        (*event).fd = kernel_u64(regs, REG_DI) as u32;
         (*event).nr = nr;
         (*event).direction = direction;
         (*event).total_len = ret as u64;
@@ -151,7 +154,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         (*event).sock = sock;
         (*event).ts_ns = now_ns();
     }
-    let captured = first_buffer(nr, reg(regs, REG_SI)).and_then(|(src, len)| {
+    let captured = first_buffer(nr, kernel_u64(regs, REG_SI)).and_then(|(src, len)| {
         // SAFETY: a read of a constant the loader may have patched.
         let cap = u64::from(unsafe { read_volatile(&CAPTURE_BYTES) });
         let mut n = ret as u64;
@@ -194,24 +197,16 @@ fn peer_is_postgres(sock: u64) -> bool {
     if layout.peer == 0 {
         return true;
     }
-    // SAFETY (all reads): `bpf_probe_read_kernel` validates the address; a bad one is not
-    // captured.
-    let Ok(peer) =
-        (unsafe { bpf_probe_read_kernel((sock + u64::from(layout.peer)) as *const u64) })
-    else {
-        return false;
-    };
+    let peer = kernel_u64(sock, layout.peer as usize);
     if peer == 0 {
         return false;
     }
-    let Ok(addr) =
-        (unsafe { bpf_probe_read_kernel((peer + u64::from(layout.addr)) as *const u64) })
-    else {
-        return false;
-    };
+    let addr = kernel_u64(peer, layout.addr as usize);
     if addr == 0 {
         return false;
     }
+    // SAFETY (both reads): `bpf_probe_read_kernel` validates the address; a bad one is not
+    // captured.
     let Ok(len) =
         (unsafe { bpf_probe_read_kernel((addr + u64::from(layout.addr_len)) as *const i32) })
     else {
