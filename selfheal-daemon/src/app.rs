@@ -281,8 +281,10 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
                     recycled: recycled_rx,
                 },
                 interval,
-                (config.probes.payload_bytes > 0)
-                    .then(|| Duration::from_millis(config.probes.flush_interval_ms)),
+                (config.probes.payload_bytes > 0).then(|| ebpf::Draining {
+                    interval: Duration::from_millis(config.probes.flush_interval_ms),
+                    shed_below_idle_percent: config.probes.shed_below_idle_percent,
+                }),
                 bus.clone(),
                 metrics.clone(),
                 cancel.clone(),

@@ -343,6 +343,13 @@ pub struct ProbesConfig {
     /// `sampled_out`) instead of taking CPU from the target. 0, the default, keeps counts
     /// exact under load. Exits, TCP events and the API keep normal priority either way.
     pub decode_nice: i32,
+    /// Idle share of the host's CPUs (in %) under which the capture sheds connections: while
+    /// less of all CPUs' time than this is idle, the kernel programs capture one connection in
+    /// 2, then 4, 8 and 16, and come back a step per second once more than twice it is idle.
+    /// A saturated host then keeps its CPU for the target, and counts are of the connections
+    /// kept (`selfheal_capture_sampling_ratio`). 0 turns this off: counts stay exact however
+    /// busy the host is, at the capture's full cost to the target.
+    pub shed_below_idle_percent: f64,
 }
 
 /// Where the target's socket payloads are captured.
@@ -393,6 +400,7 @@ impl Default for ProbesConfig {
             payload_queue: 16_384,
             flush_interval_ms: 100,
             decode_nice: 0,
+            shed_below_idle_percent: 15.0,
         }
     }
 }
@@ -1523,6 +1531,11 @@ impl Config {
             (0..=19).contains(&self.probes.decode_nice),
             "probes.decode_nice",
             "must be between 0 and 19",
+        );
+        check(
+            (0.0..=100.0).contains(&self.probes.shed_below_idle_percent),
+            "probes.shed_below_idle_percent",
+            "must be between 0 and 100",
         );
 
         let monitor = &self.monitor;

@@ -36,7 +36,9 @@ use selfheal_ebpf::{
     DIRECTION_SEND, MAX_CAPTURE,
 };
 
-use crate::programs::{bump, in_target_cgroup, is_target, now_ns, EVENTS, SOCKETS};
+use crate::programs::{
+    bump, in_target_cgroup, is_target, keeps_connection, now_ns, EVENTS, SOCKETS,
+};
 
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
@@ -124,6 +126,10 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         if unsafe { bpf_probe_read_kernel(family) } != Ok(AF_UNIX) || !peer_is_postgres(sock) {
             return;
         }
+    }
+    // SAFETY: `sock` is the tracepoint's `struct sock *` argument, which the helper takes.
+    if !keeps_connection(unsafe { generated::bpf_get_socket_cookie(sock as *mut _) }) {
+        return;
     }
     // SAFETY: helpers without preconditions; `bpf_task_pt_regs` takes the BTF task pointer
     // the first one returns.

@@ -12,6 +12,8 @@ pub mod names {
     pub const TARGET_SET: &str = "TARGET_SET";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const STATS: &str = "STATS";
+    /// One `u32`: the sampling mask of the payload capture (see [`super::sampled_in`]).
+    pub const CAPTURE_SAMPLING: &str = "CAPTURE_SAMPLING";
     pub const PROG_PROCESS_EXIT: &str = "sched_process_exit";
     pub const PROG_TCP_STATE: &str = "inet_sock_set_state";
     pub const PROG_TCP_RESET: &str = "tcp_receive_reset";
@@ -88,7 +90,10 @@ pub mod stats {
     /// Packets the cgroup programs could not read (neither IPv4 nor IPv6, or a header load
     /// failed); let through untouched and counted. Packets that are not TCP are not counted.
     pub const SEGMENT_UNPARSED: u32 = 8;
-    pub const LEN: u32 = 9;
+    /// Payload records not written because their connection is sampled out (see
+    /// [`super::sampled_in`]): segments with payload, or socket operations of the target.
+    pub const SAMPLED_OUT: u32 = 9;
+    pub const LEN: u32 = 10;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).
@@ -324,6 +329,19 @@ pub struct UnixPeerLayout {
     pub addr_name: u32,
 }
 const _: () = assert!(core::mem::size_of::<UnixPeerLayout>() == 16);
+
+/// Whether the payload capture keeps the connection of the socket with this cookie (the
+/// kernel's `bpf_get_socket_cookie`: a counter, unique per socket) when it keeps one
+/// connection in `mask + 1` (`mask` is a power of two less one; 0 keeps every connection).
+/// The kernel programs decide with it, so a shed connection costs the target only the test;
+/// the daemon sets the mask when it falls behind or the host has no CPU to spare. The
+/// cookie's bits are mixed first (Fibonacci hashing), so consecutive sockets spread.
+// Inlined into the BPF programs, where it runs per packet, like the test below.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+pub fn sampled_in(cookie: u64, mask: u32) -> bool {
+    ((cookie.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32) & mask == 0
+}
 
 /// Whether `tail`, the last bytes of a bound unix socket path (without its NUL), ends with a
 /// PostgreSQL server socket's name: `/.s.PGSQL.` and one to five digits.

@@ -18,7 +18,8 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use selfheal_ebpf::{
-    kind, stats, tcp_state, ProcessExit, SockInfo, TargetSet, TcpEvent, ROLE_CLIENT, ROLE_SERVER,
+    kind, sampled_in, stats, tcp_state, ProcessExit, SockInfo, TargetSet, TcpEvent, ROLE_CLIENT,
+    ROLE_SERVER,
 };
 
 const AF_INET: u16 = 2;
@@ -94,6 +95,25 @@ pub(crate) static SOCKETS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entr
 
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::LEN, 0);
+
+/// The payload capture's sampling mask (the daemon writes it, see `sampled_in`).
+#[map]
+static CAPTURE_SAMPLING: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether the payload capture keeps the connection of the socket with this cookie
+/// (`bpf_get_socket_cookie`) now; a shed one is counted.
+#[inline(always)]
+pub(crate) fn keeps_connection(cookie: u64) -> bool {
+    // SAFETY: a pointer to the array's only slot, valid for the program's run.
+    let mask = CAPTURE_SAMPLING
+        .get_ptr(0)
+        .map_or(0, |mask| unsafe { *mask });
+    if sampled_in(cookie, mask) {
+        return true;
+    }
+    bump(stats::SAMPLED_OUT);
+    false
+}
 
 #[inline(always)]
 pub(crate) fn bump(index: u32) {

@@ -23,7 +23,7 @@ use selfheal_ebpf::{kind, stats, SegmentRecord, DIRECTION_RECV, DIRECTION_SEND, 
 
 use crate::{
     capture::{wake_flags, CAPTURE_BYTES},
-    programs::{bump, now_ns, EVENTS},
+    programs::{bump, keeps_connection, now_ns, EVENTS},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -88,6 +88,10 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
     // SAFETY: a read of the context's `sk` field, which the kernel sets to the socket the
     // packet is filtered for (a full socket of the cgroup; null is possible and kept as 0).
     let sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
+    // SAFETY: a helper that takes the program's own context.
+    if !keeps_connection(unsafe { generated::bpf_get_socket_cookie(ctx.skb.skb.cast()) }) {
+        return;
+    }
 
     // SAFETY: a read of a constant the loader may have patched.
     let cap = unsafe { read_volatile(&CAPTURE_BYTES) };

@@ -18,6 +18,7 @@
 use std::{
     fs::OpenOptions,
     io::Write as _,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -164,6 +165,35 @@ struct Load {
     p99_ms: f64,
     /// The machine's CPU time per request served (see [`busy_seconds`]), in µs.
     cpu_us_per_request: f64,
+    /// Share of the run during which some process of the backend's cgroup waited for a CPU
+    /// (its `cpu.pressure` "some" total), in %.
+    stall_percent: f64,
+}
+
+/// Microseconds some task of `pid`'s cgroup2 directory has waited for a CPU (PSI, the
+/// `some` line of its `cpu.pressure`); 0 where the kernel does not keep it.
+fn cpu_stall_us(pid: u32) -> f64 {
+    let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return 0.0;
+    };
+    let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
+        return 0.0;
+    };
+    let mount = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
+        "/sys/fs/cgroup/unified"
+    } else {
+        "/sys/fs/cgroup"
+    };
+    std::fs::read_to_string(format!("{mount}{path}/cpu.pressure"))
+        .ok()
+        .and_then(|text| {
+            let some = text.lines().find(|l| l.starts_with("some "))?;
+            some.split_whitespace()
+                .find_map(|f| f.strip_prefix("total="))?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }
 
 /// CPU seconds the machine has spent busy, from `/proc/stat`: user, system, irq and softirq
@@ -201,6 +231,7 @@ fn load(
     let address = backend.address;
     let interval = rate.map(|r| Duration::from_secs_f64(connections as f64 / r));
     let busy_before = busy_seconds()?;
+    let stall_before = cpu_stall_us(backend.proc.pid());
     let workers: Vec<_> = (0..connections)
         .map(|_| {
             std::thread::spawn(move || -> Result<(Vec<u32>, u64)> {
@@ -245,6 +276,7 @@ fn load(
         errors += e;
     }
     let busy = busy_seconds()? - busy_before;
+    let stall = cpu_stall_us(backend.proc.pid()) - stall_before;
     latencies.sort_unstable();
     let at = |q: f64| {
         latencies
@@ -258,6 +290,7 @@ fn load(
         p50_ms: at(0.5),
         p99_ms: at(0.99),
         cpu_us_per_request: busy * 1e6 / latencies.len().max(1) as f64,
+        stall_percent: stall / duration.as_secs_f64() / 1e4,
     })
 }
 
@@ -382,16 +415,22 @@ fn alternate(
     rate: Option<f64>,
     rounds: usize,
 ) -> Result<(Vec<Load>, Vec<Load>)> {
-    println!("| run | requests | errors | req/s | p50 ms | p99 ms | machine CPU µs per request |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| run | requests | errors | req/s | p50 ms | p99 ms | machine CPU µs per request | backend's CPU stall % |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut without = Vec::new();
     let mut with = Vec::new();
     for round in 0..rounds * 2 {
         let daemon_on = matches!(round % 4, 1 | 2);
         let row = |name: String, l: &Load| {
             println!(
-                "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} |",
-                l.requests, l.errors, l.per_second, l.p50_ms, l.p99_ms, l.cpu_us_per_request
+                "| {name} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                l.requests,
+                l.errors,
+                l.per_second,
+                l.p50_ms,
+                l.p99_ms,
+                l.cpu_us_per_request,
+                l.stall_percent
             );
         };
         if daemon_on {

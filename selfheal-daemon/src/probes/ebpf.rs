@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role},
     segments::{self, SegmentCapture},
+    shedding::{self, Shedding},
     socket_ops::{self, UnixCapture},
 };
 use crate::{
@@ -215,6 +216,8 @@ pub struct Loaded {
     ring: RingBuf<MapData>,
     filters: Filters,
     stats: PerCpuArray<MapData, u64>,
+    /// The capture's sampling mask (see `selfheal_ebpf::sampled_in`).
+    sampling: Array<MapData, u32>,
 }
 
 /// The kernel-side filter maps that say which processes and ports are the target's.
@@ -392,6 +395,8 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         .map_err(map_err(names::LISTEN_PORTS))?;
     let stats =
         PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
+    let sampling = Array::try_from(take_map(&mut ebpf, names::CAPTURE_SAMPLING)?)
+        .map_err(map_err(names::CAPTURE_SAMPLING))?;
     Ok(Loaded {
         ebpf,
         segments,
@@ -404,6 +409,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             set: (Vec::new(), 0),
         },
         stats,
+        sampling,
     })
 }
 
@@ -682,12 +688,21 @@ pub struct Links {
     pub recycled: mpsc::Receiver<Batch>,
 }
 
+/// With payload capture on: how often the ring is drained of captures, and under what idle
+/// share of the host's CPUs the capture sheds connections (see [`shedding`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Draining {
+    pub interval: Duration,
+    /// `probes.shed_below_idle_percent`; 0: shed only when the decoders fall behind.
+    pub shed_below_idle_percent: f64,
+}
+
 /// Drains the ring buffer and keeps the filter maps current, until cancelled.
 pub async fn run(
     loaded: Loaded,
     links: Links,
     report_interval: Duration,
-    flush_interval: Option<Duration>,
+    draining: Option<Draining>,
     bus: Bus,
     metrics: Metrics,
     cancel: CancellationToken,
@@ -706,7 +721,15 @@ pub async fn run(
         ring,
         mut filters,
         stats: counters,
+        sampling,
     } = loaded;
+    let mut sampling = Sampling {
+        map: sampling,
+        level: 0,
+        host: Shedding::new(draining.map_or(0.0, |d| d.shed_below_idle_percent)),
+        failed: false,
+    };
+    metrics.capture_sampling_ratio.set(1.0);
     let mut segments = segments.then(|| SegmentCapture::new(metrics.clone()));
     let mut unix = unix.map(|(mode, loaded)| UnixCapture::new(mode, loaded, metrics.clone()));
     let initial = members.borrow_and_update().clone();
@@ -722,8 +745,8 @@ pub async fn run(
     let mut window = Window::default();
     let mut ticker = tokio::time::interval(report_interval);
     // Without payload capture nothing waits in the ring without a wake-up: no timer.
-    let flush_captures = flush_interval.is_some();
-    let mut flush = tokio::time::interval(flush_interval.unwrap_or(Duration::from_hours(1)));
+    let flush_captures = draining.is_some();
+    let mut flush = tokio::time::interval(draining.map_or(Duration::from_hours(1), |d| d.interval));
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -741,10 +764,14 @@ pub async fn run(
                 let mut guard = guard.map_err(EbpfError::Poll)?;
                 drain(guard.get_inner_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
                 guard.clear_ready();
+                if flush_captures {
+                    sampling.update(&captures, &metrics);
+                }
             }
             // Captures do not wake the reader (see the eBPF program): drain on a timer.
             _ = flush.tick(), if flush_captures => {
                 drain(ring.get_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
+                sampling.update(&captures, &metrics);
             }
             _ = ticker.tick() => {
                 // The target can move between cgroups without a change of processes.
@@ -770,6 +797,7 @@ pub async fn run(
                         stats::PAYLOAD_READ_FAULTS => "payload_unreadable",
                         stats::DROPS_SEGMENT_RINGBUF_FULL => "segment_ringbuf_full",
                         stats::SEGMENT_UNPARSED => "segment_unparsed",
+                        stats::SAMPLED_OUT => "sampled_out",
                         _ => continue,
                     };
                     metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: drop_reason }).inc_by(delta);
@@ -817,11 +845,6 @@ fn drain(
         })
     };
     let mut batch = Batch::default();
-    let keep_one_in = sampling(captures);
-    metrics
-        .capture_sampling_ratio
-        .set(1.0 / f64::from(keep_one_in));
-    let mut sampled_out = 0u64;
     while let Some(item) = ring.next() {
         if batch.captures.capacity() == 0 {
             batch = fresh();
@@ -850,18 +873,7 @@ fn drain(
                 record_tcp(&event, metrics, &mut window.summary);
                 batch.captures.extend(connection_change(&event));
             }
-            Some(Record::Capture(capture)) => {
-                if keeps(&capture, keep_one_in) {
-                    batch.captures.push(capture);
-                } else {
-                    if let Capture::Data { captured, .. } | Capture::Segment { captured, .. } =
-                        capture
-                    {
-                        batch.bytes.truncate(captured.start);
-                    }
-                    sampled_out += 1;
-                }
-            }
+            Some(Record::Capture(capture)) => batch.captures.push(capture),
             None => {
                 metrics
                     .ebpf_ringbuf_drops
@@ -878,39 +890,55 @@ fn drain(
     if !batch.is_empty() {
         hand_over(captures, batch, metrics);
     }
-    if sampled_out > 0 {
-        metrics
-            .ebpf_ringbuf_drops
-            .get_or_create(&ReasonLabel {
-                reason: "sampled_out",
-            })
-            .inc_by(sampled_out);
-    }
 }
 
-/// How many connections' payloads to keep one in, given how full the decoders' queue is:
-/// all while it is under half full, then fewer and fewer, so a daemon short of CPU sheds
-/// whole connections (whose parsers then resynchronise) rather than falling behind.
-fn sampling(captures: &mpsc::Sender<Batch>) -> u32 {
-    let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
-    match free {
-        f if f >= 0.5 => 1,
-        f if f >= 0.25 => 2,
-        f if f >= 0.1 => 4,
-        _ => 16,
-    }
+/// The capture's sampling: the kernel's mask and what sets it.
+struct Sampling {
+    map: Array<MapData, u32>,
+    /// The kernel keeps one connection in `1 << level`.
+    level: u32,
+    host: Shedding,
+    /// Whether writing the mask failed (warned once).
+    failed: bool,
 }
 
-/// Whether a capture belongs to a connection kept at this sampling; opens and closes always
-/// pass, so the connection table stays right.
-fn keeps(capture: &Capture, keep_one_in: u32) -> bool {
-    match capture {
-        Capture::Data { sock, .. } | Capture::Segment { sock, .. } if keep_one_in > 1 => {
-            // Socket pointers are aligned: mix the bits before taking the remainder.
-            let mixed = sock.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-            mixed % u64::from(keep_one_in) == 0
+impl Sampling {
+    /// Sets how many connections the kernel captures from how full the decoders' queue is
+    /// and how much CPU the host has idle: whole connections are shed (their parsers
+    /// resynchronise when they come back) rather than the daemon falling behind or taking
+    /// CPU the target could use. Opens and closes are never shed, so the connection
+    /// table stays right.
+    fn update(&mut self, captures: &mpsc::Sender<Batch>, metrics: &Metrics) {
+        let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
+        let behind = shedding::queue_level(free);
+        let busy = self.host.observe(std::time::Instant::now());
+        let level = behind.max(busy);
+        if level == self.level {
+            return;
         }
-        _ => true,
+        if let Err(err) = self.map.set(0, (1u32 << level) - 1, 0) {
+            if !self.failed {
+                tracing::warn!(error = %err, "cannot set the payload capture's sampling; it keeps every connection");
+                self.failed = true;
+            }
+            return;
+        }
+        let idle = self.host.idle_percent();
+        let queue_full = (1.0 - free) * 100.0;
+        match (self.level, level) {
+            (0, _) => tracing::info!(
+                keep_one_in = 1u32 << level,
+                host_cpu_idle_percent = format!("{idle:.0}"),
+                decode_queue_full_percent = format!("{queue_full:.0}"),
+                "payload capture is shedding connections: the host has no CPU to spare or the decoders are behind"
+            ),
+            (_, 0) => tracing::info!("payload capture keeps every connection again"),
+            _ => tracing::debug!(keep_one_in = 1u32 << level, idle, queue_full, "payload capture sampling changed"),
+        }
+        self.level = level;
+        metrics
+            .capture_sampling_ratio
+            .set(1.0 / f64::from(1u32 << level));
     }
 }
 
@@ -1035,40 +1063,24 @@ mod tests {
     }
 
     #[test]
-    fn a_full_queue_sheds_whole_connections() {
-        let (tx, _rx) = mpsc::channel::<Batch>(8);
-        assert_eq!(sampling(&tx), 1);
-        for _ in 0..5 {
-            tx.try_send(Batch::default()).expect("room");
+    fn sampling_keeps_whole_connections_in_the_asked_share() {
+        use selfheal_ebpf::sampled_in;
+        // Socket cookies: a counter.
+        let socks: Vec<u64> = (1..=4000u64).collect();
+        assert!(socks.iter().all(|&s| sampled_in(s, 0)));
+        for (mask, share) in [(1u32, 2usize), (3, 4), (15, 16)] {
+            let kept = socks.iter().filter(|&&s| sampled_in(s, mask)).count();
+            let expected = 4000 / share;
+            assert!(
+                kept.abs_diff(expected) < expected / 4,
+                "{kept} of 4000 kept at one in {share}"
+            );
+            // A connection kept at a smaller share is kept at every larger one.
+            assert!(socks
+                .iter()
+                .filter(|&&s| sampled_in(s, mask))
+                .all(|&s| sampled_in(s, mask >> 1)));
         }
-        assert_eq!(sampling(&tx), 2);
-        for _ in 0..3 {
-            tx.try_send(Batch::default()).expect("room");
-        }
-        assert_eq!(sampling(&tx), 16);
-
-        let capture = |sock: u64| Capture::Data {
-            tgid: 1,
-            fd: 3,
-            sock,
-            role: None,
-            direction: Direction::Received,
-            total_len: 1,
-            captured: 0..0,
-            ts_ns: 0,
-        };
-        // Kernel socket pointers: 64-byte aligned.
-        let socks: Vec<u64> = (0..4000u64)
-            .map(|i| 0xffff_8880_0000_0000 + i * 0x40)
-            .collect();
-        assert!(socks.iter().all(|&s| keeps(&capture(s), 1)));
-        let kept = socks.iter().filter(|&&s| keeps(&capture(s), 4)).count();
-        assert!((800..1200).contains(&kept), "{kept} of 4000 kept at 1 in 4");
-        // The same connection is kept or shed every time.
-        assert_eq!(keeps(&capture(socks[7]), 4), keeps(&capture(socks[7]), 4));
-        let closed = Capture::Closed { sock: 1, ts_ns: 0 };
-        assert!(keeps(&closed, 16));
-        assert!(keeps(&Capture::Exited { tgid: 1 }, 16));
     }
 
     const FORMAT: &str = "name: inet_sock_set_state\nID: 2287\nformat:\n\

@@ -9,5 +9,6 @@ pub mod cgroup;
 pub mod ebpf;
 pub mod os;
 pub mod segments;
+pub mod shedding;
 pub mod socket_ops;
 pub mod unix_peers;

@@ -719,3 +719,179 @@ fn auth_failures(daemon: &Daemon, sqlstate: &str) -> u64 {
         .as_u64()
         .unwrap_or(0)
 }
+
+/// Busy loops outside the target's cgroup, two per CPU, until dropped: no CPU is ever idle.
+struct CpuHogs(Vec<std::process::Child>);
+
+impl CpuHogs {
+    fn start() -> Self {
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+        Self(
+            (0..cpus * 2)
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for CpuHogs {
+    fn drop(&mut self) {
+        for hog in &mut self.0 {
+            let _ = hog.kill();
+            let _ = hog.wait();
+        }
+    }
+}
+
+/// Requests on `connections` keep-alive connections, back to back, until `stop`.
+fn keep_busy(
+    address: std::net::SocketAddr,
+    connections: usize,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u64 {
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..connections)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut client = KeepAlive::connect(address).expect("connect");
+                    let mut sent = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        client
+                            .get("/api/v1/tackle/deals", "api.tackle.io")
+                            .expect("request");
+                        sent += 1;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("worker")).sum()
+    })
+}
+
+fn sampling_ratio(daemon: &Daemon) -> Option<f64> {
+    daemon
+        .metric("selfheal_capture_sampling_ratio")
+        .expect("metrics")
+}
+
+/// While the host has no CPU to spare (busy loops beside the backend, its clients back to
+/// back), the capture sheds connections in the kernel: the share kept falls below 1, the shed
+/// segments are counted, the log says why. Once the host is quiet again every connection is
+/// kept, and requests are counted exactly again.
+#[test]
+fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let backend = DemoBackend::start(&pg.url(), free_port().expect("port")).expect("demo backend");
+    let daemon = Daemon::capturing(&backend, 256, "").expect("daemon capturing the backend");
+    assert_eq!(
+        sampling_ratio(&daemon),
+        Some(1.0),
+        "every connection kept at rest"
+    );
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let shed = std::thread::scope(|scope| {
+        let hogs = CpuHogs::start();
+        let load = scope.spawn(|| keep_busy(backend.address, 16, &stop));
+        let shed = wait_for("the capture to shed", Duration::from_secs(20), || {
+            let ratio = sampling_ratio(&daemon)?;
+            let dropped = daemon
+                .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
+                .ok()??;
+            (ratio < 1.0 && dropped > 0.0).then_some((ratio, dropped))
+        });
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = load.join().expect("load");
+        drop(hogs);
+        println!("{sent} requests on the busy host");
+        shed
+    });
+    let (ratio, dropped) = shed.expect("the capture sheds while the target waits for CPU");
+    println!(
+        "kept one connection in {:.0}; {dropped} segments shed",
+        1.0 / ratio
+    );
+    let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    assert!(
+        log.contains("payload capture is shedding connections"),
+        "the log says it sheds:\n{log}"
+    );
+
+    // Quiet again: one step back per calm second, four steps at most.
+    wait_for(
+        "every connection kept again",
+        Duration::from_secs(15),
+        || (sampling_ratio(&daemon)? > 0.99).then_some(()),
+    )
+    .expect("the capture comes back");
+    let log = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    assert!(
+        log.contains("payload capture keeps every connection again"),
+        "the log says it is back:\n{log}"
+    );
+    let requests = |daemon: &Daemon| -> u64 {
+        selfheal_e2e::http_request_counts(&daemon.metrics().expect("metrics"))
+            .into_values()
+            .sum()
+    };
+    let before = requests(&daemon);
+    for _ in 0..4 {
+        let mut client = KeepAlive::connect(backend.address).expect("connect");
+        for _ in 0..10 {
+            assert_eq!(
+                client
+                    .get("/api/v1/tackle/deals", "api.tackle.io")
+                    .expect("request"),
+                200
+            );
+        }
+    }
+    wait_for("the 40 requests counted", Duration::from_secs(10), || {
+        (requests(&daemon) == before + 40).then_some(())
+    })
+    .unwrap_or_else(|err| panic!("{err:#}: {} counted", requests(&daemon) - before));
+}
+
+/// With `shed_below_idle_percent = 0` the same pressure sheds nothing: every request on every
+/// connection is counted.
+#[test]
+fn without_shedding_a_target_on_a_busy_host_is_still_counted_exactly() {
+    require_root();
+    let pg = PgCluster::start().expect("postgres");
+    let backend = DemoBackend::start(&pg.url(), free_port().expect("port")).expect("demo backend");
+    let daemon = Daemon::capturing(&backend, 256, "shed_below_idle_percent = 0\n")
+        .expect("daemon capturing the backend");
+    let requests = |daemon: &Daemon| -> u64 {
+        selfheal_e2e::http_request_counts(&daemon.metrics().expect("metrics"))
+            .into_values()
+            .sum()
+    };
+    let before = requests(&daemon);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sent = std::thread::scope(|scope| {
+        let hogs = CpuHogs::start();
+        let load = scope.spawn(|| keep_busy(backend.address, 4, &stop));
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let sent = load.join().expect("load");
+        drop(hogs);
+        sent
+    });
+    wait_for("every request counted", Duration::from_secs(15), || {
+        (requests(&daemon) == before + sent).then_some(())
+    })
+    .unwrap_or_else(|err| panic!("{err:#}: {} of {sent} counted", requests(&daemon) - before));
+    assert_eq!(sampling_ratio(&daemon), Some(1.0));
+    let shed = daemon
+        .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
+        .expect("metrics")
+        .unwrap_or(0.0);
+    assert!(shed < 0.5, "{shed} segments shed");
+}
