@@ -36,9 +36,7 @@ use selfheal_ebpf::{
     DIRECTION_SEND, MAX_CAPTURE,
 };
 
-use crate::programs::{
-    bump, in_target_cgroup, is_target, keeps_connection, now_ns, EVENTS, SOCKETS,
-};
+use crate::programs::{bump, in_target_cgroup, is_target, now_ns, shed, EVENTS, SOCKETS};
 
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
@@ -128,7 +126,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         }
     }
     // SAFETY: `sock` is the tracepoint's `struct sock *` argument, which the helper takes.
-    if !keeps_connection(unsafe { generated::bpf_get_socket_cookie(sock as *mut _) }) {
+    if shed(|| unsafe { generated::bpf_get_socket_cookie(sock as *mut _) }) {
         return;
     }
     // SAFETY: helpers without preconditions; `bpf_task_pt_regs` takes the BTF task pointer

@@ -90,8 +90,9 @@ pub mod stats {
     /// Packets the cgroup programs could not read (neither IPv4 nor IPv6, or a header load
     /// failed); let through untouched and counted. Packets that are not TCP are not counted.
     pub const SEGMENT_UNPARSED: u32 = 8;
-    /// Payload records not written because their connection is sampled out (see
-    /// [`super::sampled_in`]): segments with payload, or socket operations of the target.
+    /// Captures not made because their connection is shed (see [`super::sampled_in`]):
+    /// every packet of a shed connection on the cgroup capture (its pure ACKs too: it is shed
+    /// before a byte of the packet is read), every socket operation on the syscall capture.
     pub const SAMPLED_OUT: u32 = 9;
     pub const LEN: u32 = 10;
 }

@@ -100,19 +100,19 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::LEN, 0);
 #[map]
 static CAPTURE_SAMPLING: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Whether the payload capture keeps the connection of the socket with this cookie
-/// (`bpf_get_socket_cookie`) now; a shed one is counted.
+/// Whether the payload capture sheds the connection whose socket cookie `cookie` gives
+/// (`bpf_get_socket_cookie`, asked only while shedding); a shed one is counted.
 #[inline(always)]
-pub(crate) fn keeps_connection(cookie: u64) -> bool {
+pub(crate) fn shed(cookie: impl FnOnce() -> u64) -> bool {
     // SAFETY: a pointer to the array's only slot, valid for the program's run.
     let mask = CAPTURE_SAMPLING
         .get_ptr(0)
         .map_or(0, |mask| unsafe { *mask });
-    if sampled_in(cookie, mask) {
-        return true;
+    if mask == 0 || sampled_in(cookie(), mask) {
+        return false;
     }
     bump(stats::SAMPLED_OUT);
-    false
+    true
 }
 
 #[inline(always)]

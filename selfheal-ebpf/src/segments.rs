@@ -23,7 +23,7 @@ use selfheal_ebpf::{kind, stats, SegmentRecord, DIRECTION_RECV, DIRECTION_SEND, 
 
 use crate::{
     capture::{wake_flags, CAPTURE_BYTES},
-    programs::{bump, keeps_connection, now_ns, EVENTS},
+    programs::{bump, now_ns, shed, EVENTS},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -52,6 +52,11 @@ fn copy<const N: u32>(ctx: &SkBuffContext, offset: u32, to: *mut u8) -> bool {
 
 #[inline(always)]
 fn segment(ctx: &SkBuffContext, direction: u32) {
+    // A shed connection costs the target this test alone: no byte of the packet is read.
+    // SAFETY: a helper that takes the program's own context.
+    if shed(|| unsafe { generated::bpf_get_socket_cookie(ctx.skb.skb.cast()) }) {
+        return;
+    }
     // The program sees the packet from its network header on (no link-layer header). Only
     // what decides whether the packet carries payload is read before a record is reserved:
     // a handshake packet or a pure ACK leaves after two small loads.
@@ -88,10 +93,6 @@ fn segment(ctx: &SkBuffContext, direction: u32) {
     // SAFETY: a read of the context's `sk` field, which the kernel sets to the socket the
     // packet is filtered for (a full socket of the cgroup; null is possible and kept as 0).
     let sock = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk } as u64;
-    // SAFETY: a helper that takes the program's own context.
-    if !keeps_connection(unsafe { generated::bpf_get_socket_cookie(ctx.skb.skb.cast()) }) {
-        return;
-    }
 
     // SAFETY: a read of a constant the loader may have patched.
     let cap = unsafe { read_volatile(&CAPTURE_BYTES) };

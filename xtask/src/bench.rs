@@ -48,6 +48,10 @@ pub(crate) enum Bench {
         /// Keep-alive client connections.
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// Runs with the daemon per phase (as many without, alternated in blocks of four:
+        /// without, with, with, without).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
         /// Instead of the comparison: the daemon's CPU per request with capture off and on
         /// under the same fixed load, and where it goes (`perf record` of the daemon, the
         /// hottest functions printed; `perf` must be installed).
@@ -73,6 +77,7 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
         Bench::Overhead {
             seconds,
             connections,
+            rounds,
             profile,
             capture,
             set,
@@ -84,7 +89,7 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
             if *profile {
                 crate::overhead::profile(*seconds, *connections, &probes)
             } else {
-                crate::overhead::run(*seconds, *connections, &probes)
+                crate::overhead::run(*seconds, *connections, *rounds as usize, &probes)
             }
         }
     }

@@ -387,8 +387,6 @@ fn daemon_for(backend: &DemoBackend, payload_bytes: u32, probes: &Probes) -> Res
     Ok(daemon)
 }
 
-/// Runs of each kind, per phase.
-const ROUNDS: usize = 4;
 /// Rounds of each condition for the cost to other processes.
 const OTHER_ROUNDS: usize = 6;
 
@@ -449,9 +447,22 @@ fn alternate(
             result.cpu_us_per_request += (niced_daemon_seconds(&daemon) - niced_before) * 1e6
                 / result.requests.max(1) as f64;
             let cpu_percent = (cpu() - cpu_before) / duration.as_secs_f64() * 100.0;
+            let sampling = daemon
+                .metric("selfheal_capture_sampling_ratio")
+                .ok()
+                .flatten()
+                .unwrap_or(1.0);
+            let shed = daemon
+                .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
+                .ok()
+                .flatten()
+                .unwrap_or(0.0);
             drop(daemon);
             row(
-                format!("with daemon (its CPU: {cpu_percent:.1} % of a core)"),
+                format!(
+                    "with daemon (its CPU: {cpu_percent:.1} % of a core; at the end kept 1 connection in {:.0}, {shed:.0} segments shed)",
+                    1.0 / sampling.max(1e-9)
+                ),
                 &result,
             );
             with.push(result);
@@ -469,7 +480,32 @@ fn ratio(without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> f64 {
     median(with.iter().map(f).collect()) / median(without.iter().map(f).collect())
 }
 
-pub(crate) fn run(seconds: u64, connections: usize, capture: &Probes) -> Result<()> {
+/// The median over the blocks of four runs [`alternate`] makes (without, with, with,
+/// without) of each block's mean with / mean without: a drift of the machine over the whole
+/// invocation, as large here as the effect, cancels within a block.
+fn paired_ratio(without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> f64 {
+    let mean = |loads: &[Load]| loads.iter().map(f).sum::<f64>() / loads.len().max(1) as f64;
+    median(
+        without
+            .chunks(2)
+            .zip(with.chunks(2))
+            .map(|(without, with)| mean(with) / mean(without))
+            .collect(),
+    )
+}
+
+/// `name ratio (±%), paired ratio (±%)` for the summaries.
+fn ratios(name: &str, without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> String {
+    let r = ratio(without, with, f);
+    let p = paired_ratio(without, with, f);
+    format!(
+        "{name} {r:.3} ({:+.1} %; paired by block {p:.3}, {:+.1} %)",
+        (r - 1.0) * 100.0,
+        (p - 1.0) * 100.0
+    )
+}
+
+pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Probes) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     let pg = PgCluster::start()?;
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
@@ -508,33 +544,27 @@ pub(crate) fn run(seconds: u64, connections: usize, capture: &Probes) -> Result<
         println!("| `{program}` | {runs:.0} | {ns:.1} |");
     }
     println!();
-    println!("## cost to the target at saturation: demo backend, {connections} keep-alive connections back to back, {seconds} s per run, {ROUNDS} runs each, alternated");
-    let (without, with) = alternate(capture, &backend, connections, duration, None, ROUNDS)?;
-    let throughput = ratio(&without, &with, |l| l.per_second);
-    let saturated_p99 = ratio(&without, &with, |l| l.p99_ms);
+    println!("## cost to the target at saturation: demo backend, {connections} keep-alive connections back to back, {seconds} s per run, {rounds} runs each, alternated");
+    let (without, with) = alternate(capture, &backend, connections, duration, None, rounds)?;
     println!();
     println!(
-        "saturation, medians with/without: throughput {throughput:.3} ({:+.1} %), p99 {saturated_p99:.3} ({:+.1} %)",
-        (throughput - 1.0) * 100.0,
-        (saturated_p99 - 1.0) * 100.0
+        "saturation, medians with/without: {}, {}",
+        ratios("throughput", &without, &with, |l| l.per_second),
+        ratios("p99", &without, &with, |l| l.p99_ms),
     );
 
     let rate = (median(without.iter().map(|l| l.per_second).collect()) / 2.0).round();
     println!();
-    println!("## cost to the target under a fixed load: {rate} requests/s (half the saturation rate) on {connections} connections, {seconds} s per run, {ROUNDS} runs each, alternated");
-    let (without, with) = alternate(capture, &backend, connections, duration, Some(rate), ROUNDS)?;
-    let served = ratio(&without, &with, |l| l.per_second);
-    let p50 = ratio(&without, &with, |l| l.p50_ms);
-    let p99 = ratio(&without, &with, |l| l.p99_ms);
-    let cpu = ratio(&without, &with, |l| l.cpu_us_per_request);
+    println!("## cost to the target under a fixed load: {rate} requests/s (half the saturation rate) on {connections} connections, {seconds} s per run, {rounds} runs each, alternated");
+    let (without, with) = alternate(capture, &backend, connections, duration, Some(rate), rounds)?;
     println!();
     println!(
-        "fixed load, medians with/without: served {served:.3} ({:+.1} %), p50 {p50:.3} ({:+.1} %), p99 {p99:.3} ({:+.1} %), machine CPU per request {cpu:.3} ({:+.1} %: a CPU-bound machine serves {:.1} % less)",
-        (served - 1.0) * 100.0,
-        (p50 - 1.0) * 100.0,
-        (p99 - 1.0) * 100.0,
-        (cpu - 1.0) * 100.0,
-        (1.0 - 1.0 / cpu) * 100.0,
+        "fixed load, medians with/without: {}, {}, {}, {}",
+        ratios("served", &without, &with, |l| l.per_second),
+        ratios("p50", &without, &with, |l| l.p50_ms),
+        ratios("p99", &without, &with, |l| l.p99_ms),
+        ratios("machine CPU per request", &without, &with, |l| l
+            .cpu_us_per_request),
     );
 
     // Where the added CPU goes: one more run with the daemon and the kernel's BPF statistics
