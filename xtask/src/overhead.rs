@@ -460,7 +460,7 @@ fn alternate(
             drop(daemon);
             row(
                 format!(
-                    "with daemon (its CPU: {cpu_percent:.1} % of a core; at the end kept 1 connection in {:.0}, {shed:.0} segments shed)",
+                    "with daemon (its CPU: {cpu_percent:.1} % of a core; at the end kept 1 connection in {:.0}, {shed:.0} packets shed)",
                     1.0 / sampling.max(1e-9)
                 ),
                 &result,

@@ -221,20 +221,22 @@ mod tests {
         assert!((shedding.idle_percent() - 4.0).abs() < 1e-9);
         // A reading too soon after is merged into the next.
         assert_eq!(shedding.observe(start + ms(300)), 1);
-        write(1096, 1004);
-        assert_eq!(shedding.observe(start + ms(500)), 2);
-        // Calm (60 % idle) from 750 ms on: a step back a second later, and another after that.
-        write(1116, 1034);
-        assert_eq!(shedding.observe(start + ms(750)), 2);
-        write(1196, 1154);
-        assert_eq!(shedding.observe(start + ms(1750)), 1);
-        write(1216, 1184);
-        assert_eq!(shedding.observe(start + ms(2000)), 1);
-        write(1296, 1304);
-        assert_eq!(shedding.observe(start + ms(2750)), 0);
-        // Busy again, then the file gone: no host side.
-        write(1346, 1304);
-        assert_eq!(shedding.observe(start + ms(3000)), 1);
+        // (at ms, busy ticks, idle ticks so far, level)
+        let readings = [
+            (500, 1096, 1004, 2),
+            // Calm (60 % idle) from 750 ms on: a step back a second later, another after that.
+            (750, 1116, 1034, 2),
+            (1750, 1196, 1154, 1),
+            (2000, 1216, 1184, 1),
+            (2750, 1296, 1304, 0),
+            // Busy again.
+            (3000, 1346, 1304, 1),
+        ];
+        for (at, busy, idle, level) in readings {
+            write(busy, idle);
+            assert_eq!(shedding.observe(start + ms(at)), level, "at {at} ms");
+        }
+        // The file gone: no host side.
         std::fs::remove_file(&file).unwrap();
         assert_eq!(shedding.observe(start + ms(3250)), 0);
     }

@@ -780,6 +780,21 @@ fn sampling_ratio(daemon: &Daemon) -> Option<f64> {
         .expect("metrics")
 }
 
+/// Packets (or socket operations) of shed connections the kernel did not capture.
+fn shed_packets(daemon: &Daemon) -> f64 {
+    daemon
+        .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
+        .expect("metrics")
+        .unwrap_or(0.0)
+}
+
+/// HTTP requests the daemon counted, over every series.
+fn http_requests(daemon: &Daemon) -> u64 {
+    selfheal_e2e::http_request_counts(&daemon.metrics().expect("metrics"))
+        .into_values()
+        .sum()
+}
+
 /// While the host has no CPU to spare (busy loops beside the backend, its clients back to
 /// back), the capture sheds connections in the kernel: the share kept falls below 1, the shed
 /// segments are counted, the log says why. Once the host is quiet again every connection is
@@ -802,9 +817,7 @@ fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet(
         let load = scope.spawn(|| keep_busy(backend.address, 16, &stop));
         let shed = wait_for("the capture to shed", Duration::from_secs(20), || {
             let ratio = sampling_ratio(&daemon)?;
-            let dropped = daemon
-                .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
-                .ok()??;
+            let dropped = shed_packets(&daemon);
             (ratio < 1.0 && dropped > 0.0).then_some((ratio, dropped))
         });
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -836,12 +849,7 @@ fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet(
         log.contains("payload capture keeps every connection again"),
         "the log says it is back:\n{log}"
     );
-    let requests = |daemon: &Daemon| -> u64 {
-        selfheal_e2e::http_request_counts(&daemon.metrics().expect("metrics"))
-            .into_values()
-            .sum()
-    };
-    let before = requests(&daemon);
+    let before = http_requests(&daemon);
     for _ in 0..4 {
         let mut client = KeepAlive::connect(backend.address).expect("connect");
         for _ in 0..10 {
@@ -854,9 +862,9 @@ fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet(
         }
     }
     wait_for("the 40 requests counted", Duration::from_secs(10), || {
-        (requests(&daemon) == before + 40).then_some(())
+        (http_requests(&daemon) == before + 40).then_some(())
     })
-    .unwrap_or_else(|err| panic!("{err:#}: {} counted", requests(&daemon) - before));
+    .unwrap_or_else(|err| panic!("{err:#}: {} counted", http_requests(&daemon) - before));
 }
 
 /// With `shed_below_idle_percent = 0` the same pressure sheds nothing: every request on every
@@ -868,12 +876,7 @@ fn without_shedding_a_target_on_a_busy_host_is_still_counted_exactly() {
     let backend = DemoBackend::start(&pg.url(), free_port().expect("port")).expect("demo backend");
     let daemon = Daemon::capturing(&backend, 256, "shed_below_idle_percent = 0\n")
         .expect("daemon capturing the backend");
-    let requests = |daemon: &Daemon| -> u64 {
-        selfheal_e2e::http_request_counts(&daemon.metrics().expect("metrics"))
-            .into_values()
-            .sum()
-    };
-    let before = requests(&daemon);
+    let before = http_requests(&daemon);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let sent = std::thread::scope(|scope| {
         let hogs = CpuHogs::start();
@@ -885,13 +888,15 @@ fn without_shedding_a_target_on_a_busy_host_is_still_counted_exactly() {
         sent
     });
     wait_for("every request counted", Duration::from_secs(15), || {
-        (requests(&daemon) == before + sent).then_some(())
+        (http_requests(&daemon) == before + sent).then_some(())
     })
-    .unwrap_or_else(|err| panic!("{err:#}: {} of {sent} counted", requests(&daemon) - before));
+    .unwrap_or_else(|err| {
+        panic!(
+            "{err:#}: {} of {sent} counted",
+            http_requests(&daemon) - before
+        )
+    });
     assert_eq!(sampling_ratio(&daemon), Some(1.0));
-    let shed = daemon
-        .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
-        .expect("metrics")
-        .unwrap_or(0.0);
-    assert!(shed < 0.5, "{shed} segments shed");
+    let shed = shed_packets(&daemon);
+    assert!(shed < 0.5, "{shed} packets shed");
 }
