@@ -339,16 +339,17 @@ pub struct ProbesConfig {
     pub flush_interval_ms: u64,
     /// Nice value of the thread that decodes captured traffic (0–19). Above 0, the target's
     /// threads preempt the decoder whenever they need a CPU the decoder holds; when the CPUs
-    /// are saturated the decoder then falls behind and samples connections (counted as
-    /// `sampled_out`) instead of taking CPU from the target. 0, the default, keeps counts
-    /// exact under load. Exits, TCP events and the API keep normal priority either way.
+    /// are saturated the decoder then falls behind and the capture sheds connections (see
+    /// `shed_below_idle_percent`) instead of taking CPU from the target. Exits, TCP events and
+    /// the API keep normal priority either way.
     pub decode_nice: i32,
     /// Idle share of the host's CPUs (in %) under which the capture sheds connections: while
     /// less of all CPUs' time than this is idle, the kernel programs capture one connection in
-    /// 2, then 4, 8 and 16, and come back a step per second once more than twice it is idle.
-    /// A saturated host then keeps its CPU for the target, and counts are of the connections
-    /// kept (`selfheal_capture_sampling_ratio`). 0 turns this off: counts stay exact however
-    /// busy the host is, at the capture's full cost to the target.
+    /// 2, then 4, 8 and 16, and come back a step per second once more than twice it (at most
+    /// halfway to 100) is idle. A saturated host then keeps its CPU for the target, and counts
+    /// are of the connections kept (`selfheal_capture_sampling_ratio`). 0 turns this off:
+    /// counts stay exact however busy the host is, at the capture's full cost to the target,
+    /// unless the decoders fall behind (their queue over half full), which sheds either way.
     pub shed_below_idle_percent: f64,
 }
 

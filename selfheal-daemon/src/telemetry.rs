@@ -263,6 +263,10 @@ pub struct Metrics {
     pub daemon_cpu_seconds: Counter<f64, AtomicU64>,
     pub daemon_memory_rss_bytes: Gauge,
     daemon_cpu_seen: Arc<AtomicU64>,
+    /// Not exported: until when (monotonic ns) the payload capture may have shed connections —
+    /// `u64::MAX` while it sheds, the moment it kept every connection again after, 0 if it
+    /// never did. A request seen starting before it may have lost its answer to shedding.
+    capture_shed_until_ns: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -786,10 +790,27 @@ impl Metrics {
             daemon_cpu_seconds,
             daemon_memory_rss_bytes,
             daemon_cpu_seen: Arc::new(AtomicU64::new(0f64.to_bits())),
+            capture_shed_until_ns: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// Reads the daemon's own CPU time and RSS; called before each scrape.
+    /// Marks the payload capture as shedding connections (`true`) or as keeping every one
+    /// again (`false`, from now on).
+    pub fn set_capture_shedding(&self, shedding: bool) {
+        let until = if shedding {
+            u64::MAX
+        } else {
+            crate::target::monotonic_ns()
+        };
+        self.capture_shed_until_ns.store(until, Ordering::Relaxed);
+    }
+
+    /// Until when the capture may have shed connections (see [`Self::set_capture_shedding`]).
+    pub fn capture_shed_until_ns(&self) -> u64 {
+        self.capture_shed_until_ns.load(Ordering::Relaxed)
+    }
+
     pub fn refresh_self(&self) {
         let Ok(me) = procfs::process::Process::myself() else {
             return;

@@ -93,7 +93,7 @@ pub mod stats {
     /// Captures not made because their connection is shed (see [`super::sampled_in`]):
     /// every packet of a shed connection on the cgroup capture (its pure ACKs too: it is shed
     /// before a byte of the packet is read), every socket operation on the syscall capture.
-    pub const SAMPLED_OUT: u32 = 9;
+    pub const SHED: u32 = 9;
     pub const LEN: u32 = 10;
 }
 

@@ -111,7 +111,7 @@ pub(crate) fn shed(cookie: impl FnOnce() -> u64) -> bool {
     if mask == 0 || sampled_in(cookie(), mask) {
         return false;
     }
-    bump(stats::SAMPLED_OUT);
+    bump(stats::SHED);
     true
 }
 

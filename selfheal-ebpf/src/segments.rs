@@ -3,7 +3,9 @@
 //! cgroup2 directory). Other processes never run them — the kernel's check is one pointer
 //! compare on the socket's cgroup — and unix sockets, pipes and files never reach them.
 //!
-//! Per packet: the IPv4 or IPv6 header (no extension headers) and the TCP header are read,
+//! Per packet: while the daemon sheds load, a packet of a shed connection (by its socket
+//! cookie, see `selfheal_ebpf::sampled_in`) leaves first, counted, before any byte of it is
+//! read. Then the IPv4 or IPv6 header (no extension headers) and the TCP header are read,
 //! packets without payload (handshakes, pure ACKs) leave at once, and a segment record with
 //! the sequence number, the payload's length and its first `CAPTURE_BYTES` goes to the ring
 //! buffer (in the smallest of the record sizes that holds them, see `SegmentRecord`), keyed

@@ -453,7 +453,7 @@ fn alternate(
                 .flatten()
                 .unwrap_or(1.0);
             let shed = daemon
-                .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"sampled_out\"}")
+                .metric("selfheal_ebpf_ringbuf_drops_total{reason=\"shed\"}")
                 .ok()
                 .flatten()
                 .unwrap_or(0.0);

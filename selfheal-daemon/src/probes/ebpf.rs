@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role},
     segments::{self, SegmentCapture},
-    shedding::{self, Shedding},
+    shedding::{QueueSide, Shedding},
     socket_ops::{self, UnixCapture},
 };
 use crate::{
@@ -727,6 +727,7 @@ pub async fn run(
         map: sampling,
         level: 0,
         host: Shedding::new(draining.map_or(0.0, |d| d.shed_below_idle_percent)),
+        queue: QueueSide::default(),
         failed: false,
     };
     metrics.capture_sampling_ratio.set(1.0);
@@ -797,7 +798,7 @@ pub async fn run(
                         stats::PAYLOAD_READ_FAULTS => "payload_unreadable",
                         stats::DROPS_SEGMENT_RINGBUF_FULL => "segment_ringbuf_full",
                         stats::SEGMENT_UNPARSED => "segment_unparsed",
-                        stats::SAMPLED_OUT => "sampled_out",
+                        stats::SHED => "shed",
                         _ => continue,
                     };
                     metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: drop_reason }).inc_by(delta);
@@ -898,6 +899,7 @@ struct Sampling {
     /// The kernel keeps one connection in `1 << level`.
     level: u32,
     host: Shedding,
+    queue: QueueSide,
     /// Whether writing the mask failed (warned once).
     failed: bool,
 }
@@ -910,15 +912,14 @@ impl Sampling {
     /// table stays right.
     fn update(&mut self, captures: &mpsc::Sender<Batch>, metrics: &Metrics) {
         let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
-        let behind = shedding::queue_level(free);
-        let busy = self.host.observe(std::time::Instant::now());
-        let level = behind.max(busy);
+        let now = std::time::Instant::now();
+        let level = self.queue.observe(now, free).max(self.host.observe(now));
         if level == self.level {
             return;
         }
         if let Err(err) = self.map.set(0, (1u32 << level) - 1, 0) {
             if !self.failed {
-                tracing::warn!(error = %err, "cannot set the payload capture's sampling; it keeps every connection");
+                tracing::warn!(error = %err, "cannot set the payload capture's sampling; it stays as it was");
                 self.failed = true;
             }
             return;
@@ -934,6 +935,9 @@ impl Sampling {
             ),
             (_, 0) => tracing::info!("payload capture keeps every connection again"),
             _ => tracing::debug!(keep_one_in = 1u32 << level, idle, queue_full, "payload capture sampling changed"),
+        }
+        if self.level == 0 || level == 0 {
+            metrics.set_capture_shedding(level > 0);
         }
         self.level = level;
         metrics

@@ -8,22 +8,24 @@
 //! and a shed connection costs the target only the kernel's sampling test. Shedding is by
 //! whole connection, so what is kept is decoded exactly (a connection's parsers
 //! resynchronise when it comes back), and it is exported (`selfheal_capture_sampling_ratio`,
-//! `sampled_out` drops).
+//! `selfheal_ebpf_ringbuf_drops_total{reason="shed"}`). Requests that started before the
+//! shedding ended are not reported as waiting for an answer (`Metrics::set_capture_shedding`):
+//! theirs may have been shed.
 //!
 //! The target's own CPU pressure (PSI) was measured as the signal first and does not tell a
 //! saturated host from a half-loaded one: its threads queue behind each other at every
 //! request (BENCHMARKS.md, ninth measurement).
 //!
 //! Must not: shed while the host has CPU to spare, or come back all at once (one step at a
-//! time, each after a calm second).
+//! time, each after a calm second, on either side).
 
 use std::time::{Duration, Instant};
 
 /// At most one connection in `1 << MAX_LEVEL` is kept.
 pub const MAX_LEVEL: u32 = 4;
 
-/// How long the host must stay over twice the threshold's idle share before a step back
-/// to more connections.
+/// How long the host must stay calm (see [`calm_above`]), or the queue under half full,
+/// before a step back to more connections.
 const CALM: Duration = Duration::from_secs(1);
 
 /// Readings closer together than this are merged into the next (`/proc/stat` counts in
@@ -41,15 +43,47 @@ pub fn queue_level(free: f64) -> u32 {
     }
 }
 
+/// The queue side of the shedding: up at once to what the queue's fill asks, back one step
+/// per [`CALM`] second (shedding empties the queue fast; coming back all at once would
+/// fill it again).
+#[derive(Debug, Default)]
+pub struct QueueSide {
+    level: u32,
+    changed: Option<Instant>,
+}
+
+impl QueueSide {
+    /// The level for a queue with `free` (0–1) of its room free.
+    pub fn observe(&mut self, now: Instant, free: f64) -> u32 {
+        let wanted = queue_level(free);
+        if wanted > self.level {
+            self.level = wanted;
+            self.changed = Some(now);
+        } else if wanted < self.level
+            && self.changed.is_none_or(|at| now.duration_since(at) >= CALM)
+        {
+            self.level -= 1;
+            self.changed = Some(now);
+        }
+        self.level
+    }
+}
+
+/// The idle share (%) over which the host counts as calm, for a threshold: twice it, at most
+/// halfway from it to 100 (a threshold of 50 or more still comes back; 100 never does).
+fn calm_above(threshold: f64) -> f64 {
+    (threshold * 2.0).min(f64::midpoint(threshold, 100.0))
+}
+
 /// The next level after a reading of `idle_percent`: one step up while the host is idle less
-/// than `threshold` % of the time, one step down once it has been idle more than twice that
+/// than `threshold` % of the time, one step down once it has been calm (see [`calm_above`])
 /// for [`CALM`] (`calm_for`). A threshold of 0 never sheds.
 pub fn next_level(level: u32, idle_percent: f64, threshold: f64, calm_for: Duration) -> u32 {
     if threshold <= 0.0 {
         0
     } else if idle_percent < threshold {
         (level + 1).min(MAX_LEVEL)
-    } else if idle_percent > threshold * 2.0 && calm_for >= CALM {
+    } else if idle_percent > calm_above(threshold) && calm_for >= CALM {
         level.saturating_sub(1)
     } else {
         level
@@ -83,6 +117,8 @@ pub struct Shedding {
     level: u32,
     /// The last idle share read, in %.
     idle_percent: f64,
+    /// Whether `stat` could not be read (warned once).
+    unreadable: bool,
 }
 
 impl Shedding {
@@ -94,6 +130,7 @@ impl Shedding {
             calm_since: None,
             level: 0,
             idle_percent: 100.0,
+            unreadable: false,
         }
     }
 
@@ -114,6 +151,10 @@ impl Shedding {
             .and_then(parse_cpu_ticks)
         else {
             // Unreadable: no host side.
+            if !self.unreadable {
+                tracing::warn!(path = %self.stat.display(), "cannot read the host's CPU time: the payload capture sheds only when its decoders fall behind");
+                self.unreadable = true;
+            }
             self.last = None;
             self.level = 0;
             return 0;
@@ -124,7 +165,7 @@ impl Shedding {
                 return self.level;
             }
             self.idle_percent = idle.saturating_sub(idle_before) as f64 * 100.0 / ticks as f64;
-            if self.idle_percent > self.threshold * 2.0 {
+            if self.idle_percent > calm_above(self.threshold) {
                 self.calm_since.get_or_insert(now);
             } else {
                 self.calm_since = None;
@@ -174,6 +215,27 @@ mod tests {
         assert_eq!(next_level(level, 50.0, 10.0, CALM), MAX_LEVEL - 1);
         // A threshold of 0 turns the host side off.
         assert_eq!(next_level(3, 0.0, 0.0, calm), 0);
+        // A high threshold still comes back, halfway to 100; 100 never does.
+        assert_eq!(next_level(2, 81.0, 60.0, CALM), 1);
+        assert_eq!(next_level(2, 79.0, 60.0, CALM), 2);
+        assert_eq!(next_level(2, 100.0, 100.0, CALM), 2);
+    }
+
+    #[test]
+    fn the_queue_side_sheds_at_once_and_comes_back_a_step_per_calm_second() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut queue = QueueSide::default();
+        assert_eq!(queue.observe(at(0), 1.0), 0);
+        assert_eq!(queue.observe(at(100), 0.05), MAX_LEVEL);
+        // Emptied at once by the shedding: back one step per second, not all the way.
+        assert_eq!(queue.observe(at(200), 1.0), MAX_LEVEL);
+        assert_eq!(queue.observe(at(1100), 1.0), MAX_LEVEL - 1);
+        assert_eq!(queue.observe(at(1500), 1.0), MAX_LEVEL - 1);
+        assert_eq!(queue.observe(at(2100), 1.0), MAX_LEVEL - 2);
+        // Filling again: up at once.
+        assert_eq!(queue.observe(at(2200), 0.3), MAX_LEVEL - 2);
+        assert_eq!(queue.observe(at(2300), 0.0), MAX_LEVEL);
     }
 
     #[test]

@@ -131,10 +131,15 @@ impl Recorder {
         self.flush_writes();
     }
 
-    /// Requests and queries waiting for an answer, as the capture task last saw them.
+    /// Requests and queries waiting for an answer, as the capture task last saw them. A
+    /// request that started before the capture last shed connections is left out: its
+    /// connection may have been shed, and its answer with it (a target answering nothing
+    /// would otherwise look hung to the monitor).
     pub fn set_in_flight(&mut self, requests: Vec<(Origin, HttpRequest)>, queries: usize) {
+        let shed_until = self.metrics.capture_shed_until_ns();
         let in_flight: Vec<InFlight> = requests
             .into_iter()
+            .filter(|(_, request)| request.start_ns >= shed_until)
             .map(|(origin, request)| {
                 let platform = self
                     .view

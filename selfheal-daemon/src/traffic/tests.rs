@@ -698,3 +698,29 @@ fn the_series_view_caps_its_points() {
     assert_eq!(answer.platforms[0].routes.len(), 100);
     assert_eq!(answer.platforms[0].points.len(), 500);
 }
+
+#[test]
+fn requests_that_started_before_shedding_ended_are_not_waiting() {
+    let (view, mut recorder, metrics) = view(&TrafficConfig::default());
+    let waiting = |view: &TrafficView| view.health(60).unanswered;
+    let before = exchange("/api/v1/leads/1", None, 200, now_ns(), 0).request;
+    recorder.set_in_flight(vec![(at(1), before.clone())], 0);
+    assert_eq!(
+        waiting(&view),
+        1,
+        "seen waiting while every connection is kept"
+    );
+    // While the capture sheds, its connection may be shed with its answer: not waiting.
+    metrics.set_capture_shedding(true);
+    recorder.set_in_flight(vec![(at(1), before.clone())], 0);
+    assert_eq!(waiting(&view), 0);
+    let during = exchange("/api/v1/leads/2", None, 200, now_ns(), 0).request;
+    recorder.set_in_flight(vec![(at(1), during.clone())], 0);
+    assert_eq!(waiting(&view), 0);
+    // Every connection kept again: what started before stays out, what starts after counts.
+    metrics.set_capture_shedding(false);
+    let after = exchange("/api/v1/leads/3", None, 200, now_ns() + 1, 0).request;
+    recorder.set_in_flight(vec![(at(1), before), (at(1), during), (at(1), after)], 0);
+    assert_eq!(waiting(&view), 1);
+    assert_eq!(view.traces_view().in_flight.len(), 1);
+}

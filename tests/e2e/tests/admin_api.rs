@@ -345,12 +345,23 @@ fn every_endpoint_answers_checks_its_token_and_its_input_and_streams_events() {
         .expect("predictions");
     assert_eq!(predictions["agent_enabled"], true, "{predictions}");
     assert!(predictions["predictions"].is_array(), "{predictions}");
-    let security = daemon.api("/api/v1/system/security").expect("security");
+    // The reader publishes its TCP summary once per report interval: wait for the first
+    // one that holds the requests above.
+    let security = wait_for(
+        "the security view's accepted connections",
+        Duration::from_secs(10),
+        || {
+            let security = daemon.api("/api/v1/system/security").ok()?;
+            (security["connections"]["accepts"].as_u64() >= Some(1)).then_some(security)
+        },
+    )
+    .unwrap_or_else(|err| {
+        panic!(
+            "{err:#}: {}",
+            daemon.api("/api/v1/system/security").unwrap_or_default()
+        )
+    });
     assert!(security["findings"].is_array(), "{security}");
-    assert!(
-        security["connections"]["accepts"].as_u64() >= Some(1),
-        "{security}"
-    );
     let queries = daemon.api("/api/v1/system/queries").expect("queries");
     assert!(
         queries["queries"].as_array().is_some_and(|q| !q.is_empty()),
