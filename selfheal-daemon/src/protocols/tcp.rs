@@ -9,10 +9,17 @@
 //! on, are gaps of known length, so the parsers skip them by length where framing allows.
 //! Duplicates are dropped, overlaps trimmed, segments past a hole held until it fills (at
 //! most [`MAX_HELD`] of them, each holding at most the capture's prefix); when more arrive the
-//! oldest hole is given up as a gap. Sequence numbers wrap (RFC 1982 arithmetic).
+//! oldest hole is given up as a gap. Sequence numbers wrap (RFC 1982 arithmetic). A segment
+//! further from the stream's position than any TCP window reaches ([`MAX_WINDOW`]) means the
+//! bytes between were never seen — the capture shed the connection for a while, or dropped
+//! its records — and the stream starts over at it, after a gap.
 
 /// Out-of-order segments held while waiting for a hole to fill.
 pub const MAX_HELD: usize = 32;
+
+/// The largest TCP window (RFC 7323: 2^30 bytes with window scaling): no retransmission lies
+/// further behind the stream's position, no segment in flight further ahead.
+pub const MAX_WINDOW: u64 = 1 << 30;
 
 /// One captured segment.
 #[derive(Debug, Clone, Copy)]
@@ -99,7 +106,9 @@ impl Reassembler {
         let captured = &segment.captured[..segment.captured.len().min(segment.len as usize)];
         let next = *self.next.get_or_insert(segment.seq);
         let at = distance(segment.seq, next);
-        if at > 0 {
+        if at.unsigned_abs() > MAX_WINDOW {
+            self.start_over(segment.seq, out);
+        } else if at > 0 {
             self.hold(segment.seq, segment.len, captured);
             if self.held.len() > MAX_HELD {
                 self.give_up_hole(out);
@@ -182,6 +191,19 @@ impl Reassembler {
         }
     }
 
+    /// Gives up what is held and the bytes up to `seq` (the forward distance to it, the best
+    /// guess of how many were missed) as gaps, and goes on from `seq`.
+    fn start_over(&mut self, seq: u32, out: &mut impl FnMut(&[u8], usize)) {
+        self.held.clear();
+        if let Some(next) = self.next {
+            let missed = seq.wrapping_sub(next);
+            self.stats.gaps += 1;
+            self.stats.gap_bytes += u64::from(missed);
+            out(&[], missed as usize);
+        }
+        self.next = Some(seq);
+    }
+
     /// The hole before the nearest held segment becomes a gap; what follows is passed on.
     fn give_up_hole(&mut self, out: &mut impl FnMut(&[u8], usize)) {
         let Some(next) = self.next else { return };
@@ -223,6 +245,61 @@ mod tests {
             self.known
                 .extend(std::iter::repeat_n(None, total - captured.len()));
         }
+    }
+
+    #[test]
+    fn a_segment_beyond_any_window_starts_the_stream_over_after_a_gap() {
+        let mut reassembler = Reassembler::starting_at(1000);
+        let mut pieces: Vec<(Vec<u8>, usize)> = Vec::new();
+        let mut out = |c: &[u8], t: usize| pieces.push((c.to_vec(), t));
+        reassembler.push(
+            Segment {
+                seq: 1000,
+                len: 4,
+                captured: b"GET ",
+            },
+            &mut out,
+        );
+        // Held past a hole, then the connection is shed for 2.5 GiB: it comes back 1.5 GiB
+        // "behind" in RFC 1982 terms, which would otherwise be dropped as a retransmission.
+        reassembler.push(
+            Segment {
+                seq: 1104,
+                len: 2,
+                captured: b"xx",
+            },
+            &mut out,
+        );
+        let resumed = 1004u32.wrapping_add(0xa000_0000);
+        reassembler.push(
+            Segment {
+                seq: resumed,
+                len: 5,
+                captured: b"HTTP/",
+            },
+            &mut out,
+        );
+        // And a segment just after it follows in order.
+        reassembler.push(
+            Segment {
+                seq: resumed.wrapping_add(5),
+                len: 3,
+                captured: b"1.1",
+            },
+            &mut out,
+        );
+        assert_eq!(
+            pieces,
+            vec![
+                (b"GET ".to_vec(), 4),
+                (Vec::new(), 0xa000_0000),
+                (b"HTTP/".to_vec(), 5),
+                (b"1.1".to_vec(), 3),
+            ]
+        );
+        let stats = reassembler.stats();
+        assert_eq!((stats.gaps, stats.duplicates), (1, 0));
+        assert!(reassembler.heap_bytes() < 1024, "nothing held any more");
     }
 
     fn run(
