@@ -283,12 +283,7 @@ fn auto_capture(marker: &str, own_netns: bool) {
         .wait_for_target(client.id())
         .expect("the daemon finds psql");
     daemon.wait_capturing().expect("capture attached");
-    wait_for(
-        "the unix-socket capture to attach",
-        Duration::from_secs(10),
-        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
-    )
-    .expect("attached once the connection is noticed");
+    wait_for_unix_capture(&daemon, "attached once the connection is noticed");
     let before = queries(&daemon);
     run_script(
         &mut client,
@@ -353,12 +348,7 @@ fn unix_socket_postgres_connections_are_seen_from_their_first_byte_when_always_c
     let pg = PgCluster::start().expect("postgres");
     let marker = "selfheal_marker=unix-always";
     let daemon = Daemon::start(&unix_config(marker, "always")).expect("daemon");
-    wait_for(
-        "the unix-socket capture to attach",
-        Duration::from_secs(10),
-        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
-    )
-    .expect("attached from the start");
+    wait_for_unix_capture(&daemon, "attached from the start");
     let cgroup = OwnCgroup::create("unix-always").expect("cgroup");
     // The shell waits for a line before it becomes psql (same pid), so the daemon knows the
     // target before its first connection.
@@ -584,12 +574,7 @@ fn waiting_target(name: &str) -> Waiting {
         .wait_for_target(target.id())
         .expect("the daemon finds the target");
     daemon.wait_capturing().expect("capture attached");
-    wait_for(
-        "the unix-socket capture to attach",
-        Duration::from_secs(10),
-        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
-    )
-    .expect("attached from the start");
+    wait_for_unix_capture(&daemon, "attached from the start");
     Waiting {
         pg,
         daemon,
@@ -607,6 +592,16 @@ fn end(mut target: std::process::Child, daemon: Daemon, cgroup: OwnCgroup) {
 }
 
 const UNIX_CAPTURE: &str = "selfheal_ebpf_probe_attached{probe=\"unix_capture\"}";
+
+/// Waits up to 10 s for the unix-socket hooks to be attached; `why` names the expectation.
+fn wait_for_unix_capture(daemon: &Daemon, why: &str) {
+    wait_for(
+        "the unix-socket capture to attach",
+        Duration::from_secs(10),
+        || (daemon.metric(UNIX_CAPTURE).ok().flatten() == Some(1.0)).then_some(()),
+    )
+    .expect(why);
+}
 
 /// A daemon watching the process whose command line holds `marker`, capturing payloads on
 /// its cgroup, with `probes.unix_sockets = mode` and a short report interval (the unix-socket
