@@ -213,6 +213,8 @@ pub struct Loaded {
     /// With the segment capture: the unix-socket capture's mode, and whether its programs
     /// are loaded.
     unix: Option<(UnixSockets, bool)>,
+    /// Whether the syscall capture (`probes.capture = "syscalls"`) is attached.
+    syscalls: bool,
     ring: RingBuf<MapData>,
     filters: Filters,
     stats: PerCpuArray<MapData, u64>,
@@ -351,6 +353,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
     report("tcp_reset", reset);
     let mut segments = false;
     let mut unix = None;
+    let mut syscalls = false;
     if segment_capture {
         // Attached to the target's cgroup by the reader, once it knows where the target is.
         match segments::load(&mut ebpf) {
@@ -375,6 +378,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         let capture =
             socket_ops::load(&mut ebpf).and_then(|()| socket_ops::attach(&mut ebpf).map(drop));
         let on = capture.is_ok();
+        syscalls = on;
         report("payload_capture", capture);
         metrics.set_capture_mode(if on { "syscalls" } else { "none" });
     } else {
@@ -401,6 +405,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         ebpf,
         segments,
         unix,
+        syscalls,
         ring,
         filters: Filters {
             targets,
@@ -718,6 +723,7 @@ pub async fn run(
         ebpf: mut attached,
         segments,
         unix,
+        syscalls,
         ring,
         mut filters,
         stats: counters,
@@ -766,13 +772,15 @@ pub async fn run(
                 drain(guard.get_inner_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
                 guard.clear_ready();
                 if flush_captures {
-                    sampling.update(&captures, &metrics);
+                    let on = capturing(syscalls, segments.as_ref(), unix.as_ref());
+                    sampling.update(on, &captures, &metrics);
                 }
             }
             // Captures do not wake the reader (see the eBPF program): drain on a timer.
             _ = flush.tick(), if flush_captures => {
                 drain(ring.get_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
-                sampling.update(&captures, &metrics);
+                let on = capturing(syscalls, segments.as_ref(), unix.as_ref());
+                sampling.update(on, &captures, &metrics);
             }
             _ = ticker.tick() => {
                 // The target can move between cgroups without a change of processes.
@@ -893,6 +901,17 @@ fn drain(
     }
 }
 
+/// Whether any payload capture program is attached now.
+fn capturing(
+    syscalls: bool,
+    segments: Option<&SegmentCapture>,
+    unix: Option<&UnixCapture>,
+) -> bool {
+    syscalls
+        || segments.is_some_and(SegmentCapture::is_attached)
+        || unix.is_some_and(UnixCapture::is_attached)
+}
+
 /// The capture's sampling: the kernel's mask and what sets it.
 struct Sampling {
     map: Array<MapData, u32>,
@@ -909,11 +928,19 @@ impl Sampling {
     /// and how much CPU the host has idle: whole connections are shed (their parsers
     /// resynchronise when they come back) rather than the daemon falling behind or taking
     /// CPU the target could use. Opens and closes are never shed, so the connection
-    /// table stays right.
-    fn update(&mut self, captures: &mpsc::Sender<Batch>, metrics: &Metrics) {
+    /// table stays right. While nothing is `capturing` (the target not running, or not yet
+    /// in a cgroup of its own) nothing sheds and the readings start over: no shedding is
+    /// logged for a capture that takes nothing.
+    fn update(&mut self, capturing: bool, captures: &mpsc::Sender<Batch>, metrics: &Metrics) {
         let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
-        let now = std::time::Instant::now();
-        let level = self.queue.observe(now, free).max(self.host.observe(now));
+        let level = if capturing {
+            let now = std::time::Instant::now();
+            self.queue.observe(now, free).max(self.host.observe(now))
+        } else {
+            self.queue = QueueSide::default();
+            self.host.reset();
+            0
+        };
         if level == self.level {
             return;
         }
@@ -932,6 +959,10 @@ impl Sampling {
                 host_cpu_idle_percent = format!("{idle:.0}"),
                 decode_queue_full_percent = format!("{queue_full:.0}"),
                 "payload capture is shedding connections: the host has no CPU to spare or the decoders are behind"
+            ),
+            (_, 0) if !capturing => tracing::info!(
+                "payload capture detached while shedding connections; it keeps every one when it \
+                 attaches again"
             ),
             (_, 0) => tracing::info!("payload capture keeps every connection again"),
             _ => tracing::debug!(keep_one_in = 1u32 << level, idle, queue_full, "payload capture sampling changed"),

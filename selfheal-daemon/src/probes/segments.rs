@@ -208,6 +208,11 @@ impl SegmentCapture {
         })
     }
 
+    /// Whether the programs are attached to the target's cgroup.
+    pub fn is_attached(&self) -> bool {
+        self.attached.is_some()
+    }
+
     fn detach(&mut self, ebpf: &mut Ebpf) {
         let Some((dir, links)) = self.attached.take() else {
             return;

@@ -186,6 +186,11 @@ impl Shedding {
     pub fn idle_percent(&self) -> f64 {
         self.idle_percent
     }
+
+    /// Forgets the readings (nothing is captured: the next capture starts unshed).
+    pub fn reset(&mut self) {
+        *self = Self::new(self.threshold);
+    }
 }
 
 #[cfg(test)]

@@ -257,6 +257,11 @@ impl UnixCapture {
         self.export();
     }
 
+    /// Whether the programs are attached.
+    pub fn is_attached(&self) -> bool {
+        self.links.is_some()
+    }
+
     fn export(&self) {
         self.metrics
             .ebpf_probe_attached

@@ -118,7 +118,8 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
 
 /// A backend that shares its cgroup with other processes is not captured on it (other
 /// processes would pay and their traffic would be taken for the target's): the daemon says
-/// why, in its log and in `selfheal_capture_mode`, and captures nothing. Moved into a cgroup
+/// why, in its log and in `selfheal_capture_mode`, and captures (and sheds) nothing, even on a
+/// host without idle CPU. Moved into a cgroup
 /// of its own, it is attached there without a restart of the daemon.
 #[test]
 fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
@@ -166,9 +167,22 @@ fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
             200
         );
     }
+    // A host without idle CPU meanwhile: nothing is captured, so nothing is shed either.
+    let hogs = CpuHogs::start();
     std::thread::sleep(Duration::from_millis(1500));
+    drop(hogs);
     let captured = events(&daemon, "recv", "server") + events(&daemon, "recv", "unknown");
     assert!(captured < 0.5, "nothing captured, got {captured} events");
+    assert_eq!(
+        sampling_ratio(&daemon),
+        Some(1.0),
+        "no shedding while detached"
+    );
+    let text = std::fs::read_to_string(daemon.proc.log().expect("daemon log")).expect("log");
+    assert!(
+        !text.contains("payload capture is shedding"),
+        "no shedding logged while nothing is captured:\n{text}"
+    );
 
     // Moved into a cgroup of its own while running: the daemon attaches there.
     let cgroup = OwnCgroup::create("moved-backend").expect("cgroup");
