@@ -164,7 +164,8 @@ pub struct TargetConfig {
     #[serde(default = "defaults::docker_socket")]
     pub docker_socket: PathBuf,
     /// How often the target is resolved again (to follow restarts) while it is down, and
-    /// checked while it is up.
+    /// checked while it is up (a running unit or container from its cgroup; systemd or the
+    /// engine is asked again when its processes change, and every 10 s).
     #[serde(default = "defaults::target_poll_interval_ms")]
     pub poll_interval_ms: u64,
 }

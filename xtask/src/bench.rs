@@ -30,6 +30,16 @@ pub(crate) enum Bench {
         #[arg(long)]
         only: Option<String>,
     },
+    /// The host's CPU while the daemon watches an idle systemd unit and an idle container
+    /// (the daemon's own, and what it makes the manager, the bus and the engine do).
+    WatchCost {
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// `target.poll_interval_ms` of the daemon.
+        #[arg(long, default_value_t = 500)]
+        poll_interval_ms: u64,
+    },
     /// Many concurrent clients on the admin API's read endpoints: errors, latency and the
     /// daemon's memory over the run.
     Api {
@@ -62,6 +72,9 @@ pub(crate) enum Bench {
         /// syscalls).
         #[arg(long, default_value = "cgroup", value_parser = ["cgroup", "syscalls"])]
         capture: String,
+        /// `probes.payload_bytes` of the daemon (0: no payload capture, the daemon's baseline).
+        #[arg(long, default_value_t = 256)]
+        payload_bytes: u32,
         /// One more line of the daemon's `[probes]` table, e.g. `--set "decode_nice = 19"`
         /// or `--set "flush_interval_ms = 250"` (repeatable).
         #[arg(long = "set", value_name = "KEY = VALUE")]
@@ -74,16 +87,22 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
         Bench::CrashLatency { runs } => crash_latency(*runs),
         Bench::Healing { runs, only } => crate::healing::run(*runs, only.as_deref()),
         Bench::Api { seconds, clients } => crate::api_load::run(*seconds, *clients),
+        Bench::WatchCost {
+            seconds,
+            poll_interval_ms,
+        } => crate::watch_cost::run(*seconds, *poll_interval_ms),
         Bench::Overhead {
             seconds,
             connections,
             rounds,
             profile,
             capture,
+            payload_bytes,
             set,
         } => {
             let probes = crate::overhead::Probes {
                 capture: capture.clone(),
+                payload_bytes: *payload_bytes,
                 set: set.clone(),
             };
             if *profile {

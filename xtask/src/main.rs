@@ -17,6 +17,7 @@ mod healing;
 mod overhead;
 mod setup;
 mod test;
+mod watch_cost;
 
 use std::{
     path::{Path, PathBuf},

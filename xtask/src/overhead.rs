@@ -115,7 +115,7 @@ fn other_process_costs(
     let mut with: Vec<[f64; 4]> = Vec::new();
     for round in 0..rounds * 2 {
         if matches!(round % 4, 1 | 2) {
-            let _daemon = daemon_for(backend, 256, capture)?;
+            let _daemon = daemon_for(backend, capture.payload_bytes, capture)?;
             with.push(other_process_round()?);
         } else {
             without.push(other_process_round()?);
@@ -168,6 +168,8 @@ struct Load {
     /// Share of the run during which some process of the backend's cgroup waited for a CPU
     /// (its `cpu.pressure` "some" total), in %.
     stall_percent: f64,
+    /// Every request's latency, µs, sorted.
+    latencies_us: Vec<u32>,
 }
 
 /// Microseconds some task of `pid`'s cgroup2 directory has waited for a CPU (PSI, the
@@ -203,7 +205,7 @@ fn cpu_stall_us(pid: u32) -> f64 {
 /// Per request, the difference with and without the daemon is what it adds to the cost of
 /// serving one, and the ratio is the capacity a CPU-bound machine loses: far steadier here
 /// than a saturation throughput.
-fn busy_seconds() -> Result<f64> {
+pub(crate) fn busy_seconds() -> Result<f64> {
     let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
     let line = stat.lines().next().unwrap_or_default();
     let fields: Vec<f64> = line
@@ -291,6 +293,7 @@ fn load(
         p99_ms: at(0.99),
         cpu_us_per_request: busy * 1e6 / latencies.len().max(1) as f64,
         stall_percent: stall / duration.as_secs_f64() / 1e4,
+        latencies_us: latencies,
     })
 }
 
@@ -370,6 +373,8 @@ fn program_cost(daemon: &Daemon) -> Result<Vec<(&'static str, f64, f64)>> {
 /// (`--set`, e.g. `decode_nice = 19`).
 pub(crate) struct Probes {
     pub capture: String,
+    /// `payload_bytes` of the comparison (the profile compares 0 with it).
+    pub payload_bytes: u32,
     pub set: Vec<String>,
 }
 
@@ -432,7 +437,7 @@ fn alternate(
             );
         };
         if daemon_on {
-            let daemon = daemon_for(backend, 256, capture)?;
+            let daemon = daemon_for(backend, capture.payload_bytes, capture)?;
             let cpu = || {
                 daemon
                     .metric("selfheal_daemon_cpu_seconds_total")
@@ -494,14 +499,51 @@ fn paired_ratio(without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> f64 {
     )
 }
 
-/// `name ratio (±%), paired ratio (±%)` for the summaries.
+/// How far apart the two runs without the daemon of a block are (the median over the
+/// blocks of |first / second − 1|, in %): what this machine's noise alone does to one
+/// figure, to read the ratios against.
+fn noise_percent(without: &[Load], f: fn(&Load) -> f64) -> f64 {
+    median(
+        without
+            .chunks_exact(2)
+            .map(|pair| (f(&pair[0]) / f(&pair[1]) - 1.0).abs() * 100.0)
+            .collect(),
+    )
+}
+
+/// The quantile `q` of every request of `loads` together.
+fn pooled_quantile_ms(loads: &[Load], q: f64) -> f64 {
+    let mut all: Vec<u32> = loads
+        .iter()
+        .flat_map(|l| l.latencies_us.iter().copied())
+        .collect();
+    all.sort_unstable();
+    all.get(((all.len().max(1) - 1) as f64 * q) as usize)
+        .map_or(0.0, |us| f64::from(*us) / 1000.0)
+}
+
+/// `name ratio (±%), paired ratio (±%), noise` for the summaries.
 fn ratios(name: &str, without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> String {
     let r = ratio(without, with, f);
     let p = paired_ratio(without, with, f);
+    let noise = noise_percent(without, f);
     format!(
-        "{name} {r:.3} ({:+.1} %; paired by block {p:.3}, {:+.1} %)",
+        "{name} {r:.3} ({:+.1} %; paired by block {p:.3}, {:+.1} %; two runs without differ by {noise:.1} %)",
         (r - 1.0) * 100.0,
         (p - 1.0) * 100.0
+    )
+}
+
+/// The p99 of every request of each condition pooled, with / without.
+fn pooled_p99(without: &[Load], with: &[Load]) -> String {
+    let (a, b) = (
+        pooled_quantile_ms(without, 0.99),
+        pooled_quantile_ms(with, 0.99),
+    );
+    format!(
+        "p99 of all requests pooled: {b:.2} ms with, {a:.2} ms without, {:.3} ({:+.1} %)",
+        b / a,
+        (b / a - 1.0) * 100.0
     )
 }
 
@@ -513,8 +555,9 @@ pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Pro
     load(&backend, connections, Duration::from_secs(2), None)?;
 
     println!(
-        "payload capture: probes.capture = \"{}\", payload_bytes = 256{}",
+        "payload capture: probes.capture = \"{}\", payload_bytes = {}{}",
         capture.capture,
+        capture.payload_bytes,
         if capture.set.is_empty() {
             String::new()
         } else {
@@ -524,7 +567,7 @@ pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Pro
     println!();
     println!("## cost to a process that is not the target ({OTHER_ROUNDS} rounds per condition, alternated, medians)");
     let (bare, with_capture) = other_process_costs(&backend, OTHER_ROUNDS, capture)?;
-    let program_costs = program_cost(&daemon_for(&backend, 256, capture)?)?;
+    let program_costs = program_cost(&daemon_for(&backend, capture.payload_bytes, capture)?)?;
     println!("| operation | no daemon, ns | daemon with payload capture, ns | added, ns |");
     println!("|---|---|---|---|");
     for (i, operation) in OTHER_OPERATIONS.iter().enumerate() {
@@ -552,6 +595,7 @@ pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Pro
         ratios("throughput", &without, &with, |l| l.per_second),
         ratios("p99", &without, &with, |l| l.p99_ms),
     );
+    println!("saturation, {}", pooled_p99(&without, &with));
 
     let rate = (median(without.iter().map(|l| l.per_second).collect()) / 2.0).round();
     println!();
@@ -566,10 +610,11 @@ pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Pro
         ratios("machine CPU per request", &without, &with, |l| l
             .cpu_us_per_request),
     );
+    println!("fixed load, {}", pooled_p99(&without, &with));
 
     // Where the added CPU goes: one more run with the daemon and the kernel's BPF statistics
     // on (they cost time themselves, so this run is not among the compared ones).
-    let daemon = daemon_for(&backend, 256, capture)?;
+    let daemon = daemon_for(&backend, capture.payload_bytes, capture)?;
     let cpu_before = daemon
         .metric("selfheal_daemon_cpu_seconds_total")?
         .unwrap_or(0.0);
@@ -608,7 +653,7 @@ pub(crate) fn profile(seconds: u64, connections: usize, capture: &Probes) -> Res
     println!();
     println!("| payload_bytes | requests | daemon CPU, s | per request, µs | capture programs per request (kernel BPF statistics) |");
     println!("|---|---|---|---|---|");
-    for payload_bytes in [0, 256] {
+    for payload_bytes in [0, capture.payload_bytes] {
         let daemon = daemon_for(&backend, payload_bytes, capture)?;
         let before = daemon
             .metric("selfheal_daemon_cpu_seconds_total")?
@@ -642,7 +687,7 @@ pub(crate) fn profile(seconds: u64, connections: usize, capture: &Probes) -> Res
             }
         }
     }
-    let daemon = daemon_for(&backend, 256, capture)?;
+    let daemon = daemon_for(&backend, capture.payload_bytes, capture)?;
     let data = std::env::temp_dir().join(format!("selfheal-overhead-{}.perf", std::process::id()));
     let mut perf = std::process::Command::new("perf")
         .args(["record", "-F", "1999", "-g", "-o"])

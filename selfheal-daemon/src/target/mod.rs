@@ -197,14 +197,38 @@ fn command_match(process: &procfs::process::Process, pattern: &str) -> Option<(i
 /// `CONFIG_PROC_CHILDREN`) or the main process is no longer the top-most match. Unlike the
 /// scan, it does not move the target to an older matching process that appears later (a
 /// process renaming itself): the main process stays the target while it lives and matches.
-async fn refresh(selector: &TargetSelector, current: &Resolved) -> Result<Resolved, TargetError> {
-    if let TargetSelector::Command(pattern) = selector {
-        if let Some(fresh) = command_members(pattern, current.pid, &current.members) {
-            return Ok(fresh);
+///
+/// A systemd unit or a container is not asked of systemd or the container engine at every
+/// poll either (a D-Bus connection or an Engine API inspect each time, paid by the manager or
+/// the engine): while its main process's cgroup lists the same processes, nothing changed.
+/// It is asked when they change, and when `confirm` (every [`CONFIRM_EVERY`]), for a main
+/// process that the manager replaced while the old one still runs; a restart ends the main
+/// process, which the pidfd reports at once.
+async fn refresh(
+    selector: &TargetSelector,
+    current: &Resolved,
+    confirm: bool,
+) -> Result<Resolved, TargetError> {
+    match selector {
+        TargetSelector::Command(pattern) => {
+            if let Some(fresh) = command_members(pattern, current.pid, &current.members) {
+                return Ok(fresh);
+            }
         }
+        TargetSelector::SystemdUnit { .. } | TargetSelector::Container { .. } if !confirm => {
+            let members = cgroup_of(current.pid).map(|dir| cgroup_members(&dir, current.pid));
+            if members.as_ref() == Some(&current.members) {
+                return Ok(current.clone());
+            }
+        }
+        _ => {}
     }
     resolve(selector).await
 }
+
+/// How often a running unit's or container's main process is asked of systemd or the
+/// container engine when its processes have not changed (see [`refresh`]).
+const CONFIRM_EVERY: Duration = Duration::from_secs(10);
 
 /// `main` and its matching children, if `main` still matches and its parent does not.
 /// `known` are the members found last time: the kernel's children lists are not exact while
@@ -502,6 +526,7 @@ impl Tracker {
         pidfd: &AsyncFd<OwnedFd>,
         cancel: &CancellationToken,
     ) -> bool {
+        let mut confirmed = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => return false,
@@ -529,7 +554,11 @@ impl Tracker {
                 () = tokio::time::sleep(self.poll_interval) => {
                     // Refresh the member list (workers come and go) and notice a selector that
                     // now points elsewhere (a rewritten pidfile, a unit restarted between polls).
-                    if let Ok(fresh) = refresh(&self.selector, &current).await {
+                    let confirm = confirmed.elapsed() >= CONFIRM_EVERY;
+                    if confirm {
+                        confirmed = tokio::time::Instant::now();
+                    }
+                    if let Ok(fresh) = refresh(&self.selector, &current, confirm).await {
                         if fresh.pid != current.pid {
                             self.exited(current.pid, None);
                             return true;
@@ -731,7 +760,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         assert_eq!(full.pid, child.id());
-        assert_eq!(refresh(&selector, &full).await.expect("refresh"), full);
+        assert_eq!(
+            refresh(&selector, &full, false).await.expect("refresh"),
+            full
+        );
 
         // One member gone: the refresh no longer names it.
         let gone = full.members[1];
@@ -762,6 +794,68 @@ mod tests {
         );
         // End of input: the shell stops its jobs and exits.
         drop(child.stdin.take());
+        let _ = child.wait();
+    }
+
+    /// A running unit or container whose cgroup lists the same processes is refreshed
+    /// without asking systemd or the engine (here unreachable: asking fails); they are asked
+    /// when its processes change and when a confirmation is due.
+    #[tokio::test]
+    async fn a_unit_or_container_is_asked_again_only_when_its_processes_change() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id();
+        let dir = cgroup_of(pid).expect("the child's cgroup");
+        let current = Resolved {
+            pid,
+            members: cgroup_members(&dir, pid),
+        };
+        let selectors = [
+            TargetSelector::SystemdUnit {
+                unit: "selfheal-test.service".into(),
+                bus: "unix:path=/nonexistent/selfheal-test-bus".into(),
+            },
+            TargetSelector::Container {
+                name: "selfheal-test".into(),
+                socket: "/nonexistent/selfheal-test-docker.sock".into(),
+            },
+        ];
+        for selector in &selectors {
+            // The cgroup's list can change under the test (other processes of the test run
+            // share it): equal to a list read just before, or asked.
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let current = Resolved {
+                    pid,
+                    members: cgroup_members(&dir, pid),
+                };
+                if let Ok(fresh) = refresh(selector, &current, false).await {
+                    assert_eq!(fresh, current, "{selector}: unchanged, not asked");
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{selector}: refreshed from its cgroup without asking"
+                );
+            }
+            let confirmed = refresh(selector, &current, true).await;
+            assert!(
+                confirmed.is_err(),
+                "{selector}: a confirmation asks: {confirmed:?}"
+            );
+            let changed = Resolved {
+                pid,
+                members: vec![pid, u32::MAX],
+            };
+            let asked = refresh(selector, &changed, false).await;
+            assert!(
+                asked.is_err(),
+                "{selector}: changed processes ask: {asked:?}"
+            );
+        }
+        let _ = child.kill();
         let _ = child.wait();
     }
 }
