@@ -636,6 +636,7 @@ impl Traffic {
             |((tgid, _), _)| tgid,
         );
         let held_elsewhere = self.held_bytes;
+        let readmitted_ns = self.metrics.capture_readmitted_ns();
         let Some(connection) = self.connection(sock, || Connection {
             tgid: owner,
             role: known,
@@ -645,13 +646,26 @@ impl Traffic {
             return;
         };
         connection.endpoints = connection.endpoints.or(endpoints);
+        // Quiet since before the capture took back shed connections: it may have been one of
+        // them, and what lies between its streams' positions and their next segments was
+        // never captured.
+        let maybe_shed = connection.last_ts_ns < readmitted_ns;
         connection.last_ts_ns = ts_ns;
         match direction {
             Direction::Received => connection.recv_bytes += u64::from(total_len),
             Direction::Sent => connection.send_bytes += u64::from(total_len),
         }
         let mut streams = connection.streams.take().unwrap_or_default();
+        if maybe_shed {
+            streams.iter_mut().for_each(Reassembler::resync);
+        }
         let stream = &mut streams[direction_index(direction)];
+        // The connection's first segment since it was taken back starts its stream over after
+        // bytes never captured: what the parser was waiting for (answers, the rest of a
+        // message) went with them. It starts afresh, as on a connection found mid-way (once:
+        // the other direction's own start-over is then only a gap).
+        let restarted = (maybe_shed && total_len > 0 && stream.starts_over_at(seq))
+            .then(|| restart(&mut connection.decoder));
         let segment = Segment {
             seq,
             len: total_len,
@@ -670,6 +684,10 @@ impl Traffic {
         let after = stream.heap_bytes();
         connection.streams = Some(streams);
         out.collect(connection.origin());
+        if let Some(old) = restarted {
+            self.closed.http += old.http;
+            self.closed.postgres += old.postgres;
+        }
         self.held_bytes = held_elsewhere.saturating_sub(before) + after;
         if over_budget {
             let reason = ReasonLabel {
@@ -859,6 +877,17 @@ impl Traffic {
 }
 
 /// Feeds one syscall's bytes to the connection's decoder, choosing it first if needed.
+/// Replaces a parser with a fresh one of the same protocol; the old one's problem counters.
+fn restart(decoder: &mut Decoder) -> ProblemTotals {
+    let mut old = ProblemTotals::default();
+    match decoder {
+        Decoder::Http(parser) => old.http = std::mem::take(parser.as_mut()).stats(),
+        Decoder::Postgres(parser) => old.postgres = std::mem::take(parser.as_mut()).stats(),
+        Decoder::Undecided | Decoder::Opaque => {}
+    }
+    old
+}
+
 fn feed(
     connection: &mut Connection,
     direction: Direction,
@@ -1744,6 +1773,71 @@ mod tests {
             !out.postgres.is_empty(),
             "the query before the hole completed"
         );
+    }
+
+    /// A connection the capture shed for a while and took back jumps ahead in both
+    /// directions: its next request and answer are decoded at once, not held for holes that
+    /// no retransmission will fill.
+    #[test]
+    fn a_connection_taken_back_after_shedding_is_decoded_from_its_next_segment() {
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics.clone());
+        traffic.set_members(&[40]);
+        let mut out = Decoded::default();
+        let request = |id: u32| format!("GET /api/v1/leads/{id} HTTP/1.1\r\nHost: a\r\n\r\n");
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        let exchange = |traffic: &mut Traffic, out: &mut Decoded, at: (u32, u32), id, ts| {
+            handle(
+                traffic,
+                segment(7, Direction::Received, at.0, request(id).as_bytes(), ts),
+                out,
+            );
+            handle(
+                traffic,
+                segment(7, Direction::Sent, at.1, response, ts + 50),
+                out,
+            );
+        };
+        exchange(&mut traffic, &mut out, (1000, 9000), 1, 100);
+        assert_eq!(out.http.len(), 1);
+        // A request whose answer the shedding takes.
+        let pending = 1000 + request(1).len() as u32;
+        handle(
+            &mut traffic,
+            segment(7, Direction::Received, pending, request(9).as_bytes(), 200),
+            &mut out,
+        );
+        // Shed, then taken back: the requests and answers in between were never captured.
+        metrics.set_capture_readmitted();
+        let now = crate::target::monotonic_ns();
+        exchange(
+            &mut traffic,
+            &mut out,
+            (1000 + 40 * 500, 9000 + 38 * 500),
+            2,
+            now,
+        );
+        assert_eq!(out.http.len(), 2, "decoded at once: {:?}", out.http);
+        assert_eq!(
+            out.http[1].1.request.path, "/api/v1/leads/2",
+            "the new answer is not taken for the pending request's"
+        );
+        assert_eq!(out.http[1].1.latency_ns(), 50);
+        // Every connection kept since: a hole waits for its retransmission again.
+        let next = 1000 + 40 * 500 + request(2).len() as u32;
+        handle(
+            &mut traffic,
+            segment(
+                7,
+                Direction::Received,
+                next + 100,
+                request(3).as_bytes(),
+                now + 100,
+            ),
+            &mut out,
+        );
+        assert_eq!(out.http.len(), 2);
+        assert!(traffic.held_bytes > 0, "held past the hole");
     }
 
     #[test]

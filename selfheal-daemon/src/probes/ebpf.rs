@@ -970,6 +970,9 @@ impl Sampling {
         if self.level == 0 || level == 0 {
             metrics.set_capture_shedding(level > 0);
         }
+        if level < self.level {
+            metrics.set_capture_readmitted();
+        }
         self.level = level;
         metrics
             .capture_sampling_ratio

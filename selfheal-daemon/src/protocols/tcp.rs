@@ -12,7 +12,9 @@
 //! oldest hole is given up as a gap. Sequence numbers wrap (RFC 1982 arithmetic). A segment
 //! further from the stream's position than any TCP window reaches ([`MAX_WINDOW`]) means the
 //! bytes between were never seen — the capture shed the connection for a while, or dropped
-//! its records — and the stream starts over at it, after a gap.
+//! its records — and the stream starts over at it, after a gap. So does the first segment
+//! past a hole after [`Reassembler::resync`] (the caller knows the connection may have been
+//! shed meanwhile): nothing is held for bytes that were never captured.
 
 /// Out-of-order segments held while waiting for a hole to fill.
 pub const MAX_HELD: usize = 32;
@@ -61,6 +63,8 @@ pub struct Reassembler {
     next: Option<u32>,
     held: Vec<Held>,
     stats: ReassemblyStats,
+    /// The next segment past the stream's position starts it over (see [`Self::resync`]).
+    resync: bool,
 }
 
 /// `seq - base` as a signed distance (RFC 1982: within 2^31 either way).
@@ -98,6 +102,23 @@ impl Reassembler {
                 .sum::<usize>()
     }
 
+    /// The bytes between the stream's position and its next segment may never have been
+    /// captured (the capture shed the connection and took it back): if that segment lies
+    /// ahead, the stream starts over at it after a gap instead of holding it for a hole no
+    /// retransmission will fill. Applies to the next segment with a payload only.
+    pub fn resync(&mut self) {
+        self.resync = true;
+    }
+
+    /// Whether a segment with a payload at `seq` would start the stream over (see
+    /// [`Self::resync`] and [`MAX_WINDOW`]): what was in flight before it is lost.
+    pub fn starts_over_at(&self, seq: u32) -> bool {
+        self.next.is_some_and(|next| {
+            let at = distance(seq, next);
+            at.unsigned_abs() > MAX_WINDOW || (self.resync && at > 0)
+        })
+    }
+
     /// Takes one segment; passes on whatever is now in order.
     pub fn push(&mut self, segment: Segment<'_>, out: &mut impl FnMut(&[u8], usize)) {
         if segment.len == 0 {
@@ -106,7 +127,9 @@ impl Reassembler {
         let captured = &segment.captured[..segment.captured.len().min(segment.len as usize)];
         let next = *self.next.get_or_insert(segment.seq);
         let at = distance(segment.seq, next);
-        if at.unsigned_abs() > MAX_WINDOW {
+        let starts_over = self.starts_over_at(segment.seq);
+        self.resync = false;
+        if starts_over {
             self.start_over(segment.seq, out);
         } else if at > 0 {
             self.hold(segment.seq, segment.len, captured);
@@ -194,7 +217,7 @@ impl Reassembler {
     /// Gives up what is held and the bytes up to `seq` (the forward distance to it, the best
     /// guess of how many were missed) as gaps, and goes on from `seq`.
     fn start_over(&mut self, seq: u32, out: &mut impl FnMut(&[u8], usize)) {
-        self.held.clear();
+        self.held = Vec::new();
         if let Some(next) = self.next {
             let missed = seq.wrapping_sub(next);
             self.stats.gaps += 1;
@@ -245,6 +268,47 @@ mod tests {
             self.known
                 .extend(std::iter::repeat_n(None, total - captured.len()));
         }
+    }
+
+    #[test]
+    fn after_a_resync_a_segment_past_the_position_starts_the_stream_over_at_once() {
+        let mut reassembler = Reassembler::starting_at(1000);
+        let pieces: std::cell::RefCell<Vec<(Vec<u8>, usize)>> = std::cell::RefCell::default();
+        let mut out = |c: &[u8], t: usize| pieces.borrow_mut().push((c.to_vec(), t));
+        let at = |seq: u32, captured: &'static [u8]| Segment {
+            seq,
+            len: captured.len() as u32,
+            captured,
+        };
+        reassembler.push(at(1000, b"GET "), &mut out);
+        // Without a resync a segment past the position waits for the hole.
+        reassembler.push(at(1010, b"HEAD"), &mut out);
+        assert_eq!(pieces.borrow().len(), 1, "held: {pieces:?}");
+        // Taken back after shedding: the next segment ahead is where the stream goes on.
+        reassembler.resync();
+        assert!(!reassembler.starts_over_at(1004), "in order");
+        assert!(reassembler.starts_over_at(5000));
+        reassembler.push(at(5000, b"POST"), &mut out);
+        assert_eq!(
+            *pieces.borrow(),
+            vec![
+                (b"GET ".to_vec(), 4),
+                (Vec::new(), 3996),
+                (b"POST".to_vec(), 4)
+            ]
+        );
+        assert_eq!(
+            reassembler.heap_bytes(),
+            0,
+            "the old hole's segment is let go"
+        );
+        // Once only: a later hole waits again, and an in-order segment consumes a resync.
+        reassembler.push(at(5010, b"PUT "), &mut out);
+        assert_eq!(pieces.borrow().len(), 3);
+        reassembler.resync();
+        reassembler.push(at(5004, b"more"), &mut out);
+        assert_eq!(pieces.borrow().len(), 4, "in order");
+        let _ = reassembler.stats();
     }
 
     #[test]

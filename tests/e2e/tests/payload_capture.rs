@@ -159,14 +159,7 @@ fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
         "the log says why:\n{text}"
     );
     let mut client = KeepAlive::connect(backend.address).expect("connect");
-    for _ in 0..5 {
-        assert_eq!(
-            client
-                .get("/api/v1/tackle/deals", "api.tackle.io")
-                .expect("request"),
-            200
-        );
-    }
+    deals(&mut client, 5);
     // A host without idle CPU meanwhile: nothing is captured, so nothing is shed either.
     let hogs = CpuHogs::start();
     std::thread::sleep(Duration::from_millis(1500));
@@ -757,17 +750,17 @@ impl Drop for CpuHogs {
     }
 }
 
-/// Requests on `connections` keep-alive connections, back to back, until `stop`.
+/// Requests on each of `clients` (keep-alive connections), back to back, until `stop`; the
+/// number sent, and the connections, still open.
 fn keep_busy(
-    address: std::net::SocketAddr,
-    connections: usize,
+    clients: Vec<KeepAlive>,
     stop: &std::sync::atomic::AtomicBool,
-) -> u64 {
+) -> (u64, Vec<KeepAlive>) {
     std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..connections)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut client = KeepAlive::connect(address).expect("connect");
+        let workers: Vec<_> = clients
+            .into_iter()
+            .map(|mut client| {
+                scope.spawn(move || {
                     let mut sent = 0;
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         client
@@ -775,12 +768,37 @@ fn keep_busy(
                             .expect("request");
                         sent += 1;
                     }
-                    sent
+                    (sent, client)
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().expect("worker")).sum()
+        let mut total = 0;
+        let mut clients = Vec::new();
+        for worker in workers {
+            let (sent, client) = worker.join().expect("worker");
+            total += sent;
+            clients.push(client);
+        }
+        (total, clients)
     })
+}
+
+/// `n` requests on `client`, each answered 200.
+fn deals(client: &mut KeepAlive, n: usize) {
+    for _ in 0..n {
+        assert_eq!(
+            client
+                .get("/api/v1/tackle/deals", "api.tackle.io")
+                .expect("request"),
+            200
+        );
+    }
+}
+
+fn connect_all(address: std::net::SocketAddr, n: usize) -> Vec<KeepAlive> {
+    (0..n)
+        .map(|_| KeepAlive::connect(address).expect("connect"))
+        .collect()
 }
 
 fn sampling_ratio(daemon: &Daemon) -> Option<f64> {
@@ -807,7 +825,8 @@ fn http_requests(daemon: &Daemon) -> u64 {
 /// While the host has no CPU to spare (busy loops beside the backend, its clients back to
 /// back), the capture sheds connections in the kernel: the share kept falls below 1, the shed
 /// segments are counted, the log says why. Once the host is quiet again every connection is
-/// kept, and requests are counted exactly again.
+/// kept, and requests are counted exactly again — on new connections, and at once on the
+/// connections that were shed (their streams jumped ahead while they were).
 #[test]
 fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet() {
     require_root();
@@ -821,19 +840,20 @@ fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet(
     );
 
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let shed = std::thread::scope(|scope| {
+    let (shed, mut clients) = std::thread::scope(|scope| {
         let hogs = CpuHogs::start();
-        let load = scope.spawn(|| keep_busy(backend.address, 16, &stop));
+        let clients = connect_all(backend.address, 16);
+        let load = scope.spawn(|| keep_busy(clients, &stop));
         let shed = wait_for("the capture to shed", Duration::from_secs(20), || {
             let ratio = sampling_ratio(&daemon)?;
             let dropped = shed_packets(&daemon);
             (ratio < 1.0 && dropped > 0.0).then_some((ratio, dropped))
         });
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let sent = load.join().expect("load");
+        let (sent, clients) = load.join().expect("load");
         drop(hogs);
         println!("{sent} requests on the busy host");
-        shed
+        (shed, clients)
     });
     let (ratio, dropped) = shed.expect("the capture sheds while the target waits for CPU");
     println!(
@@ -868,20 +888,30 @@ fn a_host_without_idle_cpu_makes_the_capture_shed_connections_until_it_is_quiet(
     );
     let before = http_requests(&daemon);
     for _ in 0..4 {
-        let mut client = KeepAlive::connect(backend.address).expect("connect");
-        for _ in 0..10 {
-            assert_eq!(
-                client
-                    .get("/api/v1/tackle/deals", "api.tackle.io")
-                    .expect("request"),
-                200
-            );
-        }
+        deals(
+            &mut KeepAlive::connect(backend.address).expect("connect"),
+            10,
+        );
     }
     wait_for("the 40 requests counted", Duration::from_secs(10), || {
         (http_requests(&daemon) == before + 40).then_some(())
     })
     .unwrap_or_else(|err| panic!("{err:#}: {} counted", http_requests(&daemon) - before));
+
+    // The connections open through the shedding, some of them shed: five more requests on
+    // each are counted while they stay open (a shed one's next segments start its streams
+    // over instead of waiting behind holes that will never fill).
+    let before = http_requests(&daemon);
+    for client in &mut clients {
+        deals(client, 5);
+    }
+    wait_for(
+        "the 80 requests on the old connections counted",
+        Duration::from_secs(10),
+        || (http_requests(&daemon) == before + 80).then_some(()),
+    )
+    .unwrap_or_else(|err| panic!("{err:#}: {} counted", http_requests(&daemon) - before));
+    drop(clients);
 }
 
 /// With `shed_below_idle_percent = 0` the same pressure sheds nothing: every request on every
@@ -897,10 +927,11 @@ fn without_shedding_a_target_on_a_busy_host_is_still_counted_exactly() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let sent = std::thread::scope(|scope| {
         let hogs = CpuHogs::start();
-        let load = scope.spawn(|| keep_busy(backend.address, 4, &stop));
+        let clients = connect_all(backend.address, 4);
+        let load = scope.spawn(|| keep_busy(clients, &stop));
         std::thread::sleep(Duration::from_secs(3));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let sent = load.join().expect("load");
+        let (sent, _clients) = load.join().expect("load");
         drop(hogs);
         sent
     });
