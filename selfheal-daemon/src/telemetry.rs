@@ -267,10 +267,6 @@ pub struct Metrics {
     /// `u64::MAX` while it sheds, the moment it kept every connection again after, 0 if it
     /// never did. A request seen starting before it may have lost its answer to shedding.
     capture_shed_until_ns: Arc<AtomicU64>,
-    /// Not exported: when (monotonic ns) the payload capture last took back connections it had
-    /// shed, 0 if it never did. A connection quiet in the capture since before then may have
-    /// been shed: its streams resynchronise on their next segment.
-    capture_readmitted_ns: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -795,7 +791,6 @@ impl Metrics {
             daemon_memory_rss_bytes,
             daemon_cpu_seen: Arc::new(AtomicU64::new(0f64.to_bits())),
             capture_shed_until_ns: Arc::new(AtomicU64::new(0)),
-            capture_readmitted_ns: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -814,18 +809,6 @@ impl Metrics {
     /// Until when the capture may have shed connections (see [`Self::set_capture_shedding`]).
     pub fn capture_shed_until_ns(&self) -> u64 {
         self.capture_shed_until_ns.load(Ordering::Relaxed)
-    }
-
-    /// Marks that the capture takes back some connections it had shed, now.
-    pub fn set_capture_readmitted(&self) {
-        self.capture_readmitted_ns
-            .store(crate::target::monotonic_ns(), Ordering::Relaxed);
-    }
-
-    /// When the capture last took back shed connections (see
-    /// [`Self::set_capture_readmitted`]).
-    pub fn capture_readmitted_ns(&self) -> u64 {
-        self.capture_readmitted_ns.load(Ordering::Relaxed)
     }
 
     pub fn refresh_self(&self) {

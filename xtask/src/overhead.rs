@@ -14,6 +14,9 @@
 //!     measured from the scheduled send (no coordinated omission); the p99 ratio, and the
 //!     machine's CPU time per request (the capacity a CPU-bound machine loses), then one more
 //!     run that splits the added time into the daemon's own CPU and the capture programs'.
+//!   - at the same moments: two identical backends share that fixed load, the daemon (in the
+//!     runs with it) capturing one; the ratio of their latencies within a run does not move
+//!     with this VM's stalls and drift, which blur the comparisons across runs.
 
 use std::{
     fs::OpenOptions,
@@ -157,6 +160,7 @@ fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
         .sum()
 }
 
+#[derive(Clone)]
 struct Load {
     requests: u64,
     errors: u64,
@@ -547,6 +551,98 @@ fn pooled_p99(without: &[Load], with: &[Load]) -> String {
     )
 }
 
+/// Two identical backends under the same fixed load at the same moments, the daemon (in the
+/// runs with it) capturing the first only. Both share every stall of this VM, so the ratio
+/// captured / not captured of one run is free of the drift and the stalls that blur the
+/// comparisons across runs; the change of that ratio between the runs without and with the
+/// daemon is the capture's cost in the target's own path. The daemon's CPU lands on both
+/// alike and is not in it: its cost is measured separately, as CPU per request.
+fn twins(
+    pg: &PgCluster,
+    capture: &Probes,
+    connections: usize,
+    duration: Duration,
+    rate: f64,
+    rounds: usize,
+) -> Result<()> {
+    let captured = DemoBackend::start(&pg.url(), free_port()?)?;
+    let other = DemoBackend::start(&pg.url(), free_port()?)?;
+    for backend in [&captured, &other] {
+        load(backend, connections, Duration::from_secs(2), None)?;
+    }
+    println!("## the same moments: two identical backends, {:.0} requests/s each on {connections} connections of their own (together the fixed load's rate), the daemon capturing the first; {} s per run, {rounds} runs each, alternated", rate / 2.0, duration.as_secs());
+    println!(
+        "| run | captured p50 ms | other p50 ms | captured p99 ms | other p99 ms | p99 ratio |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut runs: [Vec<(Load, Load)>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds * 2 {
+        let daemon_on = matches!(round % 4, 1 | 2);
+        let daemon = if daemon_on {
+            Some(daemon_for(&captured, capture.payload_bytes, capture)?)
+        } else {
+            None
+        };
+        let (a, b) = std::thread::scope(|scope| {
+            let a = scope.spawn(|| load(&captured, connections, duration, Some(rate / 2.0)));
+            let b = scope.spawn(|| load(&other, connections, duration, Some(rate / 2.0)));
+            (
+                a.join()
+                    .map_err(|_| anyhow::anyhow!("a load thread panicked")),
+                b.join()
+                    .map_err(|_| anyhow::anyhow!("a load thread panicked")),
+            )
+        });
+        let (a, b) = (a??, b??);
+        drop(daemon);
+        if a.errors + b.errors > 0 {
+            anyhow::bail!(
+                "{} requests failed in a run of the same moments: the comparison would not hold",
+                a.errors + b.errors
+            );
+        }
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} |",
+            if daemon_on {
+                "with daemon"
+            } else {
+                "without daemon"
+            },
+            a.p50_ms,
+            b.p50_ms,
+            a.p99_ms,
+            b.p99_ms,
+            a.p99_ms / b.p99_ms
+        );
+        runs[usize::from(daemon_on)].push((a, b));
+    }
+    let [without, with] = runs;
+    let ratio = |runs: &[(Load, Load)], f: fn(&Load) -> f64| {
+        median(runs.iter().map(|(a, b)| f(a) / f(b)).collect())
+    };
+    let pooled = |runs: &[(Load, Load)]| {
+        let (a, b): (Vec<Load>, Vec<Load>) = runs.iter().cloned().unzip();
+        pooled_quantile_ms(&a, 0.99) / pooled_quantile_ms(&b, 0.99)
+    };
+    println!();
+    for (name, f) in [
+        ("p50", (|l: &Load| l.p50_ms) as fn(&Load) -> f64),
+        ("p99", |l: &Load| l.p99_ms),
+    ] {
+        let (off, on) = (ratio(&without, f), ratio(&with, f));
+        println!(
+            "same moments, {name} captured / other (medians over runs): {off:.3} without the daemon, {on:.3} with it: the capture adds {:+.1} %",
+            (on / off - 1.0) * 100.0
+        );
+    }
+    let (off, on) = (pooled(&without), pooled(&with));
+    println!(
+        "same moments, p99 of all requests pooled, captured / other: {off:.3} without the daemon, {on:.3} with it: the capture adds {:+.1} %",
+        (on / off - 1.0) * 100.0
+    );
+    Ok(())
+}
+
 pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Probes) -> Result<()> {
     let duration = Duration::from_secs(seconds);
     let pg = PgCluster::start()?;
@@ -611,6 +707,8 @@ pub(crate) fn run(seconds: u64, connections: usize, rounds: usize, capture: &Pro
             .cpu_us_per_request),
     );
     println!("fixed load, {}", pooled_p99(&without, &with));
+    println!();
+    twins(&pg, capture, connections, duration, rate, rounds)?;
 
     // Where the added CPU goes: one more run with the daemon and the kernel's BPF statistics
     // on (they cost time themselves, so this run is not among the compared ones).

@@ -229,6 +229,10 @@ pub enum Capture {
     /// A process of the target exited (its last thread did): everything it read or wrote was
     /// captured before, so its connections end here, in order with their data.
     Exited { tgid: u32 },
+    /// The capture takes back connections it had shed (the sampling level went down). Sent
+    /// after every capture drained before it, so what follows may belong to a connection
+    /// that was shed: each connection's first segment after it may resynchronise.
+    Readmitted,
 }
 
 /// Captures handed from the eBPF reader to the decoders at once, with the payloads of all of
@@ -332,6 +336,8 @@ struct Connection {
     streams: Option<Box<[Reassembler; 2]>>,
     /// When its last segment was seen: the time of what a flush at close completes.
     last_ts_ns: u64,
+    /// [`Traffic::readmissions`] as of its last segment.
+    readmissions: u64,
 }
 
 impl Connection {
@@ -401,6 +407,8 @@ pub struct Traffic {
     /// Processes that are no longer members but still have connections, with the ticks left
     /// before these are closed (see [`LEAVING_TICKS`]).
     leaving: HashMap<u32, u8>,
+    /// How many times the capture took back shed connections ([`Capture::Readmitted`]).
+    readmissions: u64,
 }
 
 impl Traffic {
@@ -428,6 +436,7 @@ impl Traffic {
             seeded: HashMap::new(),
             members: Vec::new(),
             leaving: HashMap::new(),
+            readmissions: 0,
         }
     }
 
@@ -559,6 +568,7 @@ impl Traffic {
                 self.leaving.remove(&tgid);
                 self.retire_process(tgid, out);
             }
+            Capture::Readmitted => self.readmissions += 1,
         }
     }
 
@@ -636,7 +646,7 @@ impl Traffic {
             |((tgid, _), _)| tgid,
         );
         let held_elsewhere = self.held_bytes;
-        let readmitted_ns = self.metrics.capture_readmitted_ns();
+        let readmissions = self.readmissions;
         let Some(connection) = self.connection(sock, || Connection {
             tgid: owner,
             role: known,
@@ -646,10 +656,14 @@ impl Traffic {
             return;
         };
         connection.endpoints = connection.endpoints.or(endpoints);
-        // Quiet since before the capture took back shed connections: it may have been one of
-        // them, and what lies between its streams' positions and their next segments was
-        // never captured.
-        let maybe_shed = connection.last_ts_ns < readmitted_ns;
+        // Its first segment since the capture took back shed connections: it may have been
+        // one of them, and what lies between its streams' positions and their next segments
+        // was never captured. (A connection that was kept gets the same chance; it starts
+        // over only if this very segment lies past a hole, which a kept connection has only
+        // from a lost record or a reordering — the segment capture does not know which
+        // connections the kernel's mask took back.)
+        let maybe_shed = connection.streams.is_some() && connection.readmissions < readmissions;
+        connection.readmissions = readmissions;
         connection.last_ts_ns = ts_ns;
         match direction {
             Direction::Received => connection.recv_bytes += u64::from(total_len),
@@ -876,7 +890,6 @@ impl Traffic {
     }
 }
 
-/// Feeds one syscall's bytes to the connection's decoder, choosing it first if needed.
 /// Replaces a parser with a fresh one of the same protocol; the old one's problem counters.
 fn restart(decoder: &mut Decoder) -> ProblemTotals {
     let mut old = ProblemTotals::default();
@@ -888,6 +901,7 @@ fn restart(decoder: &mut Decoder) -> ProblemTotals {
     old
 }
 
+/// Feeds one syscall's bytes to the connection's decoder, choosing it first if needed.
 fn feed(
     connection: &mut Connection,
     direction: Direction,
@@ -1808,8 +1822,8 @@ mod tests {
             &mut out,
         );
         // Shed, then taken back: the requests and answers in between were never captured.
-        metrics.set_capture_readmitted();
-        let now = crate::target::monotonic_ns();
+        handle(&mut traffic, Capture::Readmitted, &mut out);
+        let now = 10_000;
         exchange(
             &mut traffic,
             &mut out,
@@ -1838,6 +1852,45 @@ mod tests {
         );
         assert_eq!(out.http.len(), 2);
         assert!(traffic.held_bytes > 0, "held past the hole");
+    }
+
+    /// A connection kept through the shedding, waiting for a retransmission when the capture
+    /// takes back others: the retransmission still fills its hole.
+    #[test]
+    fn a_kept_connection_waiting_for_a_hole_is_not_started_over_by_a_readmission() {
+        let mut traffic = Traffic::new(Metrics::new());
+        traffic.set_members(&[40]);
+        let mut out = Decoded::default();
+        let request = b"GET /api/v1/leads/7 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (first, rest) = request.split_at(10);
+        let (second, third) = rest.split_at(10);
+        for (seq, bytes, ts) in [(100, first, 1), (120, third, 2)] {
+            handle(
+                &mut traffic,
+                segment(8, Direction::Received, seq, bytes, ts),
+                &mut out,
+            );
+        }
+        handle(&mut traffic, Capture::Readmitted, &mut out);
+        handle(
+            &mut traffic,
+            segment(8, Direction::Received, 110, second, 3),
+            &mut out,
+        );
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        handle(
+            &mut traffic,
+            segment(8, Direction::Sent, 7000, response, 4),
+            &mut out,
+        );
+        assert_eq!(out.http.len(), 1, "{:?}", out.http);
+        assert_eq!(out.http[0].1.request.path, "/api/v1/leads/7");
+        let streams = traffic.connections[&8].streams.as_ref().expect("streams");
+        assert_eq!(
+            streams[0].stats().gaps,
+            0,
+            "the hole was filled, not given up"
+        );
     }
 
     #[test]

@@ -735,6 +735,7 @@ pub async fn run(
         host: Shedding::new(draining.map_or(0.0, |d| d.shed_below_idle_percent)),
         queue: QueueSide::default(),
         failed: false,
+        readmit: false,
     };
     metrics.capture_sampling_ratio.set(1.0);
     let mut segments = segments.then(|| SegmentCapture::new(metrics.clone()));
@@ -772,14 +773,14 @@ pub async fn run(
                 drain(guard.get_inner_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
                 guard.clear_ready();
                 if flush_captures {
-                    let on = capturing(syscalls, segments.as_ref(), unix.as_ref());
+                    let on = capturing(syscalls, segments.as_ref(), unix.as_ref(), &members);
                     sampling.update(on, &captures, &metrics);
                 }
             }
             // Captures do not wake the reader (see the eBPF program): drain on a timer.
             _ = flush.tick(), if flush_captures => {
                 drain(ring.get_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
-                let on = capturing(syscalls, segments.as_ref(), unix.as_ref());
+                let on = capturing(syscalls, segments.as_ref(), unix.as_ref(), &members);
                 sampling.update(on, &captures, &metrics);
             }
             _ = ticker.tick() => {
@@ -901,15 +902,17 @@ fn drain(
     }
 }
 
-/// Whether any payload capture program is attached now.
+/// Whether any payload capture program is attached now and the target runs.
 fn capturing(
     syscalls: bool,
     segments: Option<&SegmentCapture>,
     unix: Option<&UnixCapture>,
+    members: &watch::Receiver<Vec<u32>>,
 ) -> bool {
-    syscalls
+    (syscalls
         || segments.is_some_and(SegmentCapture::is_attached)
-        || unix.is_some_and(UnixCapture::is_attached)
+        || unix.is_some_and(UnixCapture::is_attached))
+        && !members.borrow().is_empty()
 }
 
 /// The capture's sampling: the kernel's mask and what sets it.
@@ -921,6 +924,8 @@ struct Sampling {
     queue: QueueSide,
     /// Whether writing the mask failed (warned once).
     failed: bool,
+    /// Connections were taken back and the decoders not yet told.
+    readmit: bool,
 }
 
 impl Sampling {
@@ -928,9 +933,10 @@ impl Sampling {
     /// and how much CPU the host has idle: whole connections are shed (their parsers
     /// resynchronise when they come back) rather than the daemon falling behind or taking
     /// CPU the target could use. Opens and closes are never shed, so the connection
-    /// table stays right. While nothing is `capturing` (the target not running, or not yet
-    /// in a cgroup of its own) nothing sheds and the readings start over: no shedding is
-    /// logged for a capture that takes nothing.
+    /// table stays right. While nothing is `capturing` (the target not running, no program
+    /// attached: the target not yet in a cgroup of its own, or no unix-socket connection to
+    /// PostgreSQL noticed) nothing sheds and the readings start over: no shedding is logged
+    /// for a capture that takes nothing.
     fn update(&mut self, capturing: bool, captures: &mpsc::Sender<Batch>, metrics: &Metrics) {
         let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
         let level = if capturing {
@@ -941,6 +947,7 @@ impl Sampling {
             self.host.reset();
             0
         };
+        self.tell_readmitted(captures);
         if level == self.level {
             return;
         }
@@ -970,13 +977,21 @@ impl Sampling {
         if self.level == 0 || level == 0 {
             metrics.set_capture_shedding(level > 0);
         }
-        if level < self.level {
-            metrics.set_capture_readmitted();
-        }
+        self.readmit |= level < self.level;
         self.level = level;
         metrics
             .capture_sampling_ratio
             .set(1.0 / f64::from(1u32 << level));
+        self.tell_readmitted(captures);
+    }
+
+    /// Tells the decoders that connections were taken back, after every capture drained
+    /// before (see [`Capture::Readmitted`]); tried again on the next update while the queue
+    /// is full.
+    fn tell_readmitted(&mut self, captures: &mpsc::Sender<Batch>) {
+        if self.readmit {
+            self.readmit = captures.try_send(Batch::from(Capture::Readmitted)).is_err();
+        }
     }
 }
 

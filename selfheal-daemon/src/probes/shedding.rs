@@ -189,7 +189,10 @@ impl Shedding {
 
     /// Forgets the readings (nothing is captured: the next capture starts unshed).
     pub fn reset(&mut self) {
-        *self = Self::new(self.threshold);
+        self.last = None;
+        self.calm_since = None;
+        self.level = 0;
+        self.idle_percent = 100.0;
     }
 }
 

@@ -320,15 +320,21 @@ fn cgroup_of(pid: u32) -> Option<PathBuf> {
         .find(|dir| dir.join("cgroup.procs").exists())
 }
 
+/// `main`, then the other processes of `dir` in pid order (`cgroup.procs` is unordered and
+/// may repeat a pid), so two reads of an unchanged cgroup compare equal.
 fn cgroup_members(dir: &Path, main: u32) -> Vec<u32> {
-    let mut members = vec![main];
-    if let Ok(text) = std::fs::read_to_string(dir.join("cgroup.procs")) {
-        members.extend(
+    let mut others: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|text| {
             text.lines()
                 .filter_map(|l| l.trim().parse::<u32>().ok())
-                .filter(|p| *p != main),
-        );
-    }
+                .filter(|p| *p != main)
+                .collect()
+        })
+        .unwrap_or_default();
+    others.sort_unstable();
+    others.dedup();
+    let mut members = vec![main];
+    members.extend(others);
     members
 }
 
@@ -835,10 +841,12 @@ mod tests {
                     assert_eq!(fresh, current, "{selector}: unchanged, not asked");
                     break;
                 }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{selector}: refreshed from its cgroup without asking"
-                );
+                if std::time::Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{selector}: refreshed from its cgroup without asking");
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let confirmed = refresh(selector, &current, true).await;
             assert!(
