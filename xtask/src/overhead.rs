@@ -21,7 +21,6 @@
 use std::{
     fs::OpenOptions,
     io::Write as _,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -185,11 +184,7 @@ fn cpu_stall_us(pid: u32) -> f64 {
     let Some(path) = cgroups.lines().find_map(|l| l.strip_prefix("0::")) else {
         return 0.0;
     };
-    let mount = if Path::new("/sys/fs/cgroup/unified/cgroup.procs").exists() {
-        "/sys/fs/cgroup/unified"
-    } else {
-        "/sys/fs/cgroup"
-    };
+    let mount = selfheal_e2e::cgroup2_mount().display();
     std::fs::read_to_string(format!("{mount}{path}/cpu.pressure"))
         .ok()
         .and_then(|text| {

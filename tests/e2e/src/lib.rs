@@ -681,19 +681,24 @@ pub struct OwnCgroup {
     procs: std::fs::File,
 }
 
+/// Where the cgroup2 tree is mounted: `/sys/fs/cgroup/unified` on a hybrid host, else
+/// `/sys/fs/cgroup`.
+pub fn cgroup2_mount() -> &'static Path {
+    let hybrid = Path::new("/sys/fs/cgroup/unified");
+    if hybrid.join("cgroup.procs").exists() {
+        hybrid
+    } else {
+        Path::new("/sys/fs/cgroup")
+    }
+}
+
 impl OwnCgroup {
     /// Creates `selfheal-e2e/<name>-<pid>-<n>` under the cgroup2 mount
     /// (`/sys/fs/cgroup/unified` on hybrid hosts, `/sys/fs/cgroup` on unified ones).
     pub fn create(name: &str) -> Result<Self> {
         use std::sync::atomic::{AtomicU32, Ordering};
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let hybrid = Path::new("/sys/fs/cgroup/unified");
-        let mount = if hybrid.join("cgroup.procs").exists() {
-            hybrid
-        } else {
-            Path::new("/sys/fs/cgroup")
-        };
-        let dir = mount.join("selfheal-e2e").join(format!(
+        let dir = cgroup2_mount().join("selfheal-e2e").join(format!(
             "{name}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
