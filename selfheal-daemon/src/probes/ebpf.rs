@@ -968,8 +968,8 @@ impl Sampling {
                 "payload capture is shedding connections: the host has no CPU to spare or the decoders are behind"
             ),
             (_, 0) if !capturing => tracing::info!(
-                "payload capture detached while shedding connections; it keeps every one when it \
-                 attaches again"
+                "payload capture stopped shedding: nothing is captured now (the target is down or \
+                 the capture detached); it keeps every connection when it captures again"
             ),
             (_, 0) => tracing::info!("payload capture keeps every connection again"),
             _ => tracing::debug!(keep_one_in = 1u32 << level, idle, queue_full, "payload capture sampling changed"),
