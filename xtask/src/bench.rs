@@ -50,6 +50,29 @@ pub(crate) enum Bench {
         #[arg(long, default_value_t = 32)]
         clients: usize,
     },
+    /// The target's latency under a fixed load without the daemon and with it in each
+    /// configuration given, every condition once per round in a rotating order; pooled p99
+    /// ratios with bootstrap intervals over the rounds.
+    FixedLoad {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 6)]
+        seconds: u64,
+        /// Keep-alive client connections.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// Rounds (each runs every condition once).
+        #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u64).range(2..=500))]
+        rounds: u64,
+        /// Requests per second over all connections (default: half the saturation rate
+        /// read at the start).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// A daemon configuration: `[probes]` lines separated by `;`, e.g.
+        /// `--with "payload_bytes = 256; shed_below_idle_percent = 100"` (repeatable; default:
+        /// `payload_bytes = 0` and `payload_bytes = 256`; `payload_bytes` is 256 unless given).
+        #[arg(long = "with", value_name = "KEY = VALUE; …")]
+        with: Vec<String>,
+    },
     /// What the daemon costs other processes and the target, side by side.
     Overhead {
         /// Seconds per load run.
@@ -91,6 +114,13 @@ pub(crate) fn run(bench: &Bench) -> Result<()> {
             seconds,
             poll_interval_ms,
         } => crate::watch_cost::run(*seconds, *poll_interval_ms),
+        Bench::FixedLoad {
+            seconds,
+            connections,
+            rounds,
+            rate,
+            with,
+        } => crate::fixed_load::run(*seconds, *connections, *rounds as usize, *rate, with),
         Bench::Overhead {
             seconds,
             connections,

@@ -6,12 +6,15 @@
 //! - `bench crash-latency`: kill → event latency, eBPF against the pidfd fallback.
 //! - `bench healing`: per fault scenario, time to detect, diagnose and recover.
 //! - `bench overhead`: what the daemon costs the target and other processes, side by side.
+//! - `bench fixed-load`: the target's latency under a fixed load without the daemon and with it
+//!   in several configurations, every one in each round.
 //! - `bench api`: many concurrent clients on the admin API's read endpoints.
 //! - `fuzz --seconds N`: each protocol parser's libFuzzer target for N seconds (nightly).
 
 mod api_load;
 mod bench;
 mod demo;
+mod fixed_load;
 mod fuzz;
 mod healing;
 mod overhead;

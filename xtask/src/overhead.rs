@@ -130,7 +130,7 @@ fn other_process_costs(
 
 /// CPU seconds of the daemon's threads running niced (the decoder when `probes.decode_nice`
 /// is above 0), which `/proc/stat` counts as nice time.
-fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
+pub(crate) fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", daemon.proc.pid())) else {
         return 0.0;
     };
@@ -160,19 +160,19 @@ fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
 }
 
 #[derive(Clone)]
-struct Load {
-    requests: u64,
-    errors: u64,
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(crate) struct Load {
+    pub requests: u64,
+    pub errors: u64,
+    pub per_second: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
     /// The machine's CPU time per request served (see [`busy_seconds`]), in µs.
-    cpu_us_per_request: f64,
+    pub cpu_us_per_request: f64,
     /// Share of the run during which some process of the backend's cgroup waited for a CPU
     /// (its `cpu.pressure` "some" total), in %.
-    stall_percent: f64,
+    pub stall_percent: f64,
     /// Every request's latency, µs, sorted.
-    latencies_us: Vec<u32>,
+    pub latencies_us: Vec<u32>,
 }
 
 /// Microseconds some task of `pid`'s cgroup2 directory has waited for a CPU (PSI, the
@@ -223,7 +223,7 @@ pub(crate) fn busy_seconds() -> Result<f64> {
 /// `connections` keep-alive clients sending `GET /api/v1/tackle/deals` for `duration`: back to
 /// back, or, with `rate` (requests per second over all connections), on a fixed schedule
 /// with latency counted from the scheduled time.
-fn load(
+pub(crate) fn load(
     backend: &DemoBackend,
     connections: usize,
     duration: Duration,
@@ -378,7 +378,11 @@ pub(crate) struct Probes {
 }
 
 /// `probes`: the `[probes]` lines besides `payload_bytes` (see [`Probes`]).
-fn daemon_for(backend: &DemoBackend, payload_bytes: u32, probes: &Probes) -> Result<Daemon> {
+pub(crate) fn daemon_for(
+    backend: &DemoBackend,
+    payload_bytes: u32,
+    probes: &Probes,
+) -> Result<Daemon> {
     let capture = &probes.capture;
     let extra = probes.set.join("\n");
     let daemon = Daemon::start(&format!(
@@ -394,7 +398,7 @@ fn daemon_for(backend: &DemoBackend, payload_bytes: u32, probes: &Probes) -> Res
 /// Rounds of each condition for the cost to other processes.
 const OTHER_ROUNDS: usize = 6;
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
     if n == 0 {

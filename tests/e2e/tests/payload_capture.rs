@@ -30,6 +30,11 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
     let daemon = Daemon::capturing(&backend, 256, "").expect("daemon capturing the backend");
     let health = daemon.health().expect("health");
     assert_eq!(health["probes"]["ebpf"], "attached", "{health}");
+    assert_eq!(
+        decoder_policy(&daemon),
+        Some(SCHED_IDLE),
+        "the decoder runs under SCHED_IDLE by default"
+    );
 
     // The kernel never saw this connection open: its role comes from procfs (the backend's
     // fd → socket inode → an established entry on its listening port), so it counts as the
@@ -801,6 +806,25 @@ fn connect_all(address: std::net::SocketAddr, n: usize) -> Vec<KeepAlive> {
         .collect()
 }
 
+const SCHED_OTHER: u32 = 0;
+const SCHED_IDLE: u32 = 5;
+
+/// The scheduling policy of the daemon's decoder thread (`selfheal-decode`), as `ps -L -o
+/// cls` would show it: field 41 of its `/proc/<pid>/task/<tid>/stat`.
+fn decoder_policy(daemon: &Daemon) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.proc.pid())).ok()?;
+    tasks.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim() != "selfheal-decode" {
+            return None;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // Fields after the command's closing parenthesis start at the third (the state).
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(41 - 3)?.parse().ok()
+    })
+}
+
 fn sampling_ratio(daemon: &Daemon) -> Option<f64> {
     daemon
         .metric("selfheal_capture_sampling_ratio")
@@ -947,4 +971,7 @@ fn without_shedding_a_target_on_a_busy_host_is_still_counted_exactly() {
     assert_eq!(sampling_ratio(&daemon), Some(1.0));
     let shed = shed_packets(&daemon);
     assert!(shed < 0.5, "{shed} packets shed");
+    // Exact counts need a decoder that keeps up: it is not under SCHED_IDLE then (under it,
+    // the busy loops above would have starved it and its queue would have overflowed).
+    assert_eq!(decoder_policy(&daemon), Some(SCHED_OTHER));
 }

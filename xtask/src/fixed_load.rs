@@ -1,0 +1,233 @@
+//! `cargo xtask bench fixed-load`: the target's latency under a fixed load without the daemon
+//! and with it in several configurations, all in every round (in an order that rotates from
+//! round to round), so that this VM's drift lands on every condition alike and one invocation
+//! compares them.
+//!
+//! Per condition: the p99 of every request of its runs pooled, that p99's ratio to the runs
+//! without the daemon with a bootstrap interval over the rounds (how far the ratio moves when
+//! other rounds had been drawn: this machine's noise on it), the median over rounds of each
+//! round's ratio, and the daemon's CPU per request — to tell whether the p99 follows the
+//! daemon's work.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use selfheal_e2e::{free_port, DemoBackend, PgCluster};
+
+use crate::overhead::{daemon_for, load, median, niced_daemon_seconds, Load, Probes};
+
+/// A daemon configuration under test: `[probes]` lines separated by `;`
+/// (`payload_bytes = 256; shed_below_idle_percent = 100`).
+fn probes(condition: &str) -> Result<Probes> {
+    let mut probes = Probes {
+        capture: "cgroup".to_owned(),
+        payload_bytes: 256,
+        set: Vec::new(),
+    };
+    for line in condition
+        .split(';')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+    {
+        let (key, value) = line
+            .split_once('=')
+            .with_context(|| format!("`{line}` is not `key = value`"))?;
+        match key.trim() {
+            "payload_bytes" => {
+                probes.payload_bytes = value
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("payload_bytes in `{condition}`"))?;
+            }
+            "capture" => value.trim().trim_matches('"').clone_into(&mut probes.capture),
+            _ => probes.set.push(line.to_owned()),
+        }
+    }
+    Ok(probes)
+}
+
+/// One run of a condition: the load's figures and the daemon's CPU per request (0 without).
+#[derive(Clone)]
+struct Run {
+    load: Load,
+    daemon_us_per_request: f64,
+}
+
+fn run_once(
+    backend: &DemoBackend,
+    probes: Option<&Probes>,
+    connections: usize,
+    duration: Duration,
+    rate: f64,
+) -> Result<Run> {
+    let Some(probes) = probes else {
+        let load = load(backend, connections, duration, Some(rate)).context("load without")?;
+        return Ok(Run {
+            load,
+            daemon_us_per_request: 0.0,
+        });
+    };
+    let daemon = daemon_for(backend, probes.payload_bytes, probes)?;
+    let cpu = || {
+        daemon
+            .metric("selfheal_daemon_cpu_seconds_total")
+            .ok()
+            .flatten()
+            .unwrap_or(0.0)
+    };
+    let (cpu_before, niced_before) = (cpu(), niced_daemon_seconds(&daemon));
+    let mut load = load(backend, connections, duration, Some(rate)).context("load with")?;
+    let requests = load.requests.max(1) as f64;
+    load.cpu_us_per_request += (niced_daemon_seconds(&daemon) - niced_before) * 1e6 / requests;
+    let daemon_us_per_request = (cpu() - cpu_before) * 1e6 / requests;
+    Ok(Run {
+        load,
+        daemon_us_per_request,
+    })
+}
+
+/// The p99 of the latencies of the `runs` picked, in µs.
+fn pooled_p99_us(runs: &[Run], picked: impl Iterator<Item = usize>) -> f64 {
+    let mut all: Vec<u32> = picked
+        .flat_map(|i| runs[i].load.latencies_us.iter().copied())
+        .collect();
+    if all.is_empty() {
+        return f64::NAN;
+    }
+    let at = ((all.len() - 1) as f64 * 0.99) as usize;
+    let (_, p99, _) = all.select_nth_unstable(at);
+    f64::from(*p99)
+}
+
+/// The runs of even rounds and those of odd ones.
+fn halves(runs: &[Run]) -> (Vec<Run>, Vec<Run>) {
+    let (even, odd): (Vec<_>, Vec<_>) = runs.iter().enumerate().partition(|(i, _)| i % 2 == 0);
+    let take = |half: Vec<(usize, &Run)>| half.into_iter().map(|(_, r)| r.clone()).collect();
+    (take(even), take(odd))
+}
+
+/// xorshift64*: enough randomness to draw rounds for the bootstrap, no dependency.
+struct Draw(u64);
+
+impl Draw {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % n
+    }
+}
+
+/// The 5th and 95th percentiles of the pooled p99 ratio `with / without` over `resamples`
+/// draws of the rounds with replacement (a round's runs are drawn together, so that what the
+/// VM did in that round stays paired).
+fn bootstrap(without: &[Run], with: &[Run], resamples: usize) -> (f64, f64) {
+    let rounds = without.len().min(with.len());
+    let mut draw = Draw(0x9E37_79B9_7F4A_7C15);
+    let mut ratios: Vec<f64> = (0..resamples)
+        .map(|_| {
+            let picked: Vec<usize> = (0..rounds).map(|_| draw.below(rounds)).collect();
+            pooled_p99_us(with, picked.iter().copied())
+                / pooled_p99_us(without, picked.iter().copied())
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    (at(0.05), at(0.95))
+}
+
+pub(crate) fn run(
+    seconds: u64,
+    connections: usize,
+    rounds: usize,
+    rate: Option<f64>,
+    conditions: &[String],
+) -> Result<()> {
+    anyhow::ensure!(rounds >= 2, "--rounds must be at least 2");
+    let defaults = [
+        "payload_bytes = 0".to_owned(),
+        "payload_bytes = 256".to_owned(),
+    ];
+    let conditions = if conditions.is_empty() {
+        &defaults[..]
+    } else {
+        conditions
+    };
+    let parsed = conditions
+        .iter()
+        .map(|c| probes(c))
+        .collect::<Result<Vec<_>>>()?;
+    let duration = Duration::from_secs(seconds);
+    let pg = PgCluster::start()?;
+    let backend = DemoBackend::start(&pg.url(), free_port()?)?;
+    let saturation = load(&backend, connections, Duration::from_secs(3), None)?;
+    let rate = rate.unwrap_or((saturation.per_second / 2.0).round());
+    let names: Vec<String> = std::iter::once("without daemon".to_owned())
+        .chain(conditions.iter().map(|c| format!("daemon, {c}")))
+        .collect();
+    println!("## the target under a fixed load: {rate} requests/s on {connections} keep-alive connections (saturation read {:.0} requests/s), {seconds} s per run, {rounds} rounds, every condition once per round in a rotating order", saturation.per_second);
+    println!("| round | condition | p50 ms | p99 ms | daemon CPU µs per request | machine CPU µs per request |");
+    println!("|---|---|---|---|---|---|");
+    let mut runs: Vec<Vec<Run>> = names.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for step in 0..names.len() {
+            let condition = (round + step) % names.len();
+            let probes = condition.checked_sub(1).map(|i| &parsed[i]);
+            let run = run_once(&backend, probes, connections, duration, rate)
+                .with_context(|| format!("round {round}, {}", names[condition]))?;
+            anyhow::ensure!(
+                run.load.errors == 0,
+                "{} requests failed in round {round} ({}): the comparison would not hold",
+                run.load.errors,
+                names[condition]
+            );
+            println!(
+                "| {round} | {} | {:.2} | {:.2} | {:.1} | {:.1} |",
+                names[condition],
+                run.load.p50_ms,
+                run.load.p99_ms,
+                run.daemon_us_per_request,
+                run.load.cpu_us_per_request
+            );
+            runs[condition].push(run);
+        }
+    }
+    println!();
+    println!("| condition | daemon CPU µs per request (median) | p50 ms (median) | p99 ms pooled | pooled p99 / without | 90 % bootstrap interval | median of per-round p99 ratios |");
+    println!("|---|---|---|---|---|---|---|");
+    let without = &runs[0];
+    let all = || 0..rounds;
+    for (index, (name, with)) in names.iter().zip(&runs).enumerate() {
+        let pooled = pooled_p99_us(with, all());
+        if index == 0 {
+            // The same comparison between two halves of the runs without the daemon (even
+            // rounds against odd ones): what this machine's noise alone reads.
+            let (even, odd) = halves(without);
+            let ratio = pooled_p99_us(&odd, 0..odd.len()) / pooled_p99_us(&even, 0..even.len());
+            let (low, high) = bootstrap(&even, &odd, 400);
+            println!(
+                "| {name} | — | {:.3} | {:.2} | odd / even rounds: {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | — |",
+                median(with.iter().map(|r| r.load.p50_ms).collect()),
+                pooled / 1000.0,
+                (ratio - 1.0) * 100.0,
+            );
+            continue;
+        }
+        let ratio = pooled / pooled_p99_us(without, all());
+        let (low, high) = bootstrap(without, with, 400);
+        let per_round = median(
+            with.iter()
+                .zip(without)
+                .map(|(w, wo)| w.load.p99_ms / wo.load.p99_ms)
+                .collect(),
+        );
+        println!(
+            "| {name} | {:.1} | {:.3} | {:.2} | {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | {per_round:.3} |",
+            median(with.iter().map(|r| r.daemon_us_per_request).collect()),
+            median(with.iter().map(|r| r.load.p50_ms).collect()),
+            pooled / 1000.0,
+            (ratio - 1.0) * 100.0,
+        );
+    }
+    Ok(())
+}
