@@ -320,7 +320,7 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
             traffic_members,
             recorder,
             metrics.clone(),
-            DecodePriority {
+            crate::sched::DecodePriority {
                 nice: config.probes.decode_nice,
                 idle: config.probes.decoder_idle(),
             },
@@ -349,32 +349,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     served.map_err(AppError::Serve)
 }
 
-/// The decoder thread's scheduling: `probes.decode_nice` and `probes.decode_idle`.
-#[derive(Debug, Clone, Copy)]
-struct DecodePriority {
-    nice: i32,
-    idle: bool,
-}
-
-impl DecodePriority {
-    /// Applies it to the calling thread (Linux keeps the policy and the nice value per
-    /// thread); a failure is logged and the thread goes on at normal priority.
-    fn apply(self) {
-        if self.idle {
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: `param` outlives the call; `pid = 0` is the calling thread on Linux.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &raw const param) } != 0 {
-                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot run the decoder thread under SCHED_IDLE");
-            }
-        } else if self.nice != 0 {
-            // SAFETY: `setpriority` reads no memory; `who = 0` is the calling thread on Linux.
-            if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, self.nice) } != 0 {
-                tracing::warn!(nice = self.nice, error = %std::io::Error::last_os_error(), "cannot lower the decoder thread's priority");
-            }
-        }
-    }
-}
-
 /// Runs the traffic decoders until `cancel`, on a thread of their own at `priority`: decoding
 /// is the daemon's only work that grows with the target's traffic, so it must neither delay
 /// the exit and TCP events (which share the main runtime) nor compete with the target for
@@ -385,7 +359,7 @@ async fn decode(
     members: watch::Receiver<Vec<u32>>,
     recorder: Recorder,
     metrics: Metrics,
-    priority: DecodePriority,
+    priority: crate::sched::DecodePriority,
     cancel: CancellationToken,
 ) {
     let thread_cancel = cancel.clone();
@@ -435,56 +409,4 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::DecodePriority;
-
-    /// The calling thread's scheduling policy and nice value.
-    fn scheduling() -> (i32, i32) {
-        // SAFETY: neither call reads memory; 0 is the calling thread.
-        unsafe {
-            (
-                libc::sched_getscheduler(0),
-                libc::getpriority(libc::PRIO_PROCESS, 0),
-            )
-        }
-    }
-
-    #[test]
-    fn the_decoder_thread_gets_the_priority_configured() {
-        let on_a_thread = |priority: DecodePriority| {
-            std::thread::spawn(move || {
-                priority.apply();
-                scheduling()
-            })
-            .join()
-            .expect("the thread ran")
-        };
-        assert_eq!(
-            on_a_thread(DecodePriority {
-                nice: 0,
-                idle: false
-            }),
-            (libc::SCHED_OTHER, 0)
-        );
-        assert_eq!(
-            on_a_thread(DecodePriority {
-                nice: 19,
-                idle: false
-            }),
-            (libc::SCHED_OTHER, 19)
-        );
-        // `decode_idle` wins over `decode_nice`: SCHED_IDLE ignores nice values anyway.
-        assert_eq!(
-            on_a_thread(DecodePriority {
-                nice: 19,
-                idle: true
-            }),
-            (libc::SCHED_IDLE, 0)
-        );
-        // Only the thread changed, not the test's own.
-        assert_eq!(scheduling(), (libc::SCHED_OTHER, 0));
-    }
 }

@@ -17,6 +17,7 @@ pub mod notify;
 pub mod probes;
 pub mod protocols;
 pub mod repairs;
+pub mod sched;
 pub mod state;
 pub mod store;
 pub mod target;

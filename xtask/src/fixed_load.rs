@@ -39,7 +39,10 @@ fn probes(condition: &str) -> Result<Probes> {
                     .parse()
                     .with_context(|| format!("payload_bytes in `{condition}`"))?;
             }
-            "capture" => value.trim().trim_matches('"').clone_into(&mut probes.capture),
+            "capture" => value
+                .trim()
+                .trim_matches('"')
+                .clone_into(&mut probes.capture),
             _ => probes.set.push(line.to_owned()),
         }
     }
