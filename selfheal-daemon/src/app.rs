@@ -366,19 +366,24 @@ async fn decode(
     let spawned = std::thread::Builder::new()
         .name("selfheal-decode".to_owned())
         .spawn(move || {
-            priority.apply();
+            let idle = priority.apply();
+            metrics.capture_decoder_idle.set(i64::from(idle));
             match tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()
             {
-                Ok(runtime) => runtime.block_on(capture::run(
-                    captures,
-                    recycle,
-                    members,
-                    recorder,
-                    metrics,
-                    thread_cancel,
-                )),
+                Ok(runtime) => {
+                    runtime.block_on(capture::run(
+                        captures,
+                        recycle,
+                        members,
+                        recorder,
+                        metrics,
+                        thread_cancel,
+                    ));
+                    // A procfs scan still running on its blocking thread is not waited for.
+                    runtime.shutdown_timeout(Duration::from_secs(1));
+                }
                 Err(err) => {
                     tracing::error!(error = %err, "cannot start the decoder thread's runtime; captured traffic is not decoded");
                 }
@@ -387,10 +392,19 @@ async fn decode(
     match spawned {
         Ok(thread) => {
             cancel.cancelled().await;
-            if let Ok(Err(_)) = tokio::task::spawn_blocking(move || thread.join()).await {
-                tracing::error!(
+            // It ends after the batch in hand, which on CPUs other processes keep busy can
+            // take a while under SCHED_IDLE; it holds nothing that must be saved.
+            let joined = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || thread.join()),
+            )
+            .await;
+            match joined {
+                Ok(Ok(Err(_))) => tracing::error!(
                     "the decoder thread had panicked: captured traffic was not decoded after that"
-                );
+                ),
+                Err(_) => tracing::warn!("the decoder thread did not end within 5 s"),
+                Ok(_) => {}
             }
         }
         Err(err) => {

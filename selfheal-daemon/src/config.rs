@@ -338,17 +338,20 @@ pub struct ProbesConfig {
     /// unless a quarter of the ring is full; process exits always do. Longer: fewer wake-ups
     /// and larger batches (10 → 100 ms cut the daemon's CPU per request by 40 %).
     pub flush_interval_ms: u64,
-    /// Whether the thread that decodes captured traffic runs under `SCHED_IDLE`: only on CPU
-    /// time no other thread wants, any thread of the target, PostgreSQL or anything else that
-    /// wakes up taking its CPU at once (and the scheduler counting a CPU that runs only it as
-    /// idle when it places a wake-up). It cut the capture's cost to the target's p99 under a
-    /// fixed load by about 40 % (BENCHMARKS.md). Counts stay exact while the host has idle
-    /// time; on CPUs other processes saturate the decoder stops and the capture sheds
-    /// connections (see `shed_below_idle_percent`) instead of taking CPU from the target.
-    /// Unset, it is on unless exact counts are asked for (`shed_below_idle_percent = 0`,
-    /// which needs a decoder that keeps up) or a `decode_nice` is set: see
-    /// [`ProbesConfig::decoder_idle`]. Exits, TCP events and the API keep normal priority
-    /// either way.
+    /// Whether the thread that decodes captured traffic parses under `SCHED_IDLE` (see
+    /// `sched.rs`): any thread of the target, PostgreSQL or anything else that wakes up takes
+    /// its CPU at once, and the scheduler counts a CPU that runs only it as idle when it places
+    /// a wake-up (recording into the store and the tables the API reads runs at normal
+    /// priority). It lowered the capture's cost to the target's p99 under a fixed load
+    /// (BENCHMARKS.md). Counts stay exact while the host has idle time; on busy CPUs the
+    /// decoder gets only what woken threads leave it (beside busy processes of its own
+    /// cgroup, next to nothing), falls behind, and the capture sheds connections (see
+    /// `shed_below_idle_percent`) instead of taking CPU from the target. Needs
+    /// `CAP_SYS_NICE` (to come back to normal priority); without it the decoder runs at
+    /// normal priority and the log says so (`selfheal_capture_decoder_idle` 0). Unset, it is
+    /// on unless exact counts are asked for (`shed_below_idle_percent = 0`, which needs a
+    /// decoder that keeps up) or `decode_nice` is not 0: see [`ProbesConfig::decoder_idle`].
+    /// Exits, TCP events and the API keep normal priority either way.
     pub decode_idle: Option<bool>,
     /// With the decoder not under `SCHED_IDLE`: its nice value (0–19); above 0 the target's
     /// threads preempt it more readily than at 0.
@@ -402,8 +405,8 @@ pub enum UnixSockets {
 }
 
 impl ProbesConfig {
-    /// Whether the decoder runs under `SCHED_IDLE`: `decode_idle` when set, else unless
-    /// `shed_below_idle_percent = 0` or a `decode_nice` asks for something else.
+    /// Whether the decoder parses under `SCHED_IDLE`: `decode_idle` when set, else unless
+    /// `shed_below_idle_percent = 0` or a `decode_nice` other than 0 asks for something else.
     pub fn decoder_idle(&self) -> bool {
         self.decode_idle
             .unwrap_or(self.decode_nice == 0 && self.shed_below_idle_percent > 0.0)
@@ -2339,6 +2342,9 @@ kind = "smtp"
         // Said outright, it wins.
         assert!(probes("shed_below_idle_percent = 0\ndecode_idle = true\n").decoder_idle());
         assert!(!probes("decode_idle = false\n").decoder_idle());
+        let niced = probes("decode_idle = false\ndecode_nice = 19\n");
+        assert!(!niced.decoder_idle());
+        assert_eq!(niced.decode_nice, 19);
         let found = problems("[target]\npid = 1\n[probes]\ndecode_idle = true\ndecode_nice = 19\n");
         assert!(
             found.iter().any(|p| p

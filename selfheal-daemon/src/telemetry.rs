@@ -224,6 +224,7 @@ pub struct Metrics {
     pub capture_unseen_postgres_connections: Gauge,
     pub capture_decode_cpu_seconds: Counter<f64, AtomicU64>,
     pub capture_sampling_ratio: FloatGauge,
+    pub capture_decoder_idle: Gauge,
     pub http_requests: Family<HttpRequestLabel, Counter>,
     pub http_request_duration_seconds: HistogramFamily<HttpDurationLabel>,
     pub postgres_query_duration_seconds: HistogramFamily<QueryLabel>,
@@ -484,6 +485,12 @@ impl Metrics {
             "selfheal_capture_sampling_ratio",
             "Share of the target's connections whose payloads are decoded (1 = all; lower while the decoders are behind)",
             capture_sampling_ratio.clone(),
+        );
+        let capture_decoder_idle = Gauge::default();
+        registry.register(
+            "selfheal_capture_decoder_idle",
+            "1 while the decoder parses under SCHED_IDLE (probes.decode_idle), 0 at normal priority or a nice value",
+            capture_decoder_idle.clone(),
         );
         let http_requests = Family::<HttpRequestLabel, Counter>::default();
         registry.register(
@@ -751,6 +758,7 @@ impl Metrics {
             capture_unseen_postgres_connections,
             capture_decode_cpu_seconds,
             capture_sampling_ratio,
+            capture_decoder_idle,
             http_requests,
             http_request_duration_seconds,
             postgres_query_duration_seconds,

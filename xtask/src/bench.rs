@@ -51,11 +51,11 @@ pub(crate) enum Bench {
         clients: usize,
     },
     /// The target's latency under a fixed load without the daemon and with it in each
-    /// configuration given, every condition once per round in a rotating order; pooled p99
+    /// configuration given, every condition once per round in a shuffled order; pooled p99
     /// ratios with bootstrap intervals over the rounds.
     FixedLoad {
         /// Seconds per run.
-        #[arg(long, default_value_t = 6)]
+        #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=3600))]
         seconds: u64,
         /// Keep-alive client connections.
         #[arg(long, default_value_t = 4)]

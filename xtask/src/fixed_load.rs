@@ -1,6 +1,6 @@
 //! `cargo xtask bench fixed-load`: the target's latency under a fixed load without the daemon
-//! and with it in several configurations, all in every round (in an order that rotates from
-//! round to round), so that this VM's drift lands on every condition alike and one invocation
+//! and with it in several configurations, all in every round (in an order shuffled from round
+//! to round), so that this VM's drift lands on every condition alike and one invocation
 //! compares them.
 //!
 //! Per condition: the p99 of every request of its runs pooled, that p99's ratio to the runs
@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use selfheal_e2e::{free_port, DemoBackend, PgCluster};
 
-use crate::overhead::{daemon_for, load, median, niced_daemon_seconds, Load, Probes};
+use crate::overhead::{daemon_for, load, load_beside, median, Load, Probes};
 
 /// A daemon configuration under test: `[probes]` lines separated by `;`
 /// (`payload_bytes = 256; shed_below_idle_percent = 100`).
@@ -71,18 +71,8 @@ fn run_once(
         });
     };
     let daemon = daemon_for(backend, probes.payload_bytes, probes)?;
-    let cpu = || {
-        daemon
-            .metric("selfheal_daemon_cpu_seconds_total")
-            .ok()
-            .flatten()
-            .unwrap_or(0.0)
-    };
-    let (cpu_before, niced_before) = (cpu(), niced_daemon_seconds(&daemon));
-    let mut load = load(backend, connections, duration, Some(rate)).context("load with")?;
-    let requests = load.requests.max(1) as f64;
-    load.cpu_us_per_request += (niced_daemon_seconds(&daemon) - niced_before) * 1e6 / requests;
-    let daemon_us_per_request = (cpu() - cpu_before) * 1e6 / requests;
+    let (load, daemon_seconds) = load_beside(&daemon, backend, connections, duration, Some(rate))?;
+    let daemon_us_per_request = daemon_seconds * 1e6 / load.requests.max(1) as f64;
     Ok(Run {
         load,
         daemon_us_per_request,
@@ -102,11 +92,14 @@ fn pooled_p99_us(runs: &[Run], picked: impl Iterator<Item = usize>) -> f64 {
     f64::from(*p99)
 }
 
-/// The runs of even rounds and those of odd ones.
+/// The runs of even rounds and those of odd ones, as many of each (an odd last round is
+/// left out).
 fn halves(runs: &[Run]) -> (Vec<Run>, Vec<Run>) {
-    let (even, odd): (Vec<_>, Vec<_>) = runs.iter().enumerate().partition(|(i, _)| i % 2 == 0);
-    let take = |half: Vec<(usize, &Run)>| half.into_iter().map(|(_, r)| r.clone()).collect();
-    (take(even), take(odd))
+    let pairs = runs.chunks_exact(2);
+    (
+        pairs.clone().map(|pair| pair[0].clone()).collect(),
+        pairs.map(|pair| pair[1].clone()).collect(),
+    )
 }
 
 /// xorshift64*: enough randomness to draw rounds for the bootstrap, no dependency.
@@ -165,16 +158,27 @@ pub(crate) fn run(
     let backend = DemoBackend::start(&pg.url(), free_port()?)?;
     let saturation = load(&backend, connections, Duration::from_secs(3), None)?;
     let rate = rate.unwrap_or((saturation.per_second / 2.0).round());
+    anyhow::ensure!(
+        rate >= 1.0 && rate.is_finite(),
+        "the fixed load's rate must be at least 1 request/s (saturation read {:.0})",
+        saturation.per_second
+    );
     let names: Vec<String> = std::iter::once("without daemon".to_owned())
         .chain(conditions.iter().map(|c| format!("daemon, {c}")))
         .collect();
-    println!("## the target under a fixed load: {rate} requests/s on {connections} keep-alive connections (saturation read {:.0} requests/s), {seconds} s per run, {rounds} rounds, every condition once per round in a rotating order", saturation.per_second);
+    println!("## the target under a fixed load: {rate} requests/s on {connections} keep-alive connections (saturation read {:.0} requests/s), {seconds} s per run, {rounds} rounds, every condition once per round in a shuffled order", saturation.per_second);
     println!("| round | condition | p50 ms | p99 ms | daemon CPU µs per request | machine CPU µs per request |");
     println!("|---|---|---|---|---|---|");
     let mut runs: Vec<Vec<Run>> = names.iter().map(|_| Vec::new()).collect();
+    let mut draw = Draw(0x2545_F491_4F6C_DD1D);
     for round in 0..rounds {
-        for step in 0..names.len() {
-            let condition = (round + step) % names.len();
+        // A fresh order each round, so that no condition keeps following the same one (what a
+        // run leaves behind, say a daemon's exit, would otherwise land on one condition).
+        let mut order: Vec<usize> = (0..names.len()).collect();
+        for i in (1..order.len()).rev() {
+            order.swap(i, draw.below(i + 1));
+        }
+        for condition in order {
             let probes = condition.checked_sub(1).map(|i| &parsed[i]);
             let run = run_once(&backend, probes, connections, duration, rate)
                 .with_context(|| format!("round {round}, {}", names[condition]))?;

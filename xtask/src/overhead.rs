@@ -130,7 +130,7 @@ fn other_process_costs(
 
 /// CPU seconds of the daemon's threads running niced (the decoder when `probes.decode_nice`
 /// is above 0), which `/proc/stat` counts as nice time.
-pub(crate) fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
+fn niced_daemon_seconds(daemon: &Daemon) -> f64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", daemon.proc.pid())) else {
         return 0.0;
     };
@@ -395,6 +395,29 @@ pub(crate) fn daemon_for(
     Ok(daemon)
 }
 
+/// One [`load`] run beside `daemon`: the machine's CPU per request with the daemon's niced
+/// thread added back (see [`busy_seconds`]), and the daemon's own CPU seconds over the run.
+pub(crate) fn load_beside(
+    daemon: &Daemon,
+    backend: &DemoBackend,
+    connections: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> Result<(Load, f64)> {
+    let cpu = || {
+        daemon
+            .metric("selfheal_daemon_cpu_seconds_total")
+            .ok()
+            .flatten()
+            .unwrap_or(0.0)
+    };
+    let (cpu_before, niced_before) = (cpu(), niced_daemon_seconds(daemon));
+    let mut result = load(backend, connections, duration, rate).context("load with the daemon")?;
+    result.cpu_us_per_request +=
+        (niced_daemon_seconds(daemon) - niced_before) * 1e6 / result.requests.max(1) as f64;
+    Ok((result, cpu() - cpu_before))
+}
+
 /// Rounds of each condition for the cost to other processes.
 const OTHER_ROUNDS: usize = 6;
 
@@ -441,20 +464,9 @@ fn alternate(
         };
         if daemon_on {
             let daemon = daemon_for(backend, capture.payload_bytes, capture)?;
-            let cpu = || {
-                daemon
-                    .metric("selfheal_daemon_cpu_seconds_total")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0.0)
-            };
-            let cpu_before = cpu();
-            let niced_before = niced_daemon_seconds(&daemon);
-            let mut result =
-                load(backend, connections, duration, rate).context("load with the daemon")?;
-            result.cpu_us_per_request += (niced_daemon_seconds(&daemon) - niced_before) * 1e6
-                / result.requests.max(1) as f64;
-            let cpu_percent = (cpu() - cpu_before) / duration.as_secs_f64() * 100.0;
+            let (result, daemon_seconds) =
+                load_beside(&daemon, backend, connections, duration, rate)?;
+            let cpu_percent = daemon_seconds / duration.as_secs_f64() * 100.0;
             let sampling = daemon
                 .metric("selfheal_capture_sampling_ratio")
                 .ok()

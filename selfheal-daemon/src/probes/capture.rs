@@ -393,6 +393,10 @@ pub struct Traffic {
     connections: FxHashMap<u64, Connection>,
     /// Indexed by `direction * 3 + role` (client, server, unknown).
     counters: Vec<Counters>,
+    /// `selfheal_ebpf_ringbuf_drops_total` of captures the connection table or the
+    /// reassembly budget had no room for.
+    table_full: Counter,
+    over_budget: Counter,
     /// Problems of parsers already dropped, and what was last exported.
     closed: ProblemTotals,
     exported: ProblemTotals,
@@ -426,10 +430,22 @@ impl Traffic {
                 });
             }
         }
+        // Made here, not where they are first needed: the parsing holds no lock the main
+        // runtime may wait on (it can run under SCHED_IDLE, see `sched`).
+        let drops = |reason| {
+            metrics
+                .ebpf_ringbuf_drops
+                .get_or_create(&ReasonLabel { reason })
+                .clone()
+        };
+        let (table_full, over_budget) =
+            (drops("connection_table_full"), drops("reassembly_budget"));
         Self {
             metrics,
             connections: FxHashMap::default(),
             counters,
+            table_full,
+            over_budget,
             closed: ProblemTotals::default(),
             exported: ProblemTotals::default(),
             held_bytes: 0,
@@ -601,10 +617,7 @@ impl Traffic {
             self.connections.get_mut(&sock)
         };
         if connection.is_none() {
-            let reason = ReasonLabel {
-                reason: "connection_table_full",
-            };
-            self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+            self.table_full.inc();
         }
         connection
     }
@@ -704,10 +717,7 @@ impl Traffic {
         }
         self.held_bytes = held_elsewhere.saturating_sub(before) + after;
         if over_budget {
-            let reason = ReasonLabel {
-                reason: "reassembly_budget",
-            };
-            self.metrics.ebpf_ringbuf_drops.get_or_create(&reason).inc();
+            self.over_budget.inc();
         }
     }
 
@@ -1127,6 +1137,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            biased;
             () = cancel.cancelled() => return,
             changed = members.changed() => {
                 if changed.is_err() {
@@ -1149,7 +1160,11 @@ pub async fn run(
             batch = captures.recv() => match batch {
                 Some(mut batch) => {
                     let started = thread_cpu_seconds();
-                    traffic.handle_batch(&batch, &mut decoded);
+                    {
+                        // The parsing alone, on this thread's own data (see `sched`).
+                        let _idle = crate::sched::Idle::enter();
+                        traffic.handle_batch(&batch, &mut decoded);
+                    }
                     recorder.record(&decoded);
                     decoded.clear();
                     // Back to the reader for reuse; dropped when it has enough spares.

@@ -118,8 +118,6 @@ impl Recorder {
         if decoded.http.is_empty() && decoded.postgres.is_empty() {
             return;
         }
-        // The tables and the store are shared with the main runtime.
-        let _normal = crate::sched::Normal::enter();
         let view = self.view.clone();
         let mut tables = view.lock();
         tables.realtime_offset_ns = realtime_offset_ns();
@@ -158,7 +156,6 @@ impl Recorder {
                 }
             })
             .collect();
-        let _normal = crate::sched::Normal::enter();
         let mut tables = self.view.lock();
         tables.in_flight = in_flight;
         tables.queries_in_flight = queries;

@@ -31,9 +31,9 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
     let health = daemon.health().expect("health");
     assert_eq!(health["probes"]["ebpf"], "attached", "{health}");
     assert_eq!(
-        decoder_policy(&daemon),
-        Some(SCHED_IDLE),
-        "the decoder runs under SCHED_IDLE by default"
+        decoder_idle(&daemon),
+        Some(1.0),
+        "the decoder parses under SCHED_IDLE by default"
     );
 
     // The kernel never saw this connection open: its role comes from procfs (the backend's
@@ -806,23 +806,11 @@ fn connect_all(address: std::net::SocketAddr, n: usize) -> Vec<KeepAlive> {
         .collect()
 }
 
-const SCHED_OTHER: u32 = 0;
-const SCHED_IDLE: u32 = 5;
-
-/// The scheduling policy of the daemon's decoder thread (`selfheal-decode`), as `ps -L -o
-/// cls` would show it: field 41 of its `/proc/<pid>/task/<tid>/stat`.
-fn decoder_policy(daemon: &Daemon) -> Option<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", daemon.proc.pid())).ok()?;
-    tasks.flatten().find_map(|task| {
-        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
-        if comm.trim() != "selfheal-decode" {
-            return None;
-        }
-        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
-        // Fields after the command's closing parenthesis start at the third (the state).
-        let (_, rest) = stat.rsplit_once(')')?;
-        rest.split_whitespace().nth(41 - 3)?.parse().ok()
-    })
+/// `selfheal_capture_decoder_idle`: whether the decoder parses under `SCHED_IDLE`.
+fn decoder_idle(daemon: &Daemon) -> Option<f64> {
+    daemon
+        .metric("selfheal_capture_decoder_idle")
+        .expect("metrics")
 }
 
 fn sampling_ratio(daemon: &Daemon) -> Option<f64> {
@@ -973,5 +961,5 @@ fn without_shedding_a_target_on_a_busy_host_is_still_counted_exactly() {
     assert!(shed < 0.5, "{shed} packets shed");
     // Exact counts need a decoder that keeps up: it is not under SCHED_IDLE then (under it,
     // the busy loops above would have starved it and its queue would have overflowed).
-    assert_eq!(decoder_policy(&daemon), Some(SCHED_OTHER));
+    assert_eq!(decoder_idle(&daemon), Some(0.0));
 }
