@@ -1136,8 +1136,9 @@ pub async fn run(
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Not `biased`: with a backlog of batches always ready, the one-second tick (leaving
+        // processes, requests in flight) would never run.
         tokio::select! {
-            biased;
             () = cancel.cancelled() => return,
             changed = members.changed() => {
                 if changed.is_err() {
