@@ -1,7 +1,7 @@
 //! The daemon's whole path for captured segments on one core, in a tight loop: ring-buffer
-//! records decoded into batches (`probes::ebpf::decode`), the connection table, stream
-//! reassembly and protocol parsers (`Traffic::handle_batch`), then the metrics, store and
-//! views (`Recorder::record`). The workload is the overhead bench's: an HTTP `GET` served on 4
+//! records decoded where they lie, the connection table, stream reassembly and protocol
+//! parsers (`Traffic::handle_record`), then the metrics, store and views (`Recorder::record`)
+//! every 1024 records, as the decoders' thread does. The workload is the overhead bench's: an HTTP `GET` served on 4
 //! keep-alive connections, each running one prepared PostgreSQL statement on a pool
 //! connection; 4 segments with payload per request, 256 bytes of each captured.
 //!
@@ -20,10 +20,7 @@ use std::time::{Duration, Instant};
 
 use selfheal_daemon::{
     config::{PlatformConfig, TrafficConfig},
-    probes::{
-        capture::{Batch, Capture, Decoded, Endpoints, Role, Traffic},
-        ebpf::{decode, Record},
-    },
+    probes::capture::{Capture, Decoded, Endpoints, Role, Traffic},
     store::{StoreConfig, StoreHandle},
     telemetry::Metrics,
     traffic::{Platforms, Recorder, TrafficView},
@@ -139,7 +136,6 @@ fn main() {
     let mut decoded = Decoded::default();
 
     // The connections open (as the TCP events would say), and the statement is prepared.
-    let mut batch = Batch::default();
     let mut flows = Vec::new();
     let start = monotonic_ns();
     for i in 0..CONNECTIONS {
@@ -149,7 +145,7 @@ fn main() {
             (http, Role::Server, 8080, client_port),
             (pg, Role::Client, pool_port, 5432),
         ] {
-            batch.captures.push(Capture::Opened {
+            let opened = Capture::Opened {
                 tgid: 100,
                 sock,
                 role,
@@ -158,14 +154,15 @@ fn main() {
                     remote: format!("127.0.0.1:{remote}").parse().expect("address"),
                 }),
                 ts_ns: start,
-            });
+            };
+            traffic.handle(&opened, &[], &mut decoded);
         }
         let mut setup = [
             Flow::new(pg, DIRECTION_SEND, pool_port, 5432, &prepare),
             Flow::new(pg, DIRECTION_RECV, pool_port, 5432, &prepared),
         ];
         for flow in &mut setup {
-            push(&mut batch, flow.next(start));
+            traffic.handle_record(flow.next(start), &mut decoded);
         }
         flows.push([
             Flow::new(http, DIRECTION_RECV, 8080, client_port, request),
@@ -178,32 +175,29 @@ fn main() {
         q.seq = setup[0].seq;
         a.seq = setup[1].seq;
     }
-    traffic.handle_batch(&batch, &mut decoded);
     recorder.record(&decoded);
     decoded.clear();
-    batch.clear();
 
-    // Rounds of one request per connection; 256 records per batch, as the reader hands over.
+    // Rounds of one request per connection; 1024 records between two recordings, as the
+    // decoders' thread reads them.
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let (mut requests, mut exchanges, mut queries) = (0u64, 0usize, 0usize);
     let mut ts = monotonic_ns();
     while Instant::now() < deadline {
-        for _ in 0..16 {
+        for _ in 0..64 {
             for connection in &mut flows {
                 for flow in connection.iter_mut() {
                     ts += 50_000;
-                    push(&mut batch, flow.next(ts));
+                    traffic.handle_record(flow.next(ts), &mut decoded);
                 }
                 requests += 1;
             }
         }
-        traffic.handle_batch(&batch, &mut decoded);
         exchanges += decoded.http.len();
         queries += decoded.postgres.len();
         recorder.record(&decoded);
         decoded.clear();
-        batch.clear();
     }
     let elapsed = started.elapsed().as_secs_f64();
     println!(
@@ -211,11 +205,4 @@ fn main() {
         elapsed * 1e6 / requests as f64,
         elapsed * 1e6 / (requests * 4) as f64,
     );
-}
-
-fn push(batch: &mut Batch, record: &[u8]) {
-    match decode(record, &mut batch.bytes) {
-        Some(Record::Capture(capture)) => batch.captures.push(capture),
-        _ => panic!("a segment record"),
-    }
 }

@@ -193,15 +193,11 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     let recorder = Recorder::new(traffic_view.clone(), &config.traffic, metrics.clone());
 
     let (exits_tx, exits_rx) = mpsc::channel(64);
-    let (captures_tx, captures_rx) =
-        mpsc::channel((config.probes.payload_queue / ebpf::CAPTURE_BATCH).max(1));
-    // Emptied batches back to the reader: a few spares are enough to allocate none.
-    let (recycle_tx, recycled_rx) = mpsc::channel(4);
     let (members_tx, members_rx) = watch::channel(Vec::new());
     let traffic_members = members_rx.clone();
     let interval = Duration::from_millis(config.monitor.interval_ms);
 
-    let (loaded, ebpf_state) = if config.probes.ebpf {
+    let (mut loaded, ebpf_state) = if config.probes.ebpf {
         match ebpf::load(&config.probes, &metrics) {
             Ok(loaded) => (Some(loaded), "attached".to_owned()),
             Err(err) => {
@@ -214,6 +210,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         (None, "disabled by probes.ebpf = false".to_owned())
     };
 
+    // The capture's records, read by the decoders' thread itself.
+    let capture_feed = loaded.as_mut().and_then(ebpf::Loaded::take_capture_feed);
     let tracker = Tracker {
         selector,
         poll_interval: Duration::from_millis(config.target.poll_interval_ms),
@@ -277,8 +275,6 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
                 ebpf::Links {
                     members: members_rx,
                     exits: exits_tx,
-                    captures: captures_tx,
-                    recycled: recycled_rx,
                 },
                 interval,
                 (config.probes.payload_bytes > 0).then(|| ebpf::Draining {
@@ -315,8 +311,8 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
         ),
         agents::run_all(handles, shared, cancel.clone()),
         decode(
-            captures_rx,
-            recycle_tx,
+            capture_feed,
+            Duration::from_millis(config.probes.flush_interval_ms),
             traffic_members,
             recorder,
             metrics.clone(),
@@ -349,19 +345,23 @@ pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppErr
     served.map_err(AppError::Serve)
 }
 
-/// Runs the traffic decoders until `cancel`, on a thread of their own at `priority`: decoding
-/// is the daemon's only work that grows with the target's traffic, so it must neither delay
-/// the exit and TCP events (which share the main runtime) nor compete with the target for
-/// CPU on equal terms.
+/// Runs the traffic decoders until `cancel`, on a thread of their own at `priority`, reading
+/// the capture's ring buffer every `flush`: decoding is the daemon's only work that grows
+/// with the target's traffic, so it must neither delay the exit and TCP events (which the
+/// main runtime reads from a ring of their own) nor compete with the target for CPU on equal
+/// terms. Without the capture (`feed` is `None`) there is nothing to decode and no thread.
 async fn decode(
-    captures: mpsc::Receiver<capture::Batch>,
-    recycle: mpsc::Sender<capture::Batch>,
+    feed: Option<ebpf::CaptureFeed>,
+    flush: Duration,
     members: watch::Receiver<Vec<u32>>,
     recorder: Recorder,
     metrics: Metrics,
     priority: crate::sched::DecodePriority,
     cancel: CancellationToken,
 ) {
+    let Some(feed) = feed else {
+        return;
+    };
     let thread_cancel = cancel.clone();
     let spawned = std::thread::Builder::new()
         .name("selfheal-decode".to_owned())
@@ -370,12 +370,13 @@ async fn decode(
             metrics.capture_decoder_idle.set(i64::from(idle));
             match tokio::runtime::Builder::new_current_thread()
                 .enable_time()
+                .enable_io()
                 .build()
             {
                 Ok(runtime) => {
                     runtime.block_on(capture::run(
-                        captures,
-                        recycle,
+                        feed,
+                        flush,
                         members,
                         recorder,
                         metrics,
@@ -392,7 +393,7 @@ async fn decode(
     match spawned {
         Ok(thread) => {
             cancel.cancelled().await;
-            // It ends after the batch in hand, which on CPUs other processes keep busy can
+            // It ends after the section in hand, which on CPUs other processes keep busy can
             // take a while under SCHED_IDLE; it holds nothing that must be saved.
             let joined = tokio::time::timeout(
                 Duration::from_secs(5),

@@ -320,7 +320,10 @@ impl Default for AlertsConfig {
 pub struct ProbesConfig {
     /// Load the eBPF probes. When false, or when they cannot load, procfs polling is used.
     pub ebpf: bool,
-    /// Size of the kernel → daemon ring buffer; a power of two, at least one page.
+    /// Size of each kernel → daemon ring buffer (a power of two, at least one page): the one
+    /// of exits and TCP events, and with payload capture on the one of captures, which the
+    /// decoders read; a full ring drops records in the kernel and counts them, and the
+    /// captures' ring filling up makes the capture shed connections.
     pub ring_buffer_bytes: u32,
     /// Payload bytes captured from each socket read or write of the target (at most 512);
     /// 0, the default for now, turns payload capture off: its cost to other processes and to
@@ -331,12 +334,10 @@ pub struct ProbesConfig {
     /// With `capture = "cgroup"`: how the target's unix-socket connections to PostgreSQL,
     /// which the cgroup programs cannot see, are captured (see [`UnixSockets`]).
     pub unix_sockets: UnixSockets,
-    /// Captured payloads waiting for the decoders; beyond it they are dropped and counted.
-    pub payload_queue: usize,
-    /// How often the reader drains captures from the ring buffer (with payload capture on).
-    /// Captures do not wake it (that would cost the target a wake-up per socket operation)
-    /// unless a quarter of the ring is full; process exits always do. Longer: fewer wake-ups
-    /// and larger batches (10 → 100 ms cut the daemon's CPU per request by 40 %).
+    /// How often the decoders drain captures from their ring buffer (with payload capture
+    /// on), and the sampling is set. Captures do not wake them (that would cost the target a
+    /// wake-up per socket operation) unless a quarter of the ring is full. Longer: fewer
+    /// wake-ups and larger drains (10 → 100 ms cut the daemon's CPU per request by 40 %).
     pub flush_interval_ms: u64,
     /// Whether the thread that decodes captured traffic parses under `SCHED_IDLE` (see
     /// `sched.rs`): any thread of the target, PostgreSQL or anything else that wakes up takes
@@ -421,7 +422,6 @@ impl Default for ProbesConfig {
             payload_bytes: 0,
             capture: CaptureMode::Cgroup,
             unix_sockets: UnixSockets::Auto,
-            payload_queue: 16_384,
             flush_interval_ms: 100,
             decode_idle: None,
             decode_nice: 0,
@@ -1541,11 +1541,6 @@ impl Config {
             self.probes.payload_bytes as usize <= selfheal_ebpf::MAX_CAPTURE,
             "probes.payload_bytes",
             "must be at most 512 (0 turns payload capture off)",
-        );
-        check(
-            (64..=1_048_576).contains(&self.probes.payload_queue),
-            "probes.payload_queue",
-            "must be between 64 and 1048576",
         );
         check(
             (1..=1000).contains(&self.probes.flush_interval_ms),

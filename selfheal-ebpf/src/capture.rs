@@ -17,11 +17,13 @@
 //! programs only on x86_64. Payloads go straight into the ring buffer, capped at
 //! `CAPTURE_BYTES`; a full ring buffer drops the event and counts it.
 //!
-//! A capture does not wake the reader (a wake-up per socket operation would cost the target
-//! an irq_work and the daemon a context switch each): the reader drains the ring on its own
-//! short timer, and a capture wakes it only once `WAKEUP_BYTES` are waiting, so a burst
-//! cannot overflow the ring between two timer ticks. Process exits and TCP events keep the
-//! kernel's default (wake a reader that has caught up), so crash detection is not delayed.
+//! Captures go to a ring buffer of their own, `CAPTURES`, which the decoders drain in place on
+//! their own thread. A capture does not wake them (a wake-up per socket operation would cost
+//! the target an irq_work and the daemon a context switch each): they drain the ring on a
+//! short timer, and a capture wakes them only once `WAKEUP_BYTES` are waiting, so a burst
+//! cannot overflow the ring between two timer ticks. Process exits and TCP events go to
+//! `EVENTS` with the kernel's default (wake a reader that has caught up), so crash detection
+//! is not delayed; those that order the captures are copied to `CAPTURES` too.
 
 use core::ptr::read_volatile;
 
@@ -36,14 +38,14 @@ use selfheal_ebpf::{
     DIRECTION_SEND, MAX_CAPTURE,
 };
 
-use crate::programs::{bump, in_target_cgroup, is_target, now_ns, shed, EVENTS, SOCKETS};
+use crate::programs::{bump, in_target_cgroup, is_target, now_ns, shed, CAPTURES, SOCKETS};
 
 /// Bytes of payload to capture per operation (the loader sets it; at most `MAX_CAPTURE`).
 #[no_mangle]
 pub(crate) static CAPTURE_BYTES: u32 = 256;
 
-/// Bytes waiting in the ring buffer from which a capture wakes the reader (the loader sets
-/// it to a quarter of the ring).
+/// Bytes waiting in `CAPTURES` from which a capture wakes the decoders (the loader sets it
+/// to a quarter of the ring).
 #[no_mangle]
 pub(crate) static WAKEUP_BYTES: u64 = 64 * 1024;
 
@@ -138,7 +140,7 @@ fn capture(ctx: &BtfTracePointContext, direction: u32) {
         unsafe { (*info).role }
     });
 
-    let Some(mut entry) = EVENTS.reserve::<DataEvent>(0) else {
+    let Some(mut entry) = CAPTURES.reserve::<DataEvent>(0) else {
         bump(stats::DROPS_PAYLOAD_RINGBUF_FULL);
         return;
     };
@@ -244,12 +246,13 @@ fn peer_is_postgres(sock: u64) -> bool {
     ends_with_postgres_socket(&path)
 }
 
-/// The submit flags of a capture: no wake-up of the reader unless `WAKEUP_BYTES` are waiting.
+/// The submit flags of a capture: no wake-up of the decoders unless `WAKEUP_BYTES` are
+/// waiting.
 #[inline(always)]
 pub(crate) fn wake_flags() -> u64 {
     // SAFETY: a read of a constant the loader may have patched.
     let wake_at = unsafe { read_volatile(&WAKEUP_BYTES) };
-    let flags = if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= wake_at {
+    let flags = if CAPTURES.query(u64::from(BPF_RB_AVAIL_DATA)) >= wake_at {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

@@ -8,6 +8,9 @@
 /// Names of the maps and programs in the object, used by the loader.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
+    /// The payload capture's records, with copies of the opens, closes and exits that order
+    /// them (read by the decoders, see `CAPTURES` in the programs).
+    pub const CAPTURES: &str = "CAPTURES";
     pub const TARGET_TGIDS: &str = "TARGET_TGIDS";
     pub const TARGET_SET: &str = "TARGET_SET";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
@@ -24,7 +27,8 @@ pub mod names {
     pub const PROG_SEGMENT_EGRESS: &str = "segment_egress";
     /// Bytes of payload captured per syscall, at most [`super::MAX_CAPTURE`].
     pub const GLOBAL_CAPTURE_BYTES: &str = "CAPTURE_BYTES";
-    /// Bytes waiting in the ring buffer from which a capture wakes the reader at once.
+    /// Bytes waiting in the captures' ring buffer from which a capture wakes the decoders at
+    /// once.
     pub const GLOBAL_WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     /// Offset of `exit_code` in `struct task_struct`, found in the kernel's BTF at load time.
     pub const GLOBAL_TASK_EXIT_CODE_OFFSET: &str = "TASK_EXIT_CODE_OFFSET";
@@ -94,7 +98,10 @@ pub mod stats {
     /// every packet of a shed connection on the cgroup capture (its pure ACKs too: it is shed
     /// before a byte of the packet is read), every socket operation on the syscall capture.
     pub const SHED: u32 = 9;
-    pub const LEN: u32 = 10;
+    /// Opens, closes and exits not copied to the captures' ring buffer because it was full
+    /// (the decoders then end such a connection only when it is idle or its process leaves).
+    pub const DROPS_CONNECTION_RINGBUF_FULL: u32 = 10;
+    pub const LEN: u32 = 11;
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`).

@@ -8,6 +8,7 @@
 
 use core::ptr::read_volatile;
 
+use crate::capture::{wake_flags, CAPTURE_BYTES};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
@@ -33,9 +34,18 @@ static TASK_EXIT_CODE_OFFSET: u32 = 0;
 #[no_mangle]
 static EXIT_HAS_GROUP_DEAD: u32 = 0;
 
-/// Events to userspace. The loader resizes it from the config (`probes.ring_buffer_bytes`).
+/// Exits and TCP events to the daemon's main reader, which wakes for each (crash detection
+/// must not wait). The loader resizes it from the config (`probes.ring_buffer_bytes`).
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// The payload capture's records to the decoders, which drain it on a timer in a thread of
+/// their own: segments and socket operations (`capture.rs`, `segments.rs`), and copies of
+/// the opens, closes and exits their connections need in order with their data. The main
+/// reader never copies a capture. The loader resizes it (`probes.ring_buffer_bytes` with the
+/// capture on, a page without).
+#[map]
+pub(crate) static CAPTURES: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 /// Thread-group ids of the target (key), maintained by the daemon as the target restarts.
 #[map]
@@ -133,6 +143,20 @@ fn emit<T: 'static>(event: &T) {
     }
 }
 
+/// Emits an event that also tells the decoders where a connection or a process ends or
+/// starts: with the payload capture on, a copy goes to `CAPTURES`, in order with the data
+/// (without waking them, like a capture).
+#[inline(always)]
+fn emit_ordering<T: 'static>(event: &T) {
+    emit(event);
+    // SAFETY: a read of a constant the loader may have patched.
+    if unsafe { read_volatile(&CAPTURE_BYTES) } != 0
+        && CAPTURES.output::<T>(event, wake_flags()).is_err()
+    {
+        bump(stats::DROPS_CONNECTION_RINGBUF_FULL);
+    }
+}
+
 #[inline(always)]
 pub(crate) fn now_ns() -> u64 {
     // SAFETY: a helper without arguments or preconditions.
@@ -193,7 +217,7 @@ fn try_sched_process_exit(ctx: &RawTracePointContext) -> Result<(), i64> {
         ts_ns: now_ns(),
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    emit(&event);
+    emit_ordering(&event);
     Ok(())
 }
 
@@ -314,7 +338,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 // this program returns.
                 let snapshot = unsafe { *info };
                 let ends = endpoints(ctx, 24, 28, 32, 40)?;
-                emit(&tcp_event(
+                emit_ordering(&tcp_event(
                     skaddr,
                     kind::TCP_CONNECT,
                     &snapshot,
@@ -342,7 +366,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                     bump(stats::SOCKETS_TRACKED);
                 }
                 let ends = endpoints(ctx, 24, 28, 32, 40)?;
-                emit(&tcp_event(
+                emit_ordering(&tcp_event(
                     skaddr,
                     kind::TCP_ACCEPT,
                     &info,
@@ -363,7 +387,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                     kind::TCP_CLOSE
                 };
                 let ends = endpoints(ctx, 24, 28, 32, 40)?;
-                emit(&tcp_event(skaddr, kind, &info, now, &ends, old, new));
+                emit_ordering(&tcp_event(skaddr, kind, &info, now, &ends, old, new));
                 let _ = SOCKETS.remove(skaddr);
             }
         }

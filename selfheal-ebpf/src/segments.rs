@@ -7,10 +7,10 @@
 //! cookie, see `selfheal_ebpf::sampled_in`) leaves first, counted, before any byte of it is
 //! read. Then the IPv4 or IPv6 header (no extension headers) and the TCP header are read,
 //! packets without payload (handshakes, pure ACKs) leave at once, and a segment record with
-//! the sequence number, the payload's length and its first `CAPTURE_BYTES` goes to the ring
-//! buffer (in the smallest of the record sizes that holds them, see `SegmentRecord`), keyed
-//! by the kernel `struct sock *` like the TCP state events. The daemon rebuilds each
-//! direction's byte stream from the sequence numbers (`protocols::tcp`).
+//! the sequence number, the payload's length and its first `CAPTURE_BYTES` goes to the
+//! captures' ring buffer (in the smallest of the record sizes that holds them, see
+//! `SegmentRecord`), keyed by the kernel `struct sock *` like the TCP state events. The
+//! daemon rebuilds each direction's byte stream from the sequence numbers (`protocols::tcp`).
 //!
 //! Every path returns 1: a `cgroup_skb` program that returns 0 drops the target's packet.
 //! What cannot be parsed is let through and counted; a full ring buffer drops the record,
@@ -25,7 +25,7 @@ use selfheal_ebpf::{kind, stats, SegmentRecord, DIRECTION_RECV, DIRECTION_SEND, 
 
 use crate::{
     capture::{wake_flags, CAPTURE_BYTES},
-    programs::{bump, now_ns, shed, EVENTS},
+    programs::{bump, now_ns, shed, CAPTURES},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -135,7 +135,7 @@ struct Segment {
 /// Sends the segment with the first `n` (1..=N) bytes of its payload in a record of `N`.
 #[inline(always)]
 fn record<const N: usize>(ctx: &SkBuffContext, segment: &Segment, n: u32) {
-    let Some(mut entry) = EVENTS.reserve::<SegmentRecord<N>>(0) else {
+    let Some(mut entry) = CAPTURES.reserve::<SegmentRecord<N>>(0) else {
         bump(stats::DROPS_SEGMENT_RINGBUF_FULL);
         return;
     };

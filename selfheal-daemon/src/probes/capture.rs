@@ -5,23 +5,31 @@
 //! process, the target's role, the local and remote addresses), the choice of decoder for
 //! each connection (HTTP/1.x when the target serves it, PostgreSQL when the target is its
 //! client, from the kernel's role and the first bytes), and the accounting of captured
-//! traffic. Completed exchanges and queries go to the [`Recorder`]. Must not: block
-//! the eBPF reader (it hands captures over through a bounded queue and counts what does not
-//! fit) or grow without bound (the table is capped; every parser has a constant bound).
+//! traffic. Completed exchanges and queries go to the [`Recorder`]. The decoders read the
+//! capture's ring buffer themselves, in place, on a thread of their own ([`run`]). Must not:
+//! slow the kernel side (a ring the decoders have not emptied drops records in the kernel,
+//! counted, and makes the sampling shed connections) or grow without bound (the table is
+//! capped; every parser has a constant bound).
 
 use std::{
     collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::Range,
+    sync::atomic::Ordering,
 };
 
-use tokio::sync::{mpsc, watch};
+use aya::maps::{MapData, RingBuf};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, watch},
+};
 use tokio_util::sync::CancellationToken;
 
 use prometheus_client::metrics::counter::Counter;
 use rustc_hash::FxHashMap;
 
+use super::ebpf::{CaptureFeed, Record};
 use crate::{
     protocols::{
         http::{HttpExchange, HttpParser, HttpStats},
@@ -180,7 +188,7 @@ fn direction_label(direction: Direction) -> &'static str {
     }
 }
 
-/// What the eBPF reader hands over.
+/// A record of the capture's ring buffer, as the decoders take it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Capture {
     Data {
@@ -192,7 +200,7 @@ pub enum Capture {
         direction: Direction,
         /// Bytes the operation moved.
         total_len: u64,
-        /// Where their first bytes (up to `probes.payload_bytes`) are in the batch's `bytes`.
+        /// Where their first bytes (up to `probes.payload_bytes`) are in the record.
         captured: Range<usize>,
         /// `CLOCK_MONOTONIC` nanoseconds.
         ts_ns: u64,
@@ -217,7 +225,7 @@ pub enum Capture {
         seq: u32,
         /// Payload bytes in the segment.
         total_len: u32,
-        /// Where their first bytes are in the batch's `bytes`.
+        /// Where their first bytes are in the record.
         captured: Range<usize>,
         /// The connection's ends from the packet's headers (`None` for an address family
         /// other than IPv4 and IPv6).
@@ -229,58 +237,6 @@ pub enum Capture {
     /// A process of the target exited (its last thread did): everything it read or wrote was
     /// captured before, so its connections end here, in order with their data.
     Exited { tgid: u32 },
-    /// The capture takes back connections it had shed (the sampling level went down). Sent
-    /// after every capture drained before it, so what follows may belong to a connection
-    /// that was shed: each connection's first segment after it may resynchronise.
-    Readmitted,
-}
-
-/// Captures handed from the eBPF reader to the decoders at once, with the payloads of all of
-/// them in one buffer. The decoders send each batch back emptied, so once warmed up the
-/// reader allocates nothing per capture (and no memory is freed on another thread than the
-/// one that allocated it).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Batch {
-    pub captures: Vec<Capture>,
-    /// The payloads of the `Capture::Data` in `captures`, one after another.
-    pub bytes: Vec<u8>,
-}
-
-impl Batch {
-    pub fn with_capacity(captures: usize, bytes: usize) -> Self {
-        Self {
-            captures: Vec::with_capacity(captures),
-            bytes: Vec::with_capacity(bytes),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.captures.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.captures.is_empty()
-    }
-
-    /// Empties it, keeping what it has allocated.
-    pub fn clear(&mut self) {
-        self.captures.clear();
-        self.bytes.clear();
-    }
-
-    /// The payload at `range` of `bytes` (empty if out of it).
-    pub fn payload(&self, range: &Range<usize>) -> &[u8] {
-        self.bytes.get(range.clone()).unwrap_or_default()
-    }
-}
-
-impl From<Capture> for Batch {
-    fn from(capture: Capture) -> Self {
-        Self {
-            captures: vec![capture],
-            bytes: Vec::new(),
-        }
-    }
 }
 
 /// The most connections tracked at once; beyond it new ones are refused and counted.
@@ -289,8 +245,8 @@ const MAX_CONNECTIONS: usize = 65_536;
 /// Ticks of the capture task (1 s) a process that left the target keeps its connections,
 /// when no exit comes through the captures to end them in order (the exit probe is not
 /// attached, or the process left the target without exiting): long enough for its last
-/// captures, at most `probes.flush_interval_ms` (1 s) in the kernel's ring plus the queue,
-/// to be decoded first.
+/// captures, at most `probes.flush_interval_ms` (1 s) in the kernel's ring, to be decoded
+/// first.
 const LEAVING_TICKS: u8 = 3;
 
 /// How long a connection no close event ends (a unix socket, whose close the kernel side does
@@ -397,6 +353,8 @@ pub struct Traffic {
     /// reassembly budget had no room for.
     table_full: Counter,
     over_budget: Counter,
+    /// Records of the capture's ring that could not be read.
+    undecodable: Counter,
     /// Problems of parsers already dropped, and what was last exported.
     closed: ProblemTotals,
     exported: ProblemTotals,
@@ -411,7 +369,8 @@ pub struct Traffic {
     /// Processes that are no longer members but still have connections, with the ticks left
     /// before these are closed (see [`LEAVING_TICKS`]).
     leaving: HashMap<u32, u8>,
-    /// How many times the capture took back shed connections ([`Capture::Readmitted`]).
+    /// How many times the capture took back shed connections (see
+    /// [`Traffic::set_readmissions`]).
     readmissions: u64,
 }
 
@@ -438,14 +397,18 @@ impl Traffic {
                 .get_or_create(&ReasonLabel { reason })
                 .clone()
         };
-        let (table_full, over_budget) =
-            (drops("connection_table_full"), drops("reassembly_budget"));
+        let (table_full, over_budget, undecodable) = (
+            drops("connection_table_full"),
+            drops("reassembly_budget"),
+            drops("undecodable"),
+        );
         Self {
             metrics,
             connections: FxHashMap::default(),
             counters,
             table_full,
             over_budget,
+            undecodable,
             closed: ProblemTotals::default(),
             exported: ProblemTotals::default(),
             held_bytes: 0,
@@ -501,8 +464,9 @@ impl Traffic {
         &self.counters[row + column]
     }
 
-    /// Handles one capture; what the decoders complete is appended to `out`.
-    fn handle(&mut self, capture: &Capture, payload: &[u8], out: &mut Decoded) {
+    /// Handles one capture, its payload beside it; what the decoders complete is appended to
+    /// `out`.
+    pub fn handle(&mut self, capture: &Capture, payload: &[u8], out: &mut Decoded) {
         match *capture {
             Capture::Data {
                 tgid,
@@ -584,7 +548,6 @@ impl Traffic {
                 self.leaving.remove(&tgid);
                 self.retire_process(tgid, out);
             }
-            Capture::Readmitted => self.readmissions += 1,
         }
     }
 
@@ -748,17 +711,42 @@ impl Traffic {
         out.collect(connection.origin());
     }
 
-    /// Handles a batch and updates the gauges once.
-    pub fn handle_batch(&mut self, batch: &Batch, out: &mut Decoded) {
-        for capture in &batch.captures {
-            let payload = match capture {
-                Capture::Data { captured, .. } | Capture::Segment { captured, .. } => {
-                    batch.payload(captured)
+    /// Handles one record of the capture's ring buffer where it lies (a capture's payload is
+    /// read from the record, never copied); one that cannot be read is counted.
+    pub fn handle_record(&mut self, record: &[u8], out: &mut Decoded) {
+        match super::ebpf::decode(record) {
+            Some(Record::Capture(capture)) => {
+                let payload: &[u8] = match &capture {
+                    Capture::Data { captured, .. } | Capture::Segment { captured, .. } => {
+                        record.get(captured.clone()).unwrap_or_default()
+                    }
+                    _ => &[],
+                };
+                self.handle(&capture, payload, out);
+            }
+            Some(Record::Tcp(event)) => {
+                if let Some(change) = super::ebpf::connection_change(&event) {
+                    self.handle(&change, &[], out);
                 }
-                _ => &[],
-            };
-            self.handle(capture, payload, out);
+            }
+            Some(Record::Exit(exit)) => {
+                self.handle(&Capture::Exited { tgid: exit.tgid }, &[], out);
+            }
+            None => {
+                self.undecodable.inc();
+            }
         }
+    }
+
+    /// The capture took back shed connections `count` times in all (the sampling level went
+    /// down): each connection's first segment after a raise may belong to a connection that
+    /// was shed, and may resynchronise.
+    pub fn set_readmissions(&mut self, count: u64) {
+        self.readmissions = count;
+    }
+
+    /// Exports the size of the connection table.
+    pub fn export_connections(&self) {
         let tracked = i64::try_from(self.connections.len()).unwrap_or(i64::MAX);
         self.metrics.capture_connections.set(tracked);
     }
@@ -1113,17 +1101,38 @@ fn sockets_of(
     }
 }
 
-/// Consumes captures until cancelled or the reader is gone; closes the connections of
-/// processes that stop being the target's (see [`Traffic::set_members`]); hands what the
-/// decoders complete to `recorder`.
+/// Records read from the ring per parsing section: between two, what the section decoded goes
+/// to the recorder at normal priority (see `sched`).
+const RECORDS_PER_SECTION: usize = 1024;
+
+/// Records read in one drain before the loop's other work (the tick, a change of members) gets
+/// a turn: under a steady overload the ring never empties.
+const RECORDS_PER_DRAIN: usize = 64 * RECORDS_PER_SECTION;
+
+/// Reads the capture's ring buffer (`feed`) every `flush` or when the kernel wakes it, until
+/// cancelled; closes the connections of processes that stop being the target's (see
+/// [`Traffic::set_members`]); hands what the decoders complete to `recorder`.
 pub async fn run(
-    mut captures: mpsc::Receiver<Batch>,
-    recycle: mpsc::Sender<Batch>,
+    feed: CaptureFeed,
+    flush: std::time::Duration,
     mut members: watch::Receiver<Vec<u32>>,
     mut recorder: Recorder,
     metrics: Metrics,
     cancel: CancellationToken,
 ) {
+    let CaptureFeed { ring, readmissions } = feed;
+    // SAFETY: the ring buffer owns its map fd for as long as it lives, and it lives inside
+    // this `AsyncFd` until the end of this function.
+    let mut ring = match unsafe {
+        AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    } {
+        Ok(ring) => ring,
+        Err(err) => {
+            let err = std::io::Error::from(err);
+            tracing::error!(error = %err, "cannot poll the capture's ring buffer; captured traffic is not decoded");
+            return;
+        }
+    };
     let mut traffic = Traffic::new(metrics.clone());
     // The current members, without marking them seen: their first change below also starts
     // the procfs scans.
@@ -1135,9 +1144,52 @@ pub async fn run(
     let mut scanned: Vec<u32> = Vec::new();
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Captures do not wake this thread (see the eBPF programs) until a quarter of the ring
+    // is full: it drains on a timer.
+    let mut flush = tokio::time::interval(flush);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A drain stopped at `RECORDS_PER_DRAIN` with records left.
+    let mut backlog = false;
+    let drain = |ring: &mut RingBuf<MapData>,
+                 traffic: &mut Traffic,
+                 decoded: &mut Decoded,
+                 recorder: &mut Recorder| {
+        let started = thread_cpu_seconds();
+        let mut read = 0;
+        let left = loop {
+            let section = {
+                // The parsing alone, on this thread's own data (see `sched`): the ring, the
+                // table and the parsers are this thread's; the counters are atomics.
+                let _idle = crate::sched::Idle::enter();
+                let mut section = 0;
+                while section < RECORDS_PER_SECTION {
+                    let Some(record) = ring.next() else { break };
+                    traffic.set_readmissions(readmissions.load(Ordering::Acquire));
+                    traffic.handle_record(&record, decoded);
+                    section += 1;
+                }
+                section
+            };
+            recorder.record(decoded);
+            decoded.clear();
+            read += section;
+            if section < RECORDS_PER_SECTION {
+                break false;
+            }
+            if read >= RECORDS_PER_DRAIN {
+                break true;
+            }
+        };
+        traffic.export_connections();
+        let spent = thread_cpu_seconds() - started;
+        if spent > 0.0 {
+            metrics.capture_decode_cpu_seconds.inc_by(spent);
+        }
+        left
+    };
     loop {
-        // Not `biased`: with a backlog of batches always ready, the one-second tick (leaving
-        // processes, requests in flight) would never run.
+        // Not `biased`: with a backlog always ready, the one-second tick (leaving processes,
+        // requests in flight) would never run.
         tokio::select! {
             () = cancel.cancelled() => return,
             changed = members.changed() => {
@@ -1158,26 +1210,22 @@ pub async fn run(
                 }
             }
             Some((tgid, sockets)) = seeds.recv() => traffic.seed(tgid, &sockets.connected),
-            batch = captures.recv() => match batch {
-                Some(mut batch) => {
-                    let started = thread_cpu_seconds();
-                    {
-                        // The parsing alone, on this thread's own data (see `sched`).
-                        let _idle = crate::sched::Idle::enter();
-                        traffic.handle_batch(&batch, &mut decoded);
-                    }
-                    recorder.record(&decoded);
-                    decoded.clear();
-                    // Back to the reader for reuse; dropped when it has enough spares.
-                    batch.clear();
-                    let _ = recycle.try_send(batch);
-                    let spent = thread_cpu_seconds() - started;
-                    if spent > 0.0 {
-                        metrics.capture_decode_cpu_seconds.inc_by(spent);
-                    }
+            guard = ring.readable_mut() => match guard {
+                Ok(mut guard) => {
+                    backlog = drain(guard.get_inner_mut(), &mut traffic, &mut decoded, &mut recorder);
+                    guard.clear_ready();
                 }
-                None => return,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot poll the capture's ring buffer; captured traffic is not decoded");
+                    return;
+                }
             },
+            _ = flush.tick() => {
+                backlog = drain(ring.get_mut(), &mut traffic, &mut decoded, &mut recorder);
+            }
+            () = std::future::ready(()), if backlog => {
+                backlog = drain(ring.get_mut(), &mut traffic, &mut decoded, &mut recorder);
+            }
             _ = tick.tick() => {
                 traffic.tick(crate::target::monotonic_ns(), &mut decoded);
                 traffic.export_problems();
@@ -1202,6 +1250,30 @@ fn thread_cpu_seconds() -> f64 {
 mod tests {
     use super::*;
 
+    /// Captures as a test hands them over, with their payloads in one buffer.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    struct Batch {
+        captures: Vec<Capture>,
+        /// The payloads of the `Capture::Data` in `captures`, one after another.
+        bytes: Vec<u8>,
+    }
+
+    impl Batch {
+        /// The payload at `range` of `bytes` (empty if out of it).
+        fn payload(&self, range: &Range<usize>) -> &[u8] {
+            self.bytes.get(range.clone()).unwrap_or_default()
+        }
+    }
+
+    impl From<Capture> for Batch {
+        fn from(capture: Capture) -> Self {
+            Self {
+                captures: vec![capture],
+                bytes: Vec::new(),
+            }
+        }
+    }
+
     fn data(sock: u64, role: Option<Role>, direction: Direction, bytes: &[u8]) -> Batch {
         Batch {
             captures: vec![Capture::Data {
@@ -1219,7 +1291,21 @@ mod tests {
     }
 
     fn handle(traffic: &mut Traffic, batch: impl Into<Batch>, out: &mut Decoded) {
-        traffic.handle_batch(&batch.into(), out);
+        let batch = batch.into();
+        for capture in &batch.captures {
+            let payload = match capture {
+                Capture::Data { captured, .. } | Capture::Segment { captured, .. } => {
+                    batch.payload(captured)
+                }
+                _ => &[],
+            };
+            traffic.handle(capture, payload, out);
+        }
+    }
+
+    /// The sampling took back shed connections once more.
+    fn readmit(traffic: &mut Traffic) {
+        traffic.set_readmissions(traffic.readmissions + 1);
     }
 
     #[test]
@@ -1838,7 +1924,7 @@ mod tests {
             &mut out,
         );
         // Shed, then taken back: the requests and answers in between were never captured.
-        handle(&mut traffic, Capture::Readmitted, &mut out);
+        readmit(&mut traffic);
         let now = 10_000;
         exchange(
             &mut traffic,
@@ -1887,7 +1973,7 @@ mod tests {
                 &mut out,
             );
         }
-        handle(&mut traffic, Capture::Readmitted, &mut out);
+        readmit(&mut traffic);
         handle(
             &mut traffic,
             segment(8, Direction::Received, 110, second, 3),

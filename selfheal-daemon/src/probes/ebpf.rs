@@ -1,5 +1,8 @@
 //! The eBPF probes: load the embedded object, attach what the kernel accepts, keep the
-//! kernel-side filter maps in step with the target, and drain the ring buffer.
+//! kernel-side filter maps in step with the target, and drain the ring buffer of exits and TCP
+//! events. The payload capture's records go to a ring of their own (`CAPTURES`), which the
+//! decoders' thread reads in place ([`CaptureFeed`], `capture::run`): this reader never
+//! copies a capture, and only sets how many connections the kernel captures ([`Sampling`]).
 //!
 //! Every program attaches on its own: one that fails is logged with the reason and reported
 //! as `selfheal_ebpf_probe_attached{probe} 0`, and the daemon carries on (the target tracker's
@@ -8,7 +11,14 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
+    num::NonZeroUsize,
+    os::fd::AsFd,
     path::{Path, PathBuf},
+    ptr::NonNull,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -28,7 +38,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    capture::{process_sockets, Batch, Capture, Direction, Endpoints, Role},
+    capture::{process_sockets, Capture, Direction, Endpoints, Role},
     segments::{self, SegmentCapture},
     shedding::{QueueSide, Shedding},
     socket_ops::{self, UnixCapture},
@@ -216,6 +226,13 @@ pub struct Loaded {
     /// Whether the syscall capture (`probes.capture = "syscalls"`) is attached.
     syscalls: bool,
     ring: RingBuf<MapData>,
+    /// With the payload capture on: its records, for the decoders (taken by
+    /// [`Loaded::take_capture_feed`]).
+    feed: Option<CaptureFeed>,
+    /// With the payload capture on: how full the decoders' ring is, for the sampling.
+    fill: Option<RingFill>,
+    /// Shared with the feed (see [`CaptureFeed::readmissions`]).
+    readmissions: Arc<AtomicU64>,
     filters: Filters,
     stats: PerCpuArray<MapData, u64>,
     /// The capture's sampling mask (see `selfheal_ebpf::sampled_in`).
@@ -292,6 +309,15 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
             true,
         )
         .map_max_entries(names::EVENTS, config.ring_buffer_bytes)
+        // Without the capture nothing is written there: the least a ring can be, one page.
+        .map_max_entries(
+            names::CAPTURES,
+            if config.payload_bytes > 0 {
+                config.ring_buffer_bytes
+            } else {
+                page_size() as u32
+            },
+        )
         .load(OBJECT)
         .map_err(EbpfError::Load)?;
 
@@ -401,12 +427,28 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         PerCpuArray::try_from(take_map(&mut ebpf, names::STATS)?).map_err(map_err(names::STATS))?;
     let sampling = Array::try_from(take_map(&mut ebpf, names::CAPTURE_SAMPLING)?)
         .map_err(map_err(names::CAPTURE_SAMPLING))?;
+    let readmissions = Arc::new(AtomicU64::new(0));
+    let (feed, fill) = if config.payload_bytes > 0 {
+        let ring = RingBuf::try_from(take_map(&mut ebpf, names::CAPTURES)?)
+            .map_err(map_err(names::CAPTURES))?;
+        let fill = RingFill::new(&ring, config.ring_buffer_bytes).map_err(EbpfError::Poll)?;
+        let feed = CaptureFeed {
+            ring,
+            readmissions: readmissions.clone(),
+        };
+        (Some(feed), Some(fill))
+    } else {
+        (None, None)
+    };
     Ok(Loaded {
         ebpf,
         segments,
         unix,
         syscalls,
         ring,
+        feed,
+        fill,
+        readmissions,
         filters: Filters {
             targets,
             target_set,
@@ -450,9 +492,9 @@ pub enum Record {
     Capture(Capture),
 }
 
-/// Decodes one record; `None` for a truncated or unknown one. A capture's payload is
-/// appended to `payloads`, which its `captured` range points into.
-pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
+/// Decodes one record; `None` for a truncated or unknown one. A capture's `captured` range
+/// points into `bytes`: its payload is read where it lies, never copied.
+pub fn decode(bytes: &[u8]) -> Option<Record> {
     let kind = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
     match kind {
         kind::PROCESS_EXIT if bytes.len() >= size_of::<ProcessExit>() => {
@@ -473,7 +515,7 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
             let (u32_at, u64_at) = (|at| ne_u32(bytes, at), |at| ne_u64(bytes, at));
             // Field offsets of `DataEvent` (`#[repr(C)]`, no padding).
             let captured = (u32_at(32)? as usize).min(selfheal_ebpf::MAX_CAPTURE);
-            let payload = bytes.get(header..header + captured)?;
+            bytes.get(header..header + captured)?;
             let (tgid, fd, sock, role, direction_raw, total_len, ts_ns) = (
                 u32_at(4)?,
                 u32_at(12)?,
@@ -483,8 +525,6 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
                 u64_at(24)?,
                 u64_at(48)?,
             );
-            let start = payloads.len();
-            payloads.extend_from_slice(payload);
             Some(Record::Capture(Capture::Data {
                 tgid,
                 fd,
@@ -496,12 +536,12 @@ pub fn decode(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Record> {
                     Direction::Received
                 },
                 total_len,
-                captured: start..start + payload.len(),
+                captured: header..header + captured,
                 ts_ns,
             }))
         }
         kind::SEGMENT if bytes.len() >= size_of::<SegmentEvent>() - selfheal_ebpf::MAX_CAPTURE => {
-            Some(Record::Capture(decode_segment(bytes, payloads)?))
+            Some(Record::Capture(decode_segment(bytes)?))
         }
         _ => None,
     }
@@ -522,9 +562,8 @@ fn ne_u64(bytes: &[u8], at: usize) -> Option<u64> {
         .map(u64::from_ne_bytes)
 }
 
-/// A `SegmentEvent`'s fields, with its headers read, and its captured prefix appended to
-/// `payloads`.
-fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
+/// A `SegmentEvent`'s fields, with its headers read.
+fn decode_segment(bytes: &[u8]) -> Option<Capture> {
     const HEADERS_AT: usize = 32;
     let header = size_of::<SegmentEvent>() - selfheal_ebpf::MAX_CAPTURE;
     let (u32_at, u64_at) = (|at| ne_u32(bytes, at), |at| ne_u64(bytes, at));
@@ -556,7 +595,7 @@ fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
     let be16 = |at: usize| u16::from_be_bytes([tcp[at], tcp[at + 1]]);
     let (sport, dport) = (be16(0), be16(2));
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
-    let payload = bytes.get(header..header + captured)?;
+    bytes.get(header..header + captured)?;
     let (direction, endpoints) = if direction_raw == DIRECTION_SEND {
         (
             Direction::Sent,
@@ -568,14 +607,12 @@ fn decode_segment(bytes: &[u8], payloads: &mut Vec<u8>) -> Option<Capture> {
             Endpoints::from_raw(family, daddr, dport, saddr, sport),
         )
     };
-    let start = payloads.len();
-    payloads.extend_from_slice(payload);
     Some(Capture::Segment {
         sock,
         direction,
         seq,
         total_len: len,
-        captured: start..start + payload.len(),
+        captured: header..header + captured,
         endpoints,
         ts_ns,
     })
@@ -687,14 +724,98 @@ pub struct Links {
     pub members: watch::Receiver<Vec<u32>>,
     /// Exits of the target's processes, to the tracker.
     pub exits: mpsc::Sender<KernelExit>,
-    /// Socket payloads and opens/closes, to the traffic decoders.
-    pub captures: mpsc::Sender<Batch>,
-    /// Batches the decoders are done with, to fill again.
-    pub recycled: mpsc::Receiver<Batch>,
 }
 
-/// With payload capture on: how often the ring is drained of captures, and under what idle
-/// share of the host's CPUs the capture sheds connections (see [`shedding`]).
+/// The payload capture's ring buffer, for the decoders to read in place (`capture::run`): its
+/// records are segments and socket operations, and copies of the opens, closes and exits
+/// that order them.
+pub struct CaptureFeed {
+    pub ring: RingBuf<MapData>,
+    /// How many times the sampling took back shed connections (see
+    /// `Traffic::set_readmissions`): raised before the kernel's mask is, so a record the
+    /// kernel wrote under the new mask is read after the raise.
+    pub readmissions: Arc<AtomicU64>,
+}
+
+impl Loaded {
+    /// The payload capture's records, for the decoders; `None` with the capture off (or once
+    /// taken).
+    pub fn take_capture_feed(&mut self) -> Option<CaptureFeed> {
+        self.feed.take()
+    }
+}
+
+/// How full a ring buffer is, read from the positions the kernel shares with its reader (the
+/// ring's first two pages, mapped read-only), without touching the reader: the sampling on
+/// the main runtime reads it while the decoders' thread drains the ring.
+struct RingFill {
+    pages: NonNull<std::ffi::c_void>,
+    page: usize,
+    size: u64,
+}
+
+// SAFETY: the mapping is read-only and read through atomics only; it lives as long as this.
+unsafe impl Send for RingFill {}
+
+impl RingFill {
+    fn new(ring: &RingBuf<MapData>, size: u32) -> std::io::Result<Self> {
+        let page = page_size();
+        let length = NonZeroUsize::new(2 * page).ok_or(std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: a new shared read-only mapping of the ring's two position pages (the
+        // consumer's, then the producer's), which the kernel allows for any reader; nothing
+        // else is mapped at the address the kernel picks.
+        let pages = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                length,
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                ring.as_fd(),
+                0,
+            )
+        }?;
+        Ok(Self {
+            pages,
+            page,
+            size: u64::from(size),
+        })
+    }
+
+    /// The share (0–1) of the ring not holding records yet to be read.
+    fn free(&self) -> f64 {
+        // SAFETY: both positions are 8-byte aligned at the start of their page, inside the
+        // mapping; the kernel and the reader update them atomically.
+        let (consumer, producer) = unsafe {
+            let consumer = &*self.pages.as_ptr().cast::<AtomicU64>();
+            let producer = &*self.pages.as_ptr().byte_add(self.page).cast::<AtomicU64>();
+            (
+                consumer.load(Ordering::Acquire),
+                producer.load(Ordering::Acquire),
+            )
+        };
+        let waiting = producer.saturating_sub(consumer) as f64;
+        (1.0 - waiting / self.size.max(1) as f64).clamp(0.0, 1.0)
+    }
+}
+
+impl Drop for RingFill {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        let _ = unsafe { nix::sys::mman::munmap(self.pages, 2 * self.page) };
+    }
+}
+
+/// The kernel's page size (the unit of ring buffers' sizes).
+fn page_size() -> usize {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|size| usize::try_from(size).ok())
+        .unwrap_or(4096)
+}
+
+/// With payload capture on: how often the sampling is set, and under what idle share of the
+/// host's CPUs the capture sheds connections (see [`shedding`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Draining {
     pub interval: Duration,
@@ -702,7 +823,8 @@ pub struct Draining {
     pub shed_below_idle_percent: f64,
 }
 
-/// Drains the ring buffer and keeps the filter maps current, until cancelled.
+/// Drains the ring buffer of exits and TCP events and keeps the filter maps current, until
+/// cancelled.
 pub async fn run(
     loaded: Loaded,
     links: Links,
@@ -712,12 +834,7 @@ pub async fn run(
     metrics: Metrics,
     cancel: CancellationToken,
 ) -> Result<(), EbpfError> {
-    let Links {
-        mut members,
-        exits,
-        captures,
-        mut recycled,
-    } = links;
+    let Links { mut members, exits } = links;
     // `ebpf` is held to the end of this function: dropping it detaches the programs.
     let Loaded {
         ebpf: mut attached,
@@ -725,18 +842,22 @@ pub async fn run(
         unix,
         syscalls,
         ring,
+        feed: _,
+        fill,
+        readmissions,
         mut filters,
         stats: counters,
         sampling,
     } = loaded;
-    let mut sampling = Sampling {
+    let mut sampling = fill.map(|fill| Sampling {
         map: sampling,
         level: 0,
         host: Shedding::new(draining.map_or(0.0, |d| d.shed_below_idle_percent)),
         queue: QueueSide::default(),
+        fill,
+        readmissions,
         failed: false,
-        readmit: false,
-    };
+    });
     metrics.capture_sampling_ratio.set(1.0);
     let mut segments = segments.then(|| SegmentCapture::new(metrics.clone()));
     let mut unix = unix.map(|(mode, loaded)| UnixCapture::new(mode, loaded, metrics.clone()));
@@ -752,10 +873,10 @@ pub async fn run(
         .map_err(|err| EbpfError::Poll(err.into()))?;
     let mut window = Window::default();
     let mut ticker = tokio::time::interval(report_interval);
-    // Without payload capture nothing waits in the ring without a wake-up: no timer.
-    let flush_captures = draining.is_some();
-    let mut flush = tokio::time::interval(draining.map_or(Duration::from_hours(1), |d| d.interval));
-    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Without payload capture there is no sampling to set: no timer.
+    let mut sample =
+        tokio::time::interval(draining.map_or(Duration::from_hours(1), |d| d.interval));
+    sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -770,18 +891,14 @@ pub async fn run(
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(EbpfError::Poll)?;
-                drain(guard.get_inner_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
+                drain(guard.get_inner_mut(), &exits, &metrics, &mut window);
                 guard.clear_ready();
-                if flush_captures {
-                    let on = capturing(syscalls, segments.as_ref(), unix.as_ref(), &members);
-                    sampling.update(on, &captures, &metrics);
-                }
             }
-            // Captures do not wake the reader (see the eBPF program): drain on a timer.
-            _ = flush.tick(), if flush_captures => {
-                drain(ring.get_mut(), &exits, &captures, &mut recycled, &metrics, &mut window);
+            _ = sample.tick(), if sampling.is_some() => {
                 let on = capturing(syscalls, segments.as_ref(), unix.as_ref(), &members);
-                sampling.update(on, &captures, &metrics);
+                if let Some(sampling) = &mut sampling {
+                    sampling.update(on, &metrics);
+                }
             }
             _ = ticker.tick() => {
                 // The target can move between cgroups without a change of processes.
@@ -808,6 +925,7 @@ pub async fn run(
                         stats::DROPS_SEGMENT_RINGBUF_FULL => "segment_ringbuf_full",
                         stats::SEGMENT_UNPARSED => "segment_unparsed",
                         stats::SHED => "shed",
+                        stats::DROPS_CONNECTION_RINGBUF_FULL => "connection_ringbuf_full",
                         _ => continue,
                     };
                     metrics.ebpf_ringbuf_drops.get_or_create(&ReasonLabel { reason: drop_reason }).inc_by(delta);
@@ -835,31 +953,15 @@ fn sync_segments(
     }
 }
 
-/// Reads every record waiting in the ring buffer.
+/// Reads every record waiting in the ring buffer of exits and TCP events.
 fn drain(
     ring: &mut RingBuf<MapData>,
     exits: &mpsc::Sender<KernelExit>,
-    captures: &mpsc::Sender<Batch>,
-    recycled: &mut mpsc::Receiver<Batch>,
     metrics: &Metrics,
     window: &mut Window,
 ) {
-    // Captures go to the decoders in batches, one queue slot and one wake-up per batch
-    // rather than per event, in a batch the decoders sent back when there is one.
-    let mut fresh = || {
-        recycled.try_recv().unwrap_or_else(|_| {
-            Batch::with_capacity(
-                CAPTURE_BATCH,
-                CAPTURE_BATCH * selfheal_ebpf::MAX_CAPTURE / 2,
-            )
-        })
-    };
-    let mut batch = Batch::default();
     while let Some(item) = ring.next() {
-        if batch.captures.capacity() == 0 {
-            batch = fresh();
-        }
-        match decode(&item, &mut batch.bytes) {
+        match decode(&item) {
             Some(Record::Exit(exit)) => {
                 let kernel_exit = KernelExit {
                     tgid: exit.tgid,
@@ -875,16 +977,10 @@ fn drain(
                         })
                         .inc();
                 }
-                // The decoders learn of it in order with the process's captures, all of which
-                // the ring held before its exit.
-                batch.captures.push(Capture::Exited { tgid: exit.tgid });
             }
-            Some(Record::Tcp(event)) => {
-                record_tcp(&event, metrics, &mut window.summary);
-                batch.captures.extend(connection_change(&event));
-            }
-            Some(Record::Capture(capture)) => batch.captures.push(capture),
-            None => {
+            Some(Record::Tcp(event)) => record_tcp(&event, metrics, &mut window.summary),
+            // The capture writes to its own ring (`CAPTURES`), never here.
+            Some(Record::Capture(_)) | None => {
                 metrics
                     .ebpf_ringbuf_drops
                     .get_or_create(&ReasonLabel {
@@ -893,12 +989,6 @@ fn drain(
                     .inc();
             }
         }
-        if batch.len() >= CAPTURE_BATCH {
-            hand_over(captures, std::mem::take(&mut batch), metrics);
-        }
-    }
-    if !batch.is_empty() {
-        hand_over(captures, batch, metrics);
     }
 }
 
@@ -922,14 +1012,16 @@ struct Sampling {
     level: u32,
     host: Shedding,
     queue: QueueSide,
+    /// How full the decoders' ring is.
+    fill: RingFill,
+    /// See [`CaptureFeed::readmissions`].
+    readmissions: Arc<AtomicU64>,
     /// Whether writing the mask failed (warned once).
     failed: bool,
-    /// Connections were taken back and the decoders not yet told.
-    readmit: bool,
 }
 
 impl Sampling {
-    /// Sets how many connections the kernel captures from how full the decoders' queue is
+    /// Sets how many connections the kernel captures from how full the decoders' ring is
     /// and how much CPU the host has idle: whole connections are shed (their parsers
     /// resynchronise when they come back) rather than the daemon falling behind or taking
     /// CPU the target could use. Opens and closes are never shed, so the connection
@@ -937,8 +1029,8 @@ impl Sampling {
     /// attached: the target not yet in a cgroup of its own, or no unix-socket connection to
     /// PostgreSQL noticed) nothing sheds and the readings start over: no shedding is logged
     /// for a capture that takes nothing.
-    fn update(&mut self, capturing: bool, captures: &mpsc::Sender<Batch>, metrics: &Metrics) {
-        let free = captures.capacity() as f64 / captures.max_capacity().max(1) as f64;
+    fn update(&mut self, capturing: bool, metrics: &Metrics) {
+        let free = self.fill.free();
         let level = if capturing {
             let now = std::time::Instant::now();
             self.queue.observe(now, free).max(self.host.observe(now))
@@ -947,9 +1039,12 @@ impl Sampling {
             self.host.reset();
             0
         };
-        self.tell_readmitted(captures);
         if level == self.level {
             return;
+        }
+        if level < self.level {
+            // Before the mask: whatever the kernel captures under the new one is read after.
+            self.readmissions.fetch_add(1, Ordering::Release);
         }
         if let Err(err) = self.map.set(0, (1u32 << level) - 1, 0) {
             if !self.failed {
@@ -959,12 +1054,12 @@ impl Sampling {
             return;
         }
         let idle = self.host.idle_percent();
-        let queue_full = (1.0 - free) * 100.0;
+        let ring_full = (1.0 - free) * 100.0;
         match (self.level, level) {
             (0, _) => tracing::info!(
                 keep_one_in = 1u32 << level,
                 host_cpu_idle_percent = format!("{idle:.0}"),
-                decode_queue_full_percent = format!("{queue_full:.0}"),
+                decode_ring_full_percent = format!("{ring_full:.0}"),
                 "payload capture is shedding connections: the host has no CPU to spare or the decoders are behind"
             ),
             (_, 0) if !capturing => tracing::info!(
@@ -972,51 +1067,22 @@ impl Sampling {
                  the capture detached); it keeps every connection when it captures again"
             ),
             (_, 0) => tracing::info!("payload capture keeps every connection again"),
-            _ => tracing::debug!(keep_one_in = 1u32 << level, idle, queue_full, "payload capture sampling changed"),
+            _ => tracing::debug!(keep_one_in = 1u32 << level, idle, ring_full, "payload capture sampling changed"),
         }
         if self.level == 0 || level == 0 {
             metrics.set_capture_shedding(level > 0);
         }
-        self.readmit |= level < self.level;
         self.level = level;
         metrics
             .capture_sampling_ratio
             .set(1.0 / f64::from(1u32 << level));
-        self.tell_readmitted(captures);
-    }
-
-    /// Tells the decoders that connections were taken back, after every capture drained
-    /// before (see [`Capture::Readmitted`]); tried again on the next update while the queue
-    /// is full.
-    fn tell_readmitted(&mut self, captures: &mpsc::Sender<Batch>) {
-        if self.readmit {
-            self.readmit = captures.try_send(Batch::from(Capture::Readmitted)).is_err();
-        }
-    }
-}
-
-/// The most captures handed to the decoders at once; the queue holds
-/// `probes.payload_queue / CAPTURE_BATCH` batches.
-pub const CAPTURE_BATCH: usize = 256;
-
-/// Gives a batch to the decoders, or drops and counts it when their queue is full.
-fn hand_over(captures: &mpsc::Sender<Batch>, batch: Batch, metrics: &Metrics) {
-    let len = batch.len() as u64;
-    if captures.try_send(batch).is_err() {
-        let reason = ReasonLabel {
-            reason: "payload_queue_full",
-        };
-        metrics
-            .ebpf_ringbuf_drops
-            .get_or_create(&reason)
-            .inc_by(len);
     }
 }
 
 /// What a TCP event means for the traffic decoders' connection table: an open carries the
 /// connection's addresses (the socket's own as local, its destination as remote, whichever
 /// side connected).
-fn connection_change(event: &TcpEvent) -> Option<Capture> {
+pub(crate) fn connection_change(event: &TcpEvent) -> Option<Capture> {
     match event.kind {
         kind::TCP_CONNECT | kind::TCP_ACCEPT => Some(Capture::Opened {
             tgid: event.tgid,
@@ -1203,23 +1269,20 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const exit).cast::<u8>(), size_of::<ProcessExit>())
         };
-        match decode(bytes, &mut Vec::new()) {
+        match decode(bytes) {
             Some(Record::Exit(decoded)) => {
                 assert_eq!((decoded.tgid, decoded.exit_code, decoded.ts_ns), (42, 9, 7));
             }
             other => panic!("decoded {other:?}"),
         }
-        assert!(decode(&bytes[..20], &mut Vec::new()).is_none(), "truncated");
-        assert!(
-            decode(&[0xff; 80], &mut Vec::new()).is_none(),
-            "unknown kind"
-        );
-        assert!(decode(&[], &mut Vec::new()).is_none(), "empty");
+        assert!(decode(&bytes[..20]).is_none(), "truncated");
+        assert!(decode(&[0xff; 80]).is_none(), "unknown kind");
+        assert!(decode(&[]).is_none(), "empty");
     }
 
     proptest::proptest! {
         /// Whatever follows a known kind, a record decodes or is refused without a panic, and
-        /// a capture's range lies inside the payloads it was appended to.
+        /// a capture's range lies inside the record.
         #[test]
         fn any_record_bytes_are_safe(
             kind_index in 0usize..4,
@@ -1228,12 +1291,11 @@ mod tests {
             let kinds = [kind::PROCESS_EXIT, kind::TCP_CONNECT, kind::DATA, kind::SEGMENT];
             let mut bytes = kinds[kind_index].to_ne_bytes().to_vec();
             bytes.extend_from_slice(&body);
-            let mut payloads = Vec::new();
             if let Some(Record::Capture(
                 Capture::Data { captured, .. } | Capture::Segment { captured, .. },
-            )) = decode(&bytes, &mut payloads)
+            )) = decode(&bytes)
             {
-                proptest::prop_assert!(captured.end <= payloads.len());
+                proptest::prop_assert!(captured.end <= bytes.len());
                 proptest::prop_assert!(captured.len() <= selfheal_ebpf::MAX_CAPTURE);
             }
         }
@@ -1272,8 +1334,8 @@ mod tests {
             }
             .to_vec()
         };
-        let mut payloads = b"xy".to_vec();
-        let Some(Record::Capture(capture)) = decode(&as_bytes(&event), &mut payloads) else {
+        let bytes = as_bytes(&event);
+        let Some(Record::Capture(capture)) = decode(&bytes) else {
             panic!("a segment")
         };
         let ends = |local: &str, remote: &str| {
@@ -1290,26 +1352,26 @@ mod tests {
                 direction: Direction::Received,
                 seq: 0xffff_fff0,
                 total_len: 9000,
-                captured: 2..18,
+                captured: 96..112,
                 endpoints: ends("127.0.0.1:8080", "10.0.0.2:51000"),
                 ts_ns: 42,
             }
         );
-        assert_eq!(&payloads[2..], b"GET / HTTP/1.1\r\n");
+        // The payload is read where it lies in the record.
+        assert_eq!(&bytes[96..112], b"GET / HTTP/1.1\r\n");
         // Sent: its source is. A claimed capture beyond the record or the payload is clamped.
         event.direction = DIRECTION_SEND;
         event.captured = 10_000;
         event.len = 100;
-        let mut payloads = Vec::new();
         let Some(Record::Capture(Capture::Segment {
             captured,
             endpoints,
             ..
-        })) = decode(&as_bytes(&event), &mut payloads)
+        })) = decode(&as_bytes(&event))
         else {
             panic!("a segment")
         };
-        assert_eq!(captured, 0..100);
+        assert_eq!(captured, 96..196);
         assert_eq!(endpoints, ends("10.0.0.2:51000", "127.0.0.1:8080"));
         // IPv6: the addresses are 16 bytes and TCP starts at 40.
         event.headers = [0; selfheal_ebpf::SEGMENT_HEADERS];
@@ -1324,8 +1386,7 @@ mod tests {
         event.headers[24..40].copy_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
         event.headers[40..42].copy_from_slice(&443u16.to_be_bytes());
         event.headers[42..44].copy_from_slice(&40_000u16.to_be_bytes());
-        let Some(Record::Capture(Capture::Segment { endpoints, .. })) =
-            decode(&as_bytes(&event), &mut payloads)
+        let Some(Record::Capture(Capture::Segment { endpoints, .. })) = decode(&as_bytes(&event))
         else {
             panic!("a segment")
         };
@@ -1336,26 +1397,24 @@ mod tests {
         event.data[..4].copy_from_slice(b"HTTP");
         event.captured = 4;
         let bytes = as_bytes(&event);
-        let mut payloads = Vec::new();
-        let Some(Record::Capture(Capture::Segment { captured, .. })) =
-            decode(&bytes[..96 + small], &mut payloads)
+        let Some(Record::Capture(Capture::Segment { captured, .. })) = decode(&bytes[..96 + small])
         else {
             panic!("a small segment")
         };
-        assert_eq!(&payloads[captured], b"HTTP");
+        assert_eq!(&bytes[captured], b"HTTP");
         // A claimed capture beyond a small record ends with the record.
         event.captured = 100;
         let Some(Record::Capture(Capture::Segment { captured, .. })) =
-            decode(&as_bytes(&event)[..96 + small], &mut payloads)
+            decode(&as_bytes(&event)[..96 + small])
         else {
             panic!("a small segment")
         };
         assert_eq!(captured.len(), small);
         // A truncated record and an unknown IP version are refused.
         let bytes = as_bytes(&event);
-        assert!(decode(&bytes[..60], &mut payloads).is_none());
+        assert!(decode(&bytes[..60]).is_none());
         event.headers[0] = 0x50;
-        assert!(decode(&as_bytes(&event), &mut payloads).is_none());
+        assert!(decode(&as_bytes(&event)).is_none());
     }
 
     #[test]
@@ -1379,8 +1438,7 @@ mod tests {
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DataEvent>())
         };
-        let mut payloads = b"before".to_vec();
-        let Some(Record::Capture(capture)) = decode(bytes, &mut payloads) else {
+        let Some(Record::Capture(capture)) = decode(bytes) else {
             panic!("a capture")
         };
         assert_eq!(
@@ -1392,27 +1450,86 @@ mod tests {
                 role: Some(Role::Server),
                 direction: Direction::Sent,
                 total_len: 4096,
-                captured: 6..23,
+                captured: 56..73,
                 ts_ns: 99,
             }
         );
-        assert_eq!(&payloads[6..], b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(&bytes[56..73], b"HTTP/1.1 200 OK\r\n");
         // A claimed length beyond the record is clamped, never read past the end.
         event.captured = 10_000;
         // SAFETY: as above.
         let bytes = unsafe {
             std::slice::from_raw_parts((&raw const event).cast::<u8>(), size_of::<DataEvent>())
         };
-        let mut payloads = Vec::new();
-        let Some(Record::Capture(Capture::Data { captured, .. })) = decode(bytes, &mut payloads)
-        else {
+        let Some(Record::Capture(Capture::Data { captured, .. })) = decode(bytes) else {
             panic!("a capture")
         };
         assert_eq!(captured.len(), selfheal_ebpf::MAX_CAPTURE);
+        assert!(decode(&bytes[..40]).is_none(), "truncated header");
+    }
+
+    /// Against the running kernel (needs root, as the daemon): the decoders' ring gets a copy
+    /// of a target process's exit, the main ring the exit itself, and the fill the sampling
+    /// reads follows what the decoders' ring holds.
+    #[test]
+    fn exits_reach_both_rings_and_the_captures_ring_fill_is_read_from_the_kernel() {
+        let config = ProbesConfig {
+            payload_bytes: 64,
+            ring_buffer_bytes: 4096,
+            ..ProbesConfig::default()
+        };
+        let mut loaded = load(&config, &Metrics::new())
+            .expect("the eBPF object loads (these checks need root, as the daemon does)");
+        let fill = loaded
+            .fill
+            .take()
+            .expect("with the capture on, its ring's fill");
+        let mut feed = loaded
+            .take_capture_feed()
+            .expect("with the capture on, a feed");
         assert!(
-            decode(&bytes[..40], &mut payloads).is_none(),
-            "truncated header"
+            loaded.take_capture_feed().is_none(),
+            "the feed is taken once"
         );
+        assert!(
+            (fill.free() - 1.0).abs() < f64::EPSILON,
+            "an empty ring is all free"
+        );
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.3")
+            .spawn()
+            .expect("sleep runs");
+        loaded.filters.sync(&[child.id()]);
+        child.wait().expect("sleep ends");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fill.free() >= 1.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let free = fill.free();
+        // One record: an 8-byte header and the exit, of a 4096-byte ring.
+        let expected = 1.0 - (8 + size_of::<ProcessExit>()) as f64 / 4096.0;
+        assert!(
+            (free - expected).abs() < 1e-9,
+            "the ring holds the exit's copy: {free} free, expected {expected}"
+        );
+        let copy = feed
+            .ring
+            .next()
+            .expect("the exit's copy in the captures' ring");
+        assert!(
+            matches!(decode(&copy), Some(Record::Exit(exit)) if exit.tgid == child.id()),
+            "the copy is the exit of {}",
+            child.id()
+        );
+        drop(copy);
+        assert!(feed.ring.next().is_none(), "nothing else was captured");
+        assert!(
+            (fill.free() - 1.0).abs() < f64::EPSILON,
+            "read, the ring is free again"
+        );
+        let exit = loaded.ring.next().expect("the exit in the main ring");
+        assert!(matches!(decode(&exit), Some(Record::Exit(exit)) if exit.tgid == child.id()));
     }
 
     #[test]

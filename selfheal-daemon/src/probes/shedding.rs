@@ -1,7 +1,7 @@
 //! Load shedding of the payload capture: how many of the target's connections the kernel
 //! programs capture (one in `1 << level`, see `selfheal_ebpf::sampled_in`).
 //!
-//! Two things make the daemon shed: its decoders falling behind (their queue filling up), and
+//! Two things make the daemon shed: its decoders falling behind (their ring filling up), and
 //! the host running out of idle CPU (the share of all CPUs' time that was idle, from
 //! `/proc/stat`). While a CPU sits idle the capture's work costs the target next to nothing;
 //! on a saturated host every microsecond the capture spends is one the target does not get,
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 /// At most one connection in `1 << MAX_LEVEL` is kept.
 pub const MAX_LEVEL: u32 = 4;
 
-/// How long the host must stay calm (see [`calm_above`]), or the queue under half full,
+/// How long the host must stay calm (see [`calm_above`]), or the ring under half full,
 /// before a step back to more connections.
 const CALM: Duration = Duration::from_secs(1);
 
@@ -32,7 +32,7 @@ const CALM: Duration = Duration::from_secs(1);
 /// 10 ms ticks: over 250 ms of two CPUs, a tick is 2 %).
 const MIN_READING: Duration = Duration::from_millis(250);
 
-/// The queue's share of the level: keep every connection while the decoders' queue is at
+/// The ring's share of the level: keep every connection while the decoders' ring is at
 /// least half free, then fewer and fewer.
 pub fn queue_level(free: f64) -> u32 {
     match free {
@@ -43,8 +43,8 @@ pub fn queue_level(free: f64) -> u32 {
     }
 }
 
-/// The queue side of the shedding: up at once to what the queue's fill asks, back one step
-/// per [`CALM`] second (shedding empties the queue fast; coming back all at once would
+/// The decoders' side of the shedding: up at once to what their ring's fill asks, back one
+/// step per [`CALM`] second (shedding empties the ring fast; coming back all at once would
 /// fill it again).
 #[derive(Debug, Default)]
 pub struct QueueSide {
@@ -53,7 +53,7 @@ pub struct QueueSide {
 }
 
 impl QueueSide {
-    /// The level for a queue with `free` (0–1) of its room free.
+    /// The level for a ring with `free` (0–1) of its room free.
     pub fn observe(&mut self, now: Instant, free: f64) -> u32 {
         let wanted = queue_level(free);
         if wanted > self.level {

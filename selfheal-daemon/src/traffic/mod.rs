@@ -7,7 +7,7 @@
 //! `traffic.max_queries` fingerprints, later ones counted as `other`), the query table, the
 //! slowest recent requests and the recent history that ties queries to them. Must not: grow
 //! without bound (every table has a cap), block the capture task (the shared tables are
-//! locked once per batch, the store once per batch), or label anything with a value that
+//! locked once per parsing section, the store once per section), or label anything with a value that
 //! identifies one request (paths go through route templates, SQL through fingerprints).
 
 mod moves;

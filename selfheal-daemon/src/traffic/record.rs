@@ -75,7 +75,7 @@ struct QueryEntry {
     rows: Counter,
 }
 
-/// A sample for the store, applied under one write lock per batch.
+/// A sample for the store, applied under one write lock per parsing section.
 #[derive(Debug, Clone, Copy)]
 enum Write {
     Add(SeriesId, i64),
