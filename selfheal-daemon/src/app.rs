@@ -102,6 +102,12 @@ fn open_store(config: &Config) -> Result<(StoreHandle, std::path::PathBuf), AppE
 /// Runs the daemon until `cancel` fires.
 pub async fn run(config: Config, cancel: CancellationToken) -> Result<(), AppError> {
     let config = Arc::new(config);
+    if config.probes.payload_queue.is_some() {
+        tracing::warn!(
+            "probes.payload_queue is no longer used: the decoders read the capture's own ring \
+             buffer (probes.ring_buffer_bytes); remove it from the config file"
+        );
+    }
     let selector = config.target.selector().ok_or(AppError::NoTarget)?;
     let metrics = Metrics::new();
     let bus = Bus::new(metrics.clone());

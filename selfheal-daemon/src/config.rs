@@ -363,9 +363,12 @@ pub struct ProbesConfig {
     /// halfway to 100) is idle. A saturated host then keeps its CPU for the target, and counts
     /// are of the connections kept (`selfheal_capture_sampling_ratio`). 0 turns this off:
     /// counts stay exact however busy the host is, at the capture's full cost to the target,
-    /// unless the decoders fall behind (their queue over half full), which sheds either way;
+    /// unless the decoders fall behind (their ring over half full), which sheds either way;
     /// the decoder then runs at normal priority unless `decode_idle = true`.
     pub shed_below_idle_percent: f64,
+    /// No longer used (the decoders read the kernel's ring buffer, sized by
+    /// `ring_buffer_bytes`): accepted so that older config files still load, with a warning.
+    pub payload_queue: Option<u64>,
 }
 
 /// Where the target's socket payloads are captured.
@@ -425,6 +428,7 @@ impl Default for ProbesConfig {
             flush_interval_ms: 100,
             decode_idle: None,
             decode_nice: 0,
+            payload_queue: None,
             shed_below_idle_percent: 15.0,
         }
     }
@@ -2346,6 +2350,16 @@ kind = "smtp"
                 .starts_with("probes.decode_nice: does not apply with probes.decode_idle = true")),
             "{found:?}"
         );
+    }
+
+    #[test]
+    fn an_old_config_with_payload_queue_still_loads() {
+        let config = parse(
+            "[target]\npid = 1\n[probes]\npayload_queue = 16384\n",
+            &Env::default(),
+        )
+        .expect("payload_queue is accepted (and ignored, with a warning at start)");
+        assert_eq!(config.probes.payload_queue, Some(16_384));
     }
 
     #[test]

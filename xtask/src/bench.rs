@@ -69,7 +69,9 @@ pub(crate) enum Bench {
         rate: Option<f64>,
         /// A daemon configuration: `[probes]` lines separated by `;`, e.g.
         /// `--with "payload_bytes = 256; shed_below_idle_percent = 100"` (repeatable; default:
-        /// `payload_bytes = 0` and `payload_bytes = 256`; `payload_bytes` is 256 unless given).
+        /// `payload_bytes = 0` and `payload_bytes = 256`; `payload_bytes` is 256 unless given),
+        /// and `binary = PATH` to run another `selfheal` build (another commit's, compared in
+        /// the same rounds).
         #[arg(long = "with", value_name = "KEY = VALUE; …")]
         with: Vec<String>,
     },

@@ -9,21 +9,29 @@
 //! round's ratio, and the daemon's CPU per request — to tell whether the p99 follows the
 //! daemon's work.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context as _, Result};
 use selfheal_e2e::{free_port, DemoBackend, PgCluster};
 
-use crate::overhead::{daemon_for, load, load_beside, median, Load, Probes};
+use crate::overhead::{daemon_for, load, load_beside, median, pooled_quantile_us, Load, Probes};
+
+/// A daemon configuration under test: its `[probes]` lines, and the `selfheal` binary to run
+/// (another build, say the parent commit's, to compare two versions in one invocation).
+struct Condition {
+    probes: Probes,
+    binary: Option<PathBuf>,
+}
 
 /// A daemon configuration under test: `[probes]` lines separated by `;`
-/// (`payload_bytes = 256; shed_below_idle_percent = 100`).
-fn probes(condition: &str) -> Result<Probes> {
+/// (`payload_bytes = 256; shed_below_idle_percent = 100`), and optionally `binary = PATH`.
+fn probes(condition: &str) -> Result<Condition> {
     let mut probes = Probes {
         capture: "cgroup".to_owned(),
         payload_bytes: 256,
         set: Vec::new(),
     };
+    let mut binary = None;
     for line in condition
         .split(';')
         .map(str::trim)
@@ -43,10 +51,22 @@ fn probes(condition: &str) -> Result<Probes> {
                 .trim()
                 .trim_matches('"')
                 .clone_into(&mut probes.capture),
+            "binary" => {
+                let path = PathBuf::from(value.trim().trim_matches('"'));
+                let path = path
+                    .canonicalize()
+                    .with_context(|| format!("binary in `{condition}`: {}", path.display()))?;
+                anyhow::ensure!(
+                    path.is_file(),
+                    "binary in `{condition}`: {} is not a file",
+                    path.display()
+                );
+                binary = Some(path);
+            }
             _ => probes.set.push(line.to_owned()),
         }
     }
-    Ok(probes)
+    Ok(Condition { probes, binary })
 }
 
 /// One run of a condition: the load's figures and the daemon's CPU per request (0 without).
@@ -58,38 +78,35 @@ struct Run {
 
 fn run_once(
     backend: &DemoBackend,
-    probes: Option<&Probes>,
+    condition: Option<&Condition>,
     connections: usize,
     duration: Duration,
     rate: f64,
 ) -> Result<Run> {
-    let Some(probes) = probes else {
+    let Some(Condition { probes, binary }) = condition else {
         let load = load(backend, connections, duration, Some(rate)).context("load without")?;
         return Ok(Run {
             load,
             daemon_us_per_request: 0.0,
         });
     };
-    let daemon = daemon_for(backend, probes.payload_bytes, probes)?;
+    // `selfheal_e2e::bin` reads it when the daemon starts (this process starts one at a time).
+    let before = std::env::var_os("SELFHEAL_BIN");
+    if let Some(path) = binary {
+        std::env::set_var("SELFHEAL_BIN", path);
+    }
+    let daemon = daemon_for(backend, probes.payload_bytes, probes);
+    match before {
+        Some(path) => std::env::set_var("SELFHEAL_BIN", path),
+        None => std::env::remove_var("SELFHEAL_BIN"),
+    }
+    let daemon = daemon?;
     let (load, daemon_seconds) = load_beside(&daemon, backend, connections, duration, Some(rate))?;
     let daemon_us_per_request = daemon_seconds * 1e6 / load.requests.max(1) as f64;
     Ok(Run {
         load,
         daemon_us_per_request,
     })
-}
-
-/// The p99 of the latencies of the `runs` picked, in µs.
-fn pooled_p99_us(runs: &[Run], picked: impl Iterator<Item = usize>) -> f64 {
-    let mut all: Vec<u32> = picked
-        .flat_map(|i| runs[i].load.latencies_us.iter().copied())
-        .collect();
-    if all.is_empty() {
-        return f64::NAN;
-    }
-    let at = ((all.len() - 1) as f64 * 0.99) as usize;
-    let (_, p99, _) = all.select_nth_unstable(at);
-    f64::from(*p99)
 }
 
 /// The runs of even rounds and those of odd ones, as many of each (an odd last round is
@@ -118,13 +135,15 @@ impl Draw {
 /// draws of the rounds with replacement (a round's runs are drawn together, so that what the
 /// VM did in that round stays paired).
 fn bootstrap(without: &[Run], with: &[Run], resamples: usize) -> (f64, f64) {
+    let pooled_p99_us = |runs: &[Run], picked: &[usize]| {
+        pooled_quantile_us(picked.iter().map(|&i| &runs[i].load), 0.99)
+    };
     let rounds = without.len().min(with.len());
     let mut draw = Draw(0x9E37_79B9_7F4A_7C15);
     let mut ratios: Vec<f64> = (0..resamples)
         .map(|_| {
             let picked: Vec<usize> = (0..rounds).map(|_| draw.below(rounds)).collect();
-            pooled_p99_us(with, picked.iter().copied())
-                / pooled_p99_us(without, picked.iter().copied())
+            pooled_p99_us(with, &picked) / pooled_p99_us(without, &picked)
         })
         .collect();
     ratios.sort_by(f64::total_cmp);
@@ -179,8 +198,8 @@ pub(crate) fn run(
             order.swap(i, draw.below(i + 1));
         }
         for condition in order {
-            let probes = condition.checked_sub(1).map(|i| &parsed[i]);
-            let run = run_once(&backend, probes, connections, duration, rate)
+            let daemon = condition.checked_sub(1).map(|i| &parsed[i]);
+            let run = run_once(&backend, daemon, connections, duration, rate)
                 .with_context(|| format!("round {round}, {}", names[condition]))?;
             anyhow::ensure!(
                 run.load.errors == 0,
@@ -203,14 +222,14 @@ pub(crate) fn run(
     println!("| condition | daemon CPU µs per request (median) | p50 ms (median) | p99 ms pooled | pooled p99 / without | 90 % bootstrap interval | median of per-round p99 ratios |");
     println!("|---|---|---|---|---|---|---|");
     let without = &runs[0];
-    let all = || 0..rounds;
     for (index, (name, with)) in names.iter().zip(&runs).enumerate() {
-        let pooled = pooled_p99_us(with, all());
+        let pooled = pooled_quantile_us(with.iter().map(|r| &r.load), 0.99);
         if index == 0 {
             // The same comparison between two halves of the runs without the daemon (even
             // rounds against odd ones): what this machine's noise alone reads.
             let (even, odd) = halves(without);
-            let ratio = pooled_p99_us(&odd, 0..odd.len()) / pooled_p99_us(&even, 0..even.len());
+            let ratio = pooled_quantile_us(odd.iter().map(|r| &r.load), 0.99)
+                / pooled_quantile_us(even.iter().map(|r| &r.load), 0.99);
             let (low, high) = bootstrap(&even, &odd, 400);
             println!(
                 "| {name} | — | {:.3} | {:.2} | odd / even rounds: {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | — |",
@@ -220,7 +239,7 @@ pub(crate) fn run(
             );
             continue;
         }
-        let ratio = pooled / pooled_p99_us(without, all());
+        let ratio = pooled / pooled_quantile_us(without.iter().map(|r| &r.load), 0.99);
         let (low, high) = bootstrap(without, with, 400);
         let per_round = median(
             with.iter()

@@ -526,15 +526,18 @@ fn noise_percent(without: &[Load], f: fn(&Load) -> f64) -> f64 {
     )
 }
 
-/// The quantile `q` of every request of `loads` together.
-fn pooled_quantile_ms(loads: &[Load], q: f64) -> f64 {
+/// The quantile `q` of every request of `loads` together, in µs (NaN without a request).
+pub(crate) fn pooled_quantile_us<'a>(loads: impl IntoIterator<Item = &'a Load>, q: f64) -> f64 {
     let mut all: Vec<u32> = loads
-        .iter()
+        .into_iter()
         .flat_map(|l| l.latencies_us.iter().copied())
         .collect();
-    all.sort_unstable();
-    all.get(((all.len().max(1) - 1) as f64 * q) as usize)
-        .map_or(0.0, |us| f64::from(*us) / 1000.0)
+    if all.is_empty() {
+        return f64::NAN;
+    }
+    let at = ((all.len() - 1) as f64 * q) as usize;
+    let (_, value, _) = all.select_nth_unstable(at);
+    f64::from(*value)
 }
 
 /// `name ratio (±%), paired ratio (±%), noise` for the summaries.
@@ -552,8 +555,8 @@ fn ratios(name: &str, without: &[Load], with: &[Load], f: fn(&Load) -> f64) -> S
 /// The p99 of every request of each condition pooled, with / without.
 fn pooled_p99(without: &[Load], with: &[Load]) -> String {
     let (a, b) = (
-        pooled_quantile_ms(without, 0.99),
-        pooled_quantile_ms(with, 0.99),
+        pooled_quantile_us(without, 0.99) / 1000.0,
+        pooled_quantile_us(with, 0.99) / 1000.0,
     );
     format!(
         "p99 of all requests pooled: {b:.2} ms with, {a:.2} ms without, {:.3} ({:+.1} %)",
@@ -633,7 +636,7 @@ fn twins(
     };
     let pooled = |runs: &[(Load, Load)]| {
         let (a, b): (Vec<Load>, Vec<Load>) = runs.iter().cloned().unzip();
-        pooled_quantile_ms(&a, 0.99) / pooled_quantile_ms(&b, 0.99)
+        pooled_quantile_us(&a, 0.99) / pooled_quantile_us(&b, 0.99)
     };
     println!();
     for (name, f) in [

@@ -245,8 +245,9 @@ const MAX_CONNECTIONS: usize = 65_536;
 /// Ticks of the capture task (1 s) a process that left the target keeps its connections,
 /// when no exit comes through the captures to end them in order (the exit probe is not
 /// attached, or the process left the target without exiting): long enough for its last
-/// captures, at most `probes.flush_interval_ms` (1 s) in the kernel's ring, to be decoded
-/// first.
+/// captures, at most `probes.flush_interval_ms` (1 s) in the kernel's ring while the decoders
+/// keep up, to be decoded first (decoders starved on busy CPUs may close them before: the
+/// capture sheds then anyway).
 const LEAVING_TICKS: u8 = 3;
 
 /// How long a connection no close event ends (a unix socket, whose close the kernel side does
@@ -311,7 +312,8 @@ struct Counters {
     bytes: Counter,
 }
 
-/// What the decoders produced from one batch, tagged with the process that produced it.
+/// What the decoders produced from one parsing section, tagged with the process that
+/// produced it.
 #[derive(Debug, Default)]
 pub struct Decoded {
     pub http: Vec<(Origin, HttpExchange)>,
@@ -1105,8 +1107,9 @@ fn sockets_of(
 /// to the recorder at normal priority (see `sched`).
 const RECORDS_PER_SECTION: usize = 1024;
 
-/// Records read in one drain before the loop's other work (the tick, a change of members) gets
-/// a turn: under a steady overload the ring never empties.
+/// Records read in one drain before the loop's other work (the tick, a change of members, the
+/// end) gets a turn: under a steady overload the ring never empties. The end is also looked
+/// for between two parsing sections.
 const RECORDS_PER_DRAIN: usize = 64 * RECORDS_PER_SECTION;
 
 /// Reads the capture's ring buffer (`feed`) every `flush` or when the kernel wakes it, until
@@ -1151,6 +1154,7 @@ pub async fn run(
     // A drain stopped at `RECORDS_PER_DRAIN` with records left.
     let mut backlog = false;
     let drain = |ring: &mut RingBuf<MapData>,
+                 cancel: &CancellationToken,
                  traffic: &mut Traffic,
                  decoded: &mut Decoded,
                  recorder: &mut Recorder| {
@@ -1176,7 +1180,7 @@ pub async fn run(
             if section < RECORDS_PER_SECTION {
                 break false;
             }
-            if read >= RECORDS_PER_DRAIN {
+            if read >= RECORDS_PER_DRAIN || cancel.is_cancelled() {
                 break true;
             }
         };
@@ -1212,7 +1216,7 @@ pub async fn run(
             Some((tgid, sockets)) = seeds.recv() => traffic.seed(tgid, &sockets.connected),
             guard = ring.readable_mut() => match guard {
                 Ok(mut guard) => {
-                    backlog = drain(guard.get_inner_mut(), &mut traffic, &mut decoded, &mut recorder);
+                    backlog = drain(guard.get_inner_mut(), &cancel, &mut traffic, &mut decoded, &mut recorder);
                     guard.clear_ready();
                 }
                 Err(err) => {
@@ -1221,10 +1225,10 @@ pub async fn run(
                 }
             },
             _ = flush.tick() => {
-                backlog = drain(ring.get_mut(), &mut traffic, &mut decoded, &mut recorder);
+                backlog = drain(ring.get_mut(), &cancel, &mut traffic, &mut decoded, &mut recorder);
             }
             () = std::future::ready(()), if backlog => {
-                backlog = drain(ring.get_mut(), &mut traffic, &mut decoded, &mut recorder);
+                backlog = drain(ring.get_mut(), &cancel, &mut traffic, &mut decoded, &mut recorder);
             }
             _ = tick.tick() => {
                 traffic.tick(crate::target::monotonic_ns(), &mut decoded);
@@ -1240,7 +1244,7 @@ pub async fn run(
     }
 }
 
-/// CPU time of the calling thread (the batch is handled without awaiting, on one thread).
+/// CPU time of the calling thread (a drain runs without awaiting, on one thread).
 fn thread_cpu_seconds() -> f64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
         .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 * 1e-9)
@@ -1342,6 +1346,121 @@ mod tests {
         assert!(
             traffic.connections.contains_key(&0xc0),
             "TCP waits for its close"
+        );
+    }
+
+    /// A record as the kernel writes it to the ring.
+    fn record_bytes<T>(record: &T) -> Vec<u8> {
+        // SAFETY: the records are plain old data; viewing one as bytes is what the kernel does.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(record).cast::<u8>(), size_of::<T>())
+        }
+        .to_vec()
+    }
+
+    fn tcp_record(kind: u32, tgid: u32, sock: u64) -> Vec<u8> {
+        let mut saddr = [0u8; 16];
+        saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        record_bytes(&selfheal_ebpf::TcpEvent {
+            kind,
+            tgid,
+            ts_ns: 1,
+            duration_ns: 0,
+            family: 2,
+            sport: 8080,
+            dport: 50_000,
+            role: selfheal_ebpf::ROLE_SERVER,
+            old_state: 0,
+            new_state: 0,
+            saddr,
+            daddr: saddr,
+            sock,
+        })
+    }
+
+    fn data_record(sock: u64, direction: u32, bytes: &[u8]) -> Vec<u8> {
+        let mut event = selfheal_ebpf::DataEvent {
+            kind: selfheal_ebpf::kind::DATA,
+            tgid: 7,
+            pid: 7,
+            fd: 5,
+            nr: selfheal_ebpf::syscall::READ,
+            direction,
+            total_len: bytes.len() as u64,
+            captured: bytes.len() as u32,
+            role: u32::from(selfheal_ebpf::ROLE_SERVER),
+            sock,
+            ts_ns: 2,
+            data: [0; selfheal_ebpf::MAX_CAPTURE],
+        };
+        event.data[..bytes.len()].copy_from_slice(bytes);
+        record_bytes(&event)
+    }
+
+    /// The decoders' ring as the kernel fills it: an accept's copy opens the connection with
+    /// its addresses, the data decodes where it lies, a close's copy ends it, an exit's copy
+    /// ends what its process still has; a reset changes nothing and garbage is counted.
+    #[test]
+    fn records_of_the_captures_ring_open_feed_and_close_connections() {
+        use selfheal_ebpf::{kind, DIRECTION_RECV, DIRECTION_SEND};
+        let metrics = Metrics::new();
+        let mut traffic = Traffic::new(metrics.clone());
+        let mut out = Decoded::default();
+        traffic.handle_record(&tcp_record(kind::TCP_ACCEPT, 7, 0xb0), &mut out);
+        let opened = &traffic.connections[&0xb0];
+        assert_eq!(opened.role, Some(Role::Server));
+        assert_eq!(
+            opened.endpoints,
+            Some(tcp("127.0.0.1:8080", "127.0.0.1:50000"))
+        );
+        traffic.handle_record(
+            &data_record(
+                0xb0,
+                DIRECTION_RECV,
+                b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+            ),
+            &mut out,
+        );
+        traffic.handle_record(
+            &data_record(
+                0xb0,
+                DIRECTION_SEND,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            ),
+            &mut out,
+        );
+        assert_eq!(out.http.len(), 1, "one exchange decoded from the records");
+        assert_eq!(out.http[0].1.status, 200);
+        traffic.handle_record(&tcp_record(kind::TCP_RESET, 7, 0xb0), &mut out);
+        assert!(
+            traffic.connections.contains_key(&0xb0),
+            "a reset is no close"
+        );
+        traffic.handle_record(&tcp_record(kind::TCP_CLOSE, 7, 0xb0), &mut out);
+        assert!(traffic.connections.is_empty(), "closed by the close's copy");
+
+        traffic.handle_record(&tcp_record(kind::TCP_ACCEPT, 7, 0xc0), &mut out);
+        let exit = selfheal_ebpf::ProcessExit {
+            kind: kind::PROCESS_EXIT,
+            tgid: 7,
+            pid: 7,
+            exit_code: 0,
+            ts_ns: 3,
+            comm: [0; 16],
+        };
+        traffic.handle_record(&record_bytes(&exit), &mut out);
+        assert!(
+            traffic.connections.is_empty(),
+            "ended by its process's exit"
+        );
+
+        traffic.handle_record(&[0xff; 40], &mut out);
+        traffic.handle_record(&[], &mut out);
+        assert!(
+            metrics
+                .encode()
+                .contains("selfheal_ebpf_ringbuf_drops_total{reason=\"undecodable\"} 2"),
+            "unreadable records are counted"
         );
     }
 

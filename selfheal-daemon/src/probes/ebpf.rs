@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     ptr::NonNull,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -229,8 +229,11 @@ pub struct Loaded {
     /// With the payload capture on: its records, for the decoders (taken by
     /// [`Loaded::take_capture_feed`]).
     feed: Option<CaptureFeed>,
-    /// With the payload capture on: how full the decoders' ring is, for the sampling.
+    /// With the payload capture on: how full the decoders' ring is, for the sampling (`None`
+    /// also when it cannot be mapped).
     fill: Option<RingFill>,
+    /// Whether the payload capture is on (`probes.payload_bytes` > 0).
+    capture_on: bool,
     /// Shared with the feed (see [`CaptureFeed::readmissions`]).
     readmissions: Arc<AtomicU64>,
     filters: Filters,
@@ -431,12 +434,17 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
     let (feed, fill) = if config.payload_bytes > 0 {
         let ring = RingBuf::try_from(take_map(&mut ebpf, names::CAPTURES)?)
             .map_err(map_err(names::CAPTURES))?;
-        let fill = RingFill::new(&ring, config.ring_buffer_bytes).map_err(EbpfError::Poll)?;
+        // Without it the capture sheds only for the host's load, never for its decoders'.
+        let fill = RingFill::new(&ring, config.ring_buffer_bytes)
+            .map_err(|err| {
+                tracing::warn!(error = %err, "cannot read how full the capture's ring buffer is: the capture sheds connections only when the host has no CPU to spare");
+            })
+            .ok();
         let feed = CaptureFeed {
             ring,
             readmissions: readmissions.clone(),
         };
-        (Some(feed), Some(fill))
+        (Some(feed), fill)
     } else {
         (None, None)
     };
@@ -448,6 +456,7 @@ pub fn load(config: &ProbesConfig, metrics: &Metrics) -> Result<Loaded, EbpfErro
         ring,
         feed,
         fill,
+        capture_on: config.payload_bytes > 0,
         readmissions,
         filters: Filters {
             targets,
@@ -751,7 +760,7 @@ impl Loaded {
 struct RingFill {
     pages: NonNull<std::ffi::c_void>,
     page: usize,
-    size: u64,
+    size: usize,
 }
 
 // SAFETY: the mapping is read-only and read through atomics only; it lives as long as this.
@@ -777,17 +786,21 @@ impl RingFill {
         Ok(Self {
             pages,
             page,
-            size: u64::from(size),
+            size: size as usize,
         })
     }
 
     /// The share (0–1) of the ring not holding records yet to be read.
     fn free(&self) -> f64 {
-        // SAFETY: both positions are 8-byte aligned at the start of their page, inside the
-        // mapping; the kernel and the reader update them atomically.
+        // SAFETY: both positions (the kernel's `unsigned long`) are aligned at the start of
+        // their page, inside the mapping; the kernel and the reader update them atomically.
         let (consumer, producer) = unsafe {
-            let consumer = &*self.pages.as_ptr().cast::<AtomicU64>();
-            let producer = &*self.pages.as_ptr().byte_add(self.page).cast::<AtomicU64>();
+            let consumer = &*self.pages.as_ptr().cast::<AtomicUsize>();
+            let producer = &*self
+                .pages
+                .as_ptr()
+                .byte_add(self.page)
+                .cast::<AtomicUsize>();
             (
                 consumer.load(Ordering::Acquire),
                 producer.load(Ordering::Acquire),
@@ -844,12 +857,13 @@ pub async fn run(
         ring,
         feed: _,
         fill,
+        capture_on,
         readmissions,
         mut filters,
         stats: counters,
         sampling,
     } = loaded;
-    let mut sampling = fill.map(|fill| Sampling {
+    let mut sampling = capture_on.then(|| Sampling {
         map: sampling,
         level: 0,
         host: Shedding::new(draining.map_or(0.0, |d| d.shed_below_idle_percent)),
@@ -1012,8 +1026,8 @@ struct Sampling {
     level: u32,
     host: Shedding,
     queue: QueueSide,
-    /// How full the decoders' ring is.
-    fill: RingFill,
+    /// How full the decoders' ring is (`None`: it could not be mapped, see [`load`]).
+    fill: Option<RingFill>,
     /// See [`CaptureFeed::readmissions`].
     readmissions: Arc<AtomicU64>,
     /// Whether writing the mask failed (warned once).
@@ -1030,7 +1044,7 @@ impl Sampling {
     /// PostgreSQL noticed) nothing sheds and the readings start over: no shedding is logged
     /// for a capture that takes nothing.
     fn update(&mut self, capturing: bool, metrics: &Metrics) {
-        let free = self.fill.free();
+        let free = self.fill.as_ref().map_or(1.0, RingFill::free);
         let level = if capturing {
             let now = std::time::Instant::now();
             self.queue.observe(now, free).max(self.host.observe(now))
@@ -1044,7 +1058,8 @@ impl Sampling {
         }
         if level < self.level {
             // Before the mask: whatever the kernel captures under the new one is read after.
-            self.readmissions.fetch_add(1, Ordering::Release);
+            self.readmissions.fetch_add(1, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
         }
         if let Err(err) = self.map.set(0, (1u32 << level) - 1, 0) {
             if !self.failed {
@@ -1472,6 +1487,7 @@ mod tests {
     /// of a target process's exit, the main ring the exit itself, and the fill the sampling
     /// reads follows what the decoders' ring holds.
     #[test]
+    #[ignore = "loads eBPF programs: needs root, `sudo cargo xtask test` runs it"]
     fn exits_reach_both_rings_and_the_captures_ring_fill_is_read_from_the_kernel() {
         let config = ProbesConfig {
             payload_bytes: 64,

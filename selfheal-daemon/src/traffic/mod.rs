@@ -143,7 +143,7 @@ struct Tables {
     recent_queries: VecDeque<RecentQuery>,
     in_flight: Vec<InFlight>,
     queries_in_flight: usize,
-    /// `CLOCK_REALTIME - CLOCK_MONOTONIC` in ns at the last batch.
+    /// `CLOCK_REALTIME - CLOCK_MONOTONIC` in ns at the last recording.
     realtime_offset_ns: i64,
     /// The newest monotonic timestamp seen.
     now_ns: u64,

@@ -1,5 +1,5 @@
 //! The recorder: turns decoded exchanges and queries into Prometheus samples, store samples
-//! and table rows, one batch at a time.
+//! and table rows, one parsing section's output at a time.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -112,7 +112,7 @@ impl Recorder {
         }
     }
 
-    /// Records a batch: Prometheus samples, table rows (one lock) and store samples (one
+    /// Records what one parsing section decoded: Prometheus samples, table rows (one lock) and store samples (one
     /// lock).
     pub fn record(&mut self, decoded: &Decoded) {
         if decoded.http.is_empty() && decoded.postgres.is_empty() {

@@ -107,7 +107,12 @@ fn http_and_postgres_traffic_is_captured_including_a_connection_older_than_the_d
     .expect("captured on new client connections");
     backend.fault("clear").expect("fault switch");
 
-    for reason in ["segment_ringbuf_full", "segment_unparsed"] {
+    for reason in [
+        "segment_ringbuf_full",
+        "segment_unparsed",
+        "connection_ringbuf_full",
+        "undecodable",
+    ] {
         let drops = daemon
             .metric(&format!(
                 "selfheal_ebpf_ringbuf_drops_total{{reason=\"{reason}\"}}"
