@@ -6,8 +6,9 @@
 //! Per condition: the p99 of every request of its runs pooled, that p99's ratio to the runs
 //! without the daemon with a bootstrap interval over the rounds (how far the ratio moves when
 //! other rounds had been drawn: this machine's noise on it), the median over rounds of each
-//! round's ratio, and the daemon's CPU per request — to tell whether the p99 follows the
-//! daemon's work.
+//! round's ratio with its own bootstrap interval, and the daemon's CPU per request — to tell
+//! whether the p99 follows the daemon's work. With more than one configuration, each later
+//! one is also compared with the first in the same way.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -151,6 +152,24 @@ fn bootstrap(without: &[Run], with: &[Run], resamples: usize) -> (f64, f64) {
     (at(0.05), at(0.95))
 }
 
+/// The median of per-round p99 ratios `with / without` (the same round's runs paired), and
+/// its 5th and 95th percentiles over `resamples` draws of the rounds with replacement. A
+/// disturbed stretch of the VM moves a median little, where it wrecks a pooled p99.
+fn per_round_median(without: &[Run], with: &[Run], resamples: usize) -> (f64, f64, f64) {
+    let ratios: Vec<f64> = with
+        .iter()
+        .zip(without)
+        .map(|(w, wo)| w.load.p99_ms / wo.load.p99_ms)
+        .collect();
+    let mut draw = Draw(0x5851_F42D_4C95_7F2D);
+    let mut medians: Vec<f64> = (0..resamples)
+        .map(|_| median((0..ratios.len()).map(|_| ratios[draw.below(ratios.len())]).collect()))
+        .collect();
+    medians.sort_by(f64::total_cmp);
+    let at = |q: f64| medians[((medians.len() - 1) as f64 * q).round() as usize];
+    (median(ratios), at(0.05), at(0.95))
+}
+
 pub(crate) fn run(
     seconds: u64,
     connections: usize,
@@ -219,8 +238,8 @@ pub(crate) fn run(
         }
     }
     println!();
-    println!("| condition | daemon CPU µs per request (median) | p50 ms (median) | p99 ms pooled | pooled p99 / without | 90 % bootstrap interval | median of per-round p99 ratios |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| condition | daemon CPU µs per request (median) | p50 ms (median) | p99 ms pooled | pooled p99 / without | 90 % bootstrap interval | median of per-round p99 ratios | its 90 % bootstrap interval |");
+    println!("|---|---|---|---|---|---|---|---|");
     let without = &runs[0];
     for (index, (name, with)) in names.iter().zip(&runs).enumerate() {
         let pooled = pooled_quantile_us(with.iter().map(|r| &r.load), 0.99);
@@ -231,8 +250,11 @@ pub(crate) fn run(
             let ratio = pooled_quantile_us(odd.iter().map(|r| &r.load), 0.99)
                 / pooled_quantile_us(even.iter().map(|r| &r.load), 0.99);
             let (low, high) = bootstrap(&even, &odd, 400);
+            // Paired as round 2k+1 against round 2k: neighbours, not the same round, so this
+            // reads somewhat more noise than a same-round pair carries.
+            let (aa, aa_low, aa_high) = per_round_median(&even, &odd, 400);
             println!(
-                "| {name} | — | {:.3} | {:.2} | odd / even rounds: {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | — |",
+                "| {name} | — | {:.3} | {:.2} | odd / even rounds: {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | {aa:.3} (neighbouring rounds) | {aa_low:.3} – {aa_high:.3} |",
                 median(with.iter().map(|r| r.load.p50_ms).collect()),
                 pooled / 1000.0,
                 (ratio - 1.0) * 100.0,
@@ -241,19 +263,32 @@ pub(crate) fn run(
         }
         let ratio = pooled / pooled_quantile_us(without.iter().map(|r| &r.load), 0.99);
         let (low, high) = bootstrap(without, with, 400);
-        let per_round = median(
-            with.iter()
-                .zip(without)
-                .map(|(w, wo)| w.load.p99_ms / wo.load.p99_ms)
-                .collect(),
-        );
+        let (per_round, per_round_low, per_round_high) = per_round_median(without, with, 400);
         println!(
-            "| {name} | {:.1} | {:.3} | {:.2} | {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | {per_round:.3} |",
+            "| {name} | {:.1} | {:.3} | {:.2} | {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | {per_round:.3} | {per_round_low:.3} – {per_round_high:.3} |",
             median(with.iter().map(|r| r.daemon_us_per_request).collect()),
             median(with.iter().map(|r| r.load.p50_ms).collect()),
             pooled / 1000.0,
             (ratio - 1.0) * 100.0,
         );
+    }
+    if names.len() > 2 {
+        // What each later configuration adds to the first one's, in the same rounds (say the
+        // capture's own cost: `payload_bytes = 256` against `payload_bytes = 0`).
+        println!();
+        println!("| against {} | pooled p99 ratio | 90 % bootstrap interval | median of per-round p99 ratios | its 90 % bootstrap interval |", names[1]);
+        println!("|---|---|---|---|---|");
+        let base = &runs[1];
+        for (name, with) in names.iter().zip(&runs).skip(2) {
+            let ratio = pooled_quantile_us(with.iter().map(|r| &r.load), 0.99)
+                / pooled_quantile_us(base.iter().map(|r| &r.load), 0.99);
+            let (low, high) = bootstrap(base, with, 400);
+            let (per_round, per_round_low, per_round_high) = per_round_median(base, with, 400);
+            println!(
+                "| {name} | {ratio:.3} ({:+.1} %) | {low:.3} – {high:.3} | {per_round:.3} | {per_round_low:.3} – {per_round_high:.3} |",
+                (ratio - 1.0) * 100.0,
+            );
+        }
     }
     Ok(())
 }
