@@ -775,7 +775,10 @@ fn print_repairs(data: &serde_json::Value) {
 fn print_queries(data: &serde_json::Value, limit: usize) {
     let queries = data["queries"].as_array().map_or(&[][..], Vec::as_slice);
     if queries.is_empty() {
-        println!("no queries seen (payload capture is off unless probes.payload_bytes > 0)");
+        println!(
+            "no queries seen (see selfheal_capture_mode in /metrics: the capture needs \
+             probes.payload_bytes > 0 and the target in a cgroup of its own)"
+        );
         return;
     }
     let rows: Vec<[String; 6]> = queries

@@ -325,9 +325,10 @@ pub struct ProbesConfig {
     /// decoders read; a full ring drops records in the kernel and counts them, and the
     /// captures' ring filling up makes the capture shed connections.
     pub ring_buffer_bytes: u32,
-    /// Payload bytes captured from each socket read or write of the target (at most 512);
-    /// 0, the default for now, turns payload capture off: its cost to other processes and to
-    /// the target is still above the goals (see BENCHMARKS.md).
+    /// Payload bytes captured from each socket read or write of the target (at most 512;
+    /// 256 by default: a request line with its first headers, a query's first 250 bytes);
+    /// 0 turns payload capture off. With the default `capture = "cgroup"` no other process
+    /// runs a capture program; the target's own cost is in BENCHMARKS.md.
     pub payload_bytes: u32,
     /// Where payloads are captured (see [`CaptureMode`]).
     pub capture: CaptureMode,
@@ -395,16 +396,19 @@ pub enum CaptureMode {
 pub enum UnixSockets {
     /// Found once per report interval; while the target has one, the socket-operation hooks
     /// of the `syscalls` capture are attached, filtered in the kernel to the target's unix
-    /// sockets. Every process's socket operations pay their filter during that time only.
-    /// A connection is captured from the interval (`monitor.interval_ms`) after it opened: its
-    /// startup (and a refused login) can be missed, its queries from then on are not. The
-    /// target's other unix sockets (a journald stdout) are captured too while it is on.
+    /// sockets connected to a `.s.PGSQL.<port>` socket (its other unix sockets, a journald
+    /// stdout, are left alone). Every process's socket operations pay their filter during
+    /// that time (0.1–0.25 µs each here, BENCHMARKS.md: this kernel has no hook that runs for
+    /// unix sockets only). A connection is captured from the interval
+    /// (`monitor.interval_ms`) after it opened: its startup (and a refused login) can be
+    /// missed, its queries from then on are not.
     Auto,
     /// The same hooks for as long as the daemon runs: every connection of a process the daemon
     /// knows from its first byte, startup included, at the filter's cost to every process all
     /// the time.
     Always,
-    /// Not captured: counted in `selfheal_capture_unseen_postgres_connections` and logged.
+    /// The default: not captured, so that no other process pays for the capture; counted in
+    /// `selfheal_capture_unseen_postgres_connections`, and the log says how to have them seen.
     Off,
 }
 
@@ -422,9 +426,9 @@ impl Default for ProbesConfig {
         Self {
             ebpf: true,
             ring_buffer_bytes: 4 << 20,
-            payload_bytes: 0,
+            payload_bytes: 256,
             capture: CaptureMode::Cgroup,
-            unix_sockets: UnixSockets::Auto,
+            unix_sockets: UnixSockets::Off,
             flush_interval_ms: 100,
             decode_idle: None,
             decode_nice: 0,
@@ -2310,8 +2314,8 @@ kind = "smtp"
         assert_eq!(config.probes.unix_sockets, UnixSockets::Always);
         assert_eq!(
             ProbesConfig::default().unix_sockets,
-            UnixSockets::Auto,
-            "the default"
+            UnixSockets::Off,
+            "the default: no other process pays for the capture"
         );
         let found = problems("[target]\npid = 1\n[probes]\nunix_sockets = \"sometimes\"\n");
         assert!(

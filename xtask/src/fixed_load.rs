@@ -163,7 +163,13 @@ fn per_round_median(without: &[Run], with: &[Run], resamples: usize) -> (f64, f6
         .collect();
     let mut draw = Draw(0x5851_F42D_4C95_7F2D);
     let mut medians: Vec<f64> = (0..resamples)
-        .map(|_| median((0..ratios.len()).map(|_| ratios[draw.below(ratios.len())]).collect()))
+        .map(|_| {
+            median(
+                (0..ratios.len())
+                    .map(|_| ratios[draw.below(ratios.len())])
+                    .collect(),
+            )
+        })
         .collect();
     medians.sort_by(f64::total_cmp);
     let at = |q: f64| medians[((medians.len() - 1) as f64 * q).round() as usize];

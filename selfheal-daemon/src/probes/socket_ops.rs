@@ -234,7 +234,8 @@ impl UnixCapture {
         if unseen > 0 && self.unseen == 0 {
             let hint = if self.mode == UnixSockets::Off {
                 "connect it over TCP (host=127.0.0.1), or have its unix sockets captured \
-                 (probes.unix_sockets = \"auto\", or probes.capture = \"syscalls\")"
+                 (probes.unix_sockets = \"auto\": every process's socket operations then pay \
+                 an in-kernel filter while the target has such a connection)"
             } else {
                 "the unix-socket capture is not available here (see the warning above); \
                  connect it over TCP (host=127.0.0.1)"

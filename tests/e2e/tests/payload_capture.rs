@@ -223,15 +223,19 @@ fn a_backend_sharing_its_cgroup_is_not_captured_until_it_has_its_own() {
     drop(cgroup);
 }
 
-/// With `probes.unix_sockets = "off"`, a target that talks to PostgreSQL over a unix socket
-/// is not seen by the cgroup capture (TCP only): the daemon counts those connections and says
-/// so in its log, rather than showing no queries without a word.
+/// By default (no `[probes]` table: the capture on, `probes.unix_sockets = "off"`), a target
+/// that talks to PostgreSQL over a unix socket is not seen by the cgroup capture (TCP only),
+/// and no other process is hooked: the daemon counts those connections and says so in its
+/// log, with how to have them seen, rather than showing no queries without a word.
 #[test]
 fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
     require_root();
     let pg = PgCluster::start().expect("postgres");
     let marker = "selfheal_marker=unix-off";
-    let daemon = Daemon::start(&unix_config(marker, "off")).expect("daemon");
+    let daemon = Daemon::start(&format!(
+        "[target]\ncommand = \"{marker}\"\npoll_interval_ms = 100\n\n[monitor]\ninterval_ms = 500\n"
+    ))
+    .expect("daemon");
     let cgroup = OwnCgroup::create("unix-off").expect("cgroup");
     let mut client = psql_on_socket(&pg, marker, false, false, &cgroup);
     daemon
@@ -260,14 +264,15 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
     assert_eq!(unix_capture, Some(0.0), "{UNIX_CAPTURE}");
     assert!(
         log.contains("the target talks to PostgreSQL over a unix socket")
-            && log.contains(&format!(".s.PGSQL.{}", pg.port)),
-        "the log says so, with the socket:\n{log}"
+            && log.contains(&format!(".s.PGSQL.{}", pg.port))
+            && log.contains("probes.unix_sockets"),
+        "the log says so, with the socket and how to have it seen:\n{log}"
     );
     drop(daemon);
     drop(cgroup);
 }
 
-/// By default (`probes.unix_sockets = "auto"`) the daemon notices the target's unix-socket
+/// With `probes.unix_sockets = "auto"` the daemon notices the target's unix-socket
 /// connection to PostgreSQL, hooks its unix sockets, and measures its queries from then on,
 /// exactly: counts per fingerprint and the SQLSTATE of a failing one.
 #[test]
