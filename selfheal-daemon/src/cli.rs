@@ -776,8 +776,11 @@ fn print_queries(data: &serde_json::Value, limit: usize) {
     let queries = data["queries"].as_array().map_or(&[][..], Vec::as_slice);
     if queries.is_empty() {
         println!(
-            "no queries seen (see selfheal_capture_mode in /metrics: the capture needs \
-             probes.payload_bytes > 0 and the target in a cgroup of its own)"
+            "no queries seen: the capture needs probes.ebpf and probes.payload_bytes > 0, and \
+             with capture = \"cgroup\" (the default) the target in a cgroup of its own and \
+             PostgreSQL over TCP (or probes.unix_sockets = \"auto\"); selfheal_capture_mode \
+             and selfheal_capture_unseen_postgres_connections in /metrics, and the daemon's \
+             log, say which"
         );
         return;
     }

@@ -326,7 +326,7 @@ pub struct ProbesConfig {
     /// captures' ring filling up makes the capture shed connections.
     pub ring_buffer_bytes: u32,
     /// Payload bytes captured from each socket read or write of the target (at most 512;
-    /// 256 by default: a request line with its first headers, a query's first 250 bytes);
+    /// 256 by default: a request line with its first headers, a query's first ~250 bytes);
     /// 0 turns payload capture off. With the default `capture = "cgroup"` no other process
     /// runs a capture program; the target's own cost is in BENCHMARKS.md.
     pub payload_bytes: u32,
@@ -2324,6 +2324,25 @@ kind = "smtp"
             )),
             "{found:?}"
         );
+    }
+
+    /// The shipped example says what the defaults are: a file without `[probes]` and the
+    /// example's `[probes]` give the same capture (on, on the target's cgroup, unix sockets
+    /// only counted).
+    #[test]
+    fn the_example_config_states_the_probes_defaults() {
+        let example = parse(include_str!("../../config/selfheal.toml"), &Env::default())
+            .expect("the example config is valid");
+        let bare = parse("[target]\npid = 1\n", &Env::default()).expect("valid");
+        for probes in [&example.probes, &bare.probes] {
+            assert_eq!(probes.payload_bytes, 256, "capture on by default");
+            assert_eq!(probes.capture, CaptureMode::Cgroup);
+            assert_eq!(probes.unix_sockets, UnixSockets::Off);
+            assert_eq!(probes.ring_buffer_bytes, 4 << 20);
+            assert_eq!(probes.flush_interval_ms, 100);
+            assert!((probes.shed_below_idle_percent - 15.0).abs() < f64::EPSILON);
+            assert!(probes.decoder_idle());
+        }
     }
 
     #[test]

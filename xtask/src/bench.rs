@@ -52,7 +52,8 @@ pub(crate) enum Bench {
     },
     /// The target's latency under a fixed load without the daemon and with it in each
     /// configuration given, every condition once per round in a shuffled order; pooled p99
-    /// ratios with bootstrap intervals over the rounds.
+    /// ratios and medians of per-round ratios, with bootstrap intervals over the rounds, and
+    /// each configuration against the first.
     FixedLoad {
         /// Seconds per run.
         #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=3600))]

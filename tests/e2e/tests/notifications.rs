@@ -18,6 +18,8 @@ use serde_json::Value;
 
 const ROUTING_KEY: &str = "e2e-routing-key-0123456789abcdef";
 const WAIT: Duration = Duration::from_secs(30);
+/// The daemon's `[probes]` without payload capture (on by default).
+const NO_CAPTURE: &str = "[probes]\npayload_bytes = 0\n";
 
 struct Receivers {
     slack: HttpRecorder,
@@ -115,8 +117,11 @@ fn a_failing_health_url_notifies_each_channel_once_and_closes_the_page() {
     let port = free_port().expect("port");
     let backend = DemoBackend::start(&pg.url(), port).expect("demo backend");
     let receivers = Receivers::start();
+    // Without payload capture: the failing check's 503s would also raise the traffic rule
+    // `http.error_rate` (they are requests the target serves), a second alert on every
+    // channel; this test counts the check's alone.
     let daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n{}{}",
+        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n{NO_CAPTURE}{}{}",
         backend.selector(),
         receivers.config(),
         platform("leadsite.ai", &backend.url("/health")),
@@ -256,8 +261,9 @@ fn undelivered_notifications_survive_a_sigkill_and_go_out_exactly_once() {
     receivers.webhook.answer(502, "bad gateway");
     receivers.smtp.fail(Some(SmtpFailure::Mail));
     let health = backend.url("/health");
+    // Without payload capture, as above: the checks' alerts alone.
     let mut daemon = Daemon::start(&format!(
-        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n{}{}{}",
+        "[target]\ncommand = \"{}\"\npoll_interval_ms = 100\n\n{NO_CAPTURE}{}{}{}",
         backend.selector(),
         receivers.config(),
         platform("leadsite.ai", &health),

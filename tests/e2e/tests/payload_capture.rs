@@ -241,7 +241,19 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
     daemon
         .wait_for_target(client.id())
         .expect("the daemon finds psql");
-    daemon.wait_capturing().expect("capture attached");
+    wait_for(
+        "the default capture on psql's cgroup",
+        Duration::from_secs(10),
+        || {
+            (daemon
+                .metric("selfheal_capture_mode{mode=\"cgroup\"}")
+                .ok()
+                .flatten()
+                == Some(1.0))
+            .then_some(())
+        },
+    )
+    .expect("payload capture is on by default, on the target's cgroup");
     let unseen = wait_for(
         "the unix-socket connection to be counted",
         Duration::from_secs(10),
@@ -265,7 +277,7 @@ fn unix_socket_postgres_connections_are_counted_as_unseen_when_not_captured() {
     assert!(
         log.contains("the target talks to PostgreSQL over a unix socket")
             && log.contains(&format!(".s.PGSQL.{}", pg.port))
-            && log.contains("probes.unix_sockets"),
+            && log.contains("probes.unix_sockets = \"auto\""),
         "the log says so, with the socket and how to have it seen:\n{log}"
     );
     drop(daemon);
