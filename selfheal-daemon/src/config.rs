@@ -398,7 +398,7 @@ pub enum UnixSockets {
     /// of the `syscalls` capture are attached, filtered in the kernel to the target's unix
     /// sockets connected to a `.s.PGSQL.<port>` socket (its other unix sockets, a journald
     /// stdout, are left alone). Every process's socket operations pay their filter during
-    /// that time (0.1–0.25 µs each here, BENCHMARKS.md: this kernel has no hook that runs for
+    /// that time (0.15–0.27 µs each here, BENCHMARKS.md: this kernel has no hook that runs for
     /// unix sockets only). A connection is captured from the interval
     /// (`monitor.interval_ms`) after it opened: its startup (and a refused login) can be
     /// missed, its queries from then on are not.
