@@ -34,11 +34,27 @@ const MAX_SUBTREE_DIRS: usize = 256;
 /// `proc_cgroups` holds each member's `/proc/<pid>/cgroup`; `root` is the cgroup mount.
 pub fn common_cgroup_in(proc_cgroups: &[(u32, String)], root: &Path) -> Result<PathBuf, String> {
     let mut dirs = proc_cgroups.iter().map(|(pid, text)| {
-        cgroup::locate_in(text, root)
+        let dir = cgroup::locate_in(text, root)
             .into_iter()
             .find(|l| l.version == Version::V2)
             .map(|l| l.dir)
-            .ok_or_else(|| format!("process {pid} is in no cgroup2 hierarchy"))
+            .ok_or_else(|| format!("process {pid} is in no cgroup2 hierarchy"))?;
+        // `0::/../../system.slice/docker-….scope`: the daemon runs in a cgroup namespace of
+        // its own (a container's default) and the target's cgroup is outside it, so not
+        // under this daemon's cgroup mount at all.
+        if dir
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(format!(
+                "process {pid}'s cgroup lies outside the daemon's cgroup namespace ({}): \
+                 run the daemon in the host's (docker run --cgroupns host)",
+                text.lines()
+                    .find(|line| line.starts_with("0::"))
+                    .unwrap_or(text.trim())
+            ));
+        }
+        Ok(dir)
     });
     let Some(first) = dirs.next() else {
         return Err("the target has no running process".to_owned());
@@ -306,5 +322,13 @@ mod tests {
         assert!(refused(&split, &[10, 20]).contains("different cgroups"));
         assert!(refused(&[], &[]).contains("no running process"));
         assert!(refused(&[(3, "4:memory:/x\n".to_owned())], &[3]).contains("no cgroup2"));
+        // Seen from a sidecar in a cgroup namespace of its own.
+        let outside = refused(&one(30, "/../../system.slice/docker-ab.scope"), &[30]);
+        assert!(
+            outside.contains("outside the daemon's cgroup namespace")
+                && outside.contains("0::/../../system.slice/docker-ab.scope")
+                && outside.contains("--cgroupns host"),
+            "{outside}"
+        );
     }
 }
