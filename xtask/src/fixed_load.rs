@@ -141,14 +141,19 @@ fn bootstrap(without: &[Run], with: &[Run], resamples: usize) -> (f64, f64) {
     };
     let rounds = without.len().min(with.len());
     let mut draw = Draw(0x9E37_79B9_7F4A_7C15);
-    let mut ratios: Vec<f64> = (0..resamples)
+    let ratios: Vec<f64> = (0..resamples)
         .map(|_| {
             let picked: Vec<usize> = (0..rounds).map(|_| draw.below(rounds)).collect();
             pooled_p99_us(with, &picked) / pooled_p99_us(without, &picked)
         })
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    let at = |q: f64| ratios[((ratios.len() - 1) as f64 * q).round() as usize];
+    interval(ratios)
+}
+
+/// The 5th and 95th percentiles of a bootstrap's resampled statistics.
+fn interval(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
     (at(0.05), at(0.95))
 }
 
@@ -162,7 +167,7 @@ fn per_round_median(without: &[Run], with: &[Run], resamples: usize) -> (f64, f6
         .map(|(w, wo)| w.load.p99_ms / wo.load.p99_ms)
         .collect();
     let mut draw = Draw(0x5851_F42D_4C95_7F2D);
-    let mut medians: Vec<f64> = (0..resamples)
+    let medians: Vec<f64> = (0..resamples)
         .map(|_| {
             median(
                 (0..ratios.len())
@@ -171,9 +176,8 @@ fn per_round_median(without: &[Run], with: &[Run], resamples: usize) -> (f64, f6
             )
         })
         .collect();
-    medians.sort_by(f64::total_cmp);
-    let at = |q: f64| medians[((medians.len() - 1) as f64 * q).round() as usize];
-    (median(ratios), at(0.05), at(0.95))
+    let (low, high) = interval(medians);
+    (median(ratios), low, high)
 }
 
 pub(crate) fn run(
